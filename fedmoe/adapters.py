@@ -1,0 +1,167 @@
+"""Adapter tensors on the wire and on disk: safetensors bytes, schema checks, PEFT dirs.
+
+Every LoRA tensor travels under its PEFT state-dict key. Untrusted bytes are
+checked header-first (keys, dtypes, shapes, offsets) before any tensor is
+materialised, and nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from fedmoe.aggregate import AdapterState
+from fedmoe.config import LoraSettings
+
+ACCEPTED_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class AdapterValidationError(ValueError):
+    """The bytes are not a valid adapter for this schema; the message says why."""
+
+
+AdapterSchema = dict[str, tuple[int, ...]]
+
+
+def schema_of(state: Mapping[str, torch.Tensor]) -> AdapterSchema:
+    """Tensor names and shapes of an adapter state."""
+    return {key: tuple(tensor.shape) for key, tensor in sorted(state.items())}
+
+
+def float32_bytes(schema: AdapterSchema) -> int:
+    """Size of the tensors of ``schema`` in float32."""
+    return sum(4 * _numel(shape) for shape in schema.values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def encode_adapter(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                   dtype: torch.dtype | None = None) -> bytes:
+    """Serialise an adapter state to safetensors bytes (optionally cast to ``dtype``)."""
+    tensors = {
+        key: (t.detach().to("cpu", dtype) if dtype else t.detach().cpu()).contiguous()
+        for key, t in sorted(state.items())
+    }
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def read_header(body: bytes) -> dict[str, Any]:
+    """Parse and sanity-check the safetensors header of ``body`` without loading tensors."""
+    if len(body) < 8:
+        raise AdapterValidationError(f"body is {len(body)} bytes: too short for safetensors")
+    (header_len,) = struct.unpack("<Q", body[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(body):
+        raise AdapterValidationError(
+            f"safetensors header length {header_len} does not fit a body of {len(body)} bytes"
+        )
+    try:
+        header = json.loads(body[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterValidationError(f"safetensors header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise AdapterValidationError("safetensors header is not a JSON object")
+    return header
+
+
+def check_header(header: dict[str, Any], schema: AdapterSchema, data_len: int) -> None:
+    """Keys, dtypes, shapes and byte ranges of a header must match ``schema`` exactly."""
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    missing, extra = sorted(set(schema) - set(tensors)), sorted(set(tensors) - set(schema))
+    if missing or extra:
+        raise AdapterValidationError(
+            f"adapter keys differ from the schema: missing {missing[:3]} ({len(missing)} in all), "
+            f"unexpected {extra[:3]} ({len(extra)} in all)"
+        )
+    for key, info in tensors.items():
+        _check_entry(key, info, schema[key], data_len)
+
+
+def _check_entry(key: str, info: Any, shape: tuple[int, ...], data_len: int) -> None:
+    if not isinstance(info, dict):
+        raise AdapterValidationError(f"{key}: header entry is not an object")
+    dtype, got_shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ACCEPTED_DTYPES:
+        raise AdapterValidationError(
+            f"{key}: dtype {dtype!r} is not accepted; use one of {sorted(ACCEPTED_DTYPES)}"
+        )
+    if not isinstance(got_shape, list) or tuple(got_shape) != shape:
+        raise AdapterValidationError(f"{key}: shape {got_shape} does not match {list(shape)}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
+        or offsets[1] - offsets[0] != _numel(shape) * ACCEPTED_DTYPES[dtype]
+    ):
+        raise AdapterValidationError(f"{key}: data_offsets {offsets} are invalid")
+
+
+def decode_adapter(body: bytes, schema: AdapterSchema) -> AdapterState:
+    """Validate untrusted safetensors bytes against ``schema`` and return float32 tensors.
+
+    Raises ``AdapterValidationError`` naming the first problem: a malformed or
+    truncated body, wrong keys, shapes or dtypes, or non-finite values.
+    """
+    header = read_header(body)
+    (header_len,) = struct.unpack("<Q", body[:8])
+    check_header(header, schema, len(body) - 8 - header_len)
+    try:
+        tensors = load_safetensors(body)
+    except Exception as error:  # safetensors raises its own error types for corrupt data
+        raise AdapterValidationError(f"safetensors body is corrupt: {error}") from None
+    state = {key: tensor.float() for key, tensor in tensors.items()}
+    for key, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterValidationError(f"{key}: contains NaN or Inf values")
+    return state
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync and rename: never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_peft_dir(state: Mapping[str, torch.Tensor], lora: LoraSettings, directory: Path, *,
+                   base_model: str, rank: int | None = None, alpha: float | None = None,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Write a standard PEFT adapter directory that ``PeftModel.from_pretrained`` loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = lora.to_peft(rank=rank, alpha=alpha)
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(directory))
+    payload = encode_adapter(state, metadata={"format": "pt", **(metadata or {})})
+    atomic_write(directory / ADAPTER_FILE, payload)
+    return directory

@@ -1,0 +1,133 @@
+"""Pure numeric functions: staleness decay, the update rule and gateway merges.
+
+An adapter state is a ``dict`` from PEFT state-dict keys to float32 tensors.
+Nothing here knows about HTTP, files or threads; the strategy classes in
+``fedmoe.strategy`` pick among these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+AdapterState = dict[str, torch.Tensor]
+
+LORA_A = ".lora_A."
+LORA_B = ".lora_B."
+
+
+# --- staleness decay s(tau) ------------------------------------------------------------------
+
+
+def constant_decay(staleness: int) -> float:
+    """s(τ) = 1: every update counts fully, however stale."""
+    return 1.0
+
+
+def inverse_linear_decay(staleness: int, a: float = 0.1) -> float:
+    """s(τ) = 1 / (1 + a·τ), FedMoE's default with a = 0.1."""
+    return 1.0 / (1.0 + a * staleness)
+
+
+def polynomial_decay(staleness: int, a: float = 0.5) -> float:
+    """s(τ) = (1 + τ)^-a, FedAsync's polynomial staleness function."""
+    return float((1.0 + staleness) ** (-a))
+
+
+def hinge_decay(staleness: int, a: float = 10.0, b: int = 4) -> float:
+    """s(τ) = 1 for τ <= b, else 1 / (a·(τ - b) + 1) (FedAsync's hinge)."""
+    if staleness <= b:
+        return 1.0
+    return 1.0 / (a * (staleness - b) + 1.0)
+
+
+def exponential_decay(staleness: int, a: float = 0.1) -> float:
+    """s(τ) = exp(-a·τ)."""
+    return math.exp(-a * staleness)
+
+
+# --- the update rule -------------------------------------------------------------------------
+
+
+def apply_update(params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+                 scale: float) -> AdapterState:
+    """Return θ + scale·Δ for every tensor; ``params`` is left untouched."""
+    return {key: params[key] + scale * delta[key] for key in params}
+
+
+def global_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all tensors taken together."""
+    total = sum(float(t.double().pow(2).sum()) for t in state.values())
+    return math.sqrt(total)
+
+
+def normalize_weights(weights: Sequence[float]) -> list[float]:
+    """Scale non-negative weights to sum to one."""
+    if not weights or any(w < 0 or not math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite and non-negative, got {list(weights)}")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("at least one weight must be positive")
+    return [w / total for w in weights]
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]],
+                     weights: Sequence[float]) -> AdapterState:
+    """Σ_k w_k·state_k, tensor by tensor (weights are used as given)."""
+    keys = states[0].keys()
+    return {key: sum(w * s[key] for w, s in zip(weights, states)) for key in keys}
+
+
+# --- gateway merges --------------------------------------------------------------------------
+
+
+def lora_pairs(state: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
+    """The (lora_A key, lora_B key) pairs of an adapter, in key order."""
+    pairs = []
+    for key in sorted(state):
+        if LORA_A in key:
+            partner = key.replace(LORA_A, LORA_B)
+            if partner not in state:
+                raise ValueError(f"adapter has {key} but no matching {partner}")
+            pairs.append((key, partner))
+    return pairs
+
+
+def merge_linear(states: Sequence[Mapping[str, torch.Tensor]],
+                 weights: Sequence[float]) -> AdapterState:
+    """Average the A and B factors separately (mean(B)·mean(A), not mean(B·A))."""
+    return weighted_average(states, weights)
+
+
+def merge_cat(states: Sequence[Mapping[str, torch.Tensor]],
+              weights: Sequence[float]) -> AdapterState:
+    """Stack the factors so that B_cat·A_cat = Σ_k w_k·B_k·A_k exactly.
+
+    The result has rank Σ_k r_k; the caller keeps PEFT's scaling alpha/r equal
+    to the experts' by raising alpha in proportion (``fedmoe.strategy``).
+    """
+    merged: AdapterState = {}
+    for key_a, key_b in lora_pairs(states[0]):
+        merged[key_a] = torch.cat([s[key_a] for s in states], dim=0)
+        merged[key_b] = torch.cat([w * s[key_b] for w, s in zip(weights, states)], dim=1)
+    return merged
+
+
+def merge_svd(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+              rank: int) -> AdapterState:
+    """Re-factorise Σ_k w_k·B_k·A_k at ``rank`` by truncated SVD (the best rank-r fit)."""
+    merged: AdapterState = {}
+    for key_a, key_b in lora_pairs(states[0]):
+        product = sum(w * (s[key_b].double() @ s[key_a].double()) for w, s in zip(weights, states))
+        u, sigma, vh = torch.linalg.svd(product, full_matrices=False)
+        root = sigma[:rank].sqrt()
+        merged[key_b] = (u[:, :rank] * root).float().contiguous()
+        merged[key_a] = (root[:, None] * vh[:rank]).float().contiguous()
+    return merged
+
+
+def lora_products(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """B·A for every adapted module, keyed by the module's lora_A key (for checks)."""
+    return {key_a: state[key_b] @ state[key_a] for key_a, key_b in lora_pairs(state)}

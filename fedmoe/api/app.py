@@ -1,0 +1,68 @@
+"""The FastAPI application: routers, authentication and error mapping."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fedmoe import __version__
+from fedmoe.api.routes import experts, gateway, health, status, workers
+from fedmoe.api.security import BearerAuthMiddleware
+from fedmoe.coordinator import errors
+from fedmoe.coordinator.auth import TokenRegistry
+from fedmoe.coordinator.core import CentralCoordinator
+
+logger = logging.getLogger(__name__)
+
+STATUS_OF = {
+    errors.UnknownExpertError: (404, "unknown_expert"),
+    errors.UnknownWorkerError: (409, "unknown_worker"),
+    errors.IncompatibleWorkerError: (409, "incompatible_worker"),
+    errors.InvalidUpdateError: (422, "invalid_update"),
+    errors.StaleUpdateError: (409, "stale_update"),
+    errors.RejectedUpdateError: (422, "rejected_update"),
+    errors.ForbiddenError: (403, "forbidden"),
+}
+CODE_OF_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                  405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+                  422: "invalid_request"}
+
+
+def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> FastAPI:
+    """An app serving ``coordinator``; every request is authenticated by ``registry``."""
+    app = FastAPI(title="FedMoE coordinator", version=__version__)
+    app.state.coordinator = coordinator
+    for module in (health, status, workers, experts, gateway):
+        app.include_router(module.router)
+    app.add_middleware(BearerAuthMiddleware, registry=registry)
+    app.add_exception_handler(errors.CoordinatorError, _coordinator_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    return app
+
+
+def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _coordinator_error(_: Request, error: Exception) -> JSONResponse:
+    status, code = STATUS_OF.get(type(error), (400, "bad_request"))
+    logger.info("refused (%d %s): %s", status, code, error)
+    return _error(status, code, str(error))
+
+
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    code = CODE_OF_STATUS.get(error.status_code, "error")
+    return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None))
+
+
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item.get("loc", ()))
+        problems.append(f"{where}: {item.get('msg')}")
+    return _error(422, "invalid_request", "; ".join(problems) or "invalid request")

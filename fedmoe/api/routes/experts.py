@@ -1,0 +1,86 @@
+"""Experts: list, download, and upload updates."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
+from fedmoe.api.schemas import ID_PATTERN, ErrorBody, ExpertSummary, UpdateAck
+from fedmoe.coordinator.core import UpdateRequest
+
+router = APIRouter(prefix="/v1/experts", tags=["experts"])
+
+SAFETENSORS = "application/octet-stream"
+BINARY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 409, 413, 422)}
+
+
+@router.get("", response_model=list[ExpertSummary])
+def list_experts(coordinator: CoordinatorDep, _: PrincipalDep) -> list[ExpertSummary]:
+    """Every expert's name and version."""
+    return [ExpertSummary(name=n, version=e.version) for n, e in coordinator.experts.items()]
+
+
+def adapter_response(version: int, payload: bytes, etag: str, if_none_match: str | None
+                     ) -> Response:
+    """The adapter bytes, or 304 when the client already holds this version."""
+    headers = {"X-FedMoE-Version": str(version), "ETag": etag}
+    if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
+        return Response(status_code=304, headers=headers)
+    return Response(content=payload, media_type=SAFETENSORS, headers=headers)
+
+
+@router.get("/{name}/adapter", responses={200: {"content": {SAFETENSORS: {}}}, 404: ERRORS[404]})
+async def download_expert(name: str, coordinator: CoordinatorDep, _: PrincipalDep,
+                          if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """The expert's adapter as safetensors, with ``X-FedMoE-Version`` and ``ETag``."""
+    version, payload, etag = await run_in_threadpool(coordinator.expert_payload, name)
+    return adapter_response(version, payload, etag, if_none_match)
+
+
+@router.post("/{name}/updates", response_model=UpdateAck, responses=ERRORS,
+             openapi_extra=BINARY_BODY)
+async def submit_update(
+    name: str,
+    request: Request,
+    coordinator: CoordinatorDep,
+    principal: PrincipalDep,
+    worker_id: Annotated[str, Header(alias="X-FedMoE-Worker-Id", pattern=ID_PATTERN)],
+    base_version: Annotated[int, Header(alias="X-FedMoE-Base-Version")],
+    update_id: Annotated[str, Header(alias="X-FedMoE-Update-Id", pattern=ID_PATTERN)],
+    num_tokens: Annotated[int, Header(alias="X-FedMoE-Num-Tokens", ge=0)] = 0,
+    train_loss: Annotated[float | None, Header(alias="X-FedMoE-Train-Loss")] = None,
+) -> UpdateAck:
+    """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
+    ensure_may_act_as(principal, worker_id)
+    if train_loss is not None and not math.isfinite(train_loss):
+        raise HTTPException(422, detail=f"X-FedMoE-Train-Loss must be finite, got {train_loss}")
+    body = await read_body(request, coordinator.max_body_bytes)
+    update = UpdateRequest(
+        expert=name, worker_id=worker_id, update_id=update_id, base_version=base_version,
+        num_tokens=num_tokens, train_loss=train_loss, body=body,
+    )
+    return UpdateAck(**await run_in_threadpool(coordinator.submit_update, update))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise HTTPException(413, detail=f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

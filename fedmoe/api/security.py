@@ -1,0 +1,55 @@
+"""ASGI middleware that authenticates every request before any of its body is read."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fedmoe.coordinator.auth import Principal, TokenRegistry
+
+OPEN_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+ADMIN = Principal(role="admin")
+
+
+class BearerAuthMiddleware:
+    """Puts the caller's ``Principal`` in ``scope["state"]``, or answers 401 at once."""
+
+    def __init__(self, app: ASGIApp, *, registry: TokenRegistry) -> None:
+        self.app = app
+        self.registry = registry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        principal = self._principal(scope)
+        if principal is None:
+            await _unauthorized(send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+    def _principal(self, scope: Scope) -> Principal | None:
+        if not self.registry.enabled:
+            return ADMIN
+        if scope["path"] in OPEN_PATHS:
+            return Principal(role="anonymous")
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return self.registry.authenticate(token.strip())
+
+
+async def _unauthorized(send: Send) -> None:
+    body = json.dumps(
+        {"error": "unauthorized", "detail": "missing or invalid bearer token"}
+    ).encode()
+    await send({
+        "type": "http.response.start", "status": 401,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"www-authenticate", b'Bearer realm="fedmoe"'),
+                    (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})

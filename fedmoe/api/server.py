@@ -1,0 +1,35 @@
+"""Run the coordinator under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from fedmoe.api.app import create_app
+from fedmoe.coordinator.auth import TokenRegistry
+from fedmoe.coordinator.core import open_coordinator
+from fedmoe.coordinator.settings import CoordinatorSettings
+
+logger = logging.getLogger(__name__)
+
+
+def serve(settings: CoordinatorSettings) -> None:
+    """Open (or resume) the state dir and serve the API until SIGINT/SIGTERM."""
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    registry = TokenRegistry.from_sources(token, settings.tokens_file)
+    coordinator = open_coordinator(settings)
+    app = create_app(coordinator, registry)
+    scheme = "https" if settings.ssl_certfile else "http"
+    logger.info("coordinator on %s://%s:%d (auth %s, state dir %s)", scheme, settings.host,
+                settings.port, "on" if registry.enabled else "off", settings.state_dir)
+    try:
+        uvicorn.run(
+            app, host=settings.host, port=settings.port, log_level="info",
+            ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+            ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        coordinator.close()
+        logger.info("coordinator stopped; state saved in %s", settings.state_dir)

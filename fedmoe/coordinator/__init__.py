@@ -1,0 +1,1 @@
+"""The coordinator: experts, gateway, update ledger and durable state (no HTTP here)."""

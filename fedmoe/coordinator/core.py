@@ -1,0 +1,356 @@
+"""CentralCoordinator: experts, the gateway, and the staleness-aware update rule.
+
+Every accepted update is written to the expert's file and committed to the
+ledger before ``submit_update`` returns, so an acknowledged update is never lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmoe import aggregate
+from fedmoe.adapters import (
+    AdapterSchema,
+    decode_adapter,
+    encode_adapter,
+    float32_bytes,
+    schema_of,
+)
+from fedmoe.aggregate import AdapterState
+from fedmoe.config import LoraSettings
+from fedmoe.coordinator import errors
+from fedmoe.coordinator.ledger import Ledger, UpdateRecord
+from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.coordinator.store import AdapterStore
+from fedmoe.modeling import fingerprint_differences, initial_adapter, load_base_model
+from fedmoe.strategy import GatewayMerge
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Versioned:
+    """An adapter state at a version, with its serialised bytes cached on first request."""
+
+    version: int
+    state: AdapterState
+    payload: bytes | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateRequest:
+    """One upload as the API layer hands it over (the body not yet parsed)."""
+
+    expert: str
+    worker_id: str
+    update_id: str
+    base_version: int
+    num_tokens: int
+    train_loss: float | None
+    body: bytes
+
+
+class CentralCoordinator:
+    """The coordinator's state and rules, independent of HTTP."""
+
+    def __init__(self, *, settings: CoordinatorSettings, base_model: str, fingerprint: str,
+                 initial: AdapterState, ledger: Ledger, store: AdapterStore) -> None:
+        self.settings = settings
+        self.base_model = base_model
+        self.fingerprint = fingerprint
+        self.lora: LoraSettings = settings.lora()
+        self.schema: AdapterSchema = schema_of(initial)
+        self.decay = settings.staleness_decay()
+        self.merger = GatewayMerge(method=settings.merge_method, lora=self.lora)
+        self.ledger, self.store = ledger, store
+        self._lock = threading.Lock()
+        self.run_id = self._check_meta()
+        self.experts = self._restore_experts(initial)
+        self.gateway = self._restore_gateway()
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def _check_meta(self) -> str:
+        identity = {"base_model_fingerprint": self.fingerprint,
+                    "lora": json.dumps(self.lora.to_dict(), sort_keys=True)}
+        stored = {key: self.ledger.get_meta(key) for key in identity}
+        if all(value is None for value in stored.values()):
+            self.ledger.set_meta({**identity, "run_id": uuid.uuid4().hex[:12]})
+        elif stored != identity:
+            differing = [key for key in identity if stored[key] != identity[key]]
+            raise errors.StateDirError(
+                f"state dir {self.settings.state_dir} was made with a different {differing}; "
+                "use another --state-dir or the original base model and LoRA settings"
+            )
+        return self.ledger.get_meta("run_id") or ""
+
+    def _restore_experts(self, initial: AdapterState) -> dict[str, Versioned]:
+        rows = self.ledger.expert_rows()
+        experts = {}
+        for name in self.settings.experts:
+            if name not in rows:
+                self.store.save_expert(name, 0, initial)
+                self.ledger.add_expert(name)
+                rows[name] = {"version": 0}
+            version = rows[name]["version"]
+            experts[name] = Versioned(version, self.store.load_expert(name, version))
+            self.store.prune_expert(name, version)
+            logger.info("expert %s at version %d", name, version)
+        return experts
+
+    def _restore_gateway(self) -> Versioned:
+        row = self.ledger.gateway_row()
+        built_from = self._built_from()
+        if row is None or row[1] != built_from:
+            version = (row[0] + 1) if row else 0
+            self.ledger.set_gateway(version, built_from)
+        else:
+            version = row[0]
+        gateway = Versioned(version, self._merge(), extra=built_from)
+        self.store.save_gateway_later(version, gateway.state)
+        return gateway
+
+    def close(self) -> None:
+        """Flush background writes and close the ledger."""
+        self.store.close()
+        self.ledger.close()
+
+    # --- gateway ---------------------------------------------------------------------------
+
+    def _built_from(self, experts: dict[str, Versioned] | None = None) -> dict[str, Any]:
+        experts = experts if experts is not None else self.experts
+        weights = aggregate.normalize_weights(self.settings.expert_weights())
+        return {
+            "merge_method": self.merger.method,
+            "weights": dict(zip(self.settings.experts, weights)),
+            "expert_versions": {name: experts[name].version for name in self.settings.experts},
+        }
+
+    def _merge(self, experts: dict[str, Versioned] | None = None) -> AdapterState:
+        experts = experts if experts is not None else self.experts
+        states = [experts[name].state for name in self.settings.experts]
+        return self.merger.merge(states, self.settings.expert_weights())
+
+    def gateway_rank_alpha(self) -> tuple[int, float]:
+        """Rank and alpha of the gateway adapter's PEFT config."""
+        return self.merger.gateway_rank_alpha(len(self.settings.experts))
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def register_worker(self, *, worker_id: str, specialty: str, fingerprint: str,
+                        lora: dict[str, Any]) -> dict[str, Any]:
+        """Admit a worker whose base model and LoRA shape match ours."""
+        self._expert(specialty)
+        problems = fingerprint_differences(self.fingerprint, fingerprint)
+        try:
+            problems += self.lora.differences(LoraSettings.from_dict(lora))
+        except (TypeError, ValueError) as error:
+            raise errors.InvalidUpdateError(f"invalid lora_config: {error}") from None
+        if problems:
+            raise errors.IncompatibleWorkerError(
+                f"worker {worker_id} is incompatible with this coordinator: " + "; ".join(problems)
+            )
+        self.ledger.upsert_worker(worker_id, specialty)
+        logger.info("worker %s registered for %s", worker_id, specialty)
+        return {"worker_id": worker_id, "specialty": specialty,
+                "expert_version": self.experts[specialty].version, "run_id": self.run_id}
+
+    def _expert(self, name: str) -> Versioned:
+        if name not in self.experts:
+            raise errors.UnknownExpertError(
+                f"unknown expert {name!r}; this coordinator has {sorted(self.experts)}"
+            )
+        return self.experts[name]
+
+    def _check_worker(self, worker_id: str, expert: str) -> None:
+        worker = self.ledger.workers().get(worker_id)
+        if worker is None:
+            raise errors.UnknownWorkerError(
+                f"worker {worker_id!r} is not registered; POST /v1/workers first"
+            )
+        if worker["specialty"] != expert:
+            raise errors.ForbiddenError(
+                f"worker {worker_id!r} is registered for {worker['specialty']!r}, not {expert!r}"
+            )
+
+    # --- updates ---------------------------------------------------------------------------
+
+    def submit_update(self, request: UpdateRequest) -> dict[str, Any]:
+        """Validate, weight and apply one update; return the acknowledgement.
+
+        A retried ``update_id`` gets its first answer back and is not applied again.
+        Any error leaves experts, gateway, ledger and files exactly as they were
+        (policy rejections are recorded in the ledger, nothing else changes).
+        """
+        replay = self.ledger.accepted_response(request.update_id)
+        if replay is not None:
+            return {**replay, "replayed": True}
+        self._expert(request.expert)
+        self._check_worker(request.worker_id, request.expert)
+        self._check_base_version(request)
+        delta = self._decode(request.body)
+        with self._lock:
+            replay = self.ledger.accepted_response(request.update_id)
+            if replay is not None:
+                return {**replay, "replayed": True}
+            return self._apply(request, delta)
+
+    def _check_base_version(self, request: UpdateRequest) -> None:
+        current = self.experts[request.expert].version
+        if request.base_version < 0 or request.base_version > current:
+            raise errors.InvalidUpdateError(
+                f"base version {request.base_version} is invalid: expert {request.expert} "
+                f"is at version {current} (must be 0..{current})"
+            )
+        if request.num_tokens < 0:
+            raise errors.InvalidUpdateError(f"num_tokens must be >= 0, got {request.num_tokens}")
+
+    def _decode(self, body: bytes) -> AdapterState:
+        try:
+            return decode_adapter(body, self.schema)
+        except ValueError as error:
+            raise errors.InvalidUpdateError(str(error)) from None
+
+    def _apply(self, request: UpdateRequest, delta: AdapterState) -> dict[str, Any]:
+        expert = self.experts[request.expert]
+        staleness = expert.version - request.base_version
+        norm = aggregate.global_norm(delta)
+        record = UpdateRecord(
+            update_id=request.update_id, worker_id=request.worker_id, expert=request.expert,
+            base_version=request.base_version, staleness=staleness, weight=0.0,
+            update_norm=norm, clipped=False, train_loss=request.train_loss,
+            num_tokens=request.num_tokens, accepted=False,
+        )
+        self._enforce_policies(record)
+        clip = self._clip_factor(norm)
+        record.clipped = clip < 1.0
+        record.weight = self.settings.server_lr * self.decay(staleness) * clip
+        new_expert = Versioned(expert.version + 1,
+                               aggregate.apply_update(expert.state, delta, record.weight))
+        experts = {**self.experts, request.expert: new_expert}
+        built_from = self._built_from(experts)
+        gateway = Versioned(self.gateway.version + 1, self._merge(experts), extra=built_from)
+        record.accepted, record.expert_version = True, new_expert.version
+        record.gateway_version = gateway.version
+        record.response = self._acknowledgement(record)
+        self.store.save_expert(request.expert, new_expert.version, new_expert.state)
+        self.ledger.commit_accepted(record, built_from)
+        self.experts, self.gateway = experts, gateway
+        self.store.prune_expert(request.expert, new_expert.version)
+        self.store.save_gateway_later(gateway.version, gateway.state)
+        return record.response
+
+    def _enforce_policies(self, record: UpdateRecord) -> None:
+        bound = self.settings.max_staleness
+        if bound is not None and record.staleness > bound:
+            record.reason = f"staleness {record.staleness} exceeds max_staleness {bound}"
+            self.ledger.commit_rejected(record)
+            raise errors.StaleUpdateError(record.reason)
+        limit = self.settings.max_update_norm
+        if limit is not None and record.update_norm > limit and self.settings.norm_policy == "reject":
+            record.reason = f"update norm {record.update_norm:.4g} exceeds max_update_norm {limit}"
+            self.ledger.commit_rejected(record)
+            raise errors.RejectedUpdateError(record.reason)
+
+    def _clip_factor(self, norm: float) -> float:
+        limit = self.settings.max_update_norm
+        return limit / norm if limit is not None and norm > limit else 1.0
+
+    @staticmethod
+    def _acknowledgement(record: UpdateRecord) -> dict[str, Any]:
+        return {
+            "update_id": record.update_id, "expert": record.expert,
+            "version": record.expert_version, "staleness": record.staleness,
+            "weight": record.weight, "update_norm": record.update_norm,
+            "clipped": record.clipped, "gateway_version": record.gateway_version,
+            "replayed": False,
+        }
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def expert_payload(self, name: str) -> tuple[int, bytes, str]:
+        """The expert's version, safetensors bytes and ETag."""
+        with self._lock:
+            expert = self._expert(name)
+            return expert.version, self._payload(expert, name), self.etag(name, expert.version)
+
+    def gateway_payload(self) -> tuple[int, bytes, str]:
+        """The gateway's version, safetensors bytes and ETag."""
+        with self._lock:
+            gateway = self.gateway
+            return gateway.version, self._payload(gateway, "gateway"), self.etag(
+                "gateway", gateway.version
+            )
+
+    def etag(self, name: str, version: int) -> str:
+        """A strong ETag unique to this state dir, adapter and version."""
+        return f'"{self.run_id}-{name}-{version}"'
+
+    def _payload(self, item: Versioned, name: str) -> bytes:
+        if item.payload is None:
+            item.payload = encode_adapter(item.state, {"name": name, "version": str(item.version)})
+        return item.payload
+
+    def gateway_info(self) -> dict[str, Any]:
+        """The gateway's version, merge method, weights and the expert versions it holds."""
+        rank, alpha = self.gateway_rank_alpha()
+        gateway = self.gateway
+        return {"version": gateway.version, **gateway.extra, "lora_rank": rank,
+                "lora_alpha": alpha}
+
+    def schema_info(self) -> dict[str, Any]:
+        """What a worker needs to build a compatible adapter."""
+        return {
+            "base_model": self.base_model, "base_model_fingerprint": self.fingerprint,
+            "lora_config": self.lora.to_dict(),
+            "peft_config": self.lora.to_peft().to_dict() | {"target_modules": list(
+                self.lora.target_modules)},
+            "tensors": {key: list(shape) for key, shape in self.schema.items()},
+            "max_body_bytes": self.max_body_bytes,
+        }
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The upload size limit."""
+        if self.settings.max_body_bytes:
+            return self.settings.max_body_bytes
+        return 4 * float32_bytes(self.schema) + 64 * 1024
+
+    def status(self) -> dict[str, Any]:
+        """Experts, gateway, workers, base model and LoRA config, for humans and tools."""
+        rows, workers = self.ledger.expert_rows(), self.ledger.workers()
+        experts = {
+            name: {"version": self.experts[name].version,
+                   "updates_applied": rows[name]["accepted"],
+                   "updates_rejected": rows[name]["rejected"],
+                   "workers": sorted(w for w, info in workers.items()
+                                     if info["specialty"] == name)}
+            for name in self.settings.experts
+        }
+        return {
+            "run_id": self.run_id, "base_model": self.base_model,
+            "base_model_fingerprint": self.fingerprint, "lora_config": self.lora.to_dict(),
+            "staleness": self.decay.describe() | {"server_lr": self.settings.server_lr,
+                                                  "max_staleness": self.settings.max_staleness},
+            "experts": experts, "gateway": self.gateway_info(), "workers": workers,
+        }
+
+
+def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
+    """Load the base model, derive the initial adapter and open (or resume) the state dir."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    base = load_base_model(settings.base_model, device="cpu")
+    initial = initial_adapter(base, settings.lora())
+    fingerprint = base.fingerprint
+    del base  # the coordinator never runs the model; free its memory
+    return CentralCoordinator(
+        settings=settings, base_model=settings.base_model, fingerprint=fingerprint,
+        initial=initial, ledger=Ledger(settings.state_dir / "ledger.sqlite3"),
+        store=AdapterStore(settings.state_dir),
+    )

@@ -1,0 +1,204 @@
+"""The SQLite update ledger and durable expert/gateway versions (WAL mode, synchronous=FULL).
+
+Adapter tensors live in files (``fedmoe.coordinator.store``); this database is
+the source of truth for which version of each file is current.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experts (
+    name TEXT PRIMARY KEY, version INTEGER NOT NULL,
+    accepted INTEGER NOT NULL DEFAULT 0, rejected INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS gateway (
+    id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, built_from TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY, specialty TEXT NOT NULL, registered_at REAL NOT NULL,
+    last_seen REAL NOT NULL, updates INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0,
+    last_train_loss REAL, last_staleness INTEGER);
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, update_id TEXT NOT NULL, worker_id TEXT NOT NULL,
+    expert TEXT NOT NULL, base_version INTEGER NOT NULL, staleness INTEGER NOT NULL,
+    weight REAL NOT NULL, update_norm REAL NOT NULL, clipped INTEGER NOT NULL,
+    train_loss REAL, num_tokens INTEGER NOT NULL, accepted INTEGER NOT NULL, reason TEXT,
+    expert_version INTEGER, gateway_version INTEGER, response TEXT, created_at REAL NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS updates_accepted_id ON updates(update_id) WHERE accepted = 1;
+"""
+
+
+@dataclass
+class UpdateRecord:
+    """One row of the ledger: an accepted or policy-rejected update."""
+
+    update_id: str
+    worker_id: str
+    expert: str
+    base_version: int
+    staleness: int
+    weight: float
+    update_norm: float
+    clipped: bool
+    train_loss: float | None
+    num_tokens: int
+    accepted: bool
+    reason: str | None = None
+    expert_version: int | None = None
+    gateway_version: int | None = None
+    response: dict[str, Any] | None = None
+
+
+class Ledger:
+    """Thread-safe access to the coordinator's SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def get_meta(self, key: str) -> str | None:
+        """A value from the ``meta`` table, or None."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        """Insert or replace ``meta`` entries in one transaction."""
+        with self._lock, self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+
+    def _transaction(self) -> sqlite3.Connection:
+        return _Transaction(self._db)
+
+    def expert_rows(self) -> dict[str, dict[str, int]]:
+        """Each expert's version and accepted/rejected counts."""
+        rows = self._query("SELECT name, version, accepted, rejected FROM experts")
+        return {n: {"version": v, "accepted": a, "rejected": r} for n, v, a, r in rows}
+
+    def add_expert(self, name: str) -> None:
+        """Create an expert at version 0 (no-op if it exists)."""
+        with self._lock, self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO experts (name, version) VALUES (?, 0)", (name,))
+
+    def gateway_row(self) -> tuple[int, dict[str, Any]] | None:
+        """The gateway's version and what it was built from, or None before the first build."""
+        rows = self._query("SELECT version, built_from FROM gateway WHERE id = 1")
+        return (rows[0][0], json.loads(rows[0][1])) if rows else None
+
+    def set_gateway(self, version: int, built_from: dict[str, Any]) -> None:
+        """Record a gateway rebuild that no update caused (start-up, new settings)."""
+        with self._lock, self._transaction():
+            self._write_gateway(version, built_from)
+
+    def _write_gateway(self, version: int, built_from: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO gateway (id, version, built_from) VALUES (1, ?, ?)",
+            (version, json.dumps(built_from, sort_keys=True)),
+        )
+
+    def accepted_response(self, update_id: str) -> dict[str, Any] | None:
+        """The stored answer to an accepted update id, for idempotent retries."""
+        rows = self._query(
+            "SELECT response FROM updates WHERE update_id = ? AND accepted = 1", (update_id,)
+        )
+        return json.loads(rows[0][0]) if rows else None
+
+    def commit_accepted(self, record: UpdateRecord, built_from: dict[str, Any]) -> None:
+        """Record an accepted update, the expert's new version and the gateway's, atomically."""
+        with self._lock, self._transaction():
+            self._insert_update(record)
+            self._db.execute(
+                "UPDATE experts SET version = ?, accepted = accepted + 1 WHERE name = ?",
+                (record.expert_version, record.expert),
+            )
+            self._write_gateway(record.gateway_version, built_from)
+            self._touch_worker(record)
+
+    def commit_rejected(self, record: UpdateRecord) -> None:
+        """Record an update refused by policy (staleness, norm)."""
+        with self._lock, self._transaction():
+            self._insert_update(record)
+            self._db.execute(
+                "UPDATE experts SET rejected = rejected + 1 WHERE name = ?", (record.expert,)
+            )
+            self._db.execute(
+                "UPDATE workers SET last_seen = ?, last_staleness = ? WHERE worker_id = ?",
+                (time.time(), record.staleness, record.worker_id),
+            )
+
+    def _insert_update(self, record: UpdateRecord) -> None:
+        row = asdict(record)
+        row["response"] = json.dumps(record.response) if record.response is not None else None
+        row["created_at"] = time.time()
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self._db.execute(f"INSERT INTO updates ({columns}) VALUES ({marks})", tuple(row.values()))
+
+    def _touch_worker(self, record: UpdateRecord) -> None:
+        self._db.execute(
+            "UPDATE workers SET last_seen = ?, updates = updates + 1, tokens = tokens + ?, "
+            "last_train_loss = ?, last_staleness = ? WHERE worker_id = ?",
+            (time.time(), record.num_tokens, record.train_loss, record.staleness,
+             record.worker_id),
+        )
+
+    def upsert_worker(self, worker_id: str, specialty: str) -> None:
+        """Register (or re-register) a worker; its counters survive re-registration."""
+        now = time.time()
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT INTO workers (worker_id, specialty, registered_at, last_seen) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT(worker_id) DO UPDATE SET "
+                "specialty = excluded.specialty, last_seen = excluded.last_seen",
+                (worker_id, specialty, now, now),
+            )
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """Every registered worker with its counters."""
+        rows = self._query(
+            "SELECT worker_id, specialty, registered_at, last_seen, updates, tokens, "
+            "last_train_loss, last_staleness FROM workers ORDER BY worker_id"
+        )
+        keys = ("specialty", "registered_at", "last_seen", "updates", "tokens",
+                "last_train_loss", "last_staleness")
+        return {row[0]: dict(zip(keys, row[1:])) for row in rows}
+
+    def updates(self, *, limit: int = 1000) -> list[dict[str, Any]]:
+        """The most recent ledger rows, newest first."""
+        with self._lock:
+            cursor = self._db.execute("SELECT * FROM updates ORDER BY seq DESC LIMIT ?", (limit,))
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,95 @@
+"""Adapter files in the state directory: one safetensors file per expert version.
+
+Files are written by temp-file, fsync and rename. The ledger says which version
+is current; files of other versions are leftovers of a crash and are removed.
+The gateway is a pure function of the experts, so its file is written in the
+background and recomputed at start-up rather than trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fedmoe.adapters import atomic_write, encode_adapter
+from fedmoe.aggregate import AdapterState
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AdapterStore:
+    """Versioned adapter files under ``<state_dir>/adapters``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = Path(state_dir) / "adapters"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._gateway_pending: tuple[int, AdapterState] | None = None
+        self._gateway_event = threading.Condition()
+        self._closed = False
+        self._writer = threading.Thread(target=self._gateway_loop, name="gateway-writer",
+                                        daemon=True)
+        self._writer.start()
+
+    def expert_path(self, name: str, version: int) -> Path:
+        """Where version ``version`` of expert ``name`` lives."""
+        return self.directory / f"{name}.v{version:010d}.safetensors"
+
+    def save_expert(self, name: str, version: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Durably write one expert version (before the ledger says it exists)."""
+        metadata = {"expert": name, "version": str(version)}
+        atomic_write(self.expert_path(name, version), encode_adapter(state, metadata))
+
+    def load_expert(self, name: str, version: int) -> AdapterState:
+        """Read the file of one expert version (our own file: safetensors, no pickle)."""
+        path = self.expert_path(name, version)
+        if not path.exists():
+            raise FileNotFoundError(f"state dir is missing {path} (expert {name} v{version})")
+        return dict(load_file(path))
+
+    def prune_expert(self, name: str, keep_version: int) -> None:
+        """Remove every file of ``name`` except the current version."""
+        for path in self.directory.glob(f"{name}.v*.safetensors"):
+            if path != self.expert_path(name, keep_version):
+                path.unlink(missing_ok=True)
+        for temp in self.directory.glob(f".{name}.v*.tmp"):
+            temp.unlink(missing_ok=True)
+
+    @property
+    def gateway_path(self) -> Path:
+        """The gateway's latest saved adapter file."""
+        return self.directory / "gateway.safetensors"
+
+    def save_gateway_later(self, version: int, state: AdapterState) -> None:
+        """Queue the gateway for writing; only the newest queued version is written."""
+        with self._gateway_event:
+            self._gateway_pending = (version, state)
+            self._gateway_event.notify()
+
+    def _gateway_loop(self) -> None:
+        while True:
+            with self._gateway_event:
+                while self._gateway_pending is None and not self._closed:
+                    self._gateway_event.wait()
+                if self._gateway_pending is None:
+                    return
+                version, state = self._gateway_pending
+                self._gateway_pending = None
+            try:
+                atomic_write(self.gateway_path, encode_adapter(state, {"version": str(version)}))
+            except OSError:
+                logger.exception("could not write the gateway file")
+
+    def close(self) -> None:
+        """Write any queued gateway and stop the writer thread."""
+        with self._gateway_event:
+            self._closed = True
+            self._gateway_event.notify()
+        self._writer.join(timeout=30)
