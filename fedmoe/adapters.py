@@ -51,8 +51,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def encode_adapter(state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                   dtype: torch.dtype | None = None) -> bytes:
+def encode_adapter(
+    state: Mapping[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> bytes:
     """Serialise an adapter state to safetensors bytes (optionally cast to ``dtype``)."""
     tensors = {
         key: (t.detach().to("cpu", dtype) if dtype else t.detach().cpu()).contiguous()
@@ -153,9 +156,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def write_peft_dir(state: Mapping[str, torch.Tensor], lora: LoraSettings, directory: Path, *,
-                   base_model: str, rank: int | None = None, alpha: float | None = None,
-                   metadata: dict[str, str] | None = None) -> Path:
+def write_peft_dir(
+    state: Mapping[str, torch.Tensor],
+    lora: LoraSettings,
+    directory: Path,
+    *,
+    base_model: str,
+    rank: int | None = None,
+    alpha: float | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write a standard PEFT adapter directory that ``PeftModel.from_pretrained`` loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

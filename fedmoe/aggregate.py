@@ -51,8 +51,9 @@ def exponential_decay(staleness: int, a: float = 0.1) -> float:
 # --- the update rule -------------------------------------------------------------------------
 
 
-def apply_update(params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-                 scale: float) -> AdapterState:
+def apply_update(
+    params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float
+) -> AdapterState:
     """Return θ + scale·Δ for every tensor; ``params`` is left untouched."""
     return {key: params[key] + scale * delta[key] for key in params}
 
@@ -73,8 +74,9 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def weighted_average(states: Sequence[Mapping[str, torch.Tensor]],
-                     weights: Sequence[float]) -> AdapterState:
+def weighted_average(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> AdapterState:
     """Σ_k w_k·state_k, tensor by tensor (weights are used as given)."""
     keys = states[0].keys()
     return {key: sum(w * s[key] for w, s in zip(weights, states)) for key in keys}
@@ -95,14 +97,16 @@ def lora_pairs(state: Mapping[str, torch.Tensor]) -> list[tuple[str, str]]:
     return pairs
 
 
-def merge_linear(states: Sequence[Mapping[str, torch.Tensor]],
-                 weights: Sequence[float]) -> AdapterState:
+def merge_linear(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> AdapterState:
     """Average the A and B factors separately (mean(B)·mean(A), not mean(B·A))."""
     return weighted_average(states, weights)
 
 
-def merge_cat(states: Sequence[Mapping[str, torch.Tensor]],
-              weights: Sequence[float]) -> AdapterState:
+def merge_cat(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> AdapterState:
     """Stack the factors so that B_cat·A_cat = Σ_k w_k·B_k·A_k exactly.
 
     The result has rank Σ_k r_k; the caller keeps PEFT's scaling alpha/r equal
@@ -115,8 +119,9 @@ def merge_cat(states: Sequence[Mapping[str, torch.Tensor]],
     return merged
 
 
-def merge_svd(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-              rank: int) -> AdapterState:
+def merge_svd(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], rank: int
+) -> AdapterState:
     """Re-factorise Σ_k w_k·B_k·A_k at ``rank`` by truncated SVD (the best rank-r fit)."""
     merged: AdapterState = {}
     for key_a, key_b in lora_pairs(states[0]):

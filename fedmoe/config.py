@@ -19,8 +19,12 @@ class LoraSettings:
     """Shape and initialisation of every expert's LoRA adapter."""
 
     rank: int = field(default=8, metadata={"help": "LoRA rank r of every adapted projection."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input while training."})
+    alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r."}
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA input while training."}
+    )
     target_modules: tuple[str, ...] = field(
         default=ALL_PROJECTIONS,
         metadata={"help": "Module names to adapt; default: all attention and MLP projections."},
@@ -84,11 +88,18 @@ class LoraSettings:
         ]
 
 
+TINY_LEARNING_RATE = 1e-2
+MODEL_LEARNING_RATE = 2e-4
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """How a worker trains its expert locally between syncs."""
 
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "AdamW learning rate; default 1e-2 for the tiny preset, else 2e-4."},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
     max_length: int = field(default=256, metadata={"help": "Tokens per sequence (truncated)."})
@@ -97,7 +108,7 @@ class TrainSettings:
     seed: int = field(default=0, metadata={"help": "Seed of data order and dropout."})
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
@@ -109,3 +120,9 @@ class TrainSettings:
             raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables), got {self.max_grad_norm!r}")
+
+    def learning_rate_for(self, base_model: str) -> float:
+        """The learning rate to use: the explicit one, else the preset's default."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return TINY_LEARNING_RATE if base_model == "tiny" else MODEL_LEARNING_RATE

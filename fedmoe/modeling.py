@@ -24,9 +24,19 @@ logger = logging.getLogger(__name__)
 
 # Architecture-defining config fields; other fields vary with the transformers version.
 ARCHITECTURE_KEYS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-    "rope_theta", "rms_norm_eps", "tie_word_embeddings", "hidden_act",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
 )
 
 
@@ -58,8 +68,9 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_base_model(name: str, *, device: str = "auto", dtype: torch.dtype | None = None
-                    ) -> BaseModel:
+def load_base_model(
+    name: str, *, device: str = "auto", dtype: torch.dtype | None = None
+) -> BaseModel:
     """Load ``tiny`` or an HF id / local path, fingerprint it, and move it to ``device``."""
     target = resolve_device(device)
     if name == TINY_NAME:

@@ -73,8 +73,9 @@ class GatewayMerge:
         self.method = method
         self.lora = lora
 
-    def merge(self, experts: Sequence[Mapping[str, torch.Tensor]],
-              weights: Sequence[float]) -> aggregate.AdapterState:
+    def merge(
+        self, experts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+    ) -> aggregate.AdapterState:
         """The gateway adapter for these experts and (normalised) weights."""
         weights = aggregate.normalize_weights(weights)
         if self.method == "linear":

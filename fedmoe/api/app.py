@@ -27,9 +27,16 @@ STATUS_OF = {
     errors.RejectedUpdateError: (422, "rejected_update"),
     errors.ForbiddenError: (403, "forbidden"),
 }
-CODE_OF_STATUS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                  405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
-                  422: "invalid_request"}
+CODE_OF_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    422: "invalid_request",
+}
 
 
 def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> FastAPI:

@@ -46,10 +46,15 @@ async def _unauthorized(send: Send) -> None:
     body = json.dumps(
         {"error": "unauthorized", "detail": "missing or invalid bearer token"}
     ).encode()
-    await send({
-        "type": "http.response.start", "status": 401,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"www-authenticate", b'Bearer realm="fedmoe"'),
-                    (b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"www-authenticate", b'Bearer realm="fedmoe"'),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

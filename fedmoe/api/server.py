@@ -21,11 +21,20 @@ def serve(settings: CoordinatorSettings) -> None:
     coordinator = open_coordinator(settings)
     app = create_app(coordinator, registry)
     scheme = "https" if settings.ssl_certfile else "http"
-    logger.info("coordinator on %s://%s:%d (auth %s, state dir %s)", scheme, settings.host,
-                settings.port, "on" if registry.enabled else "off", settings.state_dir)
+    logger.info(
+        "coordinator on %s://%s:%d (auth %s, state dir %s)",
+        scheme,
+        settings.host,
+        settings.port,
+        "on" if registry.enabled else "off",
+        settings.state_dir,
+    )
     try:
         uvicorn.run(
-            app, host=settings.host, port=settings.port, log_level="info",
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
             ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
             ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
             timeout_graceful_shutdown=10,

@@ -59,8 +59,16 @@ class UpdateRequest:
 class CentralCoordinator:
     """The coordinator's state and rules, independent of HTTP."""
 
-    def __init__(self, *, settings: CoordinatorSettings, base_model: str, fingerprint: str,
-                 initial: AdapterState, ledger: Ledger, store: AdapterStore) -> None:
+    def __init__(
+        self,
+        *,
+        settings: CoordinatorSettings,
+        base_model: str,
+        fingerprint: str,
+        initial: AdapterState,
+        ledger: Ledger,
+        store: AdapterStore,
+    ) -> None:
         self.settings = settings
         self.base_model = base_model
         self.fingerprint = fingerprint
@@ -77,8 +85,10 @@ class CentralCoordinator:
     # --- start-up ------------------------------------------------------------------------
 
     def _check_meta(self) -> str:
-        identity = {"base_model_fingerprint": self.fingerprint,
-                    "lora": json.dumps(self.lora.to_dict(), sort_keys=True)}
+        identity = {
+            "base_model_fingerprint": self.fingerprint,
+            "lora": json.dumps(self.lora.to_dict(), sort_keys=True),
+        }
         stored = {key: self.ledger.get_meta(key) for key in identity}
         if all(value is None for value in stored.values()):
             self.ledger.set_meta({**identity, "run_id": uuid.uuid4().hex[:12]})
@@ -143,8 +153,9 @@ class CentralCoordinator:
 
     # --- workers ---------------------------------------------------------------------------
 
-    def register_worker(self, *, worker_id: str, specialty: str, fingerprint: str,
-                        lora: dict[str, Any]) -> dict[str, Any]:
+    def register_worker(
+        self, *, worker_id: str, specialty: str, fingerprint: str, lora: dict[str, Any]
+    ) -> dict[str, Any]:
         """Admit a worker whose base model and LoRA shape match ours."""
         self._expert(specialty)
         problems = fingerprint_differences(self.fingerprint, fingerprint)
@@ -158,8 +169,12 @@ class CentralCoordinator:
             )
         self.ledger.upsert_worker(worker_id, specialty)
         logger.info("worker %s registered for %s", worker_id, specialty)
-        return {"worker_id": worker_id, "specialty": specialty,
-                "expert_version": self.experts[specialty].version, "run_id": self.run_id}
+        return {
+            "worker_id": worker_id,
+            "specialty": specialty,
+            "expert_version": self.experts[specialty].version,
+            "run_id": self.run_id,
+        }
 
     def _expert(self, name: str) -> Versioned:
         if name not in self.experts:
@@ -222,17 +237,25 @@ class CentralCoordinator:
         staleness = expert.version - request.base_version
         norm = aggregate.global_norm(delta)
         record = UpdateRecord(
-            update_id=request.update_id, worker_id=request.worker_id, expert=request.expert,
-            base_version=request.base_version, staleness=staleness, weight=0.0,
-            update_norm=norm, clipped=False, train_loss=request.train_loss,
-            num_tokens=request.num_tokens, accepted=False,
+            update_id=request.update_id,
+            worker_id=request.worker_id,
+            expert=request.expert,
+            base_version=request.base_version,
+            staleness=staleness,
+            weight=0.0,
+            update_norm=norm,
+            clipped=False,
+            train_loss=request.train_loss,
+            num_tokens=request.num_tokens,
+            accepted=False,
         )
         self._enforce_policies(record)
         clip = self._clip_factor(norm)
         record.clipped = clip < 1.0
         record.weight = self.settings.server_lr * self.decay(staleness) * clip
-        new_expert = Versioned(expert.version + 1,
-                               aggregate.apply_update(expert.state, delta, record.weight))
+        new_expert = Versioned(
+            expert.version + 1, aggregate.apply_update(expert.state, delta, record.weight)
+        )
         experts = {**self.experts, request.expert: new_expert}
         built_from = self._built_from(experts)
         gateway = Versioned(self.gateway.version + 1, self._merge(experts), extra=built_from)
@@ -253,7 +276,11 @@ class CentralCoordinator:
             self.ledger.commit_rejected(record)
             raise errors.StaleUpdateError(record.reason)
         limit = self.settings.max_update_norm
-        if limit is not None and record.update_norm > limit and self.settings.norm_policy == "reject":
+        if (
+            limit is not None
+            and record.update_norm > limit
+            and self.settings.norm_policy == "reject"
+        ):
             record.reason = f"update norm {record.update_norm:.4g} exceeds max_update_norm {limit}"
             self.ledger.commit_rejected(record)
             raise errors.RejectedUpdateError(record.reason)
@@ -265,10 +292,14 @@ class CentralCoordinator:
     @staticmethod
     def _acknowledgement(record: UpdateRecord) -> dict[str, Any]:
         return {
-            "update_id": record.update_id, "expert": record.expert,
-            "version": record.expert_version, "staleness": record.staleness,
-            "weight": record.weight, "update_norm": record.update_norm,
-            "clipped": record.clipped, "gateway_version": record.gateway_version,
+            "update_id": record.update_id,
+            "expert": record.expert,
+            "version": record.expert_version,
+            "staleness": record.staleness,
+            "weight": record.weight,
+            "update_norm": record.update_norm,
+            "clipped": record.clipped,
+            "gateway_version": record.gateway_version,
             "replayed": False,
         }
 
@@ -284,8 +315,10 @@ class CentralCoordinator:
         """The gateway's version, safetensors bytes and ETag."""
         with self._lock:
             gateway = self.gateway
-            return gateway.version, self._payload(gateway, "gateway"), self.etag(
-                "gateway", gateway.version
+            return (
+                gateway.version,
+                self._payload(gateway, "gateway"),
+                self.etag("gateway", gateway.version),
             )
 
     def etag(self, name: str, version: int) -> str:
@@ -301,16 +334,16 @@ class CentralCoordinator:
         """The gateway's version, merge method, weights and the expert versions it holds."""
         rank, alpha = self.gateway_rank_alpha()
         gateway = self.gateway
-        return {"version": gateway.version, **gateway.extra, "lora_rank": rank,
-                "lora_alpha": alpha}
+        return {"version": gateway.version, **gateway.extra, "lora_rank": rank, "lora_alpha": alpha}
 
     def schema_info(self) -> dict[str, Any]:
         """What a worker needs to build a compatible adapter."""
         return {
-            "base_model": self.base_model, "base_model_fingerprint": self.fingerprint,
+            "base_model": self.base_model,
+            "base_model_fingerprint": self.fingerprint,
             "lora_config": self.lora.to_dict(),
-            "peft_config": self.lora.to_peft().to_dict() | {"target_modules": list(
-                self.lora.target_modules)},
+            "peft_config": self.lora.to_peft().to_dict()
+            | {"target_modules": list(self.lora.target_modules)},
             "tensors": {key: list(shape) for key, shape in self.schema.items()},
             "max_body_bytes": self.max_body_bytes,
         }
@@ -326,19 +359,24 @@ class CentralCoordinator:
         """Experts, gateway, workers, base model and LoRA config, for humans and tools."""
         rows, workers = self.ledger.expert_rows(), self.ledger.workers()
         experts = {
-            name: {"version": self.experts[name].version,
-                   "updates_applied": rows[name]["accepted"],
-                   "updates_rejected": rows[name]["rejected"],
-                   "workers": sorted(w for w, info in workers.items()
-                                     if info["specialty"] == name)}
+            name: {
+                "version": self.experts[name].version,
+                "updates_applied": rows[name]["accepted"],
+                "updates_rejected": rows[name]["rejected"],
+                "workers": sorted(w for w, info in workers.items() if info["specialty"] == name),
+            }
             for name in self.settings.experts
         }
         return {
-            "run_id": self.run_id, "base_model": self.base_model,
-            "base_model_fingerprint": self.fingerprint, "lora_config": self.lora.to_dict(),
-            "staleness": self.decay.describe() | {"server_lr": self.settings.server_lr,
-                                                  "max_staleness": self.settings.max_staleness},
-            "experts": experts, "gateway": self.gateway_info(), "workers": workers,
+            "run_id": self.run_id,
+            "base_model": self.base_model,
+            "base_model_fingerprint": self.fingerprint,
+            "lora_config": self.lora.to_dict(),
+            "staleness": self.decay.describe()
+            | {"server_lr": self.settings.server_lr, "max_staleness": self.settings.max_staleness},
+            "experts": experts,
+            "gateway": self.gateway_info(),
+            "workers": workers,
         }
 
 
@@ -350,7 +388,10 @@ def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
     fingerprint = base.fingerprint
     del base  # the coordinator never runs the model; free its memory
     return CentralCoordinator(
-        settings=settings, base_model=settings.base_model, fingerprint=fingerprint,
-        initial=initial, ledger=Ledger(settings.state_dir / "ledger.sqlite3"),
+        settings=settings,
+        base_model=settings.base_model,
+        fingerprint=fingerprint,
+        initial=initial,
+        ledger=Ledger(settings.state_dir / "ledger.sqlite3"),
         store=AdapterStore(settings.state_dir),
     )

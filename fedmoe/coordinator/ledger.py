@@ -157,8 +157,7 @@ class Ledger:
         self._db.execute(
             "UPDATE workers SET last_seen = ?, updates = updates + 1, tokens = tokens + ?, "
             "last_train_loss = ?, last_staleness = ? WHERE worker_id = ?",
-            (time.time(), record.num_tokens, record.train_loss, record.staleness,
-             record.worker_id),
+            (time.time(), record.num_tokens, record.train_loss, record.staleness, record.worker_id),
         )
 
     def upsert_worker(self, worker_id: str, specialty: str) -> None:
@@ -178,8 +177,15 @@ class Ledger:
             "SELECT worker_id, specialty, registered_at, last_seen, updates, tokens, "
             "last_train_loss, last_staleness FROM workers ORDER BY worker_id"
         )
-        keys = ("specialty", "registered_at", "last_seen", "updates", "tokens",
-                "last_train_loss", "last_staleness")
+        keys = (
+            "specialty",
+            "registered_at",
+            "last_seen",
+            "updates",
+            "tokens",
+            "last_train_loss",
+            "last_staleness",
+        )
         return {row[0]: dict(zip(keys, row[1:])) for row in rows}
 
     def updates(self, *, limit: int = 1000) -> list[dict[str, Any]]:

@@ -116,8 +116,11 @@ class CoordinatorSettings(BaseSettings):
     def lora(self) -> LoraSettings:
         """The LoRA settings every expert shares."""
         return LoraSettings(
-            rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
-            target_modules=tuple(self.lora_target_modules), seed=self.lora_seed,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=tuple(self.lora_target_modules),
+            seed=self.lora_seed,
         )
 
     def staleness_decay(self) -> StalenessDecay:

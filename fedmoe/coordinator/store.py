@@ -34,8 +34,9 @@ class AdapterStore:
         self._gateway_pending: tuple[int, AdapterState] | None = None
         self._gateway_event = threading.Condition()
         self._closed = False
-        self._writer = threading.Thread(target=self._gateway_loop, name="gateway-writer",
-                                        daemon=True)
+        self._writer = threading.Thread(
+            target=self._gateway_loop, name="gateway-writer", daemon=True
+        )
         self._writer.start()
 
     def expert_path(self, name: str, version: int) -> Path:

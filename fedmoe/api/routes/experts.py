@@ -30,8 +30,9 @@ def list_experts(coordinator: CoordinatorDep, _: PrincipalDep) -> list[ExpertSum
     return [ExpertSummary(name=n, version=e.version) for n, e in coordinator.experts.items()]
 
 
-def adapter_response(version: int, payload: bytes, etag: str, if_none_match: str | None
-                     ) -> Response:
+def adapter_response(
+    version: int, payload: bytes, etag: str, if_none_match: str | None
+) -> Response:
     """The adapter bytes, or 304 when the client already holds this version."""
     headers = {"X-FedMoE-Version": str(version), "ETag": etag}
     if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
@@ -40,15 +41,20 @@ def adapter_response(version: int, payload: bytes, etag: str, if_none_match: str
 
 
 @router.get("/{name}/adapter", responses={200: {"content": {SAFETENSORS: {}}}, 404: ERRORS[404]})
-async def download_expert(name: str, coordinator: CoordinatorDep, _: PrincipalDep,
-                          if_none_match: Annotated[str | None, Header()] = None) -> Response:
+async def download_expert(
+    name: str,
+    coordinator: CoordinatorDep,
+    _: PrincipalDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """The expert's adapter as safetensors, with ``X-FedMoE-Version`` and ``ETag``."""
     version, payload, etag = await run_in_threadpool(coordinator.expert_payload, name)
     return adapter_response(version, payload, etag, if_none_match)
 
 
-@router.post("/{name}/updates", response_model=UpdateAck, responses=ERRORS,
-             openapi_extra=BINARY_BODY)
+@router.post(
+    "/{name}/updates", response_model=UpdateAck, responses=ERRORS, openapi_extra=BINARY_BODY
+)
 async def submit_update(
     name: str,
     request: Request,
@@ -66,8 +72,13 @@ async def submit_update(
         raise HTTPException(422, detail=f"X-FedMoE-Train-Loss must be finite, got {train_loss}")
     body = await read_body(request, coordinator.max_body_bytes)
     update = UpdateRequest(
-        expert=name, worker_id=worker_id, update_id=update_id, base_version=base_version,
-        num_tokens=num_tokens, train_loss=train_loss, body=body,
+        expert=name,
+        worker_id=worker_id,
+        update_id=update_id,
+        base_version=base_version,
+        num_tokens=num_tokens,
+        train_loss=train_loss,
+        body=body,
     )
     return UpdateAck(**await run_in_threadpool(coordinator.submit_update, update))
 

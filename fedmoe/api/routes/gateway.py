@@ -19,8 +19,11 @@ def gateway_info(coordinator: CoordinatorDep, _: PrincipalDep) -> GatewayInfo:
 
 
 @router.get("/adapter", responses={200: {"content": {SAFETENSORS: {}}}})
-async def download_gateway(coordinator: CoordinatorDep, _: PrincipalDep,
-                           if_none_match: Annotated[str | None, Header()] = None) -> Response:
+async def download_gateway(
+    coordinator: CoordinatorDep,
+    _: PrincipalDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
     """The gateway adapter as safetensors, with ``X-FedMoE-Version`` and ``ETag``."""
     version, payload, etag = await run_in_threadpool(coordinator.gateway_payload)
     return adapter_response(version, payload, etag, if_none_match)

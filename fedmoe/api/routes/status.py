@@ -23,7 +23,8 @@ def schema(coordinator: CoordinatorDep, _: PrincipalDep) -> dict[str, Any]:
 
 
 @router.get("/ledger")
-async def ledger(coordinator: CoordinatorDep, _: AdminDep,
-                 limit: int = Query(100, ge=1, le=10000)) -> list[dict[str, Any]]:
+async def ledger(
+    coordinator: CoordinatorDep, _: AdminDep, limit: int = Query(100, ge=1, le=10000)
+) -> list[dict[str, Any]]:
     """The newest ledger rows (accepted and policy-rejected updates), newest first."""
     return await run_in_threadpool(coordinator.ledger.updates, limit=limit)

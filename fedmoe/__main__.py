@@ -1,0 +1,5 @@
+"""``python -m fedmoe`` runs the CLI."""
+
+from fedmoe.cli import main
+
+main()

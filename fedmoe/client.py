@@ -1,0 +1,144 @@
+"""An httpx client for the coordinator's HTTP API v1 (used by workers and the CLI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fedmoe.adapters import AdapterSchema, decode_adapter
+from fedmoe.aggregate import AdapterState
+
+TOKEN_ENV = "FEDMOE_AUTH_TOKEN"
+CA_CERT_ENV = "FEDMOE_CA_CERT"
+
+
+class ApiError(Exception):
+    """The coordinator answered with an error status."""
+
+    def __init__(self, status_code: int, code: str, detail: str) -> None:
+        super().__init__(f"HTTP {status_code} {code}: {detail}")
+        self.status_code, self.code, self.detail = status_code, code, detail
+
+
+class CoordinatorClient:
+    """Typed calls to one coordinator; the token defaults to ``$FEDMOE_AUTH_TOKEN``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        ca_cert: Path | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        token = token or os.environ.get(TOKEN_ENV) or None
+        ca_cert = ca_cert or os.environ.get(CA_CERT_ENV) or None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=timeout,
+            verify=str(ca_cert) if ca_cert else True,
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise _api_error(response)
+        return response
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``."""
+        return self._call("GET", "/healthz").json()
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status``."""
+        return self._call("GET", "/v1/status").json()
+
+    def schema(self) -> dict[str, Any]:
+        """``GET /v1/schema``: base model, fingerprint, LoRA config, tensor shapes."""
+        return self._call("GET", "/v1/schema").json()
+
+    def ledger(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """``GET /v1/ledger`` (admin): newest update records first."""
+        return self._call("GET", "/v1/ledger", params={"limit": limit}).json()
+
+    def register(
+        self, *, worker_id: str, specialty: str, fingerprint: str, lora_config: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``POST /v1/workers``."""
+        body = {
+            "worker_id": worker_id,
+            "specialty": specialty,
+            "base_model_fingerprint": fingerprint,
+            "lora_config": lora_config,
+        }
+        return self._call("POST", "/v1/workers", json=body).json()
+
+    def experts(self) -> list[dict[str, Any]]:
+        """``GET /v1/experts``."""
+        return self._call("GET", "/v1/experts").json()
+
+    def gateway_info(self) -> dict[str, Any]:
+        """``GET /v1/gateway``."""
+        return self._call("GET", "/v1/gateway").json()
+
+    def download(self, path: str, etag: str | None = None) -> tuple[int, bytes | None, str]:
+        """GET an adapter: (version, bytes or None when unchanged since ``etag``, etag)."""
+        headers = {"If-None-Match": etag} if etag else {}
+        response = self._call("GET", path, headers=headers)
+        version = int(response.headers["X-FedMoE-Version"])
+        body = None if response.status_code == 304 else response.content
+        return version, body, response.headers.get("ETag", "")
+
+    def expert_adapter(self, name: str, schema: AdapterSchema) -> tuple[int, AdapterState]:
+        """The expert's current version and float32 tensors (validated against ``schema``)."""
+        version, body, _ = self.download(f"/v1/experts/{name}/adapter")
+        return version, decode_adapter(body or b"", schema)
+
+    def upload(
+        self,
+        expert: str,
+        body: bytes,
+        *,
+        worker_id: str,
+        update_id: str,
+        base_version: int,
+        num_tokens: int,
+        train_loss: float | None,
+    ) -> dict[str, Any]:
+        """``POST /v1/experts/{expert}/updates`` with a safetensors delta."""
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "X-FedMoE-Worker-Id": worker_id,
+            "X-FedMoE-Update-Id": update_id,
+            "X-FedMoE-Base-Version": str(base_version),
+            "X-FedMoE-Num-Tokens": str(num_tokens),
+        }
+        if train_loss is not None:
+            headers["X-FedMoE-Train-Loss"] = repr(float(train_loss))
+        return self._call(
+            "POST", f"/v1/experts/{expert}/updates", content=body, headers=headers
+        ).json()
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    try:
+        data = response.json()
+        code, detail = str(data.get("error", "error")), str(data.get("detail", data))
+    except ValueError:
+        code, detail = "error", response.text[:500]
+    return ApiError(response.status_code, code, detail)

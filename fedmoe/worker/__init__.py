@@ -1,0 +1,1 @@
+"""The worker: trains one expert on local data and syncs it with the coordinator."""

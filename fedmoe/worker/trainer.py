@@ -1,0 +1,87 @@
+"""Local LoRA training: AdamW over the adapter's parameters on a stream of batches."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+from fedmoe.config import TrainSettings
+from fedmoe.data import BatchStream, TokenizedExample, collate, count_trainable_tokens
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: mean loss over its micro-batches and target tokens trained."""
+
+    loss: float
+    tokens: int
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross entropy; label -100 marks positions that carry no loss."""
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        shifted_labels.reshape(-1),
+        ignore_index=-100,
+        reduction=reduction,
+    )
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA devices that support it; otherwise nothing."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LocalTrainer:
+    """Trains the LoRA parameters of ``model``; the optimizer lives as long as the trainer."""
+
+    def __init__(
+        self,
+        model: PeftModel,
+        examples: list[TokenizedExample],
+        settings: TrainSettings,
+        *,
+        pad_token_id: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.settings, self.device = model, settings, device
+        self.pad_token_id = pad_token_id
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=learning_rate, weight_decay=settings.weight_decay
+        )
+        self.batches = iter(
+            BatchStream(examples, batch_size=settings.batch_size, seed=settings.seed)
+        )
+        self.steps = 0
+
+    def step(self) -> StepResult:
+        """Run ``grad_accum`` micro-batches and one optimizer step."""
+        self.model.train()
+        losses, tokens = [], 0
+        for _ in range(self.settings.grad_accum):
+            batch = collate(next(self.batches), self.pad_token_id)
+            tokens += count_trainable_tokens(batch)
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            with autocast_for(self.device):
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+            loss = causal_lm_loss(logits, batch["labels"]) / self.settings.grad_accum
+            loss.backward()
+            losses.append(float(loss.detach()) * self.settings.grad_accum)
+        if self.settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return StepResult(loss=sum(losses) / len(losses), tokens=tokens)
