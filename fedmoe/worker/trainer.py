@@ -52,6 +52,7 @@ class LocalTrainer:
         *,
         pad_token_id: int,
         device: torch.device,
+        learning_rate: float,
     ) -> None:
         self.model, self.settings, self.device = model, settings, device
         self.pad_token_id = pad_token_id
