@@ -155,6 +155,7 @@ def worker(
     max_seconds: Annotated[float | None, typer.Option(help="Stop after N seconds.")] = None,
     upload_dtype: Annotated[str, typer.Option(help="float32|bfloat16|float16.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    slowdown: Annotated[float, typer.Option(help="Emulate a slower machine (x).")] = 1.0,
     summary_json: Annotated[Path | None, typer.Option(help="Write the summary here.")] = None,
     auth_token: TokenOpt = None,
     ca_cert: CaOpt = None,

@@ -194,7 +194,10 @@ class WorkerJob:
         self.stats.reset_window()
         self.next_sync_at = time.monotonic() + self.options.sync_interval
         while not self._should_stop():
+            began = time.monotonic()
             result = self.trainer.step()
+            if self.options.slowdown > 1.0:
+                self.stop_event.wait((self.options.slowdown - 1.0) * (time.monotonic() - began))
             self.stats.steps += 1
             self.stats.tokens += result.tokens
             self.stats.window_tokens += result.tokens

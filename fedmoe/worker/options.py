@@ -36,6 +36,10 @@ class WorkerOptions:
     auth_token: str | None = field(default=None, metadata={"help": "Bearer token."})
     ca_cert: Path | None = field(default=None, metadata={"help": "CA bundle for TLS."})
     max_backoff: float = field(default=30.0, metadata={"help": "Longest retry wait (s)."})
+    slowdown: float = field(
+        default=1.0,
+        metadata={"help": "Emulate a slower machine: each step takes this many times longer."},
+    )
 
     def __post_init__(self) -> None:
         if not self.coordinator_url.startswith(("http://", "https://")):
@@ -54,6 +58,8 @@ class WorkerOptions:
             raise ValueError(
                 f"upload_dtype must be one of {UPLOAD_DTYPES}, got {self.upload_dtype!r}"
             )
+        if self.slowdown < 1.0:
+            raise ValueError(f"slowdown must be >= 1.0, got {self.slowdown}")
         for name in ("max_steps", "max_seconds"):
             value = getattr(self, name)
             if value is not None and value <= 0:
