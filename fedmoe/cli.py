@@ -197,6 +197,7 @@ def worker(
             upload_dtype=upload_dtype,
             auth_token=auth_token,
             ca_cert=ca_cert,
+            slowdown=slowdown,
         )
     except ValueError as error:
         fail(str(error))
