@@ -125,7 +125,12 @@ class WorkerJob:
             else []
         )
         self.trainer = LocalTrainer(
-            self.model, self.train_set, opts.train, pad_token_id=self.pad_id, device=self.device
+            self.model,
+            self.train_set,
+            opts.train,
+            pad_token_id=self.pad_id,
+            device=self.device,
+            learning_rate=opts.train.learning_rate_for(base_name),
         )
         self._wait_for(self._register)
         self._wait_for(self._pull_and_reset)
