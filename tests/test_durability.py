@@ -1,0 +1,211 @@
+"""Kill -9 the coordinator at random moments while clients upload; nothing acked is lost."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+import torch
+
+from fedmoe.adapters import encode_adapter
+from fedmoe.client import ApiError, CoordinatorClient
+from fedmoe.demo_data import write_demo_datasets
+from tests.procs import start_coordinator, start_worker, stop
+
+EXPERTS = ("python_expert", "sql_expert")
+
+
+class Uploader(threading.Thread):
+    """Uploads seeded deltas at staleness 0, retrying each id until it is acknowledged."""
+
+    def __init__(self, url: str, expert: str, fingerprint: str, lora: dict, shapes: dict) -> None:
+        super().__init__(daemon=True)
+        self.url, self.expert, self.shapes = url, expert, shapes
+        self.worker_id = f"uploader-{expert}"
+        self.registration = {"fingerprint": fingerprint, "lora_config": lora}
+        self.acked: list[tuple[str, dict, dict]] = []
+        self.stopping = threading.Event()
+        self.rng = torch.Generator().manual_seed(EXPERTS.index(expert))
+
+    def run(self) -> None:
+        client = CoordinatorClient(self.url, timeout=10)
+        version = 0
+        self._retry(
+            lambda: client.register(
+                worker_id=self.worker_id, specialty=self.expert, **self.registration
+            )
+        )
+        while not self.stopping.is_set():
+            delta = {k: torch.randn(s, generator=self.rng) * 1e-3 for k, s in self.shapes.items()}
+            update_id = uuid.uuid4().hex
+            body = encode_adapter(delta)
+            upload = functools.partial(
+                client.upload,
+                self.expert,
+                body,
+                worker_id=self.worker_id,
+                update_id=update_id,
+                base_version=version,
+                num_tokens=1,
+                train_loss=1.0,
+            )
+            ack = self._retry(upload)
+            assert ack["staleness"] == 0 and ack["update_id"] == update_id
+            version = ack["version"]
+            self.acked.append((update_id, delta, ack))
+        client.close()
+
+    def _retry(self, call):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                return call()
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError("coordinator did not come back in 120 s")
+
+
+def test_kill_minus_nine_loses_no_acknowledged_update(tmp_path) -> None:
+    state, log = tmp_path / "state", tmp_path / "coordinator.log"
+    coordinator, url = start_coordinator(state, log)
+    port = int(url.rsplit(":", 1)[1])
+    data = write_demo_datasets(tmp_path / "data", train_count=40, validation_count=5)
+    worker = None
+    uploaders: list[Uploader] = []
+    try:
+        with CoordinatorClient(url) as client:
+            schema = client.schema()
+            shapes = {k: tuple(v) for k, v in schema["tensors"].items()}
+            initial = {e: client.expert_adapter(e, shapes)[1] for e in EXPERTS}
+        worker = start_worker(
+            url,
+            "W-docs",
+            "docs_expert",
+            data["docs_expert"][0],
+            tmp_path / "worker.log",
+            "--sync-interval",
+            "1",
+            "--validation-fraction",
+            "0",
+        )
+        uploaders = [
+            Uploader(url, e, schema["base_model_fingerprint"], schema["lora_config"], shapes)
+            for e in EXPERTS
+        ]
+        for uploader in uploaders:
+            uploader.start()
+        rng = random.Random(7)
+        for _ in range(3):
+            time.sleep(rng.uniform(1.0, 3.0))
+            coordinator.kill()  # SIGKILL: no shutdown handler runs
+            coordinator.wait()
+            coordinator, _ = start_coordinator(state, log, port=port)
+        time.sleep(4)
+        for uploader in uploaders:
+            uploader.stopping.set()
+        for uploader in uploaders:
+            uploader.join(timeout=150)
+        check_everything_acknowledged_is_there(url, uploaders, initial, shapes)
+        check_worker_carried_on(url, worker)
+    finally:
+        for uploader in uploaders:
+            uploader.stopping.set()
+        if worker is not None:
+            stop(worker)
+        stop(coordinator)
+
+
+def check_everything_acknowledged_is_there(url, uploaders, initial, shapes) -> None:
+    with CoordinatorClient(url) as client:
+        status = client.status()
+        ledger = client.ledger(limit=10000)
+        accepted = {row["update_id"] for row in ledger if row["accepted"]}
+        for uploader in uploaders:
+            assert len(uploader.acked) >= 3, "uploads did not continue across restarts"
+            ids = [update_id for update_id, _, _ in uploader.acked]
+            assert set(ids) <= accepted
+            expert = status["experts"][uploader.expert]
+            assert expert["version"] == expert["updates_applied"] == len(ids)
+            _, weights = client.expert_adapter(uploader.expert, shapes)
+            expected = {k: v.clone() for k, v in initial[uploader.expert].items()}
+            for _, delta, _ in uploader.acked:
+                expected = {k: expected[k] + 1.0 * delta[k] for k in expected}
+            for key in expected:
+                torch.testing.assert_close(weights[key], expected[key], rtol=0, atol=1e-6)
+
+
+def check_worker_carried_on(url, worker) -> None:
+    assert worker.poll() is None, "the real worker died during coordinator restarts"
+    with CoordinatorClient(url) as client:
+        before = client.status()["workers"]["W-docs"]["updates"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if client.status()["workers"]["W-docs"]["updates"] > before:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the worker stopped uploading after the restarts")
+        docs = client.status()["experts"]["docs_expert"]
+        assert docs["version"] == docs["updates_applied"]
+
+
+def test_idempotent_replay_survives_restart(tmp_path) -> None:
+    state, log = tmp_path / "state", tmp_path / "coordinator.log"
+    coordinator, url = start_coordinator(state, log)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with CoordinatorClient(url) as client:
+            schema = client.schema()
+            shapes = {k: tuple(v) for k, v in schema["tensors"].items()}
+            client.register(
+                worker_id="w",
+                specialty="sql_expert",
+                fingerprint=schema["base_model_fingerprint"],
+                lora_config=schema["lora_config"],
+            )
+            body = encode_adapter({k: torch.full(s, 0.01) for k, s in shapes.items()})
+            first = client.upload(
+                "sql_expert",
+                body,
+                worker_id="w",
+                update_id="same-id",
+                base_version=0,
+                num_tokens=5,
+                train_loss=2.0,
+            )
+        coordinator.kill()
+        coordinator.wait()
+        coordinator, _ = start_coordinator(state, log, port=port)
+        with CoordinatorClient(url) as client:
+            again = client.upload(
+                "sql_expert",
+                body,
+                worker_id="w",
+                update_id="same-id",
+                base_version=0,
+                num_tokens=5,
+                train_loss=2.0,
+            )
+            assert again == {**first, "replayed": True}
+            assert client.status()["experts"]["sql_expert"]["version"] == 1
+            with pytest.raises(ApiError) as refused:
+                client.upload(
+                    "sql_expert",
+                    body,
+                    worker_id="w",
+                    update_id="other-id",
+                    base_version=5,
+                    num_tokens=5,
+                    train_loss=2.0,
+                )
+            assert refused.value.status_code == 422
+            rows = [r for r in client.ledger() if r["update_id"] == "same-id"]
+            assert len(rows) == 1 and json.loads(rows[0]["response"])["version"] == 1
+    finally:
+        stop(coordinator)
