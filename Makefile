@@ -1,0 +1,34 @@
+# FedMoE: `make demo` runs the demo, `make test` runs the tests. Both set up .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch; on a GPU machine use e.g. `make setup TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/fedmoe demo
+
+test: setup lint
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check fedmoe tests benchmarks *.py
+	$(BIN)/ruff format --check fedmoe tests benchmarks *.py
+
+format: setup
+	$(BIN)/ruff format fedmoe tests benchmarks *.py
+	$(BIN)/ruff check --fix fedmoe tests benchmarks *.py
+
+clean:
+	rm -rf $(VENV) demo_output logs run fedmoe_state .pytest_cache
