@@ -24,7 +24,10 @@ class CoordinatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FEDMOE_", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="Address to listen on.")
+    host: str = Field(
+        "",
+        description="Address to listen on; default 127.0.0.1, or 0.0.0.0 when auth is configured.",
+    )
     port: int = Field(5000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     base_model: str = Field("tiny", description="HF id, local path, or the 'tiny' preset.")
     experts: list[str] = Field(list(DEFAULT_EXPERTS), description="Expert (specialty) names.")
@@ -66,6 +69,16 @@ class CoordinatorSettings(BaseSettings):
             raise ValueError(f"expert names must be unique, got {experts}")
         return experts
 
+    @field_validator("auth_token")
+    @classmethod
+    def _check_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError(
+                "auth_token must be at least 16 characters; generate one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return token
+
     @field_validator("merge_method")
     @classmethod
     def _check_merge(cls, method: str) -> str:
@@ -82,6 +95,9 @@ class CoordinatorSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> CoordinatorSettings:
+        if not self.host:
+            # With a token the seed's quick commands work across machines unchanged.
+            self.host = "0.0.0.0" if self.auth_enabled else "127.0.0.1"
         self.staleness_decay()  # raises a ValueError naming the bad parameter
         unknown = sorted(set(self.gateway_weights) - set(self.experts))
         if unknown:
