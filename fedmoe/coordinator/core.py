@@ -10,7 +10,8 @@ import json
 import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fedmoe import aggregate
@@ -35,12 +36,51 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Versioned:
-    """An adapter state at a version, with its serialised bytes cached on first request."""
+    """An expert's adapter state at a version, with its bytes cached on first request."""
 
     version: int
     state: AdapterState
     payload: bytes | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LazyGateway:
+    """One gateway version: a snapshot of the experts, merged only when first needed.
+
+    Every accepted update makes a new gateway version at once, but the merge (which
+    for ``cat`` copies every expert) runs only when someone reads or saves it.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        built_from: dict[str, Any],
+        sources: list[AdapterState],
+        merge: Callable[[list[AdapterState]], AdapterState],
+    ) -> None:
+        self.version, self.extra = version, built_from
+        self._sources, self._merge = sources, merge
+        self._state: AdapterState | None = None
+        self.payload: bytes | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> AdapterState:
+        """The merged adapter (computed once)."""
+        with self._lock:
+            if self._state is None:
+                self._state = self._merge(self._sources)
+                self._sources = []
+            return self._state
+
+    def encoded(self) -> bytes:
+        """The merged adapter as safetensors bytes (computed once)."""
+        state = self.state
+        with self._lock:
+            if self.payload is None:
+                self.payload = encode_adapter(
+                    state, {"name": "gateway", "version": str(self.version)}
+                )
+            return self.payload
 
 
 @dataclass(frozen=True)
@@ -114,7 +154,7 @@ class CentralCoordinator:
             logger.info("expert %s at version %d", name, version)
         return experts
 
-    def _restore_gateway(self) -> Versioned:
+    def _restore_gateway(self) -> LazyGateway:
         row = self.ledger.gateway_row()
         built_from = self._built_from()
         if row is None or row[1] != built_from:
@@ -122,8 +162,8 @@ class CentralCoordinator:
             self.ledger.set_gateway(version, built_from)
         else:
             version = row[0]
-        gateway = Versioned(version, self._merge(), extra=built_from)
-        self.store.save_gateway_later(version, gateway.state)
+        gateway = self._gateway(version, built_from, self.experts)
+        self.store.save_gateway_later(gateway)
         return gateway
 
     def close(self) -> None:
@@ -142,10 +182,14 @@ class CentralCoordinator:
             "expert_versions": {name: experts[name].version for name in self.settings.experts},
         }
 
-    def _merge(self, experts: dict[str, Versioned] | None = None) -> AdapterState:
-        experts = experts if experts is not None else self.experts
-        states = [experts[name].state for name in self.settings.experts]
-        return self.merger.merge(states, self.settings.expert_weights())
+    def _gateway(
+        self, version: int, built_from: dict[str, Any], experts: dict[str, Versioned]
+    ) -> LazyGateway:
+        weights = self.settings.expert_weights()
+        sources = [experts[name].state for name in self.settings.experts]
+        return LazyGateway(
+            version, built_from, sources, lambda states: self.merger.merge(states, weights)
+        )
 
     def gateway_rank_alpha(self) -> tuple[int, float]:
         """Rank and alpha of the gateway adapter's PEFT config."""
@@ -258,7 +302,7 @@ class CentralCoordinator:
         )
         experts = {**self.experts, request.expert: new_expert}
         built_from = self._built_from(experts)
-        gateway = Versioned(self.gateway.version + 1, self._merge(experts), extra=built_from)
+        gateway = self._gateway(self.gateway.version + 1, built_from, experts)
         record.accepted, record.expert_version = True, new_expert.version
         record.gateway_version = gateway.version
         record.response = self._acknowledgement(record)
@@ -266,7 +310,7 @@ class CentralCoordinator:
         self.ledger.commit_accepted(record, built_from)
         self.experts, self.gateway = experts, gateway
         self.store.prune_expert(request.expert, new_expert.version)
-        self.store.save_gateway_later(gateway.version, gateway.state)
+        self.store.save_gateway_later(gateway)
         return record.response
 
     def _enforce_policies(self, record: UpdateRecord) -> None:
@@ -315,11 +359,8 @@ class CentralCoordinator:
         """The gateway's version, safetensors bytes and ETag."""
         with self._lock:
             gateway = self.gateway
-            return (
-                gateway.version,
-                self._payload(gateway, "gateway"),
-                self.etag("gateway", gateway.version),
-            )
+        # merged outside the coordinator lock: uploads go on meanwhile
+        return gateway.version, gateway.encoded(), self.etag("gateway", gateway.version)
 
     def etag(self, name: str, version: int) -> str:
         """A strong ETag unique to this state dir, adapter and version."""

@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -21,6 +22,16 @@ from fedmoe.adapters import atomic_write, encode_adapter
 from fedmoe.aggregate import AdapterState
 
 logger = logging.getLogger(__name__)
+
+
+class GatewaySource(Protocol):
+    """Anything that can produce the gateway's safetensors bytes (``LazyGateway``)."""
+
+    version: int
+
+    def encoded(self) -> bytes:
+        """The gateway adapter as safetensors bytes."""
+
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -31,7 +42,7 @@ class AdapterStore:
     def __init__(self, state_dir: Path) -> None:
         self.directory = Path(state_dir) / "adapters"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._gateway_pending: tuple[int, AdapterState] | None = None
+        self._gateway_pending: GatewaySource | None = None
         self._gateway_event = threading.Condition()
         self._closed = False
         self._writer = threading.Thread(
@@ -68,10 +79,10 @@ class AdapterStore:
         """The gateway's latest saved adapter file."""
         return self.directory / "gateway.safetensors"
 
-    def save_gateway_later(self, version: int, state: AdapterState) -> None:
+    def save_gateway_later(self, gateway: GatewaySource) -> None:
         """Queue the gateway for writing; only the newest queued version is written."""
         with self._gateway_event:
-            self._gateway_pending = (version, state)
+            self._gateway_pending = gateway
             self._gateway_event.notify()
 
     def _gateway_loop(self) -> None:
@@ -81,10 +92,10 @@ class AdapterStore:
                     self._gateway_event.wait()
                 if self._gateway_pending is None:
                     return
-                version, state = self._gateway_pending
+                gateway = self._gateway_pending
                 self._gateway_pending = None
             try:
-                atomic_write(self.gateway_path, encode_adapter(state, {"version": str(version)}))
+                atomic_write(self.gateway_path, gateway.encoded())
             except OSError:
                 logger.exception("could not write the gateway file")
 
