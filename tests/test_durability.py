@@ -209,3 +209,47 @@ def test_idempotent_replay_survives_restart(tmp_path) -> None:
             assert len(rows) == 1 and json.loads(rows[0]["response"])["version"] == 1
     finally:
         stop(coordinator)
+
+
+def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> None:
+    state, log = tmp_path / "state", tmp_path / "coordinator.log"
+    coordinator, url = start_coordinator(state, log)
+    port = int(url.rsplit(":", 1)[1])
+    data = write_demo_datasets(tmp_path / "data", train_count=40, validation_count=5)
+    summary = tmp_path / "summary.json"
+    worker = start_worker(
+        url,
+        "W-sql",
+        "sql_expert",
+        data["sql_expert"][0],
+        tmp_path / "worker.log",
+        "--sync-interval",
+        "1",
+        "--max-seconds",
+        "25",
+        "--validation-fraction",
+        "0",
+        "--summary-json",
+        str(summary),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        with CoordinatorClient(url) as client:
+            while client.status()["experts"]["sql_expert"]["version"] < 2:
+                assert time.monotonic() < deadline, "worker never uploaded"
+                time.sleep(0.5)
+        stop(coordinator)  # down for a while; the worker keeps training
+        time.sleep(5)
+        coordinator, _ = start_coordinator(state, log, port=port)
+        assert worker.wait(timeout=120) == 0
+        result = json.loads(summary.read_text())
+        assert result["failed_syncs"] >= 1 and result["unsent_tokens"] == 0
+        with CoordinatorClient(url) as client:
+            expert = client.status()["experts"]["sql_expert"]
+            worker_row = client.status()["workers"]["W-sql"]
+        assert expert["version"] == expert["updates_applied"] == result["uploads"]
+        assert worker_row["tokens"] == result["tokens"]  # every trained token was uploaded
+        assert "unreachable" in (tmp_path / "worker.log").read_text()
+    finally:
+        stop(worker)
+        stop(coordinator)

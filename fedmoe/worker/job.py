@@ -53,6 +53,8 @@ class PendingUpdate:
     tokens: int
     train_loss: float | None
     snapshot: AdapterState
+    loss_count: int = 0
+    maybe_delivered: bool = False  # an earlier attempt may have reached the coordinator
 
 
 @dataclass
@@ -80,6 +82,11 @@ class WorkerStats:
         self.window_tokens, self.window_losses = 0, []
         self.window_started = time.monotonic()
 
+    def settle(self, pending: PendingUpdate) -> None:
+        """Remove what ``pending`` carried from the window (it was acked or refused)."""
+        self.window_tokens -= pending.tokens
+        del self.window_losses[: pending.loss_count]
+
 
 class WorkerJob:
     """One worker process: ``run()`` = setup, train until told to stop, cleanup."""
@@ -89,6 +96,7 @@ class WorkerJob:
         self.stop_event = threading.Event()
         self.stats = WorkerStats()
         self.pending: PendingUpdate | None = None
+        self.unrebased: AdapterState | None = None
         self.backoff = 1.0
         self.next_sync_at = 0.0
         self.run_id: str | None = None
@@ -225,11 +233,19 @@ class WorkerJob:
         try:
             self._sync_once()
         except httpx.ConnectError as error:
-            self.pending = None  # it never arrived: next time we send the bigger delta
+            if self.pending is not None and not self.pending.maybe_delivered:
+                self.pending = None  # it never arrived: next time we send the bigger delta
             self._schedule_retry(f"coordinator unreachable ({error})")
             return False
         except httpx.TransportError as error:
+            if self.pending is not None:
+                self.pending.maybe_delivered = True
             self._schedule_retry(f"upload's fate unknown ({error!r}); will resend the same id")
+            return False
+        except ApiError as error:
+            if error.status_code in (401, 403):
+                raise FatalSyncError(f"coordinator refused us: {error}") from None
+            self._schedule_retry(f"coordinator error ({error})")
             return False
         finally:
             self.stats.blocked_seconds += time.monotonic() - began
@@ -244,6 +260,10 @@ class WorkerJob:
         self.backoff = min(self.backoff * 2, self.options.max_backoff)
 
     def _sync_once(self) -> None:
+        if self.unrebased is not None:  # an acknowledged upload whose pull failed
+            self._pull_and_rebase(since=self.unrebased)
+            self.unrebased = None
+            return
         if self.pending is None:
             self.pending = self._make_pending()
         pending = self.pending
@@ -260,9 +280,11 @@ class WorkerJob:
         except ApiError as error:
             self._handle_refusal(error, pending)
             return
-        self.pending = None
-        self._pull_and_rebase(since=pending.snapshot)
+        self.pending, self.unrebased = None, pending.snapshot
+        self.stats.settle(pending)
         self._report(ack, pending)
+        self._pull_and_rebase(since=pending.snapshot)
+        self.unrebased = None
 
     def _make_pending(self) -> PendingUpdate:
         snapshot = adapter_state(self.model)
@@ -273,10 +295,10 @@ class WorkerJob:
             body=encode_adapter(delta, dtype=dtype),
             base_version=self.base_version,
             tokens=self.stats.window_tokens,
+            loss_count=len(self.stats.window_losses),
             train_loss=self.stats.window_loss(),
             snapshot=snapshot,
         )
-        self.stats.reset_window()
         return pending
 
     def _handle_refusal(self, error: ApiError, pending: PendingUpdate) -> None:
@@ -292,12 +314,13 @@ class WorkerJob:
             error,
         )
         self.pending = None
+        self.stats.settle(pending)
         self._pull_and_rebase(since=pending.snapshot)
 
     def _report(self, ack: dict[str, Any], pending: PendingUpdate) -> None:
         stats = self.stats
         stats.uploads += 1
-        stats.last_staleness, stats.last_version = ack["staleness"], self.base_version
+        stats.last_staleness, stats.last_version = ack["staleness"], ack["version"]
         elapsed = max(time.monotonic() - stats.started, 1e-9)
         loss = "n/a" if pending.train_loss is None else f"{pending.train_loss:.4f}"
         logger.info(
@@ -307,7 +330,7 @@ class WorkerJob:
             loss,
             stats.tokens / elapsed,
             self.options.specialty,
-            self.base_version,
+            ack["version"],
             ack["staleness"],
             ack["weight"],
             ack["gateway_version"],
@@ -319,10 +342,14 @@ class WorkerJob:
         """Upload what is left (bounded retries), evaluate, and close the client."""
         if hasattr(self, "trainer") and self.stats.steps > 0:
             for _ in range(final_attempts):
-                if self.stats.window_tokens == 0 and self.pending is None:
+                if not self.stats.window_tokens and self.pending is None and self.unrebased is None:
                     break
-                if self.sync():
-                    continue
+                try:
+                    if self.sync():
+                        continue
+                except FatalSyncError as error:
+                    logger.error("final upload impossible: %s", error)
+                    break
                 time.sleep(min(self.backoff, 5.0))
         self.summary = self._summary()
         logger.info("%s finished: %s", self.options.worker_id, self.summary)
@@ -343,7 +370,7 @@ class WorkerJob:
             "failed_syncs": stats.failed_syncs,
             "blocked_share": stats.blocked_seconds / elapsed,
             "expert_version": getattr(self, "base_version", None),
-            "unsent_tokens": stats.window_tokens + (self.pending.tokens if self.pending else 0),
+            "unsent_tokens": stats.window_tokens,
         }
         if getattr(self, "eval_set", None):
             summary["validation_loss"] = validation_loss(
