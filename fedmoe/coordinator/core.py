@@ -6,13 +6,16 @@ ledger before ``submit_update`` returns, so an acknowledged update is never lost
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from fedmoe import aggregate
 from fedmoe.adapters import (
@@ -62,6 +65,7 @@ class LazyGateway:
         self._state: AdapterState | None = None
         self.payload: bytes | None = None
         self._lock = threading.Lock()
+        self.state_lock: TextIO | None = None  # see lock_state_dir
 
     @property
     def state(self) -> AdapterState:
@@ -118,6 +122,7 @@ class CentralCoordinator:
         self.merger = GatewayMerge(method=settings.merge_method, lora=self.lora)
         self.ledger, self.store = ledger, store
         self._lock = threading.Lock()
+        self.state_lock: TextIO | None = None  # see lock_state_dir
         self.run_id = self._check_meta()
         self.experts = self._restore_experts(initial)
         self.gateway = self._restore_gateway()
@@ -170,6 +175,8 @@ class CentralCoordinator:
         """Flush background writes and close the ledger."""
         self.store.close()
         self.ledger.close()
+        if self.state_lock is not None:
+            self.state_lock.close()
 
     # --- gateway ---------------------------------------------------------------------------
 
@@ -424,11 +431,12 @@ class CentralCoordinator:
 def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
     """Load the base model, derive the initial adapter and open (or resume) the state dir."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_state_dir(settings.state_dir)
     base = load_base_model(settings.base_model, device="cpu")
     initial = initial_adapter(base, settings.lora())
     fingerprint = base.fingerprint
     del base  # the coordinator never runs the model; free its memory
-    return CentralCoordinator(
+    coordinator = CentralCoordinator(
         settings=settings,
         base_model=settings.base_model,
         fingerprint=fingerprint,
@@ -436,3 +444,24 @@ def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
         ledger=Ledger(settings.state_dir / "ledger.sqlite3"),
         store=AdapterStore(settings.state_dir),
     )
+    coordinator.state_lock = lock  # held for the life of the process
+    return coordinator
+
+
+def lock_state_dir(state_dir: Path) -> TextIO:
+    """Take an exclusive lock so that two coordinators never share a state dir."""
+    handle = open(state_dir / "coordinator.lock", "a+")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise errors.StateDirError(
+            f"state dir {state_dir} is in use by {owner}; stop it or use another --state-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"coordinator pid {os.getpid()}\n")
+    handle.flush()
+    return handle
