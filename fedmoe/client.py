@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from fedmoe.adapters import AdapterSchema, decode_adapter
-from fedmoe.aggregate import AdapterState
+if TYPE_CHECKING:  # importing torch makes the CLI's `status` slow, so only for types
+    from fedmoe.adapters import AdapterSchema
+    from fedmoe.aggregate import AdapterState
 
 TOKEN_ENV = "FEDMOE_AUTH_TOKEN"
 CA_CERT_ENV = "FEDMOE_CA_CERT"
@@ -106,6 +107,8 @@ class CoordinatorClient:
 
     def expert_adapter(self, name: str, schema: AdapterSchema) -> tuple[int, AdapterState]:
         """The expert's current version and float32 tensors (validated against ``schema``)."""
+        from fedmoe.adapters import decode_adapter
+
         version, body, _ = self.download(f"/v1/experts/{name}/adapter")
         return version, decode_adapter(body or b"", schema)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
+from types import FrameType
 
 import uvicorn
 
@@ -29,6 +32,9 @@ def serve(settings: CoordinatorSettings) -> None:
         "on" if registry.enabled else "off",
         settings.state_dir,
     )
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that a SystemExit so the
+    # `finally` below still closes the ledger and flushes the gateway file.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run(
             app,
@@ -42,3 +48,7 @@ def serve(settings: CoordinatorSettings) -> None:
     finally:
         coordinator.close()
         logger.info("coordinator stopped; state saved in %s", settings.state_dir)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    sys.exit(0)
