@@ -75,7 +75,7 @@ def read_header(body: bytes) -> dict[str, Any]:
         )
     try:
         header = json.loads(body[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also too deeply nested or too long ints
         raise AdapterValidationError(f"safetensors header is not JSON: {error}") from None
     if not isinstance(header, dict):
         raise AdapterValidationError("safetensors header is not a JSON object")
@@ -99,7 +99,7 @@ def _check_entry(key: str, info: Any, shape: tuple[int, ...], data_len: int) -> 
     if not isinstance(info, dict):
         raise AdapterValidationError(f"{key}: header entry is not an object")
     dtype, got_shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in ACCEPTED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ACCEPTED_DTYPES:
         raise AdapterValidationError(
             f"{key}: dtype {dtype!r} is not accepted; use one of {sorted(ACCEPTED_DTYPES)}"
         )

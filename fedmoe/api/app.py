@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedmoe import __version__
 from fedmoe.api.routes import experts, gateway, health, status, workers
+from fedmoe.api.schemas import ErrorBody
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.auth import TokenRegistry
@@ -49,7 +51,41 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     app.add_exception_handler(errors.CoordinatorError, _coordinator_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    _document_error_bodies(app)
     return app
+
+
+def _document_error_bodies(app: FastAPI) -> None:
+    """Make the OpenAPI document describe 422s as sent: an ``ErrorBody``, not FastAPI's default.
+
+    ``_validation_error`` answers ``{"error", "detail": str}``, while FastAPI documents
+    every automatic 422 as ``HTTPValidationError`` (``detail`` a list), so clients
+    generated from the schema would misread it.
+    """
+    generate = app.openapi
+    default_ref = "#/components/schemas/HTTPValidationError"
+    ours = f"#/components/schemas/{ErrorBody.__name__}"
+
+    def replace_refs(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("$ref") == default_ref:
+                return {**node, "$ref": ours}
+            return {key: replace_refs(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [replace_refs(item) for item in node]
+        return node
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = replace_refs(generate())
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            schemas.setdefault(ErrorBody.__name__, ErrorBody.model_json_schema())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:

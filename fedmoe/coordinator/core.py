@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
 from fedmoe import aggregate
 from fedmoe.adapters import (
     AdapterSchema,
@@ -35,6 +37,10 @@ from fedmoe.modeling import fingerprint_differences, initial_adapter, load_base_
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
+
+# The ledger sums token counts in SQLite INTEGERs (signed 64-bit); a trillion tokens per
+# update is far beyond any sync interval yet leaves room for millions of updates in a sum.
+MAX_NUM_TOKENS = 10**12
 
 
 @dataclass
@@ -274,8 +280,10 @@ class CentralCoordinator:
                 f"base version {request.base_version} is invalid: expert {request.expert} "
                 f"is at version {current} (must be 0..{current})"
             )
-        if request.num_tokens < 0:
-            raise errors.InvalidUpdateError(f"num_tokens must be >= 0, got {request.num_tokens}")
+        if not 0 <= request.num_tokens <= MAX_NUM_TOKENS:
+            raise errors.InvalidUpdateError(
+                f"num_tokens must be in 0..{MAX_NUM_TOKENS}, got {request.num_tokens}"
+            )
 
     def _decode(self, body: bytes) -> AdapterState:
         try:
@@ -304,9 +312,9 @@ class CentralCoordinator:
         clip = self._clip_factor(norm)
         record.clipped = clip < 1.0
         record.weight = self.settings.server_lr * self.decay(staleness) * clip
-        new_expert = Versioned(
-            expert.version + 1, aggregate.apply_update(expert.state, delta, record.weight)
-        )
+        new_state = aggregate.apply_update(expert.state, delta, record.weight)
+        self._check_finite(new_state, request)
+        new_expert = Versioned(expert.version + 1, new_state)
         experts = {**self.experts, request.expert: new_expert}
         built_from = self._built_from(experts)
         gateway = self._gateway(self.gateway.version + 1, built_from, experts)
@@ -319,6 +327,16 @@ class CentralCoordinator:
         self.store.prune_expert(request.expert, new_expert.version)
         self.store.save_gateway_later(gateway)
         return record.response
+
+    @staticmethod
+    def _check_finite(state: AdapterState, request: UpdateRequest) -> None:
+        """A finite delta can still overflow float32 when applied; never store Inf/NaN."""
+        for key, tensor in state.items():
+            if not torch.isfinite(tensor).all():
+                raise errors.InvalidUpdateError(
+                    f"applying update {request.update_id} would make {key} of expert "
+                    f"{request.expert} non-finite (float32 overflow); send a smaller delta"
+                )
 
     def _enforce_policies(self, record: UpdateRecord) -> None:
         bound = self.settings.max_staleness

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.schemas import ID_PATTERN, ErrorBody, ExpertSummary, UpdateAck
-from fedmoe.coordinator.core import UpdateRequest
+from fedmoe.coordinator.core import MAX_NUM_TOKENS, UpdateRequest
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
 
@@ -63,7 +63,7 @@ async def submit_update(
     worker_id: Annotated[str, Header(alias="X-FedMoE-Worker-Id", pattern=ID_PATTERN)],
     base_version: Annotated[int, Header(alias="X-FedMoE-Base-Version")],
     update_id: Annotated[str, Header(alias="X-FedMoE-Update-Id", pattern=ID_PATTERN)],
-    num_tokens: Annotated[int, Header(alias="X-FedMoE-Num-Tokens", ge=0)] = 0,
+    num_tokens: Annotated[int, Header(alias="X-FedMoE-Num-Tokens", ge=0, le=MAX_NUM_TOKENS)] = 0,
     train_loss: Annotated[float | None, Header(alias="X-FedMoE-Train-Loss")] = None,
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
