@@ -1,0 +1,135 @@
+"""Section ``concurrency``: 30 concurrent clients against one real coordinator, then checks.
+
+The coordinator (tiny preset, experts e0..e2) runs in its own process; 30 workers
+(10 per expert) push bf16 deltas for a fixed time at staleness as it comes. After
+the run the experts' versions, the ``accepted`` counters of ``/v1/status``, the
+acknowledgements the clients received and the ledger rows must all agree.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks._harness import (
+    LoadResult,
+    ms,
+    percentile,
+    proc_memory,
+    progress,
+    run_load,
+    server,
+)
+
+CLIENTS = 30
+EXPERTS = 3
+LEDGER_API_LIMIT = 10000
+
+
+def write_body(schema: dict[str, Any], path: Path, seed: int = 1) -> int:
+    """Write a random bf16 safetensors delta of ``schema``'s shapes to ``path``; its size."""
+    import torch
+
+    from benchmarks._coordinator_server import random_delta
+    from fedmoe.adapters import encode_adapter
+
+    shapes = {key: tuple(shape) for key, shape in schema["tensors"].items()}
+    body = encode_adapter(random_delta(shapes, seed), dtype=torch.bfloat16)
+    path.write_bytes(body)
+    return len(body)
+
+
+def ledger_ids(url: str, state_dir: Path, total: int) -> tuple[set[str], int, str]:
+    """Accepted update ids in the ledger, the accepted row count, and how they were read."""
+    if total < LEDGER_API_LIMIT:
+        rows = httpx.get(url + "/v1/ledger", params={"limit": LEDGER_API_LIMIT}, timeout=120).json()
+        accepted = [row["update_id"] for row in rows if row["accepted"]]
+        return set(accepted), len(accepted), "GET /v1/ledger"
+    uri = f"file:{state_dir / 'ledger.sqlite3'}?mode=ro"
+    with sqlite3.connect(uri, uri=True) as db:
+        accepted = [row[0] for row in db.execute("SELECT update_id FROM updates WHERE accepted=1")]
+    return set(accepted), len(accepted), "SQLite file (more rows than the API's limit)"
+
+
+def verify(url: str, state_dir: Path, result: LoadResult) -> tuple[bool, list[list[Any]], str]:
+    """The no-lost-update checks: (passed, per-expert rows, notes)."""
+    status = httpx.get(url + "/v1/status", timeout=60).json()
+    acks = [r for r in result.records if not r["replayed"]]
+    per_expert = Counter(r["expert"] for r in acks)
+    ids, rows_accepted, how = ledger_ids(url, state_dir, len(acks))
+    missing = [r["id"] for r in acks if r["id"] not in ids]
+    ok = not result.errors and not missing and rows_accepted == len(acks)
+    table = []
+    for name, info in sorted(status["experts"].items()):
+        versions = sorted(r["version"] for r in acks if r["expert"] == name)
+        contiguous = versions == list(range(1, len(versions) + 1))
+        row_ok = info["version"] == info["updates_applied"] == per_expert[name] and contiguous
+        ok = ok and row_ok
+        table.append(
+            [
+                name,
+                info["version"],
+                info["updates_applied"],
+                per_expert[name],
+                "yes" if contiguous else "NO",
+                "PASS" if row_ok else "FAIL",
+            ]
+        )
+    notes = (
+        f"ledger read via {how}: {rows_accepted} accepted rows, {len(missing)} acked ids "
+        f"missing; client errors: {len(result.errors)}"
+        + (f" (first: {result.errors[0]})" if result.errors else "")
+    )
+    return ok, table, notes
+
+
+def one_run(directory: Path, seconds: float, procs: int) -> dict[str, Any]:
+    """One 30-client run on a fresh state dir; returns figures and check results."""
+    progress(f"concurrency: {CLIENTS} clients in {procs} process(es) for {seconds:g} s")
+    with server(directory, shape="tiny", experts=EXPERTS) as srv:
+        schema = httpx.get(srv.url + "/v1/schema", timeout=30).json()
+        body_file = directory / "delta.safetensors"
+        size = write_body(schema, body_file)
+        workers = [(f"w{i:02d}", f"e{i % EXPERTS}") for i in range(CLIENTS)]
+        result = run_load(
+            srv.url,
+            workers,
+            procs=procs,
+            seconds=seconds,
+            body_file=body_file,
+            directory=directory / "load",
+            schema=schema,
+        )
+        ok, table, notes = verify(srv.url, directory / "state", result)
+        memory = proc_memory(srv.pid)
+    return {
+        "result": result,
+        "ok": ok,
+        "table": table,
+        "notes": notes,
+        "body": size,
+        "memory": memory,
+    }
+
+
+def summary_row(label: str, run: dict[str, Any]) -> list[Any]:
+    """One line of the results table."""
+    result: LoadResult = run["result"]
+    lat = result.latencies()
+    stale = [r["staleness"] for r in result.records]
+    return [
+        label,
+        len(result.records),
+        f"{result.rate:.1f}",
+        ms(percentile(lat, 50)),
+        ms(percentile(lat, 90)),
+        ms(percentile(lat, 99)),
+        ms(max(lat, default=float("nan"))),
+        f"{sum(stale) / max(len(stale), 1):.1f} / {max(stale, default=0)}",
+        len(result.errors),
+        "PASS" if run["ok"] else "FAIL",
+    ]

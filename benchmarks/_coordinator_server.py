@@ -1,0 +1,174 @@
+"""A benchmark server process: a real coordinator (or the FLOOR app) under uvicorn.
+
+Run as ``python -m benchmarks._coordinator_server --state-dir D --shape tiny|qwen
+--experts e0,e1,e2`` (or ``--floor``). It binds 127.0.0.1 port 0 itself, prints
+``PORT <n>`` on stdout, and serves until SIGTERM. uvicorn runs exactly as
+``fedmoe.api.server.serve`` runs it (log level ``info``, access log on).
+
+Shapes:
+
+* ``tiny``: the real path, ``open_coordinator`` with the tiny preset (rank 8).
+* ``qwen``: a ``CentralCoordinator`` built from a synthetic adapter shaped like
+  Qwen2.5-0.5B's with LoRA r=16 on q,k,v,o,gate,up,down (no model is loaded).
+
+The FLOOR app answers ``POST /floor/{name}`` by reading the body and, unless
+``?write=0``, writing it to disk with temp file + fsync + rename + directory
+fsync (``fedmoe.adapters.atomic_write``, the coordinator's own writer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+
+import torch
+from fastapi import Request
+
+from fedmoe.config import LoraSettings
+
+QWEN_HIDDEN, QWEN_LAYERS, QWEN_KV_OUT, QWEN_INTERMEDIATE = 896, 24, 2 * 64, 4864
+QWEN_RANK = 16
+QWEN_NAME = "synthetic/Qwen2.5-0.5B-shape"
+QWEN_FINGERPRINT = "config:synthetic0qwen05/weights:synthetic0qwen05"
+
+
+def qwen_shapes(rank: int = QWEN_RANK) -> dict[str, tuple[int, int]]:
+    """PEFT keys and shapes of a rank-``rank`` LoRA on every projection of Qwen2.5-0.5B."""
+    h, kv, inter = QWEN_HIDDEN, QWEN_KV_OUT, QWEN_INTERMEDIATE
+    # module -> (in_features, out_features)
+    modules = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (h, kv),
+        "self_attn.v_proj": (h, kv),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (h, inter),
+        "mlp.up_proj": (h, inter),
+        "mlp.down_proj": (inter, h),
+    }
+    shapes = {}
+    for layer in range(QWEN_LAYERS):
+        for module, (fan_in, fan_out) in modules.items():
+            prefix = f"base_model.model.model.layers.{layer}.{module}"
+            shapes[f"{prefix}.lora_A.weight"] = (rank, fan_in)
+            shapes[f"{prefix}.lora_B.weight"] = (fan_out, rank)
+    return dict(sorted(shapes.items()))
+
+
+def qwen_initial(rank: int = QWEN_RANK, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A PEFT-like initial adapter: small random A, zero B (float32)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in qwen_shapes(rank).items():
+        if ".lora_A." in key:
+            state[key] = torch.randn(shape, generator=generator) * 0.02
+        else:
+            state[key] = torch.zeros(shape)
+    return state
+
+
+def random_delta(schema: dict[str, tuple[int, ...]], seed: int = 1) -> dict[str, torch.Tensor]:
+    """A random delta matching ``schema`` (float32, small values)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {key: torch.randn(shape, generator=generator) * 1e-3 for key, shape in schema.items()}
+
+
+def build_coordinator(shape: str, state_dir: Path, experts: list[str], merge_method: str = "cat"):
+    """A coordinator of ``shape`` (``tiny``: real preset; ``qwen``: synthetic) in ``state_dir``."""
+    from fedmoe.coordinator.core import CentralCoordinator, open_coordinator
+    from fedmoe.coordinator.ledger import Ledger
+    from fedmoe.coordinator.settings import CoordinatorSettings
+    from fedmoe.coordinator.store import AdapterStore
+
+    if shape == "tiny":
+        settings = CoordinatorSettings(
+            state_dir=state_dir, experts=experts, base_model="tiny", merge_method=merge_method
+        )
+        return open_coordinator(settings)
+    settings = CoordinatorSettings(
+        state_dir=state_dir,
+        experts=experts,
+        base_model=QWEN_NAME,
+        lora_rank=QWEN_RANK,
+        lora_alpha=2.0 * QWEN_RANK,
+        merge_method=merge_method,
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lora: LoraSettings = settings.lora()
+    return CentralCoordinator(
+        settings=settings,
+        base_model=QWEN_NAME,
+        fingerprint=QWEN_FINGERPRINT,
+        initial=qwen_initial(lora.rank, lora.seed),
+        ledger=Ledger(state_dir / "ledger.sqlite3"),
+        store=AdapterStore(state_dir),
+    )
+
+
+def floor_app(directory: Path):
+    """The FLOOR: FastAPI reads the body and (optionally) writes it durably, nothing else."""
+    from fastapi import FastAPI
+    from starlette.concurrency import run_in_threadpool
+
+    from fedmoe.adapters import atomic_write
+
+    app = FastAPI()
+    directory.mkdir(parents=True, exist_ok=True)
+    counter = {"n": 0}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/floor/{name}")
+    async def floor(name: str, request: Request, write: int = 1) -> dict[str, int]:
+        body = await request.body()
+        counter["n"] += 1
+        if write:
+            await run_in_threadpool(atomic_write, directory / f"{name}.bin", body)
+        return {"version": counter["n"], "bytes": len(body)}
+
+    return app
+
+
+def main() -> None:
+    """Parse flags, build the app, bind port 0, print it and serve until SIGTERM."""
+    import uvicorn
+
+    from fedmoe.api.app import create_app
+    from fedmoe.coordinator.auth import TokenRegistry
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--shape", choices=("tiny", "qwen"), default="tiny")
+    parser.add_argument("--experts", default="e0,e1,e2")
+    parser.add_argument("--merge-method", default="cat")
+    parser.add_argument("--floor", action="store_true")
+    args = parser.parse_args()
+    coordinator = None
+    if args.floor:
+        app = floor_app(args.state_dir)
+    else:
+        coordinator = build_coordinator(
+            args.shape, args.state_dir, args.experts.split(","), args.merge_method
+        )
+        app = create_app(coordinator, TokenRegistry({}))
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
+    # the listening socket's proto is IPPROTO_TCP (as uvicorn's own bind makes it); with
+    # proto 0 every response would stall ~40 ms (Nagle + delayed ACK) on loopback.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if coordinator is not None:
+            coordinator.close()
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Process plumbing shared by the coordinator benchmarks: servers, load processes, stats.
+
+Every subprocess is terminated in a ``finally``; servers bind port 0 themselves and
+report the port they got, so no two runs race for a port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    """A running server subprocess."""
+
+    url: str
+    pid: int
+    log: Path
+
+
+@dataclass
+class LoadResult:
+    """What the clients of one load run saw."""
+
+    records: list[dict[str, Any]]
+    errors: list[str]
+    started: float
+    finished: float
+    clients: int
+    procs: int
+    loadavg: tuple[float, float, float] = field(default_factory=os.getloadavg)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from GO to the last acknowledgement."""
+        return max(self.finished - self.started, 1e-9)
+
+    @property
+    def rate(self) -> float:
+        """Acknowledgements per second."""
+        return len(self.records) / self.elapsed
+
+    def latencies(self) -> list[float]:
+        """Acknowledgement latencies in seconds."""
+        return [r["latency"] for r in self.records]
+
+
+def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def server(
+    directory: Path,
+    *,
+    shape: str = "tiny",
+    experts: int = 3,
+    floor: bool = False,
+    merge_method: str = "cat",
+) -> Iterator[Server]:
+    """Start ``benchmarks._coordinator_server`` in ``directory`` and yield it once healthy."""
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "server.log"
+    names = ",".join(f"e{i}" for i in range(experts))
+    command = [sys.executable, "-m", "benchmarks._coordinator_server"]
+    command += ["--state-dir", str(directory / "state"), "--shape", shape, "--experts", names]
+    command += ["--merge-method", merge_method] + (["--floor"] if floor else [])
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        url = _wait_port(process, log)
+        yield Server(url=url, pid=process.pid, log=log)
+    finally:
+        _stop(process)
+
+
+def _wait_port(process: subprocess.Popen, log: Path, timeout: float = 180.0) -> str:
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        if url is None:
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith("PORT "):
+                    url = f"http://127.0.0.1:{int(line.split()[1])}"
+        if url is not None:
+            try:
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server did not start in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def run_load(
+    url: str,
+    workers: list[tuple[str, str]],
+    *,
+    procs: int,
+    seconds: float,
+    body_file: Path,
+    directory: Path,
+    mode: str = "coordinator",
+    min_count: int = 0,
+    schema: dict[str, Any] | None = None,
+    write: int = 1,
+) -> LoadResult:
+    """Run ``len(workers)`` clients spread over ``procs`` ``benchmarks._load`` processes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    procs = max(1, min(procs, len(workers)))
+    processes: list[subprocess.Popen] = []
+    outputs = []
+    try:
+        for index in range(procs):
+            spec = {
+                "url": url,
+                "mode": mode,
+                "workers": workers[index::procs],
+                "seconds": seconds,
+                "min_count": min_count,
+                "body_file": str(body_file),
+                "write": write,
+                "fingerprint": (schema or {}).get("base_model_fingerprint"),
+                "lora_config": (schema or {}).get("lora_config"),
+                "out": str(directory / f"load{index}.json"),
+            }
+            spec_path = directory / f"spec{index}.json"
+            spec_path.write_text(json.dumps(spec))
+            outputs.append(Path(spec["out"]))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks._load", str(spec_path)],
+                    cwd=ROOT,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=open(directory / f"load{index}.err", "wb"),  # noqa: SIM115
+                    text=True,
+                )
+            )
+        for index, process in enumerate(processes):
+            if process.stdout.readline().strip() != "READY":
+                process.wait(timeout=30)
+                err = (directory / f"load{index}.err").read_text()[-3000:]
+                raise RuntimeError(f"load process {index} failed to start:\n{err}")
+        for process in processes:
+            process.stdin.write("GO\n")
+            process.stdin.flush()
+        for index, process in enumerate(processes):
+            if process.wait(timeout=seconds + 900) != 0:
+                err = (directory / f"load{index}.err").read_text()[-3000:]
+                raise RuntimeError(f"load process {index} exited {process.returncode}:\n{err}")
+    finally:
+        for process in processes:
+            _stop(process, grace=5)
+    parts = [json.loads(path.read_text()) for path in outputs]
+    records = [r for part in parts for r in part["records"]]
+    return LoadResult(
+        records=records,
+        errors=[e for part in parts for e in part["errors"]],
+        started=min(part["started"] for part in parts),
+        finished=max([r["end"] for r in records] or [max(p["finished"] for p in parts)]),
+        clients=len(workers),
+        procs=procs,
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) by linear interpolation; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def ms(seconds: float) -> str:
+    """Seconds as a short millisecond string."""
+    return f"{seconds * 1000:.1f}" if seconds < 10 else f"{seconds * 1000:.0f}"
+
+
+def proc_memory(pid: int) -> dict[str, float]:
+    """VmHWM (peak RSS) and VmRSS of ``pid`` in MiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            values[key] = int(rest.split()[0]) / 1024.0
+    return values
+
+
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """Print a progress line with the elapsed time to stderr."""
+    print(f"[{time.monotonic() - _T0:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def loadavg_text() -> str:
+    """The 1/5/15-minute load averages as text."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"

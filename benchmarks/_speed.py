@@ -1,0 +1,126 @@
+"""Section ``coordinator-speed``, part 1: update latency and throughput against the FLOOR.
+
+For one adapter shape, a coordinator process and a FLOOR process (FastAPI that reads
+the body and writes it with fsync+rename, nothing else) run side by side, and each
+measurement is taken on one right after the other, so machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks._concurrency import write_body
+from benchmarks._harness import (
+    LoadResult,
+    ms,
+    percentile,
+    proc_memory,
+    progress,
+    run_load,
+    server,
+)
+
+EXPERTS = 3
+
+
+def _workers(count: int) -> list[tuple[str, str]]:
+    return [(f"c{count}w{i:02d}", f"e{i % EXPERTS}") for i in range(count)]
+
+
+def measure_shape(
+    directory: Path, shape: str, *, seconds: float, min_sequential: int, clients: list[int]
+) -> dict[str, Any]:
+    """Sequential latency and 1/10/30-client throughput, coordinator vs FLOOR."""
+    out: dict[str, Any] = {"shape": shape, "runs": {}}
+    with (
+        server(directory / "coordinator", shape=shape, experts=EXPERTS) as coord,
+        server(directory / "floor", floor=True) as floor,
+    ):
+        schema = httpx.get(coord.url + "/v1/schema", timeout=30).json()
+        body_file = directory / "delta.safetensors"
+        out["body_bytes"] = write_body(schema, body_file)
+        out["params"] = sum(_numel(shape) for shape in schema["tensors"].values())
+        out["tensors"] = len(schema["tensors"])
+
+        def load(url: str, count: int, mode: str, tag: str, **kw: Any) -> LoadResult:
+            progress(f"speed {shape}: {tag} ({count} clients)")
+            result = run_load(
+                url,
+                _workers(count),
+                procs=count,
+                seconds=seconds,
+                body_file=body_file,
+                directory=directory / f"load-{tag}",
+                mode=mode,
+                schema=schema,
+                **kw,
+            )
+            if not result.records:
+                raise RuntimeError(f"{tag}: no successful upload; first errors {result.errors[:3]}")
+            return result
+
+        for count in clients:
+            minimum = min_sequential if count == 1 else 0
+            out["runs"][("coordinator", count)] = load(
+                coord.url, count, "coordinator", f"c{count}", min_count=minimum
+            )
+            out["runs"][("floor", count)] = load(
+                floor.url, count, "floor", f"f{count}", min_count=minimum
+            )
+            if count == 1:
+                out["runs"][("floor-http-only", 1)] = load(
+                    floor.url, 1, "floor", "f1-nowrite", min_count=minimum, write=0
+                )
+        out["memory"] = proc_memory(coord.pid)
+    return out
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def sequential_row(label: str, out: dict[str, Any]) -> list[Any]:
+    """Median/p90 latency of sequential uploads, coordinator vs FLOOR."""
+    runs = out["runs"]
+    coord = runs[("coordinator", 1)].latencies()
+    floor = runs[("floor", 1)].latencies()
+    http_only = runs[("floor-http-only", 1)].latencies()
+    c50, f50 = percentile(coord, 50), percentile(floor, 50)
+    return [
+        label,
+        f"{out['params'] / 1e6:.3f} M",
+        f"{out['body_bytes'] / 1e6:.2f} MB",
+        len(coord),
+        ms(c50),
+        ms(percentile(coord, 90)),
+        ms(f50),
+        ms(percentile(http_only, 50)),
+        f"{c50 / f50:.2f}x",
+    ]
+
+
+def throughput_rows(label: str, out: dict[str, Any], clients: list[int]) -> list[list[Any]]:
+    """Updates/s and latency per client count, coordinator vs FLOOR."""
+    rows = []
+    for count in clients:
+        coord, floor = out["runs"][("coordinator", count)], out["runs"][("floor", count)]
+        errors = len(coord.errors) + len(floor.errors)
+        rows.append(
+            [
+                label,
+                count,
+                f"{coord.rate:.1f}",
+                f"{floor.rate:.1f}",
+                f"{coord.rate / max(floor.rate, 1e-9):.2f}",
+                ms(percentile(coord.latencies(), 50)),
+                ms(percentile(floor.latencies(), 50)),
+                errors,
+            ]
+        )
+    return rows
