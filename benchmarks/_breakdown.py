@@ -27,10 +27,11 @@ from fedmoe import aggregate
 from fedmoe.adapters import atomic_write, decode_adapter, encode_adapter, schema_of
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
-from fedmoe.coordinator.core import CentralCoordinator, UpdateRequest
+from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
+from fedmoe.coordinator.versions import UpdateRequest
 from fedmoe.strategy import GatewayMerge
 
 

@@ -76,7 +76,8 @@ def random_delta(schema: dict[str, tuple[int, ...]], seed: int = 1) -> dict[str,
 
 def build_coordinator(shape: str, state_dir: Path, experts: list[str], merge_method: str = "cat"):
     """A coordinator of ``shape`` (``tiny``: real preset; ``qwen``: synthetic) in ``state_dir``."""
-    from fedmoe.coordinator.core import CentralCoordinator, open_coordinator
+    from fedmoe.coordinator.bootstrap import open_coordinator
+    from fedmoe.coordinator.core import CentralCoordinator
     from fedmoe.coordinator.ledger import Ledger
     from fedmoe.coordinator.settings import CoordinatorSettings
     from fedmoe.coordinator.store import AdapterStore

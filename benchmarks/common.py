@@ -28,8 +28,10 @@ from fedmoe import aggregate
 from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings, TrainSettings
-from fedmoe.coordinator.core import CentralCoordinator, UpdateRequest, open_coordinator
+from fedmoe.coordinator.bootstrap import open_coordinator
+from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.coordinator.versions import UpdateRequest
 from fedmoe.data import TokenizedExample, load_examples, tokenize_examples
 from fedmoe.demo_data import DOMAINS, write_demo_datasets
 from fedmoe.evaluation import validation_loss

@@ -60,8 +60,9 @@ def apply_update(
 
 def global_norm(state: Mapping[str, torch.Tensor]) -> float:
     """The L2 norm of all tensors taken together."""
-    total = sum(float(t.double().pow(2).sum()) for t in state.values())
-    return math.sqrt(total)
+    # float64 accumulation without a float64 copy of each tensor
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in state.values()]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def normalize_weights(weights: Sequence[float]) -> list[float]:

@@ -22,7 +22,8 @@ import uvicorn
 
 from fedmoe.api.app import create_app
 from fedmoe.coordinator.auth import TokenRegistry
-from fedmoe.coordinator.core import CentralCoordinator, open_coordinator
+from fedmoe.coordinator.bootstrap import open_coordinator
+from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
 
 

@@ -489,6 +489,24 @@ def test_retried_update_id_is_applied_once(live_coordinator) -> None:
         assert all(torch.equal(after[k], state_after_first[k]) for k in after)
 
 
+def test_an_update_id_used_by_another_worker_is_409_and_reveals_nothing(live_coordinator) -> None:
+    with live_coordinator.client() as client:
+        register(client, PY_WORKER, PY)
+        register(client, SQL_WORKER, SQL)
+        register(client, "py-worker-2", PY)
+        shapes = shapes_of(client)
+        body = encode_adapter(random_delta(shapes, 1))
+        first = upload(client, PY, body, update_headers(update_id="taken-id-1"))
+        assert first.status_code == 200, first.text
+        before = client.get("/v1/status").json()["experts"]
+        for worker, expert in (("py-worker-2", PY), (SQL_WORKER, SQL)):
+            headers = update_headers(worker_id=worker, update_id="taken-id-1")
+            response = upload(client, expert, body, headers)
+            assert_error(response, 409, "duplicate_update_id", "already used")
+            assert "version" not in response.json()
+        assert client.get("/v1/status").json()["experts"] == before
+
+
 # --- the update rule and its policies --------------------------------------------------------
 
 

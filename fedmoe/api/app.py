@@ -27,6 +27,7 @@ STATUS_OF = {
     errors.InvalidUpdateError: (422, "invalid_update"),
     errors.StaleUpdateError: (409, "stale_update"),
     errors.RejectedUpdateError: (422, "rejected_update"),
+    errors.DuplicateUpdateIdError: (409, "duplicate_update_id"),
     errors.ForbiddenError: (403, "forbidden"),
 }
 CODE_OF_STATUS = {

@@ -7,11 +7,12 @@ import signal
 import sys
 from types import FrameType
 
+import torch
 import uvicorn
 
 from fedmoe.api.app import create_app
 from fedmoe.coordinator.auth import TokenRegistry
-from fedmoe.coordinator.core import open_coordinator
+from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
 
 logger = logging.getLogger(__name__)
@@ -21,6 +22,9 @@ def serve(settings: CoordinatorSettings) -> None:
     """Open (or resume) the state dir and serve the API until SIGINT/SIGTERM."""
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     registry = TokenRegistry.from_sources(token, settings.tokens_file)
+    # The coordinator's tensor work is elementwise and small; a full thread pool per
+    # request would only contend with workers sharing the machine.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
     coordinator = open_coordinator(settings)
     app = create_app(coordinator, registry)
     scheme = "https" if settings.ssl_certfile else "http"

@@ -6,104 +6,27 @@ ledger before ``submit_update`` returns, so an acknowledged update is never lost
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import threading
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import (
-    AdapterSchema,
-    decode_adapter,
-    encode_adapter,
-    float32_bytes,
-    schema_of,
-)
+from fedmoe.adapters import AdapterSchema, decode_adapter, encode_adapter, float32_bytes, schema_of
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
-from fedmoe.modeling import fingerprint_differences, initial_adapter, load_base_model
+from fedmoe.coordinator.versions import MAX_NUM_TOKENS, LazyGateway, UpdateRequest, Versioned
+from fedmoe.modeling import fingerprint_differences
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
-
-# The ledger sums token counts in SQLite INTEGERs (signed 64-bit); a trillion tokens per
-# update is far beyond any sync interval yet leaves room for millions of updates in a sum.
-MAX_NUM_TOKENS = 10**12
-
-
-@dataclass
-class Versioned:
-    """An expert's adapter state at a version, with its bytes cached on first request."""
-
-    version: int
-    state: AdapterState
-    payload: bytes | None = None
-
-
-class LazyGateway:
-    """One gateway version: a snapshot of the experts, merged only when first needed.
-
-    Every accepted update makes a new gateway version at once, but the merge (which
-    for ``cat`` copies every expert) runs only when someone reads or saves it.
-    """
-
-    def __init__(
-        self,
-        version: int,
-        built_from: dict[str, Any],
-        sources: list[AdapterState],
-        merge: Callable[[list[AdapterState]], AdapterState],
-    ) -> None:
-        self.version, self.extra = version, built_from
-        self._sources, self._merge = sources, merge
-        self._state: AdapterState | None = None
-        self.payload: bytes | None = None
-        self._lock = threading.Lock()
-        self.state_lock: TextIO | None = None  # see lock_state_dir
-
-    @property
-    def state(self) -> AdapterState:
-        """The merged adapter (computed once)."""
-        with self._lock:
-            if self._state is None:
-                self._state = self._merge(self._sources)
-                self._sources = []
-            return self._state
-
-    def encoded(self) -> bytes:
-        """The merged adapter as safetensors bytes (computed once)."""
-        state = self.state
-        with self._lock:
-            if self.payload is None:
-                self.payload = encode_adapter(
-                    state, {"name": "gateway", "version": str(self.version)}
-                )
-            return self.payload
-
-
-@dataclass(frozen=True)
-class UpdateRequest:
-    """One upload as the API layer hands it over (the body not yet parsed)."""
-
-    expert: str
-    worker_id: str
-    update_id: str
-    base_version: int
-    num_tokens: int
-    train_loss: float | None
-    body: bytes
 
 
 class CentralCoordinator:
@@ -260,18 +183,27 @@ class CentralCoordinator:
         Any error leaves experts, gateway, ledger and files exactly as they were
         (policy rejections are recorded in the ledger, nothing else changes).
         """
-        replay = self.ledger.accepted_response(request.update_id)
-        if replay is not None:
-            return {**replay, "replayed": True}
         self._expert(request.expert)
         self._check_worker(request.worker_id, request.expert)
+        replay = self._replay(request)
+        if replay is not None:
+            return replay
         self._check_base_version(request)
         delta = self._decode(request.body)
         with self._lock:
-            replay = self.ledger.accepted_response(request.update_id)
-            if replay is not None:
-                return {**replay, "replayed": True}
-            return self._apply(request, delta)
+            return self._replay(request) or self._apply(request, delta)
+
+    def _replay(self, request: UpdateRequest) -> dict[str, Any] | None:
+        """The first answer to an already applied update id (only to the worker that sent it)."""
+        first = self.ledger.accepted_update(request.update_id)
+        if first is None:
+            return None
+        if (first["worker_id"], first["expert"]) != (request.worker_id, request.expert):
+            raise errors.DuplicateUpdateIdError(
+                f"update id {request.update_id!r} was already used by another worker or "
+                "expert; every upload needs a new unique id"
+            )
+        return {**first["response"], "replayed": True}
 
     def _check_base_version(self, request: UpdateRequest) -> None:
         current = self.experts[request.expert].version
@@ -444,42 +376,3 @@ class CentralCoordinator:
             "gateway": self.gateway_info(),
             "workers": workers,
         }
-
-
-def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
-    """Load the base model, derive the initial adapter and open (or resume) the state dir."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_state_dir(settings.state_dir)
-    base = load_base_model(settings.base_model, device="cpu")
-    initial = initial_adapter(base, settings.lora())
-    fingerprint = base.fingerprint
-    del base  # the coordinator never runs the model; free its memory
-    coordinator = CentralCoordinator(
-        settings=settings,
-        base_model=settings.base_model,
-        fingerprint=fingerprint,
-        initial=initial,
-        ledger=Ledger(settings.state_dir / "ledger.sqlite3"),
-        store=AdapterStore(settings.state_dir),
-    )
-    coordinator.state_lock = lock  # held for the life of the process
-    return coordinator
-
-
-def lock_state_dir(state_dir: Path) -> TextIO:
-    """Take an exclusive lock so that two coordinators never share a state dir."""
-    handle = open(state_dir / "coordinator.lock", "a+")  # noqa: SIM115 - held until exit
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise errors.StateDirError(
-            f"state dir {state_dir} is in use by {owner}; stop it or use another --state-dir"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"coordinator pid {os.getpid()}\n")
-    handle.flush()
-    return handle

@@ -29,6 +29,10 @@ class RejectedUpdateError(CoordinatorError):
     """The update was refused by policy, e.g. its norm is over the bound (HTTP 422)."""
 
 
+class DuplicateUpdateIdError(CoordinatorError):
+    """The update id was already used by another worker or expert (HTTP 409)."""
+
+
 class ForbiddenError(CoordinatorError):
     """The caller may not act as that worker (HTTP 403)."""
 

@@ -115,12 +115,16 @@ class Ledger:
             (version, json.dumps(built_from, sort_keys=True)),
         )
 
-    def accepted_response(self, update_id: str) -> dict[str, Any] | None:
-        """The stored answer to an accepted update id, for idempotent retries."""
+    def accepted_update(self, update_id: str) -> dict[str, Any] | None:
+        """Who sent an accepted update id and the answer they got, for idempotent retries."""
         rows = self._query(
-            "SELECT response FROM updates WHERE update_id = ? AND accepted = 1", (update_id,)
+            "SELECT worker_id, expert, response FROM updates WHERE update_id = ? AND accepted = 1",
+            (update_id,),
         )
-        return json.loads(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        worker_id, expert, response = rows[0]
+        return {"worker_id": worker_id, "expert": expert, "response": json.loads(response)}
 
     def commit_accepted(self, record: UpdateRecord, built_from: dict[str, Any]) -> None:
         """Record an accepted update, the expert's new version and the gateway's, atomically."""

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.schemas import ID_PATTERN, ErrorBody, ExpertSummary, UpdateAck
-from fedmoe.coordinator.core import MAX_NUM_TOKENS, UpdateRequest
+from fedmoe.coordinator.versions import MAX_NUM_TOKENS, UpdateRequest
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
 

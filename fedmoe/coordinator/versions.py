@@ -1,0 +1,77 @@
+"""Value objects the coordinator keeps: versioned adapters, lazy gateways, upload requests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fedmoe.adapters import encode_adapter
+from fedmoe.aggregate import AdapterState
+
+# The ledger sums token counts in SQLite INTEGERs (signed 64-bit); a trillion tokens per
+# update is far beyond any sync interval yet leaves room for millions of updates in a sum.
+MAX_NUM_TOKENS = 10**12
+
+
+@dataclass
+class Versioned:
+    """An expert's adapter state at a version, with its bytes cached on first request."""
+
+    version: int
+    state: AdapterState
+    payload: bytes | None = None
+
+
+class LazyGateway:
+    """One gateway version: a snapshot of the experts, merged only when first needed.
+
+    Every accepted update makes a new gateway version at once, but the merge (which
+    for ``cat`` copies every expert) runs only when someone reads or saves it.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        built_from: dict[str, Any],
+        sources: list[AdapterState],
+        merge: Callable[[list[AdapterState]], AdapterState],
+    ) -> None:
+        self.version, self.extra = version, built_from
+        self._sources, self._merge = sources, merge
+        self._state: AdapterState | None = None
+        self.payload: bytes | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> AdapterState:
+        """The merged adapter (computed once)."""
+        with self._lock:
+            if self._state is None:
+                self._state = self._merge(self._sources)
+                self._sources = []
+            return self._state
+
+    def encoded(self) -> bytes:
+        """The merged adapter as safetensors bytes (computed once)."""
+        state = self.state
+        with self._lock:
+            if self.payload is None:
+                self.payload = encode_adapter(
+                    state, {"name": "gateway", "version": str(self.version)}
+                )
+            return self.payload
+
+
+@dataclass(frozen=True)
+class UpdateRequest:
+    """One upload as the API layer hands it over (the body not yet parsed)."""
+
+    expert: str
+    worker_id: str
+    update_id: str
+    base_version: int
+    num_tokens: int
+    train_loss: float | None
+    body: bytes
