@@ -10,9 +10,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from fedmoe.logs import setup_logging
+from fedmoe.views import (
+    print_loss_table,
+    print_status,
+    print_verdicts,
+    print_worker_summaries,
+)
 
 app = typer.Typer(
     help="Federated LoRA experts with a staleness-aware coordinator.",
@@ -152,7 +157,9 @@ def worker(
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
     seed: Annotated[int, typer.Option(help="Data order seed.")] = 0,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.")] = None,
-    max_seconds: Annotated[float | None, typer.Option(help="Stop after N seconds.")] = None,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="Stop after training N seconds.")
+    ] = None,
     upload_dtype: Annotated[str, typer.Option(help="float32|bfloat16|float16.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     slowdown: Annotated[float, typer.Option(help="Emulate a slower machine (x).")] = 1.0,
@@ -247,51 +254,7 @@ def status(
     if as_json:
         console.print_json(json.dumps(data))
         return
-    _print_status(data)
-
-
-def _print_status(data: dict[str, Any]) -> None:
-    console.print(f"[bold]base model[/] {data['base_model']}  {data['base_model_fingerprint']}")
-    console.print(f"[bold]LoRA[/] {data['lora_config']}")
-    experts = Table("expert", "version", "applied", "rejected", "workers", title="experts")
-    for name, e in data["experts"].items():
-        experts.add_row(
-            name,
-            str(e["version"]),
-            str(e["updates_applied"]),
-            str(e["updates_rejected"]),
-            ", ".join(e["workers"]),
-        )
-    console.print(experts)
-    g = data["gateway"]
-    console.print(
-        f"[bold]gateway[/] v{g['version']} merge={g['merge_method']} "
-        f"rank={g['lora_rank']} weights={g['weights']} from={g['expert_versions']}"
-    )
-    workers = Table(
-        "worker",
-        "specialty",
-        "updates",
-        "tokens",
-        "last loss",
-        "staleness",
-        "last seen (s ago)",
-        title="workers",
-    )
-    import time
-
-    for wid, w in data["workers"].items():
-        loss = "" if w["last_train_loss"] is None else f"{w['last_train_loss']:.4f}"
-        workers.add_row(
-            wid,
-            w["specialty"],
-            str(w["updates"]),
-            str(w["tokens"]),
-            loss,
-            str(w["last_staleness"] if w["last_staleness"] is not None else ""),
-            f"{time.time() - w['last_seen']:.0f}",
-        )
-    console.print(workers)
+    print_status(console, data)
 
 
 @app.command()
@@ -363,31 +326,16 @@ def demo(
         train_count=train_count,
     )
     table, summaries = run_demo(run)
-    _print_loss_table(table)
-    for s in summaries:
-        console.print(
-            f"{s['worker_id']}: {s['steps']} steps, {s['tokens_per_second']:.0f} "
-            f"tok/s, {s['uploads']} uploads, blocked {100 * s['blocked_share']:.1f}%"
-        )
-    ok = True
-    for claim, holds in verdicts(table):
-        ok &= holds
-        console.print(f"  {'[green]yes[/]' if holds else '[red]NO[/]'}  {claim}")
+    print_loss_table(console, table)
+    print_worker_summaries(console, summaries)
+    claims = verdicts(table)
+    print_verdicts(console, claims)
     console.print(
         f"gateway written as a PEFT adapter to [bold]{run.gateway_dir}[/] "
         f"(results in {output / 'results.json'})"
     )
-    if not ok:
+    if not all(holds for _, holds in claims):
         raise typer.Exit(1)
-
-
-def _print_loss_table(table: dict[str, dict[str, float]]) -> None:
-    domains = list(table["base"])
-    view = Table("model", *domains, "mean", title="validation loss (lower is better)")
-    for name, row in table.items():
-        mean = sum(row.values()) / len(row)
-        view.add_row(name, *(f"{row[d]:.4f}" for d in domains), f"{mean:.4f}")
-    console.print(view)
 
 
 @app.command("export-tiny")

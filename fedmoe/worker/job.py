@@ -204,6 +204,8 @@ class WorkerJob:
 
     def train(self) -> None:
         """Train until stopped (signal, ``max_steps`` or ``max_seconds``), syncing on schedule."""
+        # Time limits and rates count training only, not model loading and registration.
+        self.stats.started = time.monotonic()
         self.stats.reset_window()
         self.next_sync_at = time.monotonic() + self.options.sync_interval
         while not self._should_stop():

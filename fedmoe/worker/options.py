@@ -31,7 +31,9 @@ class WorkerOptions:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps."})
     train: TrainSettings = field(default_factory=TrainSettings)
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
-    max_seconds: float | None = field(default=None, metadata={"help": "Stop after this long."})
+    max_seconds: float | None = field(
+        default=None, metadata={"help": "Stop after training this many seconds."}
+    )
     upload_dtype: str = field(default="float32", metadata={"help": "dtype of uploaded deltas."})
     auth_token: str | None = field(default=None, metadata={"help": "Bearer token."})
     ca_cert: Path | None = field(default=None, metadata={"help": "CA bundle for TLS."})
