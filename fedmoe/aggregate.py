@@ -65,6 +65,12 @@ def global_norm(state: Mapping[str, torch.Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def max_abs(state: Mapping[str, torch.Tensor]) -> float:
+    """The largest absolute value in any tensor (NaN if any value is NaN)."""
+    values = [t.abs().max() for t in state.values() if t.numel()]
+    return float(torch.stack(values).max()) if values else 0.0
+
+
 def normalize_weights(weights: Sequence[float]) -> list[float]:
     """Scale non-negative weights to sum to one."""
     if not weights or any(w < 0 or not math.isfinite(w) for w in weights):

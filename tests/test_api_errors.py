@@ -646,3 +646,17 @@ def test_update_that_would_overflow_float32_is_422(live_coordinator_factory) -> 
         assert_unchanged(before, snapshot(live, client))
         state = expert_state(client, PY)
         assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_overflow_accumulated_over_two_updates_is_422(live_coordinator) -> None:
+    """Each update alone is fine; the second would push θ past float32's max: refused."""
+    with live_coordinator.client() as client:
+        register(client, PY_WORKER, PY)
+        shapes = shapes_of(client)
+        big = encode_adapter({k: torch.full(s, 2.0e38) for k, s in shapes.items()})
+        first = upload(client, PY, big, update_headers(base_version=0))
+        assert first.status_code == 200, first.text
+        before = snapshot(live_coordinator, client)
+        second = upload(client, PY, big, update_headers(base_version=1))
+        assert_error(second, 422, "invalid_update", "float32 overflow")
+        assert_unchanged(before, snapshot(live_coordinator, client))

@@ -22,7 +22,13 @@ from fedmoe.coordinator import errors
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
-from fedmoe.coordinator.versions import MAX_NUM_TOKENS, LazyGateway, UpdateRequest, Versioned
+from fedmoe.coordinator.versions import (
+    MAX_NUM_TOKENS,
+    SAFE_ABS_BOUND,
+    LazyGateway,
+    UpdateRequest,
+    Versioned,
+)
 from fedmoe.modeling import fingerprint_differences
 from fedmoe.strategy import GatewayMerge
 
@@ -83,7 +89,8 @@ class CentralCoordinator:
                 self.ledger.add_expert(name)
                 rows[name] = {"version": 0}
             version = rows[name]["version"]
-            experts[name] = Versioned(version, self.store.load_expert(name, version))
+            state = self.store.load_expert(name, version)
+            experts[name] = Versioned(version, state, abs_bound=aggregate.max_abs(state))
             self.store.prune_expert(name, version)
             logger.info("expert %s at version %d", name, version)
         return experts
@@ -245,24 +252,38 @@ class CentralCoordinator:
         record.clipped = clip < 1.0
         record.weight = self.settings.server_lr * self.decay(staleness) * clip
         new_state = aggregate.apply_update(expert.state, delta, record.weight)
-        self._check_finite(new_state, request)
-        new_expert = Versioned(expert.version + 1, new_state)
+        bound = self._overflow_guard(expert, new_state, record.weight * norm, request)
+        new_expert = Versioned(expert.version + 1, new_state, abs_bound=bound)
         experts = {**self.experts, request.expert: new_expert}
         built_from = self._built_from(experts)
         gateway = self._gateway(self.gateway.version + 1, built_from, experts)
         record.accepted, record.expert_version = True, new_expert.version
         record.gateway_version = gateway.version
         record.response = self._acknowledgement(record)
-        self.store.save_expert(request.expert, new_expert.version, new_expert.state)
+        new_expert.payload = self.store.save_expert(request.expert, new_expert.version, new_state)
         self.ledger.commit_accepted(record, built_from)
         self.experts, self.gateway = experts, gateway
         self.store.prune_expert(request.expert, new_expert.version)
         self.store.save_gateway_later(gateway)
         return record.response
 
+    def _overflow_guard(
+        self, expert: Versioned, new_state: AdapterState, step: float, request: UpdateRequest
+    ) -> float:
+        """A bound of max|θ| after the update; scans for Inf only where overflow is possible.
+
+        A finite delta can still overflow float32 when applied, and Inf/NaN must never be
+        stored. max|θ + w·Δ| <= max|θ| + w·‖Δ‖, so while that bound is far from the float32
+        limit the new state is finite without looking at it.
+        """
+        bound = expert.abs_bound + step
+        if bound < SAFE_ABS_BOUND:
+            return bound
+        self._check_finite(new_state, request)
+        return aggregate.max_abs(new_state)
+
     @staticmethod
     def _check_finite(state: AdapterState, request: UpdateRequest) -> None:
-        """A finite delta can still overflow float32 when applied; never store Inf/NaN."""
         for key, tensor in state.items():
             if not torch.isfinite(tensor).all():
                 raise errors.InvalidUpdateError(

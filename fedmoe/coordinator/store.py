@@ -54,10 +54,11 @@ class AdapterStore:
         """Where version ``version`` of expert ``name`` lives."""
         return self.directory / f"{name}.v{version:010d}.safetensors"
 
-    def save_expert(self, name: str, version: int, state: Mapping[str, torch.Tensor]) -> None:
-        """Durably write one expert version (before the ledger says it exists)."""
-        metadata = {"expert": name, "version": str(version)}
-        atomic_write(self.expert_path(name, version), encode_adapter(state, metadata))
+    def save_expert(self, name: str, version: int, state: Mapping[str, torch.Tensor]) -> bytes:
+        """Durably write one expert version (before the ledger says it exists); its bytes."""
+        payload = encode_adapter(state, {"name": name, "version": str(version)})
+        atomic_write(self.expert_path(name, version), payload)
+        return payload
 
     def load_expert(self, name: str, version: int) -> AdapterState:
         """Read the file of one expert version (our own file: safetensors, no pickle)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,14 +15,20 @@ from fedmoe.aggregate import AdapterState
 # update is far beyond any sync interval yet leaves room for millions of updates in a sum.
 MAX_NUM_TOKENS = 10**12
 
+# Below this bound on |θ| + |w·Δ| a float32 sum cannot overflow (half the float32 max).
+SAFE_ABS_BOUND = 1.7e38
+
 
 @dataclass
 class Versioned:
-    """An expert's adapter state at a version, with its bytes cached on first request."""
+    """An expert's adapter state at a version, with its safetensors bytes once encoded."""
 
     version: int
     state: AdapterState
     payload: bytes | None = None
+    # An upper bound of max|θ|: while it stays far below the float32 limit no update
+    # can overflow, so the full finiteness scan of the new state is skipped.
+    abs_bound: float = math.inf
 
 
 class LazyGateway:
