@@ -1,0 +1,78 @@
+"""Rich renderings for the CLI: coordinator status and the demo's results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_status(console: Console, data: dict[str, Any]) -> None:
+    """Experts, gateway and workers from ``GET /v1/status`` as tables."""
+    console.print(f"[bold]base model[/] {data['base_model']}  {data['base_model_fingerprint']}")
+    console.print(f"[bold]LoRA[/] {data['lora_config']}")
+    experts = Table("expert", "version", "applied", "rejected", "workers", title="experts")
+    for name, e in data["experts"].items():
+        experts.add_row(
+            name,
+            str(e["version"]),
+            str(e["updates_applied"]),
+            str(e["updates_rejected"]),
+            ", ".join(e["workers"]),
+        )
+    console.print(experts)
+    g = data["gateway"]
+    console.print(
+        f"[bold]gateway[/] v{g['version']} merge={g['merge_method']} "
+        f"rank={g['lora_rank']} weights={g['weights']} from={g['expert_versions']}"
+    )
+    workers = Table(
+        "worker",
+        "specialty",
+        "updates",
+        "tokens",
+        "last loss",
+        "staleness",
+        "last seen (s ago)",
+        title="workers",
+    )
+    for wid, w in data["workers"].items():
+        loss = "" if w["last_train_loss"] is None else f"{w['last_train_loss']:.4f}"
+        workers.add_row(
+            wid,
+            w["specialty"],
+            str(w["updates"]),
+            str(w["tokens"]),
+            loss,
+            str(w["last_staleness"] if w["last_staleness"] is not None else ""),
+            f"{time.time() - w['last_seen']:.0f}",
+        )
+    console.print(workers)
+
+
+def print_loss_table(console: Console, table: dict[str, dict[str, float]]) -> None:
+    """Validation loss per model (rows) and domain (columns), with the mean."""
+    domains = list(table["base"])
+    view = Table("model", *domains, "mean", title="validation loss (lower is better)")
+    for name, row in table.items():
+        mean = sum(row.values()) / len(row)
+        view.add_row(name, *(f"{row[d]:.4f}" for d in domains), f"{mean:.4f}")
+    console.print(view)
+
+
+def print_worker_summaries(console: Console, summaries: Iterable[dict[str, Any]]) -> None:
+    """One line per worker: steps, speed, uploads and time blocked on synchronisation."""
+    for s in summaries:
+        console.print(
+            f"{s['worker_id']}: {s['steps']} steps, {s['tokens_per_second']:.0f} "
+            f"tok/s, {s['uploads']} uploads, blocked {100 * s['blocked_share']:.1f}%"
+        )
+
+
+def print_verdicts(console: Console, claims: Iterable[tuple[str, bool]]) -> None:
+    """Each claim the demo checks, with yes / NO."""
+    for claim, holds in claims:
+        console.print(f"  {'[green]yes[/]' if holds else '[red]NO[/]'}  {claim}")
