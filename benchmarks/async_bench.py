@@ -32,7 +32,7 @@ from benchmarks.common import (
     shard,
     stop_rule,
 )
-from benchmarks.report import markdown_table, write_section
+from benchmarks.report import markdown_table, publish
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.demo_data import DOMAINS
@@ -395,8 +395,8 @@ it grows with the number of workers per expert). {targets_b}
 Load average (1, 5, 15 min) before {load_before}, after {load_average()}; wall time
 {time.monotonic() - started:.0f} s.
 """
-    write_section("asynchrony", "Asynchronous vs synchronous, and the staleness function", body)
-    print(body)
+    title = "Asynchronous vs synchronous, and the staleness function"
+    publish("asynchrony", title, body, write=args.write or not args.quick)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--quick", action="store_true", help="A short smoke run (< 2 min).")
     result.add_argument("--base-model", default="tiny", help="'tiny' or an HF id / path.")
+    result.add_argument("--write", action="store_true", help="Record a --quick run too.")
     return result
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks import _concurrency, _speed
 from benchmarks._harness import loadavg_text, ms
-from benchmarks.report import markdown_table, write_section
+from benchmarks.report import markdown_table, publish
 
 
 @dataclass(frozen=True)
@@ -331,17 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmoe-coordinator-bench-") as tmp:
         root = Path(tmp)
         body, ok = concurrency_section(root, plan)
-        _emit("concurrency", "Coordinator: 30 concurrent clients, no lost update", body, write)
+        publish(
+            "concurrency", "Coordinator: 30 concurrent clients, no lost update", body, write=write
+        )
         body = speed_section(root, plan)
-        _emit("coordinator-speed", "Coordinator: per-update cost vs the FLOOR, memory", body, write)
+        title = "Coordinator: per-update cost vs the FLOOR, memory"
+        publish("coordinator-speed", title, body, write=write)
     print("no lost update:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
-
-
-def _emit(name: str, title: str, body: str, write: bool) -> None:
-    print(f"\n## {title}\n{body}", flush=True)
-    if write:
-        write_section(name, title, body)
 
 
 if __name__ == "__main__":

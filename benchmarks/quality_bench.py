@@ -31,7 +31,7 @@ from benchmarks.common import (
     stop_rule,
     target_tokens,
 )
-from benchmarks.report import markdown_table, write_section
+from benchmarks.report import markdown_table, publish
 from fedmoe import aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings, TrainSettings
@@ -278,8 +278,7 @@ examples per domain; lower is better):
 Load average (1, 5, 15 min) before {load_before}, after {load_average()}; wall time
 {time.monotonic() - started:.0f} s; torch threads 1.
 """
-    write_section("quality", "Quality at equal token budgets", body)
-    print(body)
+    publish("quality", "Quality at equal token budgets", body, write=args.write or not args.quick)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,12 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def publish(name: str, title: str, body: str, *, write: bool) -> None:
+    """Print a section; write it to RESULTS.md only when ``write`` (not for smoke runs)."""
+    print(f"\n## {title}\n{body}", flush=True)
+    if write:
+        write_section(name, title, body)
+    else:
+        print("(smoke run: RESULTS.md not changed; add --write to record it)")

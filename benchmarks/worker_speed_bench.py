@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from benchmarks.common import DEMO_SYNC_INTERVAL, fmt, load_average, parser, setup_torch
-from benchmarks.report import markdown_table, write_section
+from benchmarks.report import markdown_table, publish
 from fedmoe.config import ALL_PROJECTIONS, LoraSettings, TrainSettings
 from fedmoe.data import (
     BatchStream,
@@ -303,8 +303,8 @@ Load average (1, 5, 15 min) before {load_before}, after {load_average()}; wall t
     if shaped and device.type == "cpu":
         print(body + "\n(CPU smoke run: not recorded in RESULTS.md)")
         return
-    write_section("worker-speed-qwen05b" if shaped else "worker-speed", "Worker speed", body)
-    print(body)
+    name = "worker-speed-qwen05b" if shaped else "worker-speed"
+    publish(name, "Worker speed", body, write=args.write or not args.quick)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,11 @@ class CentralCoordinator:
         self.decay = settings.staleness_decay()
         self.merger = GatewayMerge(method=settings.merge_method, lora=self.lora)
         self.ledger, self.store = ledger, store
-        self._lock = threading.Lock()
+        # One lock per expert serialises its updates (apply, encode, fsync) while other
+        # experts' updates run in parallel; the commit lock orders ledger commits and
+        # gateway versions and guards the swap of ``experts`` / ``gateway``.
+        self._expert_locks = {name: threading.Lock() for name in settings.experts}
+        self._commit_lock = threading.Lock()
         self.state_lock: TextIO | None = None  # see lock_state_dir
         self.run_id = self._check_meta()
         self.experts = self._restore_experts(initial)
@@ -197,7 +201,7 @@ class CentralCoordinator:
             return replay
         self._check_base_version(request)
         delta = self._decode(request.body)
-        with self._lock:
+        with self._expert_locks[request.expert]:
             return self._replay(request) or self._apply(request, delta)
 
     def _replay(self, request: UpdateRequest) -> dict[str, Any] | None:
@@ -206,10 +210,7 @@ class CentralCoordinator:
         if first is None:
             return None
         if (first["worker_id"], first["expert"]) != (request.worker_id, request.expert):
-            raise errors.DuplicateUpdateIdError(
-                f"update id {request.update_id!r} was already used by another worker or "
-                "expert; every upload needs a new unique id"
-            )
+            raise _duplicate_id(request.update_id)
         return {**first["response"], "replayed": True}
 
     def _check_base_version(self, request: UpdateRequest) -> None:
@@ -254,18 +255,31 @@ class CentralCoordinator:
         new_state = aggregate.apply_update(expert.state, delta, record.weight)
         bound = self._overflow_guard(expert, new_state, record.weight * norm, request)
         new_expert = Versioned(expert.version + 1, new_state, abs_bound=bound)
-        experts = {**self.experts, request.expert: new_expert}
-        built_from = self._built_from(experts)
-        gateway = self._gateway(self.gateway.version + 1, built_from, experts)
-        record.accepted, record.expert_version = True, new_expert.version
-        record.gateway_version = gateway.version
-        record.response = self._acknowledgement(record)
         new_expert.payload = self.store.save_expert(request.expert, new_expert.version, new_state)
-        self.ledger.commit_accepted(record, built_from)
-        self.experts, self.gateway = experts, gateway
+        record.accepted, record.expert_version = True, new_expert.version
+        self._commit(record, new_expert)
         self.store.prune_expert(request.expert, new_expert.version)
-        self.store.save_gateway_later(gateway)
         return record.response
+
+    def _commit(self, record: UpdateRecord, new_expert: Versioned) -> None:
+        """Commit an applied update to the ledger and publish the expert and a new gateway."""
+        with self._commit_lock:
+            try:
+                if self.ledger.accepted_update(record.update_id) is not None:
+                    # the same id raced in for another expert and committed first
+                    raise _duplicate_id(record.update_id)
+                experts = {**self.experts, record.expert: new_expert}
+                built_from = self._built_from(experts)
+                gateway = self._gateway(self.gateway.version + 1, built_from, experts)
+                record.gateway_version = gateway.version
+                record.response = self._acknowledgement(record)
+                self.ledger.commit_accepted(record, built_from)
+            except BaseException:
+                # not in the ledger, so not current: remove the file written for it
+                self.store.expert_path(record.expert, new_expert.version).unlink(missing_ok=True)
+                raise
+            self.experts, self.gateway = experts, gateway
+            self.store.save_gateway_later(gateway)
 
     def _overflow_guard(
         self, expert: Versioned, new_state: AdapterState, step: float, request: UpdateRequest
@@ -329,15 +343,12 @@ class CentralCoordinator:
 
     def expert_payload(self, name: str) -> tuple[int, bytes, str]:
         """The expert's version, safetensors bytes and ETag."""
-        with self._lock:
-            expert = self._expert(name)
-            return expert.version, self._payload(expert, name), self.etag(name, expert.version)
+        expert = self._expert(name)  # an immutable snapshot: encoded outside any lock
+        return expert.version, self._payload(expert, name), self.etag(name, expert.version)
 
     def gateway_payload(self) -> tuple[int, bytes, str]:
         """The gateway's version, safetensors bytes and ETag."""
-        with self._lock:
-            gateway = self.gateway
-        # merged outside the coordinator lock: uploads go on meanwhile
+        gateway = self.gateway  # merged outside any coordinator lock: uploads go on
         return gateway.version, gateway.encoded(), self.etag("gateway", gateway.version)
 
     def etag(self, name: str, version: int) -> str:
@@ -397,3 +408,10 @@ class CentralCoordinator:
             "gateway": self.gateway_info(),
             "workers": workers,
         }
+
+
+def _duplicate_id(update_id: str) -> errors.DuplicateUpdateIdError:
+    return errors.DuplicateUpdateIdError(
+        f"update id {update_id!r} was already used by another worker or expert; "
+        "every upload needs a new unique id"
+    )

@@ -68,12 +68,13 @@ class AdapterStore:
         return dict(load_file(path))
 
     def prune_expert(self, name: str, keep_version: int) -> None:
-        """Remove every file of ``name`` except the current version."""
-        for path in self.directory.glob(f"{name}.v*.safetensors"):
-            if path != self.expert_path(name, keep_version):
+        """Remove every file of ``name`` except the current version (and its temp files)."""
+        # exact patterns: a glob on "name.v*" would also match an expert called "name.v2"
+        ours = re.compile(rf"\.?{re.escape(name)}\.v\d{{10}}\.safetensors(\.[A-Za-z0-9_]+\.tmp)?")
+        keep = self.expert_path(name, keep_version)
+        for path in self.directory.iterdir():
+            if path != keep and ours.fullmatch(path.name):
                 path.unlink(missing_ok=True)
-        for temp in self.directory.glob(f".{name}.v*.tmp"):
-            temp.unlink(missing_ok=True)
 
     @property
     def gateway_path(self) -> Path:

@@ -1,0 +1,85 @@
+"""CentralCoordinator in process: parallel updates to several experts, and its files."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from fedmoe import aggregate
+from fedmoe.adapters import encode_adapter
+from fedmoe.coordinator.bootstrap import open_coordinator
+from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.coordinator.versions import UpdateRequest
+
+EXPERTS = ["a", "a.v2", "b"]  # "a.v2" also checks that pruning "a" leaves it alone
+
+
+def _settings(state_dir: Path) -> CoordinatorSettings:
+    return CoordinatorSettings(
+        host="127.0.0.1", state_dir=state_dir, experts=EXPERTS, auth_token=None
+    )
+
+
+def _delta(coordinator, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: torch.randn(shape, generator=generator) * 1e-3
+        for key, shape in coordinator.schema.items()
+    }
+
+
+def test_parallel_updates_to_several_experts_lose_nothing(tmp_path: Path) -> None:
+    coordinator = open_coordinator(_settings(tmp_path))
+    for name in EXPERTS:
+        coordinator.register_worker(
+            worker_id=f"w-{name}",
+            specialty=name,
+            fingerprint=coordinator.fingerprint,
+            lora=coordinator.lora.to_dict(),
+        )
+    initial = {name: dict(coordinator.experts[name].state) for name in EXPERTS}
+    jobs = [(name, seed) for seed in range(8) for name in EXPERTS]
+
+    def submit(job: tuple[str, int]) -> dict:
+        name, seed = job
+        request = UpdateRequest(
+            expert=name,
+            worker_id=f"w-{name}",
+            update_id=uuid.uuid4().hex,
+            base_version=0,
+            num_tokens=10,
+            train_loss=1.0,
+            body=encode_adapter(_delta(coordinator, seed)),
+        )
+        return coordinator.submit_update(request)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        acks = list(pool.map(submit, jobs))
+    coordinator.close()
+
+    assert coordinator.gateway.version == len(jobs)
+    assert sorted(ack["gateway_version"] for ack in acks) == list(range(1, len(jobs) + 1))
+    for name in EXPERTS:
+        mine = [ack for ack, (expert, _) in zip(acks, jobs) if expert == name]
+        assert sorted(ack["version"] for ack in mine) == list(range(1, 9))
+        expected = dict(initial[name])
+        for ack, (expert, seed) in zip(acks, jobs):
+            if expert == name:
+                expected = aggregate.apply_update(
+                    expected, _delta(coordinator, seed), ack["weight"]
+                )
+        restored = open_coordinator(_settings(tmp_path))
+        try:
+            state = restored.experts[name].state
+            assert restored.experts[name].version == 8
+            # float32 sums in another order: equal up to rounding
+            assert all(torch.allclose(state[k], expected[k], atol=1e-6) for k in state)
+        finally:
+            restored.close()
+    files = sorted(p.name for p in (tmp_path / "adapters").glob("*.safetensors"))
+    assert files == sorted(
+        [f"{n}.v{8:010d}.safetensors" for n in EXPERTS] + ["gateway.safetensors"]
+    )
