@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m benchmarks.async_bench [--quick] [--base-model tiny]``.
 
-An event-driven simulation in ONE process with virtual clocks (``benchmarks.common``):
+An event-driven simulation in ONE process with virtual clocks (``benchmarks.simulation``):
 real ``LocalTrainer`` steps on the tiny model, the real ``CentralCoordinator`` for the
 asynchronous arms, ``aggregate.weighted_average`` for the synchronous FedAvg arms. Three
 real workers at once would contend for this machine's two cores and distort exactly the
@@ -17,22 +17,17 @@ from dataclasses import dataclass, field
 
 from benchmarks.common import (
     DEMO_SYNC_INTERVAL,
-    Coordinator,
     Evaluator,
-    SimWorker,
-    Workbench,
     demo_domains,
     fmt,
     load_average,
     mean,
     parser,
-    run_async,
-    run_sync,
     setup_torch,
     shard,
-    stop_rule,
 )
 from benchmarks.report import markdown_table, publish
+from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, run_sync, stop_rule
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.demo_data import DOMAINS
@@ -356,7 +351,7 @@ def main() -> None:
     )
     body = f"""
 **Method.** An event-driven simulation in one process with a virtual clock per worker
-(`benchmarks.common.run_async` / `run_sync`): every training step is a real `LocalTrainer`
+(`benchmarks.simulation.run_async` / `run_sync`): every training step is a real `LocalTrainer`
 step of the `{args.base_model}` preset (LoRA r={lora.rank}, batch {train.batch_size}, 1 torch
 thread); it advances that worker's clock by its cost × its slowdown, where the cost is
 {clock_text}.

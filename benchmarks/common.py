@@ -1,11 +1,6 @@
-"""Shared benchmark helpers: CPU setup, demo data, evaluation and a virtual-clock simulator.
+"""Shared benchmark helpers: CPU setup, command line, demo domains and evaluation.
 
-The simulator runs many FedMoE workers in ONE process on one shared PEFT model (each
-worker keeps its own adapter state, AdamW optimizer and batch stream, swapped in when
-it steps). Every training step is a real ``LocalTrainer.step``; a worker's own virtual
-clock advances by the step's cost × its slowdown. Uploads go through the real
-``CentralCoordinator`` (staleness decay, update rule, ledger, lazy gateway) in
-virtual-time order, so staleness arises exactly as it would between real processes.
+The virtual-clock federation simulator is in ``benchmarks.simulation``.
 """
 
 from __future__ import annotations
@@ -13,31 +8,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
-import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
-from fedmoe import aggregate
-from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState
-from fedmoe.config import LoraSettings, TrainSettings
-from fedmoe.coordinator.bootstrap import open_coordinator
-from fedmoe.coordinator.core import CentralCoordinator
-from fedmoe.coordinator.settings import CoordinatorSettings
-from fedmoe.coordinator.versions import UpdateRequest
+from fedmoe.config import LoraSettings
 from fedmoe.data import TokenizedExample, load_examples, tokenize_examples
-from fedmoe.demo_data import DOMAINS, write_demo_datasets
+from fedmoe.demo_data import write_demo_datasets
 from fedmoe.evaluation import validation_loss
-from fedmoe.modeling import adapter_state, attach_lora, load_adapter_state, load_base_model
+from fedmoe.modeling import attach_lora, load_adapter_state, load_base_model
 from fedmoe.strategy import GatewayMerge
-from fedmoe.worker.trainer import LocalTrainer, StepResult
 
 THREADS = 1
 DEMO_SYNC_INTERVAL = 10.0  # seconds, as in fedmoe/demo.py
@@ -158,268 +143,3 @@ def mean(values: dict[str, float] | Sequence[float]) -> float:
     """The mean of a dict's values or a sequence."""
     items = list(values.values()) if isinstance(values, dict) else list(values)
     return sum(items) / len(items)
-
-
-# --- workers on a shared model ---------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class SimWorker:
-    """One emulated worker: its expert, speed, adapter state, trainer and virtual clock."""
-
-    name: str
-    expert: str
-    trainer: LocalTrainer
-    slowdown: float = 1.0
-    state: AdapterState = field(default_factory=dict)
-    pulled: AdapterState = field(default_factory=dict)
-    base_version: int = 0
-    clock: float = 0.0
-    next_sync: float = 0.0
-    tokens: int = 0
-    steps: int = 0
-    window_tokens: int = 0
-    window_losses: list[float] = field(default_factory=list)
-    blocked: bool = False
-    done: bool = False
-    staleness: list[int] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-
-
-class Workbench:
-    """One PEFT model that hosts the training of many ``SimWorker``s in turn."""
-
-    def __init__(self, base_model: str, lora: LoraSettings, train: TrainSettings) -> None:
-        self.base_name, self.lora, self.train = base_model, lora, train
-        base = load_base_model(base_model, device="cpu")
-        self.tokenizer, self.pad = base.tokenizer, base.tokenizer.pad_token_id
-        self.model = attach_lora(base.model, lora)
-        self.initial = adapter_state(self.model)
-        self.occupant: SimWorker | None = None
-        self.learning_rate = train.learning_rate_for(base_model)
-
-    def worker(
-        self, name: str, expert: str, examples: list[TokenizedExample], *, slowdown: float = 1.0
-    ) -> SimWorker:
-        """A worker with its own optimizer and batch stream, starting from the initial adapter."""
-        trainer = LocalTrainer(
-            self.model,
-            examples,
-            self.train,
-            pad_token_id=self.pad,
-            device=torch.device("cpu"),
-            learning_rate=self.learning_rate,
-        )
-        return SimWorker(name, expert, trainer, slowdown, dict(self.initial), dict(self.initial))
-
-    def step(self, worker: SimWorker) -> tuple[StepResult, float]:
-        """One real optimizer step of ``worker``; returns it and its compute seconds."""
-        if self.occupant is not worker:
-            if self.occupant is not None:
-                self.occupant.state = adapter_state(self.model)
-            load_adapter_state(self.model, worker.state)
-            self.occupant = worker
-        began = time.perf_counter()
-        result = worker.trainer.step()
-        seconds = time.perf_counter() - began
-        worker.steps += 1
-        worker.tokens += result.tokens
-        worker.window_tokens += result.tokens
-        worker.window_losses.append(result.loss)
-        return result, seconds
-
-    def state_of(self, worker: SimWorker) -> AdapterState:
-        """The worker's current adapter (a copy)."""
-        return adapter_state(self.model) if self.occupant is worker else dict(worker.state)
-
-    def set_state(self, worker: SimWorker, state: AdapterState) -> None:
-        """Replace the worker's adapter (its optimizer state is kept, as in ``WorkerJob``)."""
-        worker.state = dict(state)
-        if self.occupant is worker:
-            load_adapter_state(self.model, state)
-
-    def calibrate(self, examples: list[TokenizedExample], steps: int = 12) -> float:
-        """Median compute seconds of a training step on ``examples`` on this machine."""
-        probe = self.worker("calibration", "none", examples)
-        seconds = [self.step(probe)[1] for _ in range(steps)]
-        self.occupant = None
-        return statistics.median(seconds[2:])
-
-
-# --- the coordinator, in process -------------------------------------------------------------
-
-
-class Coordinator:
-    """The real ``CentralCoordinator`` (no HTTP) in a temporary state dir."""
-
-    def __init__(self, bench: Workbench, *, staleness: str = "inverse", a: float | None = None):
-        settings = CoordinatorSettings(
-            state_dir=Path(tempfile.mkdtemp(prefix="fedmoe-bench-state-")),
-            base_model=bench.base_name,
-            experts=list(DOMAINS),
-            lora_rank=bench.lora.rank,
-            lora_alpha=bench.lora.alpha,
-            lora_target_modules=list(bench.lora.target_modules),
-            staleness=staleness,
-            staleness_a=a,
-        )
-        self.core: CentralCoordinator = open_coordinator(settings)
-        self.lora = bench.lora.to_dict()
-
-    def register(self, worker: SimWorker) -> None:
-        """Register the worker and give it the expert's current version."""
-        self.core.register_worker(
-            worker_id=worker.name,
-            specialty=worker.expert,
-            fingerprint=self.core.fingerprint,
-            lora=self.lora,
-        )
-        worker.base_version, worker.pulled = self.pull(worker.expert)
-
-    def pull(self, expert: str) -> tuple[int, AdapterState]:
-        """The expert's version and state."""
-        current = self.core.experts[expert]
-        return current.version, current.state
-
-    def upload(self, worker: SimWorker, delta: AdapterState) -> dict:
-        """Submit ``delta`` as the worker's update (safetensors bytes, as over HTTP)."""
-        losses = worker.window_losses
-        return self.core.submit_update(
-            UpdateRequest(
-                expert=worker.expert,
-                worker_id=worker.name,
-                update_id=f"{worker.name}:{uuid.uuid4().hex}",
-                base_version=worker.base_version,
-                num_tokens=worker.window_tokens,
-                train_loss=sum(losses) / len(losses) if losses else None,
-                body=encode_adapter(delta),
-            )
-        )
-
-    def experts(self) -> list[AdapterState]:
-        """Every expert's state, in ``DOMAINS`` order."""
-        return [self.core.experts[d].state for d in DOMAINS]
-
-    def close(self) -> None:
-        """Flush and close the ledger and store."""
-        self.core.close()
-
-
-# --- the virtual-clock simulator -------------------------------------------------------------
-
-Observer = Callable[[float, list[AdapterState]], None]  # (virtual time, experts from then on)
-# (worker, step, measured seconds) -> the step's virtual seconds before the worker's slowdown
-StepCost = Callable[[SimWorker, StepResult, float], float]
-
-
-def stop_rule(*, horizon: float | None, budget: int | None) -> Callable[[SimWorker], bool]:
-    """A worker is finished at the virtual ``horizon`` or after ``budget`` target tokens."""
-
-    def finished(worker: SimWorker) -> bool:
-        if horizon is not None and worker.clock >= horizon:
-            return True
-        return budget is not None and worker.tokens >= budget
-
-    return finished
-
-
-def run_async(
-    bench: Workbench,
-    coordinator: Coordinator,
-    workers: list[SimWorker],
-    *,
-    sync_interval: float,
-    cost: StepCost,
-    finished: Callable[[SimWorker], bool],
-    observe: Observer | None = None,
-) -> None:
-    """FedMoE's asynchronous protocol on virtual clocks (conservative event ordering).
-
-    A worker trains until its clock passes its next sync time, then blocks with an
-    upload stamped at that time. An upload is applied only once every worker that is
-    still training has a clock at or past its stamp, so uploads reach the coordinator
-    in virtual-time order. The worker then pulls the newest expert and rebases onto it
-    (with no upload latency, rebasing is the same as continuing from the new expert).
-    """
-    for worker in workers:
-        coordinator.register(worker)
-        bench.set_state(worker, worker.pulled)
-        worker.next_sync = worker.clock + sync_interval
-    pending: list[tuple[float, int, SimWorker]] = []
-    sequence = 0
-    while True:
-        frontier = min((w.clock for w in workers if not w.blocked and not w.done), default=math.inf)
-        pending.sort(key=lambda item: item[:2])
-        while pending and pending[0][0] <= frontier:
-            stamp, _, worker = pending.pop(0)
-            snapshot = bench.state_of(worker)
-            delta = {key: snapshot[key] - worker.pulled[key] for key in snapshot}
-            ack = coordinator.upload(worker, delta)
-            worker.staleness.append(ack["staleness"])
-            worker.weights.append(ack["weight"])
-            worker.window_tokens, worker.window_losses = 0, []
-            worker.base_version, worker.pulled = coordinator.pull(worker.expert)
-            bench.set_state(worker, worker.pulled)
-            worker.blocked = False
-            worker.next_sync = stamp + sync_interval
-            if observe:
-                observe(stamp, coordinator.experts())
-        active = [w for w in workers if not w.blocked and not w.done]
-        if not active:
-            return
-        worker = min(active, key=lambda w: w.clock)
-        result, seconds = bench.step(worker)
-        worker.clock += cost(worker, result, seconds) * worker.slowdown
-        worker.done = finished(worker)
-        if worker.done or worker.clock >= worker.next_sync:
-            worker.blocked = True
-            pending.append((worker.clock, sequence, worker))
-            sequence += 1
-
-
-def run_sync(
-    bench: Workbench,
-    workers: list[SimWorker],
-    *,
-    steps_per_round: int,
-    cost: StepCost,
-    finished: Callable[[SimWorker], bool],
-    observe: Observer | None = None,
-) -> list[AdapterState]:
-    """The synchronous round-based baseline on the same virtual clocks.
-
-    Every round all workers start from their expert, train ``steps_per_round`` steps,
-    and wait for the slowest; each expert then moves by the token-weighted FedAvg of
-    its workers' deltas (``aggregate.weighted_average`` + ``apply_update``). Returns
-    the final experts in ``DOMAINS`` order.
-    """
-    experts = {d: dict(bench.initial) for d in DOMAINS}
-    now = 0.0
-    while not all(w.done for w in workers):
-        deltas: dict[str, list[tuple[AdapterState, int]]] = {d: [] for d in DOMAINS}
-        for worker in workers:
-            worker.clock, before = now, worker.tokens
-            worker.done = worker.done or finished(worker)
-            if worker.done:
-                continue
-            bench.set_state(worker, experts[worker.expert])
-            for _ in range(steps_per_round):
-                result, seconds = bench.step(worker)
-                worker.clock += cost(worker, result, seconds) * worker.slowdown
-                if finished(worker):
-                    worker.done = True
-                    break
-            snapshot = bench.state_of(worker)
-            delta = {key: snapshot[key] - experts[worker.expert][key] for key in snapshot}
-            deltas[worker.expert].append((delta, worker.tokens - before))
-        if not any(deltas.values()):
-            break
-        now = max(w.clock for w in workers)
-        for domain, items in deltas.items():
-            if items:
-                weights = aggregate.normalize_weights([float(n) for _, n in items])
-                average = aggregate.weighted_average([d for d, _ in items], weights)
-                experts[domain] = aggregate.apply_update(experts[domain], average, 1.0)
-        if observe:
-            observe(now, [experts[d] for d in DOMAINS])
-    return [experts[d] for d in DOMAINS]

@@ -5,7 +5,7 @@ Run: ``.venv/bin/python -m benchmarks.quality_bench [--quick] [--base-model tiny
 Everything runs in this one process with the real library pieces: ``LocalTrainer``
 steps, the real ``CentralCoordinator`` (staleness decay + update rule) for FedMoE's
 asynchronous updates, ``aggregate.weighted_average`` for the synchronous FedAvg
-baseline, and ``GatewayMerge`` for the gateways (see ``benchmarks.common``).
+baseline, and ``GatewayMerge`` for the gateways (see ``benchmarks.simulation``).
 Every arm trains on the same number of target tokens per domain.
 """
 
@@ -15,23 +15,18 @@ import time
 
 from benchmarks.common import (
     DEMO_SYNC_INTERVAL,
-    Coordinator,
     Evaluator,
-    SimWorker,
-    Workbench,
     demo_domains,
     fmt,
     load_average,
     mean,
     parser,
-    run_async,
-    run_sync,
     setup_torch,
     shard,
-    stop_rule,
     target_tokens,
 )
 from benchmarks.report import markdown_table, publish
+from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, run_sync, stop_rule
 from fedmoe import aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings, TrainSettings
@@ -252,7 +247,7 @@ budget: {budget:,} tokens per domain (≈ {steps} steps of {tokens_per_step:.0f}
 centralised LoRA gets {len(DOMAINS)}× that on the pooled data of all domains. Tokens actually
 trained: {", ".join(f"{k} {v:,}" for k, v in tokens.items())}.
 
-Workers run on virtual clocks (`benchmarks.common.run_async`; wall time is not this
+Workers run on virtual clocks (`benchmarks.simulation.run_async`; wall time is not this
 benchmark's subject, so every step costs a nominal {1e3 * NOMINAL_STEP:.0f} ms and runs are
 deterministic; measured median steps here:
 {", ".join(f"{d} {1e3 * t:.0f} ms" for d, t in step_time.items())}): the demo's 10 s sync
