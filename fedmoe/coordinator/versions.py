@@ -35,7 +35,8 @@ class LazyGateway:
     """One gateway version: a snapshot of the experts, merged only when first needed.
 
     Every accepted update makes a new gateway version at once, but the merge (which
-    for ``cat`` copies every expert) runs only when someone reads or saves it.
+    for ``cat`` copies every expert) runs only when someone reads or saves it. Only
+    the encoded bytes are kept: with many experts the merged tensors are large.
     """
 
     def __init__(
@@ -47,28 +48,19 @@ class LazyGateway:
     ) -> None:
         self.version, self.extra = version, built_from
         self._sources, self._merge = sources, merge
-        self._state: AdapterState | None = None
-        self.payload: bytes | None = None
+        self._payload: bytes | None = None
         self._lock = threading.Lock()
 
-    @property
-    def state(self) -> AdapterState:
-        """The merged adapter (computed once)."""
-        with self._lock:
-            if self._state is None:
-                self._state = self._merge(self._sources)
-                self._sources = []
-            return self._state
-
     def encoded(self) -> bytes:
-        """The merged adapter as safetensors bytes (computed once)."""
-        state = self.state
+        """The merged adapter as safetensors bytes (merged and encoded once)."""
         with self._lock:
-            if self.payload is None:
-                self.payload = encode_adapter(
-                    state, {"name": "gateway", "version": str(self.version)}
+            if self._payload is None:
+                merged = self._merge(self._sources)
+                self._payload = encode_adapter(
+                    merged, {"name": "gateway", "version": str(self.version)}
                 )
-            return self.payload
+                self._sources = []  # the experts' old versions can be freed now
+            return self._payload
 
 
 @dataclass(frozen=True)
