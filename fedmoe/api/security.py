@@ -20,6 +20,7 @@ class BearerAuthMiddleware:
         self.registry = registry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate HTTP requests before their body is read; pass others through."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
