@@ -146,10 +146,9 @@ def _gil_verdict(procs_run: dict, threads_run: dict) -> str:
     if ratio >= 0.9:
         return (
             f"{procs:.1f} vs {threads:.1f} acks/s: threads reach {ratio:.0%} of the processes' "
-            "rate, so the clients are not GIL-bound; the server (one process, updates "
-            "serialised by the coordinator's lock, each waiting for its fsyncs) is the "
-            "bottleneck, and 30 client processes take more of the 2 cores from it than "
-            "30 threads do."
+            "rate, so the clients are not GIL-bound; the server is the bottleneck (one "
+            "process; updates to one expert are serialised by its lock and each waits for "
+            "its fsyncs, while different experts' updates proceed in parallel)."
         )
     return (
         f"{procs:.1f} vs {threads:.1f} acks/s: threads reach only {ratio:.0%} of the "

@@ -264,8 +264,8 @@ training (the final upload in cleanup is not counted); it spent
 {worker["blocked_seconds"]:.3f} s blocked in `sync()` = **{worker["blocked_share"]:.2%}** of
 its training time (`WorkerJob.stats.blocked_seconds` / training wall time). The worker's own
 summary says `blocked_share` {worker["summary"]["blocked_share"]:.2%} and
-`tokens_per_second` {worker["summary"]["tokens_per_second"]:,.0f}; both divide by the whole
-job's time including setup (model load, tokenization, registration) and the final upload.
+`tokens_per_second` {worker["summary"]["tokens_per_second"]:,.0f}; both count from the start
+of training to the end of the final upload (which is blocked time too), not the setup.
 Plain loop just before / after the worker run: {before["plain"]:,.0f} /
 {after["plain"]:,.0f} tok/s (this machine is shared, so that bracketed ratio is noisy). The
 load-robust estimate of the real worker's speed relative to the plain loop is (FedMoE loop ÷

@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,32 @@ def decode_adapter(body: bytes, schema: AdapterSchema) -> AdapterState:
     for key, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise AdapterValidationError(f"{key}: contains NaN or Inf values")
+    return state
+
+
+def view_adapter(payload: bytes) -> AdapterState:
+    """Float32 tensors that share memory with ``payload``, our own float32 safetensors bytes.
+
+    The coordinator keeps each expert once: the views serve the update rule and the
+    same bytes serve downloads. The tensors must never be modified in place.
+    """
+    header = read_header(payload)
+    (header_len,) = struct.unpack("<Q", payload[:8])
+    data_start = 8 + header_len
+    state: AdapterState = {}
+    with warnings.catch_warnings():
+        # bytes are immutable to Python; these tensors are read-only by contract
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info.get("dtype") != "F32":
+                raise AdapterValidationError(f"{key}: expected F32, got {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            flat = torch.frombuffer(
+                payload, dtype=torch.float32, count=(end - begin) // 4, offset=data_start + begin
+            )
+            state[key] = flat.view(info["shape"])
     return state
 
 

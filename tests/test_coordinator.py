@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import encode_adapter
+from fedmoe.adapters import encode_adapter, view_adapter
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
@@ -83,3 +85,15 @@ def test_parallel_updates_to_several_experts_lose_nothing(tmp_path: Path) -> Non
     assert files == sorted(
         [f"{n}.v{8:010d}.safetensors" for n in EXPERTS] + ["gateway.safetensors"]
     )
+
+
+def test_view_adapter_shares_memory_with_the_bytes() -> None:
+    state = {"x.lora_A.weight": torch.randn(4, 6), "x.lora_B.weight": torch.randn(9, 4)}
+    payload = encode_adapter(state, {"name": "x"})
+    views = view_adapter(payload)
+    assert all(torch.equal(views[key], state[key]) for key in state)
+    start = ctypes.cast(ctypes.c_char_p(payload), ctypes.c_void_p).value
+    for tensor in views.values():  # inside the payload's buffer: no copy was made
+        assert start <= tensor.data_ptr() < start + len(payload)
+    with pytest.raises(ValueError, match="expected F32"):
+        view_adapter(encode_adapter(state, dtype=torch.bfloat16))

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import AdapterSchema, decode_adapter, encode_adapter, float32_bytes, schema_of
+from fedmoe.adapters import AdapterSchema, decode_adapter, float32_bytes, schema_of
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors
@@ -93,8 +93,7 @@ class CentralCoordinator:
                 self.ledger.add_expert(name)
                 rows[name] = {"version": 0}
             version = rows[name]["version"]
-            state = self.store.load_expert(name, version)
-            experts[name] = Versioned(version, state, abs_bound=aggregate.max_abs(state))
+            experts[name] = Versioned.from_payload(version, self.store.read_expert(name, version))
             self.store.prune_expert(name, version)
             logger.info("expert %s at version %d", name, version)
         return experts
@@ -254,9 +253,10 @@ class CentralCoordinator:
         record.weight = self.settings.server_lr * self.decay(staleness) * clip
         new_state = aggregate.apply_update(expert.state, delta, record.weight)
         bound = self._overflow_guard(expert, new_state, record.weight * norm, request)
-        new_expert = Versioned(expert.version + 1, new_state, abs_bound=bound)
-        new_expert.payload = self.store.save_expert(request.expert, new_expert.version, new_state)
-        record.accepted, record.expert_version = True, new_expert.version
+        version = expert.version + 1
+        payload = self.store.save_expert(request.expert, version, new_state)
+        new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
+        record.accepted, record.expert_version = True, version
         self._commit(record, new_expert)
         self.store.prune_expert(request.expert, new_expert.version)
         return record.response
@@ -343,8 +343,8 @@ class CentralCoordinator:
 
     def expert_payload(self, name: str) -> tuple[int, bytes, str]:
         """The expert's version, safetensors bytes and ETag."""
-        expert = self._expert(name)  # an immutable snapshot: encoded outside any lock
-        return expert.version, self._payload(expert, name), self.etag(name, expert.version)
+        expert = self._expert(name)
+        return expert.version, expert.payload, self.etag(name, expert.version)
 
     def gateway_payload(self) -> tuple[int, bytes, str]:
         """The gateway's version, safetensors bytes and ETag."""
@@ -354,11 +354,6 @@ class CentralCoordinator:
     def etag(self, name: str, version: int) -> str:
         """A strong ETag unique to this state dir, adapter and version."""
         return f'"{self.run_id}-{name}-{version}"'
-
-    def _payload(self, item: Versioned, name: str) -> bytes:
-        if item.payload is None:
-            item.payload = encode_adapter(item.state, {"name": name, "version": str(item.version)})
-        return item.payload
 
     def gateway_info(self) -> dict[str, Any]:
         """The gateway's version, merge method, weights and the expert versions it holds."""

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file
 
 from fedmoe.adapters import atomic_write, encode_adapter
-from fedmoe.aggregate import AdapterState
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +58,12 @@ class AdapterStore:
         atomic_write(self.expert_path(name, version), payload)
         return payload
 
-    def load_expert(self, name: str, version: int) -> AdapterState:
-        """Read the file of one expert version (our own file: safetensors, no pickle)."""
+    def read_expert(self, name: str, version: int) -> bytes:
+        """The safetensors bytes of one expert version (our own file, never unpickled)."""
         path = self.expert_path(name, version)
         if not path.exists():
             raise FileNotFoundError(f"state dir is missing {path} (expert {name} v{version})")
-        return dict(load_file(path))
+        return path.read_bytes()
 
     def prune_expert(self, name: str, keep_version: int) -> None:
         """Remove every file of ``name`` except the current version (and its temp files)."""

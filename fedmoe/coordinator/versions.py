@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedmoe.adapters import encode_adapter
+from fedmoe import aggregate
+from fedmoe.adapters import encode_adapter, view_adapter
 from fedmoe.aggregate import AdapterState
 
 # The ledger sums token counts in SQLite INTEGERs (signed 64-bit); a trillion tokens per
@@ -19,16 +19,28 @@ MAX_NUM_TOKENS = 10**12
 SAFE_ABS_BOUND = 1.7e38
 
 
-@dataclass
+@dataclass(frozen=True)
 class Versioned:
-    """An expert's adapter state at a version, with its safetensors bytes once encoded."""
+    """An expert at a version: its safetensors bytes, and float32 tensors viewing them.
+
+    One copy of each expert is held; downloads send ``payload`` as it is.
+    """
 
     version: int
+    payload: bytes
     state: AdapterState
-    payload: bytes | None = None
     # An upper bound of max|θ|: while it stays far below the float32 limit no update
     # can overflow, so the full finiteness scan of the new state is skipped.
-    abs_bound: float = math.inf
+    abs_bound: float
+
+    @classmethod
+    def from_payload(
+        cls, version: int, payload: bytes, abs_bound: float | None = None
+    ) -> Versioned:
+        """Wrap our own float32 safetensors bytes (``abs_bound`` computed when not given)."""
+        state = view_adapter(payload)
+        bound = aggregate.max_abs(state) if abs_bound is None else abs_bound
+        return cls(version, payload, state, bound)
 
 
 class LazyGateway:
