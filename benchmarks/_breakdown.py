@@ -31,7 +31,7 @@ from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
-from fedmoe.coordinator.versions import UpdateRequest
+from fedmoe.coordinator.versions import UpdateRequest, Versioned
 from fedmoe.strategy import GatewayMerge
 
 
@@ -123,12 +123,16 @@ def phase_breakdown(initial: dict, rank: int, repeat: int) -> dict[str, float]:
             "decode + validate (bf16 → f32, isfinite)": lambda: decode_adapter(body, schema),
             "global_norm (float64)": lambda: aggregate.global_norm(decoded),
             "apply θ + w·Δ": lambda: aggregate.apply_update(initial, decoded, 0.9),
-            "isfinite check of the new state": lambda: all(
+            "(not on the normal path) isfinite scan of the new state, run only when the "
+            "max|θ| bound nears the float32 limit": lambda: all(
                 bool(torch.isfinite(tensor).all()) for tensor in new_state.values()
             ),
             "encode expert (f32 safetensors)": lambda: encode_adapter(new_state, {"v": "1"}),
             "write expert file (fsync+rename+dir fsync)": lambda: atomic_write(
                 root / "expert.safetensors", payload
+            ),
+            "view the bytes as tensors (Versioned.from_payload)": lambda: Versioned.from_payload(
+                1, payload, abs_bound=1.0
             ),
             "ledger commit (SQLite WAL, synchronous=FULL)": commit,
             "TOTAL in-process submit_update": submit,
