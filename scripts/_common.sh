@@ -45,6 +45,18 @@ is_our_process() {
     [[ "$(cmdline_of "$pid")" == *fedmoe* ]]
 }
 
+# True while PID has not finished exiting. An exiting process loses its cmdline before it
+# is gone, so waiting on is_our_process alone could report "stopped" a moment too early.
+still_exists() {
+    local pid="$1" stat=""
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -r "/proc/$pid/stat" ]]; then
+        read -r stat <"/proc/$pid/stat" 2>/dev/null || true
+        stat="${stat##*) }"
+        [[ "${stat%% *}" != Z ]] # a zombie has exited (its parent may never reap it)
+    fi
+}
+
 # The pid stored in FILE, or "" when the file is missing or holds no number.
 read_pidfile() {
     local pid=""
@@ -93,7 +105,7 @@ stop_pidfile() {
     log "$name: stopping pid $pid (SIGTERM, waiting up to ${timeout}s)"
     kill -TERM "$pid" 2>/dev/null || true
     # poll every 0.2 s: 5 polls a second
-    while is_our_process "$pid" && ((waited < timeout * 5)); do
+    while still_exists "$pid" && ((waited < timeout * 5)); do
         sleep 0.2
         waited=$((waited + 1))
     done
