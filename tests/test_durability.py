@@ -94,6 +94,7 @@ def test_kill_minus_nine_loses_no_acknowledged_update(tmp_path) -> None:
             "--validation-fraction",
             "0",
         )
+        wait_for_first_upload(url, "W-docs")  # the kills below should hit a working worker
         uploaders = [
             Uploader(url, e, schema["base_model_fingerprint"], schema["lora_config"], shapes)
             for e in EXPERTS
@@ -119,6 +120,16 @@ def test_kill_minus_nine_loses_no_acknowledged_update(tmp_path) -> None:
         if worker is not None:
             stop(worker)
         stop(coordinator)
+
+
+def wait_for_first_upload(url: str, worker_id: str, timeout: float = 120) -> None:
+    with CoordinatorClient(url) as client:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if client.status()["workers"].get(worker_id, {}).get("updates", 0) > 0:
+                return
+            time.sleep(0.5)
+    raise AssertionError(f"{worker_id} made no upload in {timeout} s")
 
 
 def check_everything_acknowledged_is_there(url, uploaders, initial, shapes) -> None:
