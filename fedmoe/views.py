@@ -7,14 +7,21 @@ from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 
 def print_status(console: Console, data: dict[str, Any]) -> None:
     """Experts, gateway and workers from ``GET /v1/status`` as tables."""
     console.print(f"[bold]base model[/] {data['base_model']}  {data['base_model_fingerprint']}")
     console.print(f"[bold]LoRA[/] {data['lora_config']}")
-    experts = Table("expert", "version", "applied", "rejected", "workers", title="experts")
+    experts = Table(
+        Column("expert", overflow="fold", min_width=_widest(data["experts"])),
+        "version",
+        "applied",
+        "rejected",
+        Column("workers", overflow="fold"),
+        title="experts",
+    )
     for name, e in data["experts"].items():
         experts.add_row(
             name,
@@ -30,14 +37,15 @@ def print_status(console: Console, data: dict[str, Any]) -> None:
         f"rank={g['lora_rank']} weights={g['weights']} from={g['expert_versions']}"
     )
     workers = Table(
-        "worker",
-        "specialty",
+        # ids are copied into stop_worker.sh and the like: wrap them, never cut them
+        Column("worker", overflow="fold", min_width=_widest(data["workers"])),
+        Column("specialty", overflow="fold", min_width=_widest(data["experts"])),
         "updates",
         "tokens",
-        "last loss",
-        "staleness",
-        "last seen (s ago)",
-        title="workers",
+        "loss",
+        "τ",
+        "seen",
+        title="workers (loss and staleness τ of the last update)",
     )
     for wid, w in data["workers"].items():
         loss = "" if w["last_train_loss"] is None else f"{w['last_train_loss']:.4f}"
@@ -48,9 +56,13 @@ def print_status(console: Console, data: dict[str, Any]) -> None:
             str(w["tokens"]),
             loss,
             str(w["last_staleness"] if w["last_staleness"] is not None else ""),
-            f"{time.time() - w['last_seen']:.0f}",
+            f"{time.time() - w['last_seen']:.0f}s ago",
         )
     console.print(workers)
+
+
+def _widest(names: Iterable[str], cap: int = 32) -> int:
+    return min(cap, max((len(name) for name in names), default=0))
 
 
 def print_loss_table(console: Console, table: dict[str, dict[str, float]]) -> None:
