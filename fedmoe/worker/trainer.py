@@ -23,11 +23,14 @@ class StepResult:
 def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Next-token cross entropy; label -100 marks positions that carry no loss."""
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
+    """Next-token cross entropy; label -100 marks positions that carry no loss.
+
+    The labels are shifted left (the last position gets -100) instead of slicing the
+    logits, so the logits (batch × length × vocabulary) are never copied.
+    """
+    shifted_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     return torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        logits.float().reshape(-1, logits.size(-1)),
         shifted_labels.reshape(-1),
         ignore_index=-100,
         reduction=reduction,
