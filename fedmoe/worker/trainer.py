@@ -70,7 +70,8 @@ class LocalTrainer:
 
     def step(self) -> StepResult:
         """Run ``grad_accum`` micro-batches and one optimizer step."""
-        self.model.train()
+        if not self.model.training:  # .train() walks every module: not on each step
+            self.model.train()
         losses, tokens = [], 0
         for _ in range(self.settings.grad_accum):
             batch = collate(next(self.batches), self.pad_token_id)
