@@ -56,11 +56,11 @@ def make_workers(bench: Workbench, domains: dict, per_expert: int, prefix: str) 
 
 
 def fedmoe_async(
-    bench: Workbench, domains: dict, per_expert: int, budget: int, cost
+    bench: Workbench, domains: dict, per_expert: int, budget: int, cost, server_lr: float = 1.0
 ) -> tuple[list[AdapterState], list[SimWorker]]:
     """FedMoE: asynchronous uploads through the real coordinator (default s(τ), inverse)."""
-    coordinator = Coordinator(bench)
-    workers = make_workers(bench, domains, per_expert, f"async{per_expert}")
+    coordinator = Coordinator(bench, server_lr=server_lr)
+    workers = make_workers(bench, domains, per_expert, f"async{per_expert}-lr{server_lr:g}")
     finished = stop_rule(horizon=None, budget=budget // per_expert)
     run_async(
         bench, coordinator, workers, sync_interval=SYNC_INTERVAL, cost=cost, finished=finished
@@ -181,6 +181,19 @@ def comparisons(
     return " ".join(parts)
 
 
+def server_lr_note(diagonals: dict, gateways: dict, main: str, sync: str, damped: str) -> str:
+    """Does scaling each update by 1/K (K workers per expert) close the gap to FedAvg?"""
+    figures = {
+        label: (mean(diagonals[label]), mean(gateways[label]["cat"]))
+        for label in (main, damped, sync)
+    }
+    listing = "; ".join(
+        f"{label}: experts {fmt(experts)}, gateway (cat) {fmt(gateway)}"
+        for label, (experts, gateway) in figures.items()
+    )
+    return f"\n\n**`--server-lr` with several workers per expert** (means over domains): {listing}."
+
+
 def main() -> None:
     """Train every arm, evaluate, and write the ``quality`` section."""
     args = parser(__doc__.splitlines()[0]).parse_args()
@@ -210,6 +223,7 @@ def main() -> None:
         finished=stop_rule(horizon=None, budget=budget // per_expert),
     )
     async1, workers1 = fedmoe_async(bench, domains, 1, budget, cost)
+    damped, _ = fedmoe_async(bench, domains, per_expert, budget, cost, 1.0 / per_expert)
     central, central_tokens = centralised(bench, domains, budget * len(DOMAINS))
 
     rows: list[Row] = [loss_row("base model", evaluator.base)]
@@ -217,7 +231,13 @@ def main() -> None:
         f"FedMoE async, {per_expert} workers/expert",
         f"sync FedAvg, {per_expert} workers/expert",
     )
-    arms = {main_label: async2, sync_label: sync2, "FedMoE, 1 worker/expert (demo layout)": async1}
+    damped_label = f"{main_label}, server_lr 1/{per_expert}"
+    arms = {
+        main_label: async2,
+        sync_label: sync2,
+        "FedMoE, 1 worker/expert (demo layout)": async1,
+        damped_label: damped,
+    }
     gateways, diagonals = {}, {}
     for label, experts in arms.items():
         expert_table, diagonals[label] = expert_rows(label, evaluator, experts)
@@ -236,6 +256,7 @@ def main() -> None:
         "centralised": central_tokens,
     }
     text = comparisons(evaluator.base, central_losses, diagonals, gateways, per_expert)
+    text += server_lr_note(diagonals, gateways, main_label, sync_label, damped_label)
     body = f"""
 **Method.** In one process, with the real library pieces (not subprocesses):
 `LocalTrainer` steps on the `{args.base_model}` preset (LoRA r={lora.rank}, alpha={lora.alpha},

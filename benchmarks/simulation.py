@@ -126,7 +126,14 @@ class Workbench:
 class Coordinator:
     """The real ``CentralCoordinator`` (no HTTP) in a temporary state dir."""
 
-    def __init__(self, bench: Workbench, *, staleness: str = "inverse", a: float | None = None):
+    def __init__(
+        self,
+        bench: Workbench,
+        *,
+        staleness: str = "inverse",
+        a: float | None = None,
+        server_lr: float = 1.0,
+    ):
         settings = CoordinatorSettings(
             state_dir=Path(tempfile.mkdtemp(prefix="fedmoe-bench-state-")),
             base_model=bench.base_name,
@@ -136,6 +143,7 @@ class Coordinator:
             lora_target_modules=list(bench.lora.target_modules),
             staleness=staleness,
             staleness_a=a,
+            server_lr=server_lr,
         )
         self.core: CentralCoordinator = open_coordinator(settings)
         self.lora = bench.lora.to_dict()
