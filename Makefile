@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,16 @@ test: setup lint
 lint: setup
 	$(BIN)/ruff check fedmoe tests benchmarks *.py
 	$(BIN)/ruff format --check fedmoe tests benchmarks *.py
+
+# The long measurements (about 20 minutes in all on 2 CPU cores); each writes its section
+# of benchmarks/RESULTS.md. bench-quick is a smoke run that writes nothing.
+BENCHES := quality_bench async_bench worker_speed_bench coordinator_bench
+
+bench: setup
+	for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
+
+bench-quick: setup
+	for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --quick || exit 1; done
 
 format: setup
 	$(BIN)/ruff format fedmoe tests benchmarks *.py
