@@ -13,6 +13,7 @@ import torch
 from fedmoe import aggregate
 from fedmoe.adapters import encode_adapter, view_adapter
 from fedmoe.coordinator.bootstrap import open_coordinator
+from fedmoe.coordinator.errors import StateDirError
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
 
@@ -97,3 +98,14 @@ def test_view_adapter_shares_memory_with_the_bytes() -> None:
         assert start <= tensor.data_ptr() < start + len(payload)
     with pytest.raises(ValueError, match="expected F32"):
         view_adapter(encode_adapter(state, dtype=torch.bfloat16))
+
+
+def test_a_corrupt_or_missing_expert_file_stops_the_start_with_its_path(tmp_path: Path) -> None:
+    open_coordinator(_settings(tmp_path)).close()
+    path = tmp_path / "adapters" / f"b.v{0:010d}.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StateDirError, match=r"cannot restore expert b v0 from .*b\.v0+\.safe"):
+        open_coordinator(_settings(tmp_path))
+    path.unlink()
+    with pytest.raises(StateDirError, match="the file is missing"):
+        open_coordinator(_settings(tmp_path))

@@ -18,21 +18,36 @@ from fedmoe.modeling import initial_adapter, load_base_model
 def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
     """Load the base model, derive the initial adapter and open (or resume) the state dir."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_state_dir(settings.state_dir)
+    lock = lock_state_dir(settings.state_dir)  # first: fail fast when the dir is in use
+    try:
+        coordinator = _open_locked(settings)
+    except BaseException:
+        lock.close()  # a refused state dir is left as it was, and free for the next try
+        raise
+    coordinator.state_lock = lock  # held for the life of the process
+    return coordinator
+
+
+def _open_locked(settings: CoordinatorSettings) -> CentralCoordinator:
     base = load_base_model(settings.base_model, device="cpu")
     initial = initial_adapter(base, settings.lora())
     fingerprint = base.fingerprint
     del base  # the coordinator never runs the model; free its memory
-    coordinator = CentralCoordinator(
-        settings=settings,
-        base_model=settings.base_model,
-        fingerprint=fingerprint,
-        initial=initial,
-        ledger=Ledger(settings.state_dir / "ledger.sqlite3"),
-        store=AdapterStore(settings.state_dir),
-    )
-    coordinator.state_lock = lock  # held for the life of the process
-    return coordinator
+    ledger = Ledger(settings.state_dir / "ledger.sqlite3")
+    store = AdapterStore(settings.state_dir)
+    try:
+        return CentralCoordinator(
+            settings=settings,
+            base_model=settings.base_model,
+            fingerprint=fingerprint,
+            initial=initial,
+            ledger=ledger,
+            store=store,
+        )
+    except BaseException:
+        store.close()
+        ledger.close()
+        raise
 
 
 def lock_state_dir(state_dir: Path) -> TextIO:

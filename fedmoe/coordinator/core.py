@@ -6,10 +6,8 @@ ledger before ``submit_update`` returns, so an acknowledged update is never lost
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import uuid
 from typing import Any, TextIO
 
 import torch
@@ -18,7 +16,7 @@ from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, decode_adapter, float32_bytes, schema_of
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
-from fedmoe.coordinator import errors
+from fedmoe.coordinator import errors, restore
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
@@ -62,41 +60,15 @@ class CentralCoordinator:
         self._expert_locks = {name: threading.Lock() for name in settings.experts}
         self._commit_lock = threading.Lock()
         self.state_lock: TextIO | None = None  # see lock_state_dir
-        self.run_id = self._check_meta()
-        self.experts = self._restore_experts(initial)
+        self.run_id = restore.check_identity(
+            ledger, settings.state_dir, fingerprint=fingerprint, lora=self.lora
+        )
+        self.experts = restore.restore_experts(
+            ledger, store, settings.experts, initial=initial, schema=self.schema
+        )
         self.gateway = self._restore_gateway()
 
     # --- start-up ------------------------------------------------------------------------
-
-    def _check_meta(self) -> str:
-        identity = {
-            "base_model_fingerprint": self.fingerprint,
-            "lora": json.dumps(self.lora.to_dict(), sort_keys=True),
-        }
-        stored = {key: self.ledger.get_meta(key) for key in identity}
-        if all(value is None for value in stored.values()):
-            self.ledger.set_meta({**identity, "run_id": uuid.uuid4().hex[:12]})
-        elif stored != identity:
-            differing = [key for key in identity if stored[key] != identity[key]]
-            raise errors.StateDirError(
-                f"state dir {self.settings.state_dir} was made with a different {differing}; "
-                "use another --state-dir or the original base model and LoRA settings"
-            )
-        return self.ledger.get_meta("run_id") or ""
-
-    def _restore_experts(self, initial: AdapterState) -> dict[str, Versioned]:
-        rows = self.ledger.expert_rows()
-        experts = {}
-        for name in self.settings.experts:
-            if name not in rows:
-                self.store.save_expert(name, 0, initial)
-                self.ledger.add_expert(name)
-                rows[name] = {"version": 0}
-            version = rows[name]["version"]
-            experts[name] = Versioned.from_payload(version, self.store.read_expert(name, version))
-            self.store.prune_expert(name, version)
-            logger.info("expert %s at version %d", name, version)
-        return experts
 
     def _restore_gateway(self) -> LazyGateway:
         row = self.ledger.gateway_row()

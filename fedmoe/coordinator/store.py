@@ -62,7 +62,7 @@ class AdapterStore:
         """The safetensors bytes of one expert version (our own file, never unpickled)."""
         path = self.expert_path(name, version)
         if not path.exists():
-            raise FileNotFoundError(f"state dir is missing {path} (expert {name} v{version})")
+            raise FileNotFoundError("the file is missing")
         return path.read_bytes()
 
     def prune_expert(self, name: str, keep_version: int) -> None:
