@@ -78,7 +78,7 @@ def coordinator(
     base_model: Annotated[str | None, typer.Option(help="HF id, local path or 'tiny'.")] = None,
     experts: Annotated[str | None, typer.Option(help="Comma-separated expert names.")] = None,
     state_dir: Annotated[
-        Path | None, typer.Option(help="Ledger + adapters [fedmoe_state].")
+        Path | None, typer.Option(help="Ledger + adapters (default: ./fedmoe_state).")
     ] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank [8].")] = None,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha [16].")] = None,
@@ -176,6 +176,7 @@ def worker(
     from fedmoe.data import DataFormatError
     from fedmoe.worker.job import FatalSyncError, WorkerJob
     from fedmoe.worker.options import WorkerOptions
+    from fedmoe.worker.trainer import TrainingDiverged
 
     setup_logging(log_level)
     if threads:
@@ -212,7 +213,7 @@ def worker(
     _stop_on_signals(job.request_stop)
     try:
         summary = job.run()
-    except (DataFormatError, FatalSyncError, OSError) as error:
+    except (DataFormatError, FatalSyncError, TrainingDiverged, OSError) as error:
         fail(str(error))
     except httpx.TransportError as error:
         fail(f"coordinator {coordinator_url} unreachable: {error}", code=1)

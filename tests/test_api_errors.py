@@ -208,6 +208,14 @@ HEADER_CASES: dict[str, tuple[dict[str, Any], int, str, tuple[str, ...]]] = {
         "invalid_request",
         ("train-loss", "finite"),
     ),
+    "negative-loss": ({"X-FedMoE-Train-Loss": "-0.5"}, 422, "invalid_request", (">= 0",)),
+    "float-base-version": (
+        {"X-FedMoE-Base-Version": "2.0"},
+        422,
+        "invalid_request",
+        ("base-version", "plain decimal"),
+    ),
+    "signed-tokens": ({"X-FedMoE-Num-Tokens": "+10"}, 422, "invalid_request", ("plain decimal",)),
     "loss-not-float": ({"X-FedMoE-Train-Loss": "low"}, 422, "invalid_request", ("train-loss",)),
     "negative-tokens": ({"X-FedMoE-Num-Tokens": "-5"}, 422, "invalid_request", ("num-tokens",)),
     # was a 500 (SQLite integer overflow) that also left a stray expert file behind

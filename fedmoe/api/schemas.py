@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
+
+
+def _plain_decimal(value: object) -> object:
+    # pydantic's lax int parsing would take "0.0", "+0" or "1_000" from a header; a
+    # version or a token count is written in plain digits or it is a client bug.
+    if isinstance(value, str) and not re.fullmatch(r"-?[0-9]+", value):
+        raise ValueError(f"must be a plain decimal integer, got {value!r}")
+    return value
+
+
+DecimalInt = Annotated[int, BeforeValidator(_plain_decimal)]
 
 
 class ErrorBody(BaseModel):

@@ -63,6 +63,7 @@ class WorkerStats:
 
     started: float = field(default_factory=time.monotonic)
     steps: int = 0
+    skipped_steps: int = 0  # non-finite loss or gradient: nothing was learned
     tokens: int = 0
     window_tokens: int = 0
     window_losses: list[float] = field(default_factory=list)
@@ -213,6 +214,9 @@ class WorkerJob:
             result = self.trainer.step()
             if self.options.slowdown > 1.0:
                 self.stop_event.wait((self.options.slowdown - 1.0) * (time.monotonic() - began))
+            if result.skipped:
+                self.stats.skipped_steps += 1
+                continue
             self.stats.steps += 1
             self.stats.tokens += result.tokens
             self.stats.window_tokens += result.tokens
@@ -365,6 +369,7 @@ class WorkerJob:
         summary: dict[str, Any] = {
             "worker_id": self.options.worker_id,
             "steps": stats.steps,
+            "skipped_steps": stats.skipped_steps,
             "tokens": stats.tokens,
             "seconds": round(elapsed, 3),
             "tokens_per_second": stats.tokens / elapsed,

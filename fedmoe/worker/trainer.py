@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +13,28 @@ from peft import PeftModel
 from fedmoe.config import TrainSettings
 from fedmoe.data import BatchStream, TokenizedExample, collate, count_trainable_tokens
 
+logger = logging.getLogger(__name__)
+
+# A few non-finite steps (an fp16 overflow, one pathological batch) are skipped; this
+# many in a row means training has diverged and going on would only burn compute.
+MAX_NONFINITE_STEPS_IN_A_ROW = 10
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients stayed non-finite; the adapter was left as it was before."""
+
 
 @dataclass
 class StepResult:
-    """One optimizer step: mean loss over its micro-batches and target tokens trained."""
+    """One optimizer step: mean loss over its micro-batches and target tokens trained.
+
+    ``skipped`` steps had a non-finite loss or gradient: no parameter changed, and their
+    loss and tokens must not be reported.
+    """
 
     loss: float
     tokens: int
+    skipped: bool = False
 
 
 def causal_lm_loss(
@@ -67,6 +84,7 @@ class LocalTrainer:
             BatchStream(examples, batch_size=settings.batch_size, seed=settings.seed)
         )
         self.steps = 0
+        self.nonfinite_in_a_row = 0
 
     def step(self) -> StepResult:
         """Run ``grad_accum`` micro-batches and one optimizer step."""
@@ -84,9 +102,32 @@ class LocalTrainer:
             loss = causal_lm_loss(logits, batch["labels"]) / self.settings.grad_accum
             loss.backward()
             losses.append(float(loss.detach()) * self.settings.grad_accum)
-        if self.settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+        mean_loss = sum(losses) / len(losses)
+        if not (math.isfinite(mean_loss) and math.isfinite(self._clip_gradients())):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(mean_loss)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        return StepResult(loss=sum(losses) / len(losses), tokens=tokens)
+        self.nonfinite_in_a_row = 0
+        return StepResult(loss=mean_loss, tokens=tokens)
+
+    def _clip_gradients(self) -> float:
+        """Clip to ``max_grad_norm`` (0: no clipping) and return the gradients' total norm."""
+        if self.settings.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+        else:
+            grads = [p.grad for p in self.parameters if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+        return float(norm)
+
+    def _skip(self, loss: float) -> StepResult:
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS_IN_A_ROW:
+            raise TrainingDiverged(
+                f"training diverged: loss or gradients non-finite for "
+                f"{self.nonfinite_in_a_row} steps in a row (last loss {loss}); "
+                "lower --lr or check the data"
+            )
+        logger.warning("non-finite loss or gradient (loss %s): step skipped", loss)
+        return StepResult(loss=loss, tokens=0, skipped=True)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
-from fedmoe.api.schemas import ID_PATTERN, ErrorBody, ExpertSummary, UpdateAck
+from fedmoe.api.schemas import ID_PATTERN, DecimalInt, ErrorBody, ExpertSummary, UpdateAck
 from fedmoe.coordinator.versions import MAX_NUM_TOKENS, UpdateRequest
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
@@ -61,15 +61,19 @@ async def submit_update(
     coordinator: CoordinatorDep,
     principal: PrincipalDep,
     worker_id: Annotated[str, Header(alias="X-FedMoE-Worker-Id", pattern=ID_PATTERN)],
-    base_version: Annotated[int, Header(alias="X-FedMoE-Base-Version")],
+    base_version: Annotated[DecimalInt, Header(alias="X-FedMoE-Base-Version")],
     update_id: Annotated[str, Header(alias="X-FedMoE-Update-Id", pattern=ID_PATTERN)],
-    num_tokens: Annotated[int, Header(alias="X-FedMoE-Num-Tokens", ge=0, le=MAX_NUM_TOKENS)] = 0,
+    num_tokens: Annotated[
+        DecimalInt, Header(alias="X-FedMoE-Num-Tokens", ge=0, le=MAX_NUM_TOKENS)
+    ] = 0,
     train_loss: Annotated[float | None, Header(alias="X-FedMoE-Train-Loss")] = None,
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
     ensure_may_act_as(principal, worker_id)
-    if train_loss is not None and not math.isfinite(train_loss):
-        raise HTTPException(422, detail=f"X-FedMoE-Train-Loss must be finite, got {train_loss}")
+    if train_loss is not None and not (math.isfinite(train_loss) and train_loss >= 0):
+        raise HTTPException(
+            422, detail=f"X-FedMoE-Train-Loss must be finite and >= 0, got {train_loss}"
+        )
     body = await read_body(request, coordinator.max_body_bytes)
     update = UpdateRequest(
         expert=name,
