@@ -8,6 +8,7 @@ import random
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -252,6 +253,8 @@ def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> Non
         stop(coordinator)  # down for a while; the worker keeps training
         time.sleep(5)
         coordinator, _ = start_coordinator(state, log, port=port)
+        time.sleep(3)
+        break_disk_for(state / "adapters", seconds=4)  # 503s: retried, not dropped
         assert worker.wait(timeout=120) == 0
         result = json.loads(summary.read_text())
         assert result["failed_syncs"] >= 1 and result["unsent_tokens"] == 0
@@ -260,7 +263,51 @@ def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> Non
             worker_row = client.status()["workers"]["W-sql"]
         assert expert["version"] == expert["updates_applied"] == result["uploads"]
         assert worker_row["tokens"] == result["tokens"]  # every trained token was uploaded
-        assert "unreachable" in (tmp_path / "worker.log").read_text()
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert "unreachable" in worker_log and "storage_unavailable" in worker_log
     finally:
         stop(worker)
         stop(coordinator)
+
+
+def break_disk_for(adapters: Path, seconds: float) -> None:
+    """Make every adapter write fail for a while (a file where the directory was)."""
+    moved = adapters.with_name("adapters.away")
+    adapters.rename(moved)
+    adapters.write_text("not a directory: every write below it fails")
+    try:
+        time.sleep(seconds)
+    finally:
+        adapters.unlink()
+        moved.rename(adapters)
+
+
+def test_a_failing_disk_is_503_and_the_retry_applies_once(live_coordinator) -> None:
+    """A write that fails (disk full, gone) changes nothing; the same id applies once later."""
+    from tests.api_helpers import PY, PY_WORKER, random_delta, register, shapes_of, update_headers
+
+    client = live_coordinator.client()
+    register(client, PY_WORKER, PY)
+    body = encode_adapter(random_delta(shapes_of(client), seed=3))
+    headers = update_headers(PY_WORKER, base_version=0)
+    outcome: dict[str, httpx.Response] = {}
+
+    def upload_while_broken() -> None:
+        time.sleep(0.3)
+        outcome["upload"] = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
+        outcome["experts"] = client.get("/v1/experts")
+
+    uploader = threading.Thread(target=upload_while_broken)
+    uploader.start()
+    break_disk_for(live_coordinator.adapters_dir, seconds=2)
+    uploader.join()
+    response = outcome["upload"]
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "storage_unavailable"
+    assert "nothing was applied" in response.json()["detail"]
+    assert outcome["experts"].json()[0] == {"name": PY, "version": 0}
+    retried = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
+    assert retried.status_code == 200, retried.text
+    again = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
+    assert again.json() == {**retried.json(), "replayed": True}
+    assert client.get("/v1/experts").json()[0] == {"name": PY, "version": 1}

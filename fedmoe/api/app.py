@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,8 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
         app.include_router(module.router)
     app.add_middleware(BearerAuthMiddleware, registry=registry)
     app.add_exception_handler(errors.CoordinatorError, _coordinator_error)
+    for storage_error in (OSError, sqlite3.Error):
+        app.add_exception_handler(storage_error, _storage_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     _document_error_bodies(app)
@@ -97,6 +100,16 @@ async def _coordinator_error(_: Request, error: Exception) -> JSONResponse:
     status, code = STATUS_OF.get(type(error), (400, "bad_request"))
     logger.info("refused (%d %s): %s", status, code, error)
     return _error(status, code, str(error))
+
+
+async def _storage_error(_: Request, error: Exception) -> JSONResponse:
+    # The write-then-commit order means a failed write leaves nothing applied, so the
+    # client may simply retry (with the same update id) once the disk is back.
+    logger.error("storage failure, request not applied: %r", error)
+    detail = (
+        f"the coordinator could not persist the request ({error}); nothing was applied, retry later"
+    )
+    return _error(503, "storage_unavailable", detail, {"Retry-After": "5"})
 
 
 async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:

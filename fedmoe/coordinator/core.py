@@ -230,7 +230,10 @@ class CentralCoordinator:
         new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
         record.accepted, record.expert_version = True, version
         self._commit(record, new_expert)
-        self.store.prune_expert(request.expert, new_expert.version)
+        try:
+            self.store.prune_expert(request.expert, new_expert.version)
+        except OSError as error:  # committed already: a stale file is harmless, pruned later
+            logger.warning("could not prune old files of %s: %r", request.expert, error)
         return record.response
 
     def _commit(self, record: UpdateRecord, new_expert: Versioned) -> None:

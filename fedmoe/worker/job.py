@@ -284,6 +284,8 @@ class WorkerJob:
                 train_loss=pending.train_loss,
             )
         except ApiError as error:
+            if error.status_code >= 500:
+                raise  # not a refusal: sync() retries the same update id later
             self._handle_refusal(error, pending)
             return
         self.pending, self.unrebased = None, pending.snapshot
