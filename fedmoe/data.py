@@ -321,6 +321,21 @@ def tokenize_examples(
     return kept
 
 
+def tokenize_training_set(
+    examples: Sequence[Example], tokenizer: Any, *, max_length: int, source: str | Path
+) -> list[TokenizedExample]:
+    """``tokenize_examples``, refusing a result with nothing left to train on."""
+    kept = tokenize_examples(examples, tokenizer, max_length=max_length)
+    if not kept:
+        raise DataFormatError(
+            source,
+            None,
+            f"none of its {len(examples)} training examples keeps a target token within "
+            f"max_length={max_length}; raise --max-length or shorten the prompts",
+        )
+    return kept
+
+
 def resolve_pad_token_id(tokenizer: Any) -> int:
     """Return the tokenizer's pad token id, falling back to its EOS token id."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):

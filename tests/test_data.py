@@ -25,6 +25,7 @@ from fedmoe.data import (
     split_examples,
     tokenize_example,
     tokenize_examples,
+    tokenize_training_set,
 )
 from fedmoe.demo_data import DOMAINS, generate_domain, write_demo_datasets
 from fedmoe.tiny import build_tiny_tokenizer
@@ -214,6 +215,9 @@ def test_truncation_and_dropping(tokenizer, caplog):
     assert len(kept) == 1 and "dropped 1 of 2" in caplog.text
     no_eos = tokenize_example(short, tokenizer, max_length=16, add_eos=False)
     assert tokenizer.decode(no_eos.input_ids) == "qa"
+    assert len(tokenize_training_set([long_prompt, short], tokenizer, max_length=16, source="d"))
+    with pytest.raises(DataFormatError, match=r"^d\.jsonl: none of its 1 .*--max-length"):
+        tokenize_training_set([long_prompt], tokenizer, max_length=16, source="d.jsonl")
 
 
 def test_collate_pads_right_and_masks_labels(tokenizer):

@@ -24,7 +24,7 @@ from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState, apply_update
 from fedmoe.client import ApiError, CoordinatorClient
 from fedmoe.config import LoraSettings
-from fedmoe.data import load_examples, split_examples, tokenize_examples
+from fedmoe.data import load_examples, split_examples, tokenize_examples, tokenize_training_set
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import (
     adapter_state,
@@ -127,7 +127,9 @@ class WorkerJob:
         self.model = attach_lora(base.model, self.lora)
         self.pad_id = self.tokenizer.pad_token_id
         max_length = opts.train.max_length
-        self.train_set = tokenize_examples(examples, self.tokenizer, max_length=max_length)
+        self.train_set = tokenize_training_set(
+            examples, self.tokenizer, max_length=max_length, source=opts.dataset
+        )
         self.eval_set = (
             tokenize_examples(eval_examples, self.tokenizer, max_length=max_length)
             if eval_examples
