@@ -11,6 +11,8 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -76,14 +78,28 @@ def load_base_model(
     if name == TINY_NAME:
         model, tokenizer = build_tiny_model(), build_tiny_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+        model, tokenizer = _from_pretrained(name, dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     fingerprint = fingerprint_model(model)
     model = model.to(target, dtype=dtype) if dtype else model.to(target)
     logger.info("loaded base model %s (%s) on %s", name, fingerprint, target)
     return BaseModel(name=name, model=model, tokenizer=tokenizer, fingerprint=fingerprint)
+
+
+def _from_pretrained(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
+    """An HF id or local directory; OSError saying which model could not be loaded, and why."""
+    # An HF id is "name" or "org/name"; anything else can only be a local directory.
+    if not Path(name).expanduser().exists() and (
+        name.startswith((".", "~", "/")) or name.count("/") > 1
+    ):
+        raise FileNotFoundError(f"base model {name!r}: no such directory (nor the preset 'tiny')")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as error:  # HF reports a bad id as ValueError
+        raise OSError(f"base model {name!r} could not be loaded: {error}") from None
+    return model, tokenizer
 
 
 def fingerprint_model(model: PreTrainedModel) -> str:

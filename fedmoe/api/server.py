@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -25,6 +26,7 @@ def serve(settings: CoordinatorSettings) -> None:
     # The coordinator's tensor work is elementwise and small; a full thread pool per
     # request would only contend with workers sharing the machine.
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    listener = listen_socket(settings.host, settings.port)  # a busy port touches no state
     coordinator = open_coordinator(settings)
     app = create_app(coordinator, registry)
     scheme = "https" if settings.ssl_certfile else "http"
@@ -40,18 +42,31 @@ def serve(settings: CoordinatorSettings) -> None:
     # `finally` below still closes the ledger and flushes the gateway file.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             app,
-            host=settings.host,
-            port=settings.port,
             log_level="info",
             ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
             ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
             timeout_graceful_shutdown=10,
         )
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
+        listener.close()
         coordinator.close()
         logger.info("coordinator stopped; state saved in %s", settings.state_dir)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``; OSError names the address when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sock
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
