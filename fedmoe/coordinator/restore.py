@@ -57,6 +57,13 @@ def restore_experts(
         experts[name] = load_expert(store, name, version, schema)
         store.prune_expert(name, version)
         logger.info("expert %s at version %d", name, version)
+    for name in sorted(set(rows) - set(names)):
+        logger.warning(
+            "state dir holds expert %s (v%d), not in --experts: kept on disk, not served "
+            "and not in the gateway",
+            name,
+            rows[name]["version"],
+        )
     return experts
 
 
