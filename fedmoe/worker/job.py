@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -34,6 +33,7 @@ from fedmoe.modeling import (
     resolve_device,
 )
 from fedmoe.worker.options import WorkerOptions
+from fedmoe.worker.progress import PendingUpdate, WorkerStats
 from fedmoe.worker.trainer import LocalTrainer
 
 logger = logging.getLogger(__name__)
@@ -41,52 +41,6 @@ logger = logging.getLogger(__name__)
 
 class FatalSyncError(RuntimeError):
     """The coordinator refused us in a way retrying cannot fix (auth, incompatibility)."""
-
-
-@dataclass
-class PendingUpdate:
-    """An upload whose answer we do not have yet."""
-
-    update_id: str
-    body: bytes
-    base_version: int
-    tokens: int
-    train_loss: float | None
-    snapshot: AdapterState
-    loss_count: int = 0
-    maybe_delivered: bool = False  # an earlier attempt may have reached the coordinator
-
-
-@dataclass
-class WorkerStats:
-    """Counters for progress lines and the final summary."""
-
-    started: float = field(default_factory=time.monotonic)
-    steps: int = 0
-    skipped_steps: int = 0  # non-finite loss or gradient: nothing was learned
-    tokens: int = 0
-    window_tokens: int = 0
-    window_losses: list[float] = field(default_factory=list)
-    window_started: float = field(default_factory=time.monotonic)
-    blocked_seconds: float = 0.0
-    uploads: int = 0
-    failed_syncs: int = 0
-    last_staleness: int | None = None
-    last_version: int = 0
-
-    def window_loss(self) -> float | None:
-        """Mean train loss since the last successful upload."""
-        return sum(self.window_losses) / len(self.window_losses) if self.window_losses else None
-
-    def reset_window(self) -> None:
-        """Start a new sync window."""
-        self.window_tokens, self.window_losses = 0, []
-        self.window_started = time.monotonic()
-
-    def settle(self, pending: PendingUpdate) -> None:
-        """Remove what ``pending`` carried from the window (it was acked or refused)."""
-        self.window_tokens -= pending.tokens
-        del self.window_losses[: pending.loss_count]
 
 
 class WorkerJob:
@@ -161,10 +115,10 @@ class WorkerJob:
         while True:
             try:
                 return call()
-            except httpx.TransportError as error:
-                if self.stop_event.is_set():
+            except (httpx.TransportError, ApiError) as error:
+                if self.stop_event.is_set() or getattr(error, "status_code", 500) < 500:
                     raise
-                logger.warning("coordinator unreachable (%s); retrying in %.0fs", error, delay)
+                logger.warning("coordinator unavailable (%s); retrying in %.0fs", error, delay)
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, self.options.max_backoff)
 
@@ -177,6 +131,8 @@ class WorkerJob:
                 lora_config=self.lora.to_dict(),
             )
         except ApiError as error:
+            if error.status_code >= 500:
+                raise  # the coordinator's trouble, not a refusal: retried
             raise FatalSyncError(f"registration refused: {error}") from None
         if self.run_id is not None and answer["run_id"] != self.run_id:
             logger.warning(
