@@ -52,7 +52,9 @@ def _update(client: httpx.Client, worker_id: str, base_version: int = 0) -> http
 
 def _assert_401(response: httpx.Response) -> None:
     assert response.status_code == 401, (response.request.url, response.text)
-    assert response.json() == {"error": "unauthorized", "detail": "missing or invalid bearer token"}
+    assert response.json()["error"] == "unauthorized"
+    assert response.json()["detail"].startswith("missing or invalid bearer token")
+    assert "FEDMOE_AUTH_TOKEN" in response.json()["detail"]
     assert response.headers["www-authenticate"].lower().startswith("bearer")
 
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
+from fedmoe.api.security import UNAUTHORIZED_DETAIL
 from fedmoe.coordinator.auth import Principal
 from fedmoe.coordinator.core import CentralCoordinator
 
@@ -19,7 +20,7 @@ def get_principal(request: Request) -> Principal:
     """The caller, as authenticated by ``BearerAuthMiddleware``."""
     principal = request.scope.get("state", {}).get("principal")
     if principal is None or principal.role == "anonymous":
-        raise HTTPException(status_code=401, detail="missing or invalid bearer token")
+        raise HTTPException(status_code=401, detail=UNAUTHORIZED_DETAIL)
     return principal
 
 

@@ -10,6 +10,10 @@ from fedmoe.coordinator.auth import Principal, TokenRegistry
 
 OPEN_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
 ADMIN = Principal(role="admin")
+UNAUTHORIZED_DETAIL = (
+    "missing or invalid bearer token: send 'Authorization: Bearer <token>' "
+    "(fedmoe workers and the CLI take --auth-token or FEDMOE_AUTH_TOKEN)"
+)
 
 
 class BearerAuthMiddleware:
@@ -44,9 +48,7 @@ class BearerAuthMiddleware:
 
 
 async def _unauthorized(send: Send) -> None:
-    body = json.dumps(
-        {"error": "unauthorized", "detail": "missing or invalid bearer token"}
-    ).encode()
+    body = json.dumps({"error": "unauthorized", "detail": UNAUTHORIZED_DETAIL}).encode()
     await send(
         {
             "type": "http.response.start",
