@@ -17,8 +17,9 @@ import torch
 from peft import PeftModel
 
 from fedmoe.aggregate import AdapterState
+from fedmoe.batching import TokenizedExample, tokenize_examples
 from fedmoe.config import LoraSettings
-from fedmoe.data import TokenizedExample, load_examples, tokenize_examples
+from fedmoe.data import load_examples
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import attach_lora, load_adapter_state, load_base_model

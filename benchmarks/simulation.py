@@ -24,12 +24,12 @@ import torch
 from fedmoe import aggregate
 from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState
+from fedmoe.batching import TokenizedExample
 from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
-from fedmoe.data import TokenizedExample
 from fedmoe.demo_data import DOMAINS
 from fedmoe.modeling import adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedmoe.worker.trainer import LocalTrainer, StepResult

@@ -28,15 +28,15 @@ from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from benchmarks.common import DEMO_SYNC_INTERVAL, fmt, load_average, parser, setup_torch
 from benchmarks.report import markdown_table, publish
-from fedmoe.config import ALL_PROJECTIONS, LoraSettings, TrainSettings
-from fedmoe.data import (
+from fedmoe.batching import (
     BatchStream,
     TokenizedExample,
     collate,
     count_trainable_tokens,
-    load_examples,
     tokenize_examples,
 )
+from fedmoe.config import ALL_PROJECTIONS, LoraSettings, TrainSettings
+from fedmoe.data import load_examples
 from fedmoe.demo import free_port, wait_healthy
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.modeling import attach_lora, load_base_model, resolve_device

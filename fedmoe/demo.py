@@ -22,9 +22,10 @@ import torch
 from peft import PeftModel
 
 from fedmoe.adapters import write_peft_dir
+from fedmoe.batching import tokenize_examples
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
-from fedmoe.data import load_examples, tokenize_examples
+from fedmoe.data import load_examples
 from fedmoe.demo_data import DOMAINS, write_demo_datasets
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import load_base_model

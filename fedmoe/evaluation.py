@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from fedmoe.data import TokenizedExample, collate, iterate_batches
+from fedmoe.batching import TokenizedExample, collate, iterate_batches
 from fedmoe.worker.trainer import autocast_for, causal_lm_loss
 
 

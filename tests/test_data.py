@@ -1,4 +1,4 @@
-"""Tests for fedmoe.data (JSONL parsing, masking, batching) and fedmoe.demo_data."""
+"""Tests for fedmoe.data (JSONL parsing), fedmoe.batching (masks, batches), fedmoe.demo_data."""
 
 from __future__ import annotations
 
@@ -10,23 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmoe.data import (
+from fedmoe.batching import (
     IGNORE_INDEX,
     BatchStream,
-    DataFormatError,
-    Example,
     TokenizedExample,
     collate,
     count_trainable_tokens,
     example_segments,
     iterate_batches,
-    load_examples,
-    render_prompt,
-    split_examples,
     tokenize_example,
     tokenize_examples,
     tokenize_training_set,
 )
+from fedmoe.data import DataFormatError, Example, load_examples, render_prompt, split_examples
 from fedmoe.demo_data import DOMAINS, generate_domain, write_demo_datasets
 from fedmoe.tiny import build_tiny_tokenizer
 
@@ -210,7 +206,7 @@ def test_truncation_and_dropping(tokenizer, caplog):
     short = Example((("q", False), ("a", True)))
     item = tokenize_example(long_prompt, tokenizer, max_length=16)
     assert len(item.input_ids) == 16 and set(item.labels) == {IGNORE_INDEX}
-    with caplog.at_level(logging.WARNING, logger="fedmoe.data"):
+    with caplog.at_level(logging.WARNING, logger="fedmoe.batching"):
         kept = tokenize_examples([long_prompt, short], tokenizer, max_length=16)
     assert len(kept) == 1 and "dropped 1 of 2" in caplog.text
     no_eos = tokenize_example(short, tokenizer, max_length=16, add_eos=False)

@@ -88,7 +88,8 @@ def test_gateway_downloads_as_peft_adapter_and_generates(run, tmp_path) -> None:
 
 
 def test_trained_experts_beat_the_base_on_their_domain(run, tmp_path) -> None:
-    from fedmoe.data import load_examples, tokenize_examples
+    from fedmoe.batching import tokenize_examples
+    from fedmoe.data import load_examples
     from fedmoe.evaluation import validation_loss
 
     base = load_base_model("tiny", device="cpu")

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fedmoe.data import collate, load_examples, tokenize_examples
+from fedmoe.batching import collate, tokenize_examples
+from fedmoe.data import load_examples
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.modeling import load_base_model
 from fedmoe.worker.trainer import causal_lm_loss

@@ -21,9 +21,10 @@ import torch
 
 from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState, apply_update
+from fedmoe.batching import tokenize_examples, tokenize_training_set
 from fedmoe.client import ApiError, CoordinatorClient
 from fedmoe.config import LoraSettings
-from fedmoe.data import load_examples, split_examples, tokenize_examples, tokenize_training_set
+from fedmoe.data import load_examples, split_examples
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import (
     adapter_state,

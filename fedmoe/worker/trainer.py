@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
+from fedmoe.batching import BatchStream, TokenizedExample, collate, count_trainable_tokens
 from fedmoe.config import TrainSettings
-from fedmoe.data import BatchStream, TokenizedExample, collate, count_trainable_tokens
 
 logger = logging.getLogger(__name__)
 
