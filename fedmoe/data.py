@@ -27,7 +27,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # "tool": results of function calls
 ACCEPTED_FORMATS = (
     "{messages}",
     "{instruction, output[, input]}",

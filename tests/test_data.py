@@ -281,3 +281,18 @@ def test_demo_domains_are_deterministic_and_distinct():
         compile(record.get("completion") or record["reference_code"], "<demo>", "exec")
     with pytest.raises(ValueError, match="unknown domain"):
         generate_domain("cooking_expert", 1, seed=0)
+
+
+def test_tool_turns_are_context_not_targets(tmp_path, tokenizer):
+    record = {
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "Calling get_weather."},
+            {"role": "tool", "content": "12C, rain"},
+            {"role": "assistant", "content": "It is 12C and raining."},
+        ]
+    }
+    item = tokenize_example(load_one(tmp_path, record), tokenizer, max_length=256)
+    trained = trainable_text(tokenizer, item)
+    assert "Calling get_weather." in trained and "It is 12C and raining." in trained
+    assert "12C, rain" not in trained and "12C, rain" in masked_text(tokenizer, item)
