@@ -78,7 +78,7 @@ def _coordinator(directory: Path, initial: dict, rank: int, experts: int) -> Cen
         fingerprint="config:synthetic/weights:synthetic",
         initial=initial,
         ledger=Ledger(directory / "ledger.sqlite3"),
-        store=AdapterStore(directory),
+        store=AdapterStore(directory, gateway_file_interval=settings.gateway_file_interval),
     )
 
 

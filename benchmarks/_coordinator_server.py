@@ -19,7 +19,6 @@ fsync (``fedmoe.adapters.atomic_write``, the coordinator's own writer).
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def build_coordinator(shape: str, state_dir: Path, experts: list[str], merge_met
         fingerprint=QWEN_FINGERPRINT,
         initial=qwen_initial(lora.rank, lora.seed),
         ledger=Ledger(state_dir / "ledger.sqlite3"),
-        store=AdapterStore(state_dir),
+        store=AdapterStore(state_dir, gateway_file_interval=settings.gateway_file_interval),
     )
 
 
@@ -138,6 +137,7 @@ def main() -> None:
     import uvicorn
 
     from fedmoe.api.app import create_app
+    from fedmoe.api.server import listen_socket
     from fedmoe.coordinator.auth import TokenRegistry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -155,12 +155,7 @@ def main() -> None:
             args.shape, args.state_dir, args.experts.split(","), args.merge_method
         )
         app = create_app(coordinator, TokenRegistry({}))
-    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
-    # the listening socket's proto is IPPROTO_TCP (as uvicorn's own bind makes it); with
-    # proto 0 every response would stall ~40 ms (Nagle + delayed ACK) on loopback.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = listen_socket("127.0.0.1", 0)  # the real server's own listener
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
     try:

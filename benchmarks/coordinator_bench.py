@@ -294,8 +294,10 @@ whose total also pays for the gateway rebuild the store's writer thread does mea
 ### The `cat` gateway
 
 With `merge_method=cat` (the default) the gateway has rank r × experts, so its size grows
-linearly with the number of experts; every accepted update queues a full rebuild (merge +
-encode + fsync'd write) on the store's background thread, coalesced to the newest version.
+linearly with the number of experts. API reads merge the newest version on demand; the
+file `gateway.safetensors` (for operators) is rewritten by the store's background thread
+with the newest version at most every `--gateway-file-interval` seconds (default 5), so a
+full rebuild (merge + encode + fsync'd write) costs at most once per interval, not per update.
 
 {gateway}
 

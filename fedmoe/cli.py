@@ -100,6 +100,9 @@ def coordinator(
         float | None, typer.Option(help="Bound on an update's norm.")
     ] = None,
     norm_policy: Annotated[str | None, typer.Option(help="clip|reject.")] = None,
+    gateway_file_interval: Annotated[
+        float | None, typer.Option(help="Seconds between gateway file writes [5].")
+    ] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="Upload size limit.")] = None,
     auth_token: TokenOpt = None,
     tokens_file: Annotated[Path | None, typer.Option(help="JSON tokens file.")] = None,

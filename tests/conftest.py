@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from fedmoe.api.app import create_app
+from fedmoe.api.server import listen_socket
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.core import CentralCoordinator
@@ -76,15 +77,13 @@ def start_live_coordinator(
     """
     settings.setdefault("auth_token", None)
     settings.setdefault("tokens_file", None)
+    settings.setdefault("gateway_file_interval", 0.0)  # tests read the gateway file at once
     config = CoordinatorSettings(host="127.0.0.1", port=0, state_dir=Path(state_dir), **settings)
     token = config.auth_token.get_secret_value() if config.auth_token else None
     registry = TokenRegistry.from_sources(token, config.tokens_file)
     coordinator = open_coordinator(config)
     app = create_app(coordinator, registry)
-    # IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only for such listeners.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # bound here: no race for a "free" port
+    sock = listen_socket("127.0.0.1", 0)  # bound here: no race for a "free" port
     port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(

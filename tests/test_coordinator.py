@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import ctypes
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import encode_adapter, view_adapter
+from fedmoe.adapters import encode_adapter, read_header, view_adapter
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.errors import StateDirError
 from fedmoe.coordinator.settings import CoordinatorSettings
@@ -20,9 +22,9 @@ from fedmoe.coordinator.versions import UpdateRequest
 EXPERTS = ["a", "a.v2", "b"]  # "a.v2" also checks that pruning "a" leaves it alone
 
 
-def _settings(state_dir: Path) -> CoordinatorSettings:
+def _settings(state_dir: Path, **extra: Any) -> CoordinatorSettings:
     return CoordinatorSettings(
-        host="127.0.0.1", state_dir=state_dir, experts=EXPERTS, auth_token=None
+        host="127.0.0.1", state_dir=state_dir, experts=EXPERTS, auth_token=None, **extra
     )
 
 
@@ -109,3 +111,34 @@ def test_a_corrupt_or_missing_expert_file_stops_the_start_with_its_path(tmp_path
     path.unlink()
     with pytest.raises(StateDirError, match="the file is missing"):
         open_coordinator(_settings(tmp_path))
+
+
+def test_gateway_file_is_written_at_most_once_per_interval_and_on_close(tmp_path: Path) -> None:
+    coordinator = open_coordinator(_settings(tmp_path, gateway_file_interval=60.0))
+    lora = coordinator.lora.to_dict()
+    coordinator.register_worker(
+        worker_id="w", specialty="b", fingerprint=coordinator.fingerprint, lora=lora
+    )
+    gateway_file = tmp_path / "adapters" / "gateway.safetensors"
+
+    def saved_version() -> int:
+        return int(read_header(gateway_file.read_bytes())["__metadata__"]["version"])
+
+    def submit(seed: int) -> dict:
+        body = encode_adapter(_delta(coordinator, seed))
+        request = UpdateRequest("b", "w", f"u{seed}", seed, 1, 1.0, body)
+        return coordinator.submit_update(request)
+
+    deadline = time.monotonic() + 30
+    while not gateway_file.exists():  # the opening version is written at once
+        assert time.monotonic() < deadline, "gateway file never written"
+        time.sleep(0.05)
+    assert saved_version() == 0
+    acks = [submit(seed) for seed in range(5)]
+    assert acks[-1]["gateway_version"] == coordinator.gateway.version == 5
+    time.sleep(0.5)
+    assert saved_version() == 0  # the writer waits out its interval
+    began = time.monotonic()
+    coordinator.close()
+    assert time.monotonic() - began < 30, "close() must not wait out the interval"
+    assert saved_version() == 5  # the newest version is written on close

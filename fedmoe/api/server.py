@@ -59,7 +59,9 @@ def serve(settings: CoordinatorSettings) -> None:
 def listen_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port``; OSError names the address when it is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP as uvicorn's own bind makes it: asyncio sets TCP_NODELAY on accepted
+    # sockets only for such listeners, and without it small answers wait on Nagle.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -34,7 +34,7 @@ def _open_locked(settings: CoordinatorSettings) -> CentralCoordinator:
     fingerprint = base.fingerprint
     del base  # the coordinator never runs the model; free its memory
     ledger = Ledger(settings.state_dir / "ledger.sqlite3")
-    store = AdapterStore(settings.state_dir)
+    store = AdapterStore(settings.state_dir, gateway_file_interval=settings.gateway_file_interval)
     try:
         return CentralCoordinator(
             settings=settings,

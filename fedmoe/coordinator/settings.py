@@ -46,6 +46,12 @@ class CoordinatorSettings(BaseSettings):
     gateway_weights: dict[str, float] = Field(
         default_factory=dict, description="Per-expert gateway weights (default uniform)."
     )
+    gateway_file_interval: float = Field(
+        5.0,
+        ge=0,
+        description="Least seconds between background writes of gateway.safetensors "
+        "(0: every version); API reads always get the newest gateway.",
+    )
     max_update_norm: float | None = Field(None, gt=0, description="Bound on an update's L2 norm.")
     norm_policy: str = Field("clip", description="Over the bound: 'clip' or 'reject'.")
     max_body_bytes: int | None = Field(

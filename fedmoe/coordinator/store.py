@@ -37,8 +37,12 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class AdapterStore:
     """Versioned adapter files under ``<state_dir>/adapters``."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, gateway_file_interval: float = 0.0) -> None:
         self.directory = Path(state_dir) / "adapters"
+        # The gateway file is for operators (the API merges on demand and a restart rebuilds
+        # it), so under a stream of updates it need not be rewritten for every version:
+        # with many large experts one rewrite can take seconds of a CPU core.
+        self.gateway_file_interval = gateway_file_interval
         self.directory.mkdir(parents=True, exist_ok=True)
         self._gateway_pending: GatewaySource | None = None
         self._gateway_event = threading.Condition()
@@ -98,6 +102,9 @@ class AdapterStore:
                 atomic_write(self.gateway_path, gateway.encoded())
             except OSError:
                 logger.exception("could not write the gateway file")
+            if self.gateway_file_interval > 0:
+                with self._gateway_event:  # close() cuts the pause short
+                    self._gateway_event.wait_for(lambda: self._closed, self.gateway_file_interval)
 
     def close(self) -> None:
         """Write any queued gateway and stop the writer thread."""
