@@ -310,7 +310,8 @@ to each expert, then after one `GET /v1/gateway/adapter`:
 
 At {many} experts the `cat` gateway is {q_many[3]} (rank {q_many[2]}) and one rebuild
 costs {q_many[7]} ms of CPU and disk in this process (merge {q_many[4]} + encode
-{q_many[5]} + write {q_many[6]} ms), re-done after every update. In the coordinator
+{q_many[5]} + write {q_many[6]} ms), paid at most once per `--gateway-file-interval`
+(5 s) in the background, and by the first `GET` of a new version. In the coordinator
 process, going from 3 to {many} experts with `cat` takes peak RSS from
 {m3["hwm"]:,.0f} to {m_many["hwm"]:,.0f} MiB, the median sequential update from
 {ms(m3["p50"])} to {ms(m_many["p50"])} ms (p90 {ms(m3["p90"])} → {ms(m_many["p90"])} ms)
