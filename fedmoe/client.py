@@ -23,6 +23,11 @@ class ApiError(Exception):
         super().__init__(f"HTTP {status_code} {code}: {detail}")
         self.status_code, self.code, self.detail = status_code, code, detail
 
+    @property
+    def transient(self) -> bool:
+        """A 5xx: the coordinator's own trouble, so the same request may succeed later."""
+        return self.status_code >= 500
+
 
 class CoordinatorClient:
     """Typed calls to one coordinator; the token defaults to ``$FEDMOE_AUTH_TOKEN``."""

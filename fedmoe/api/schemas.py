@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 
@@ -18,7 +19,14 @@ def _plain_decimal(value: object) -> object:
     return value
 
 
+def _finite_non_negative(value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"must be finite and >= 0, got {value}")
+    return value
+
+
 DecimalInt = Annotated[int, BeforeValidator(_plain_decimal)]
+FiniteLoss = Annotated[float, AfterValidator(_finite_non_negative)]
 
 
 class ErrorBody(BaseModel):

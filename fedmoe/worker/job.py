@@ -111,13 +111,14 @@ class WorkerJob:
         )
 
     def _wait_for(self, call: Any) -> Any:
-        """Retry ``call`` with backoff while the coordinator is unreachable."""
+        """Retry ``call`` with backoff while the coordinator is unreachable or answers 5xx."""
         delay = 1.0
         while True:
             try:
                 return call()
             except (httpx.TransportError, ApiError) as error:
-                if self.stop_event.is_set() or getattr(error, "status_code", 500) < 500:
+                refused = isinstance(error, ApiError) and not error.transient
+                if refused or self.stop_event.is_set():
                     raise
                 logger.warning("coordinator unavailable (%s); retrying in %.0fs", error, delay)
                 self.stop_event.wait(delay)
@@ -132,8 +133,8 @@ class WorkerJob:
                 lora_config=self.lora.to_dict(),
             )
         except ApiError as error:
-            if error.status_code >= 500:
-                raise  # the coordinator's trouble, not a refusal: retried
+            if error.transient:
+                raise  # not a refusal: retried
             raise FatalSyncError(f"registration refused: {error}") from None
         if self.run_id is not None and answer["run_id"] != self.run_id:
             logger.warning(
@@ -243,7 +244,7 @@ class WorkerJob:
                 train_loss=pending.train_loss,
             )
         except ApiError as error:
-            if error.status_code >= 500:
+            if error.transient:
                 raise  # not a refusal: sync() retries the same update id later
             self._handle_refusal(error, pending)
             return

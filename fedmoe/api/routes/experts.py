@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
-from fedmoe.api.schemas import ID_PATTERN, DecimalInt, ErrorBody, ExpertSummary, UpdateAck
+from fedmoe.api.schemas import (
+    ID_PATTERN,
+    DecimalInt,
+    ErrorBody,
+    ExpertSummary,
+    FiniteLoss,
+    UpdateAck,
+)
 from fedmoe.coordinator.versions import MAX_NUM_TOKENS, UpdateRequest
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
@@ -66,14 +72,10 @@ async def submit_update(
     num_tokens: Annotated[
         DecimalInt, Header(alias="X-FedMoE-Num-Tokens", ge=0, le=MAX_NUM_TOKENS)
     ] = 0,
-    train_loss: Annotated[float | None, Header(alias="X-FedMoE-Train-Loss")] = None,
+    train_loss: Annotated[FiniteLoss | None, Header(alias="X-FedMoE-Train-Loss")] = None,
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
     ensure_may_act_as(principal, worker_id)
-    if train_loss is not None and not (math.isfinite(train_loss) and train_loss >= 0):
-        raise HTTPException(
-            422, detail=f"X-FedMoE-Train-Loss must be finite and >= 0, got {train_loss}"
-        )
     body = await read_body(request, coordinator.max_body_bytes)
     update = UpdateRequest(
         expert=name,
