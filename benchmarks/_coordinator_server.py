@@ -95,7 +95,7 @@ def build_coordinator(shape: str, state_dir: Path, experts: list[str], merge_met
         merge_method=merge_method,
     )
     state_dir.mkdir(parents=True, exist_ok=True)
-    lora: LoraSettings = settings.lora()
+    lora: LoraSettings = settings.lora
     return CentralCoordinator(
         settings=settings,
         base_model=QWEN_NAME,

@@ -6,18 +6,22 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 
+from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.fields import DEFAULT_COORDINATOR_URL
 from fedmoe.logs import setup_logging
+from fedmoe.settings_cli import settings_command
 from fedmoe.views import (
     print_loss_table,
     print_status,
     print_verdicts,
     print_worker_summaries,
 )
+from fedmoe.worker.options import WorkerOptions
 
 app = typer.Typer(
     help="Federated LoRA experts with a staleness-aware coordinator.",
@@ -27,7 +31,6 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-DEFAULT_URL = "http://127.0.0.1:5000"
 UrlOpt = Annotated[
     str,
     typer.Option(
@@ -48,178 +51,56 @@ CaOpt = Annotated[
 ]
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print an error for humans and exit."""
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
 
 
-def _csv(value: str | None) -> list[str] | None:
-    return [item.strip() for item in value.split(",") if item.strip()] if value else None
-
-
-def _weights(value: str | None) -> dict[str, float] | None:
-    if not value:
-        return None
-    weights = {}
-    for item in _csv(value) or []:
-        name, _, weight = item.partition("=")
-        try:
-            weights[name.strip()] = float(weight)
-        except ValueError:
-            fail(f"--gateway-weights expects name=number pairs, got {item!r}")
-    return weights
+LogLevelOpt = Annotated[str, typer.Option(help="Logging level.")]
 
 
 @app.command()
-def coordinator(
-    host: Annotated[str | None, typer.Option(help="Listen address [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [5000].")] = None,
-    base_model: Annotated[str | None, typer.Option(help="HF id, local path or 'tiny'.")] = None,
-    experts: Annotated[str | None, typer.Option(help="Comma-separated expert names.")] = None,
-    state_dir: Annotated[
-        Path | None, typer.Option(help="Ledger + adapters (default: ./fedmoe_state).")
-    ] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank [8].")] = None,
-    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha [16].")] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout [0].")] = None,
-    lora_target_modules: Annotated[str | None, typer.Option(help="Comma-separated.")] = None,
-    lora_seed: Annotated[int | None, typer.Option(help="Initial adapter seed [0].")] = None,
-    server_lr: Annotated[float | None, typer.Option(help="η of the update rule [1.0].")] = None,
-    staleness: Annotated[
-        str | None, typer.Option(help="inverse|constant|polynomial|hinge|exponential.")
-    ] = None,
-    staleness_a: Annotated[float | None, typer.Option(help="Parameter a of s(τ).")] = None,
-    staleness_b: Annotated[int | None, typer.Option(help="Parameter b (hinge).")] = None,
-    max_staleness: Annotated[int | None, typer.Option(help="Refuse staler updates (409).")] = None,
-    merge_method: Annotated[str | None, typer.Option(help="Gateway merge: cat|linear|svd.")] = None,
-    gateway_weights: Annotated[
-        str | None, typer.Option(help="e.g. python_expert=2,sql_expert=1")
-    ] = None,
-    max_update_norm: Annotated[
-        float | None, typer.Option(help="Bound on an update's norm.")
-    ] = None,
-    norm_policy: Annotated[str | None, typer.Option(help="clip|reject.")] = None,
-    gateway_file_interval: Annotated[
-        float | None, typer.Option(help="Seconds between gateway file writes [5].")
-    ] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(help="Upload size limit.")] = None,
-    auth_token: TokenOpt = None,
-    tokens_file: Annotated[Path | None, typer.Option(help="JSON tokens file.")] = None,
-    insecure: Annotated[
-        bool, typer.Option("--insecure", help="Allow no auth off loopback.")
-    ] = False,
-    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate.")] = None,
-    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS key.")] = None,
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
-) -> None:
+@settings_command(CoordinatorSettings, fail)
+def coordinator(settings: CoordinatorSettings, log_level: LogLevelOpt = "INFO") -> None:
     """Run the coordinator (HTTP API v1) until SIGINT/SIGTERM."""
-    given: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
-    from pydantic import ValidationError
-
     from fedmoe.api.server import serve
     from fedmoe.coordinator.errors import StateDirError
-    from fedmoe.coordinator.settings import CoordinatorSettings
 
-    given.pop("log_level")
-    for key in ("experts", "lora_target_modules"):
-        if key in given:
-            given[key] = _csv(given[key])
-    if "gateway_weights" in given:
-        given["gateway_weights"] = _weights(given["gateway_weights"])
-    if not insecure:
-        given.pop("insecure")
     setup_logging(log_level)
     try:
-        settings = CoordinatorSettings(**given)
         serve(settings)
-    except ValidationError as error:
-        fail(
-            "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
-            )
-        )
     except (StateDirError, ValueError, OSError) as error:
         fail(str(error))
 
 
 @app.command()
+@settings_command(WorkerOptions, fail)
 def worker(
-    worker_id: Annotated[str, typer.Option(help="Unique name of this worker.")],
-    specialty: Annotated[str, typer.Option(help="The expert it trains, e.g. python_expert.")],
-    dataset: Annotated[Path, typer.Option(help="Local JSONL training data.")],
-    coordinator_url: UrlOpt = DEFAULT_URL,
-    sync_interval: Annotated[float, typer.Option(help="Seconds between uploads.")] = 10.0,
-    eval_dataset: Annotated[Path | None, typer.Option(help="Validation JSONL.")] = None,
-    validation_fraction: Annotated[float, typer.Option(help="Held-out share.")] = 0.1,
-    base_model: Annotated[str | None, typer.Option(help="Default: the coordinator's.")] = None,
-    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
-    lr: Annotated[float | None, typer.Option(help="AdamW lr [1e-2 tiny, 2e-4 else].")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 8,
-    max_length: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
-    seed: Annotated[int, typer.Option(help="Data order seed.")] = 0,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.")] = None,
-    max_seconds: Annotated[
-        float | None, typer.Option(help="Stop after training N seconds.")
-    ] = None,
-    upload_dtype: Annotated[str, typer.Option(help="float32|bfloat16|float16.")] = "float32",
+    settings: WorkerOptions,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
-    slowdown: Annotated[float, typer.Option(help="Emulate a slower machine (x).")] = 1.0,
     summary_json: Annotated[Path | None, typer.Option(help="Write the summary here.")] = None,
-    auth_token: TokenOpt = None,
-    ca_cert: CaOpt = None,
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Train one expert on local data and sync it every --sync-interval seconds."""
     import httpx
     import torch
 
-    from fedmoe.config import TrainSettings
     from fedmoe.data import DataFormatError
     from fedmoe.worker.job import FatalSyncError, WorkerJob
-    from fedmoe.worker.options import WorkerOptions
     from fedmoe.worker.trainer import TrainingDiverged
 
     setup_logging(log_level)
     if threads:
         torch.set_num_threads(threads)
-    try:
-        train = TrainSettings(
-            learning_rate=lr,
-            batch_size=batch_size,
-            max_length=max_length,
-            grad_accum=grad_accum,
-            seed=seed,
-        )
-        options = WorkerOptions(
-            coordinator_url=coordinator_url,
-            worker_id=worker_id,
-            specialty=specialty,
-            dataset=dataset,
-            eval_dataset=eval_dataset,
-            validation_fraction=validation_fraction,
-            sync_interval=sync_interval,
-            base_model=base_model,
-            device=device,
-            train=train,
-            max_steps=max_steps,
-            max_seconds=max_seconds,
-            upload_dtype=upload_dtype,
-            auth_token=auth_token,
-            ca_cert=ca_cert,
-            slowdown=slowdown,
-        )
-    except ValueError as error:
-        fail(str(error))
-    job = WorkerJob(options)
+    job = WorkerJob(settings)
     _stop_on_signals(job.request_stop)
     try:
         summary = job.run()
     except (DataFormatError, FatalSyncError, TrainingDiverged, OSError) as error:
         fail(str(error))
     except httpx.TransportError as error:
-        fail(f"coordinator {coordinator_url} unreachable: {error}", code=1)
+        fail(f"coordinator {settings.coordinator_url} unreachable: {error}", code=1)
     if summary_json:
         summary_json.write_text(json.dumps(summary, indent=2))
 
@@ -240,7 +121,7 @@ def _stop_on_signals(stop: Any) -> None:
 
 @app.command()
 def status(
-    coordinator_url: UrlOpt = DEFAULT_URL,
+    coordinator_url: UrlOpt = DEFAULT_COORDINATOR_URL,
     auth_token: TokenOpt = None,
     ca_cert: CaOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False,
@@ -263,7 +144,7 @@ def status(
 
 @app.command()
 def gateway(
-    coordinator_url: UrlOpt = DEFAULT_URL,
+    coordinator_url: UrlOpt = DEFAULT_COORDINATOR_URL,
     auth_token: TokenOpt = None,
     ca_cert: CaOpt = None,
     output: Annotated[Path | None, typer.Option(help="Write a PEFT adapter directory.")] = None,

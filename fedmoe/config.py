@@ -1,49 +1,47 @@
-"""Configuration dataclasses shared by the coordinator and the workers.
+"""Configuration models shared by the coordinator and the workers.
 
-Each field carries its help text in ``metadata["help"]`` and is validated in
-``__post_init__`` with an error that names the parameter and the fix.
+Each field's ``description`` is its help text (the CLI, ``--help`` and the README's
+option tables are generated from it) and is validated by pydantic, with an error that
+names the field.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from peft import LoraConfig, TaskType
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedmoe.fields import Flag
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class LoraSettings:
+class LoraSettings(BaseModel):
     """Shape and initialisation of every expert's LoRA adapter."""
 
-    rank: int = field(default=8, metadata={"help": "LoRA rank r of every adapted projection."})
-    alpha: float = field(
-        default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha/r."}
-    )
-    dropout: float = field(
-        default=0.0, metadata={"help": "Dropout on the LoRA input while training."}
-    )
-    target_modules: tuple[str, ...] = field(
-        default=ALL_PROJECTIONS,
-        metadata={"help": "Module names to adapt; default: all attention and MLP projections."},
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the shared initial adapter."})
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        modules = tuple(self.target_modules)
-        if not modules or any(not isinstance(m, str) or not m for m in modules):
+    rank: int = Field(8, ge=1, description="LoRA rank r of every adapted projection.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input while training.")
+    target_modules: tuple[str, ...] = Field(
+        ALL_PROJECTIONS,
+        validate_default=True,
+        description="Module names to adapt; default: all attention and MLP projections.",
+    )
+    seed: int = Field(0, description="Seed of the shared initial adapter.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_modules(cls, modules: tuple[str, ...]) -> tuple[str, ...]:
+        if not modules or any(not m for m in modules):
             raise ValueError(
                 f"lora target_modules must be a non-empty list of module names, got {modules!r}"
             )
-        object.__setattr__(self, "target_modules", tuple(sorted(set(modules))))
+        return tuple(sorted(set(modules)))
 
     @property
     def scaling(self) -> float:
@@ -52,6 +50,8 @@ class LoraSettings:
 
     def to_peft(self, *, rank: int | None = None, alpha: float | None = None) -> LoraConfig:
         """Return the PEFT ``LoraConfig`` (optionally at another rank/alpha, for merges)."""
+        from peft import LoraConfig, TaskType  # peft loads transformers: only when needed
+
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=rank or self.rank,
@@ -63,20 +63,15 @@ class LoraSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (what workers send when they register)."""
-        data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        return data
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraSettings:
         """Build settings from a dict such as ``to_dict`` returns; unknown keys are errors."""
-        unknown = set(data) - {"rank", "alpha", "dropout", "target_modules", "seed"}
+        unknown = set(data) - set(cls.model_fields)
         if unknown:
             raise ValueError(f"unknown lora_config keys: {sorted(unknown)}")
-        values = dict(data)
-        if "target_modules" in values:
-            values["target_modules"] = tuple(values["target_modules"])
-        return cls(**values)
+        return cls.model_validate(data)
 
     def differences(self, other: LoraSettings) -> list[str]:
         """List the fields that change the adapter's shape or scaling and differ."""
@@ -92,34 +87,23 @@ TINY_LEARNING_RATE = 1e-2
 MODEL_LEARNING_RATE = 2e-4
 
 
-@dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(BaseModel):
     """How a worker trains its expert locally between syncs."""
 
-    learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "AdamW learning rate; default 1e-2 for the tiny preset, else 2e-4."},
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per micro-batch."})
-    max_length: int = field(default=256, metadata={"help": "Tokens per sequence (truncated)."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 disables."})
-    seed: int = field(default=0, metadata={"help": "Seed of data order and dropout."})
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        for name in ("batch_size", "max_length", "grad_accum"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be at least 8 tokens, got {self.max_length}")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0 disables), got {self.max_grad_norm!r}")
+    learning_rate: Annotated[float | None, Flag(name="lr")] = Field(
+        None,
+        gt=0,
+        description=f"AdamW learning rate; default {TINY_LEARNING_RATE:g} for the tiny preset, "
+        f"else {MODEL_LEARNING_RATE:g}.",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    max_length: int = Field(256, ge=8, description="Tokens per sequence (truncated; at least 8).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
+    seed: int = Field(0, description="Seed of data order and dropout.")
 
     def learning_rate_for(self, base_model: str) -> float:
         """The learning rate to use: the explicit one, else the preset's default."""

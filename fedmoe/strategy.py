@@ -16,16 +16,22 @@ import torch
 
 from fedmoe import aggregate
 from fedmoe.config import LoraSettings
+from fedmoe.fields import (
+    MERGE_METHODS,
+    STALENESS_KINDS,
+    MergeMethod,
+    StalenessKind,
+    check_staleness_parameters,
+)
 
-STALENESS_KINDS = ("inverse", "constant", "polynomial", "hinge", "exponential")
-MERGE_METHODS = ("cat", "linear", "svd")
+__all__ = ["MERGE_METHODS", "STALENESS_KINDS", "GatewayMerge", "StalenessDecay"]
 
 
 @dataclass(frozen=True)
 class StalenessDecay:
     """s(τ) for one of the named decay functions; ``a`` and ``b`` are its parameters."""
 
-    kind: str = "inverse"
+    kind: StalenessKind = "inverse"
     a: float | None = None
     b: int | None = None
 
@@ -36,6 +42,7 @@ class StalenessDecay:
             raise ValueError(f"staleness parameter a must be finite and >= 0, got {self.a!r}")
         if self.b is not None and self.b < 0:
             raise ValueError(f"staleness parameter b must be >= 0, got {self.b!r}")
+        check_staleness_parameters(self.kind, self.a, self.b)
 
     def _function(self) -> Callable[[int], float]:
         table: dict[str, Callable[..., float]] = {
@@ -46,9 +53,9 @@ class StalenessDecay:
             "exponential": aggregate.exponential_decay,
         }
         kwargs: dict[str, Any] = {}
-        if self.a is not None and self.kind != "constant":
+        if self.a is not None:
             kwargs["a"] = self.a
-        if self.b is not None and self.kind == "hinge":
+        if self.b is not None:
             kwargs["b"] = self.b
         function = table[self.kind]
         return lambda tau: function(tau, **kwargs)
@@ -67,7 +74,7 @@ class StalenessDecay:
 class GatewayMerge:
     """Combine experts into the gateway adapter with one of ``MERGE_METHODS``."""
 
-    def __init__(self, *, method: str = "cat", lora: LoraSettings) -> None:
+    def __init__(self, *, method: MergeMethod = "cat", lora: LoraSettings) -> None:
         if method not in MERGE_METHODS:
             raise ValueError(f"merge method must be one of {MERGE_METHODS}, got {method!r}")
         self.method = method

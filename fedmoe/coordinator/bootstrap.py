@@ -30,7 +30,7 @@ def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
 
 def _open_locked(settings: CoordinatorSettings) -> CentralCoordinator:
     base = load_base_model(settings.base_model, device="cpu")
-    initial = initial_adapter(base, settings.lora())
+    initial = initial_adapter(base, settings.lora)
     fingerprint = base.fingerprint
     del base  # the coordinator never runs the model; free its memory
     ledger = Ledger(settings.state_dir / "ledger.sqlite3")

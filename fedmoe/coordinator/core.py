@@ -49,7 +49,7 @@ class CentralCoordinator:
         self.settings = settings
         self.base_model = base_model
         self.fingerprint = fingerprint
-        self.lora: LoraSettings = settings.lora()
+        self.lora: LoraSettings = settings.lora
         self.schema: AdapterSchema = schema_of(initial)
         self.decay = settings.staleness_decay()
         self.merger = GatewayMerge(method=settings.merge_method, lora=self.lora)

@@ -7,20 +7,35 @@ no authentication, unless the user asks for it explicitly with ``insecure``.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from fedmoe.config import ALL_PROJECTIONS, LoraSettings
-from fedmoe.coordinator.store import NAME_PATTERN
-from fedmoe.strategy import MERGE_METHODS, STALENESS_KINDS, StalenessDecay
+from fedmoe.config import LoraSettings
+from fedmoe.fields import (
+    EXPERT_NAME,
+    FlatEnvSource,
+    MergeMethod,
+    NormPolicy,
+    StalenessKind,
+    check_staleness_parameters,
+)
+
+if TYPE_CHECKING:
+    from fedmoe.strategy import StalenessDecay
 
 DEFAULT_EXPERTS = ("python_expert", "sql_expert", "docs_expert")
 
 
 class CoordinatorSettings(BaseSettings):
-    """Everything the coordinator process needs; each field is a CLI flag too."""
+    """Everything the coordinator process needs; each field is a CLI flag too.
+
+    The ``fedmoe coordinator`` options, their help and the README's option table are
+    generated from these fields (``fedmoe.settings_cli``): a new field is a new flag.
+    """
 
     model_config = SettingsConfigDict(env_prefix="FEDMOE_", extra="forbid")
 
@@ -32,19 +47,23 @@ class CoordinatorSettings(BaseSettings):
     base_model: str = Field("tiny", description="HF id, local path, or the 'tiny' preset.")
     experts: list[str] = Field(list(DEFAULT_EXPERTS), description="Expert (specialty) names.")
     state_dir: Path = Field(Path("fedmoe_state"), description="Ledger and adapter files.")
-    lora_rank: int = Field(8, ge=1, description="LoRA rank of every expert.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout used by workers.")
-    lora_target_modules: list[str] = Field(list(ALL_PROJECTIONS), description="Adapted modules.")
-    lora_seed: int = Field(0, description="Seed of the shared initial adapter.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="The LoRA adapter every expert shares."
+    )
     server_lr: float = Field(1.0, gt=0, description="η in θ ← θ + η·s(τ)·Δ.")
-    staleness: str = Field("inverse", description=f"s(τ): one of {STALENESS_KINDS}.")
-    staleness_a: float | None = Field(None, ge=0, description="Parameter a of s(τ).")
-    staleness_b: int | None = Field(None, ge=0, description="Parameter b of the hinge s(τ).")
-    max_staleness: int | None = Field(None, ge=0, description="Refuse updates staler than this.")
-    merge_method: str = Field("cat", description=f"Gateway merge: one of {MERGE_METHODS}.")
+    staleness: StalenessKind = Field("inverse", description="The staleness decay s(τ).")
+    staleness_a: float | None = Field(
+        None, ge=0, description="Parameter a of s(τ) (not for 'constant')."
+    )
+    staleness_b: int | None = Field(None, ge=0, description="Parameter b of the 'hinge' s(τ).")
+    max_staleness: int | None = Field(
+        None, ge=0, description="Refuse updates staler than this (409)."
+    )
+    merge_method: MergeMethod = Field("cat", description="How experts merge into the gateway.")
     gateway_weights: dict[str, float] = Field(
-        default_factory=dict, description="Per-expert gateway weights (default uniform)."
+        default_factory=dict,
+        description="Per-expert gateway weights, e.g. python_expert=2,sql_expert=1 "
+        "(default uniform).",
     )
     gateway_file_interval: float = Field(
         5.0,
@@ -53,7 +72,9 @@ class CoordinatorSettings(BaseSettings):
         "(0: every version); API reads always get the newest gateway.",
     )
     max_update_norm: float | None = Field(None, gt=0, description="Bound on an update's L2 norm.")
-    norm_policy: str = Field("clip", description="Over the bound: 'clip' or 'reject'.")
+    norm_policy: NormPolicy = Field(
+        "clip", description="What happens to an update over --max-update-norm."
+    )
     max_body_bytes: int | None = Field(
         None, gt=0, description="Upload size limit (default: 4x the float32 adapter + 64 KiB)."
     )
@@ -68,9 +89,9 @@ class CoordinatorSettings(BaseSettings):
     def _check_experts(cls, experts: list[str]) -> list[str]:
         if not experts:
             raise ValueError("at least one expert name is required")
-        bad = [name for name in experts if not NAME_PATTERN.match(name) or name == "gateway"]
+        bad = [name for name in experts if not EXPERT_NAME.match(name) or name == "gateway"]
         if bad:
-            raise ValueError(f"expert names must match {NAME_PATTERN.pattern}, got {bad}")
+            raise ValueError(f"expert names must match {EXPERT_NAME.pattern}, got {bad}")
         if len(set(experts)) != len(experts):
             raise ValueError(f"expert names must be unique, got {experts}")
         return experts
@@ -85,26 +106,43 @@ class CoordinatorSettings(BaseSettings):
             )
         return token
 
-    @field_validator("merge_method")
     @classmethod
-    def _check_merge(cls, method: str) -> str:
-        if method not in MERGE_METHODS:
-            raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {method!r}")
-        return method
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then ``FEDMOE_<FLAG>`` variables read as the flags are."""
+        return (init_settings, FlatEnvSource(settings_cls, os.environ), file_secret_settings)
 
-    @field_validator("norm_policy")
+    @model_validator(mode="before")
     @classmethod
-    def _check_norm_policy(cls, policy: str) -> str:
-        if policy not in ("clip", "reject"):
-            raise ValueError(f"norm_policy must be 'clip' or 'reject', got {policy!r}")
-        return policy
+    def _nest_lora(cls, data: Any) -> Any:
+        """Accept ``lora_rank=8`` (the flag's and the variable's name) for ``lora.rank``."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in data if k.startswith("lora_")}
+        if not flat:
+            return data
+        nested = {k: v for k, v in data.items() if k not in flat}
+        lora = nested.get("lora", {})
+        lora = lora.model_dump() if isinstance(lora, LoraSettings) else dict(lora)
+        nested["lora"] = {**lora, **{k.removeprefix("lora_"): v for k, v in flat.items()}}
+        return nested
 
     @model_validator(mode="after")
     def _check_consistency(self) -> CoordinatorSettings:
         if not self.host:
             # With a token the seed's quick commands work across machines unchanged.
             self.host = "0.0.0.0" if self.auth_enabled else "127.0.0.1"
-        self.staleness_decay()  # raises a ValueError naming the bad parameter
+        check_staleness_parameters(
+            self.staleness, self.staleness_a, self.staleness_b, label="staleness_"
+        )
+        if "norm_policy" in self.model_fields_set and self.max_update_norm is None:
+            raise ValueError("norm_policy has no effect without max_update_norm")
         unknown = sorted(set(self.gateway_weights) - set(self.experts))
         if unknown:
             raise ValueError(f"gateway_weights name unknown experts {unknown}")
@@ -135,18 +173,10 @@ class CoordinatorSettings(BaseSettings):
         """Whether any bearer token is configured."""
         return self.auth_token is not None or self.tokens_file is not None
 
-    def lora(self) -> LoraSettings:
-        """The LoRA settings every expert shares."""
-        return LoraSettings(
-            rank=self.lora_rank,
-            alpha=self.lora_alpha,
-            dropout=self.lora_dropout,
-            target_modules=tuple(self.lora_target_modules),
-            seed=self.lora_seed,
-        )
-
     def staleness_decay(self) -> StalenessDecay:
         """The configured s(τ)."""
+        from fedmoe.strategy import StalenessDecay  # torch: not needed to read settings
+
         return StalenessDecay(kind=self.staleness, a=self.staleness_a, b=self.staleness_b)
 
     def expert_weights(self) -> list[float]:

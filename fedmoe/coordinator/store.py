@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from fedmoe.adapters import atomic_write, encode_adapter
+from fedmoe.fields import EXPERT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class GatewaySource(Protocol):
         """The gateway adapter as safetensors bytes."""
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = EXPERT_NAME
 
 
 class AdapterStore:

@@ -1,68 +1,72 @@
-"""Everything a worker is told on its command line, validated up front."""
+"""Everything a worker is told on its command line, validated up front.
+
+The ``fedmoe worker`` options, their help and the README's option table are generated
+from these fields (``fedmoe.settings_cli``): a new field is a new flag.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedmoe.config import TrainSettings
+from fedmoe.fields import (
+    DEFAULT_COORDINATOR_URL,
+    DEVICE_PATTERN,
+    UPLOAD_DTYPES,
+    Flag,
+    UploadDtype,
+    WorkerId,
+)
 
-UPLOAD_DTYPES = ("float32", "bfloat16", "float16")
-WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+__all__ = ["UPLOAD_DTYPES", "WorkerOptions"]
 
 
-@dataclass(frozen=True)
-class WorkerOptions:
+class WorkerOptions(BaseModel):
     """One worker: which coordinator, which expert, which data, how often to sync."""
 
-    coordinator_url: str = field(metadata={"help": "e.g. http://127.0.0.1:5000"})
-    worker_id: str = field(metadata={"help": "Unique name of this worker."})
-    specialty: str = field(metadata={"help": "The expert this worker trains."})
-    dataset: Path = field(metadata={"help": "Local JSONL training data."})
-    eval_dataset: Path | None = field(default=None, metadata={"help": "Validation JSONL."})
-    validation_fraction: float = field(
-        default=0.1, metadata={"help": "Held-out share of the dataset when no eval set is given."}
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    coordinator_url: str = Field(
+        DEFAULT_COORDINATOR_URL,
+        pattern=r"^https?://",
+        description="Coordinator base URL (http:// or https://).",
     )
-    sync_interval: float = field(default=10.0, metadata={"help": "Seconds between uploads."})
-    base_model: str | None = field(
-        default=None, metadata={"help": "HF id, path or 'tiny'; default: the coordinator's."}
+    worker_id: WorkerId = Field(description="Unique name of this worker.")
+    specialty: str = Field(description="The expert this worker trains, e.g. python_expert.")
+    dataset: Path = Field(description="Local JSONL training data.")
+    eval_dataset: Path | None = Field(None, description="Validation JSONL.")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Held-out share of --dataset when no --eval-dataset."
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps."})
-    train: TrainSettings = field(default_factory=TrainSettings)
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many steps."})
-    max_seconds: float | None = field(
-        default=None, metadata={"help": "Stop after training this many seconds."}
+    sync_interval: float = Field(10.0, gt=0, description="Seconds between uploads.")
+    base_model: str | None = Field(
+        None, description="HF id, local path or 'tiny'; default: the coordinator's."
     )
-    upload_dtype: str = field(default="float32", metadata={"help": "dtype of uploaded deltas."})
-    auth_token: str | None = field(default=None, metadata={"help": "Bearer token."})
-    ca_cert: Path | None = field(default=None, metadata={"help": "CA bundle for TLS."})
-    max_backoff: float = field(default=30.0, metadata={"help": "Longest retry wait (s)."})
-    slowdown: float = field(
-        default=1.0,
-        metadata={"help": "Emulate a slower machine: each step takes this many times longer."},
+    device: str = Field(
+        "auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda, cuda:N, mps or xpu."
+    )
+    train: Annotated[TrainSettings, Flag(prefix="")] = Field(
+        default_factory=TrainSettings, description="Local training."
+    )
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Stop after training this many seconds."
+    )
+    upload_dtype: UploadDtype = Field("float32", description="dtype of uploaded deltas.")
+    auth_token: str | None = Field(None, description="Bearer token.")
+    ca_cert: Path | None = Field(None, description="CA bundle to verify the coordinator's TLS.")
+    max_backoff: float = Field(30.0, gt=0, description="Longest retry wait (s).")
+    slowdown: float = Field(
+        1.0, ge=1.0, description="Emulate a slower machine: each step takes this many times longer."
     )
 
-    def __post_init__(self) -> None:
-        if not self.coordinator_url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"coordinator_url must start with http:// or https://, got {self.coordinator_url!r}"
-            )
-        if not WORKER_ID.match(self.worker_id):
-            raise ValueError(f"worker_id must match {WORKER_ID.pattern}, got {self.worker_id!r}")
-        if self.sync_interval <= 0:
-            raise ValueError(f"sync_interval must be > 0 seconds, got {self.sync_interval}")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(
-                f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
-            )
-        if self.upload_dtype not in UPLOAD_DTYPES:
-            raise ValueError(
-                f"upload_dtype must be one of {UPLOAD_DTYPES}, got {self.upload_dtype!r}"
-            )
-        if self.slowdown < 1.0:
-            raise ValueError(f"slowdown must be >= 1.0, got {self.slowdown}")
-        for name in ("max_steps", "max_seconds"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 when given, got {value}")
+    @model_validator(mode="after")
+    def _check_ignored(self) -> WorkerOptions:
+        if {"eval_dataset", "validation_fraction"} <= self.model_fields_set and (
+            self.eval_dataset is not None
+        ):
+            raise ValueError("validation_fraction has no effect when eval_dataset is given")
+        return self
