@@ -138,8 +138,3 @@ def merge_svd(
         merged[key_b] = (u[:, :rank] * root).float().contiguous()
         merged[key_a] = (root[:, None] * vh[:rank]).float().contiguous()
     return merged
-
-
-def lora_products(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """B·A for every adapted module, keyed by the module's lora_A key (for checks)."""
-    return {key_a: state[key_b] @ state[key_a] for key_a, key_b in lora_pairs(state)}

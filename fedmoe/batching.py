@@ -24,7 +24,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class TokenizedExample:
-    """Token ids and labels (``-100`` where no loss is taken) of one example."""
+    """Token ids and labels (``IGNORE_INDEX`` where no loss is taken) of one example."""
 
     input_ids: list[int]
     labels: list[int]
@@ -92,7 +92,7 @@ def example_segments(example: Example, tokenizer: Any = None) -> tuple[tuple[str
 def tokenize_example(
     example: Example, tokenizer: Any, *, max_length: int, add_eos: bool = True
 ) -> TokenizedExample:
-    """Tokenise segment by segment; labels are the ids where trainable, ``-100`` elsewhere.
+    """Tokenise segment by segment; labels are the ids where trainable, ``IGNORE_INDEX`` elsewhere.
 
     A BOS token is prepended if the tokenizer normally adds one; EOS is appended (trainable
     when the last segment is) unless already present; the result is cut to ``max_length``.
@@ -151,14 +151,6 @@ def tokenize_training_set(
     return kept
 
 
-def resolve_pad_token_id(tokenizer: Any) -> int:
-    """Return the tokenizer's pad token id, falling back to its EOS token id."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    raise ValueError("tokenizer has neither a pad token nor an EOS token")
-
-
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
     if not batch:
@@ -176,7 +168,7 @@ def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, t
 
 
 def count_trainable_tokens(batch: dict[str, torch.Tensor] | Sequence[TokenizedExample]) -> int:
-    """Count the targets a causal-LM loss is taken over: labels ``!= -100`` at positions >= 1.
+    """Count the targets a causal-LM loss is taken over: labels not ``IGNORE_INDEX``, from 1.
 
     Position 0 is excluded because the model shifts labels left by one, so the first label is
     never predicted. Accepts a collated batch or a list of :class:`TokenizedExample`.

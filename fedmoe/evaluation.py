@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from fedmoe.batching import TokenizedExample, collate, iterate_batches
-from fedmoe.worker.trainer import autocast_for, causal_lm_loss
+from fedmoe.batching import TokenizedExample, collate, count_trainable_tokens, iterate_batches
+from fedmoe.loss import autocast_for, causal_lm_loss
 
 
 @torch.no_grad()
@@ -31,6 +31,6 @@ def validation_loss(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
         total += float(causal_lm_loss(logits, batch["labels"], reduction="sum"))
-        count += int((batch["labels"][:, 1:] != -100).sum())
+        count += count_trainable_tokens(batch)
     model.train(was_training)
     return total / max(count, 1)

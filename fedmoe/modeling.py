@@ -63,13 +63,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def training_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the device supports it well, else float32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def load_base_model(
     name: str, *, device: str = "auto", dtype: torch.dtype | None = None
 ) -> BaseModel:
@@ -119,18 +112,6 @@ def fingerprint_model(model: PreTrainedModel) -> str:
         raw = tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
         weights.update(raw.numpy().tobytes())
     return f"config:{config_hash}/weights:{weights.hexdigest()[:16]}"
-
-
-def fingerprint_differences(ours: str, theirs: str) -> list[str]:
-    """Which parts (config, weights) of two fingerprints differ."""
-    mine, other = dict(_parts(ours)), dict(_parts(theirs))
-    if set(mine) != set(other):
-        return [f"fingerprint format differs: {ours!r} vs {theirs!r}"]
-    return [f"base model {part} differs" for part in mine if mine[part] != other[part]]
-
-
-def _parts(fingerprint: str) -> list[tuple[str, str]]:
-    return [tuple(piece.split(":", 1)) for piece in fingerprint.split("/") if ":" in piece]
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraSettings) -> PeftModel:

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from fedmoe.batching import collate, tokenize_examples
+from fedmoe.batching import IGNORE_INDEX, collate, tokenize_examples
 from fedmoe.data import load_examples
 from fedmoe.demo_data import write_demo_datasets
+from fedmoe.loss import causal_lm_loss
 from fedmoe.modeling import load_base_model
-from fedmoe.worker.trainer import causal_lm_loss
 
 
 def test_loss_matches_the_models_own_loss_with_prompt_masking(tmp_path) -> None:
@@ -21,13 +21,13 @@ def test_loss_matches_the_models_own_loss_with_prompt_masking(tmp_path) -> None:
         load_examples(paths["sql_expert"][0]), base.tokenizer, max_length=512
     )
     batch = collate(examples[:4], base.tokenizer.pad_token_id)
-    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    assert (batch["labels"] == IGNORE_INDEX).any() and (batch["labels"] != IGNORE_INDEX).any()
     with torch.no_grad():
         output = base.model(**batch)  # transformers computes its loss from labels=
     ours = causal_lm_loss(output.logits, batch["labels"])
     torch.testing.assert_close(ours, output.loss, rtol=1e-5, atol=1e-6)
     total = causal_lm_loss(output.logits, batch["labels"], reduction="sum")
-    counted = int((batch["labels"][:, 1:] != -100).sum())
+    counted = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(total / counted, output.loss, rtol=1e-5, atol=1e-6)
 
 

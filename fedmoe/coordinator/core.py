@@ -27,7 +27,7 @@ from fedmoe.coordinator.versions import (
     UpdateRequest,
     Versioned,
 )
-from fedmoe.modeling import fingerprint_differences
+from fedmoe.fingerprint import fingerprint_differences
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)

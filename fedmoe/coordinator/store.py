@@ -18,7 +18,6 @@ from typing import Protocol
 import torch
 
 from fedmoe.adapters import atomic_write, encode_adapter
-from fedmoe.fields import EXPERT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +29,6 @@ class GatewaySource(Protocol):
 
     def encoded(self) -> bytes:
         """The gateway adapter as safetensors bytes."""
-
-
-NAME_PATTERN = EXPERT_NAME
 
 
 class AdapterStore:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from peft import PeftModel
 
 from fedmoe.batching import BatchStream, TokenizedExample, collate, count_trainable_tokens
 from fedmoe.config import TrainSettings
+from fedmoe.loss import autocast_for, causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -35,30 +35,6 @@ class StepResult:
     loss: float
     tokens: int
     skipped: bool = False
-
-
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    """Next-token cross entropy; label -100 marks positions that carry no loss.
-
-    The labels are shifted left (the last position gets -100) instead of slicing the
-    logits, so the logits (batch × length × vocabulary) are never copied.
-    """
-    shifted_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)),
-        shifted_labels.reshape(-1),
-        ignore_index=-100,
-        reduction=reduction,
-    )
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA devices that support it; otherwise nothing."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class LocalTrainer:
