@@ -25,6 +25,7 @@ test: setup lint
 lint: setup
 	$(BIN)/ruff check fedmoe tests benchmarks *.py
 	$(BIN)/ruff format --check fedmoe tests benchmarks *.py
+	$(BIN)/mypy
 
 # The long measurements (about 20 minutes in all on 2 CPU cores); each writes its section
 # of benchmarks/RESULTS.md. bench-quick is a smoke run that writes nothing.

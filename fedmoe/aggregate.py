@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 
@@ -86,7 +87,10 @@ def weighted_average(
 ) -> AdapterState:
     """Σ_k w_k·state_k, tensor by tensor (weights are used as given)."""
     keys = states[0].keys()
-    return {key: sum(w * s[key] for w, s in zip(weights, states)) for key in keys}
+    # sum() starts from the int 0, so mypy sees Tensor | int; the result is a tensor.
+    return {
+        key: cast(torch.Tensor, sum(w * s[key] for w, s in zip(weights, states))) for key in keys
+    }
 
 
 # --- gateway merges --------------------------------------------------------------------------

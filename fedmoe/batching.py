@@ -32,9 +32,10 @@ class TokenizedExample:
 
 def _render(tokenizer: Any, messages: Sequence[tuple[str, str]], generation: bool) -> str:
     conversation = [{"role": role, "content": content} for role, content in messages]
-    return tokenizer.apply_chat_template(
+    text = tokenizer.apply_chat_template(
         conversation, tokenize=False, add_generation_prompt=generation
     )
+    return str(text)
 
 
 def _assistant_span(

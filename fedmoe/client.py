@@ -41,7 +41,8 @@ class CoordinatorClient:
         timeout: float = 60.0,
     ) -> None:
         token = token or os.environ.get(TOKEN_ENV) or None
-        ca_cert = ca_cert or os.environ.get(CA_CERT_ENV) or None
+        env_ca_cert = os.environ.get(CA_CERT_ENV)
+        ca_cert = ca_cert or (Path(env_ca_cert) if env_ca_cert else None)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),

@@ -22,6 +22,7 @@ import torch
 from peft import PeftModel
 
 from fedmoe.adapters import write_peft_dir
+from fedmoe.aggregate import AdapterState
 from fedmoe.batching import tokenize_examples
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
@@ -38,10 +39,10 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
     """Poll ``/healthz`` until it answers; fail early if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,7 +68,7 @@ class DemoRun:
     merge_method: str = "cat"
     train_count: int = 400
     validation_count: int = 60
-    processes: list[subprocess.Popen] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def setup(self) -> None:
         """Generate the datasets and start the coordinator."""
@@ -99,7 +100,7 @@ class DemoRun:
         wait_healthy(self.url, coordinator)
         logger.info("coordinator up at %s", self.url)
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         log = open(self.output / "logs" / f"{name}.log", "w")  # noqa: SIM115 - lives with the process
         process = subprocess.Popen(
@@ -185,7 +186,9 @@ class DemoRun:
             )
         return self._loss_table(adapters)
 
-    def _export(self, name: str, state: dict, lora: LoraSettings, rank: int, alpha: float) -> Path:
+    def _export(
+        self, name: str, state: AdapterState, lora: LoraSettings, rank: int, alpha: float
+    ) -> Path:
         return write_peft_dir(
             state,
             lora,

@@ -141,7 +141,11 @@ def _identifier(rng: random.Random) -> str:
 
 def _python(rng: random.Random) -> dict[str, Any]:
     task, sig, doc, body = rng.choice(_PY_TASKS)
-    fields = {"a": rng.choice(_ARGS), "k": rng.randint(2, 9), "p": rng.choice("abcxyz")}
+    fields: dict[str, Any] = {
+        "a": rng.choice(_ARGS),
+        "k": rng.randint(2, 9),
+        "p": rng.choice("abcxyz"),
+    }
     fields["m"] = fields["k"] - 1
     name = _identifier(rng)
     prompt = f"Write a Python function `{name}` that {task.format(**fields)}."

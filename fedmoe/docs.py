@@ -50,8 +50,9 @@ def render(text: str) -> str:
         )
         if not pattern.search(text):
             raise ValueError(f"README has no <!-- options:{name} --> ... markers")
-        table = option_table(name)
-        text = pattern.sub(lambda m, table=table: m.group(1) + table + m.group(2), text)
+        match = pattern.search(text)
+        assert match is not None
+        text = text[: match.end(1)] + option_table(name) + text[match.start(2) :]
     return text
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def run_subcommand(name: str, script: str) -> None:
@@ -22,4 +23,5 @@ def run_subcommand(name: str, script: str) -> None:
         if venv_python.exists() and Path(sys.prefix).resolve() != venv_python.parents[1].resolve():
             os.execv(venv_python, [str(venv_python), script, *sys.argv[1:]])
         raise
-    get_command(app).commands[name].main(args=sys.argv[1:], prog_name=Path(script).name)
+    command: Any = get_command(app)  # a group: one subcommand per fedmoe command
+    command.commands[name].main(args=sys.argv[1:], prog_name=Path(script).name)

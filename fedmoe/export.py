@@ -81,4 +81,6 @@ def generate(model: PeftModel, tokenizer: Any, prompt: str, *, max_new_tokens: i
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return str(
+        tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    )

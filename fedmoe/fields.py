@@ -28,9 +28,9 @@ MergeMethod = Literal["cat", "linear", "svd"]
 NormPolicy = Literal["clip", "reject"]
 UploadDtype = Literal["float32", "bfloat16", "float16"]
 
-STALENESS_KINDS: tuple[str, ...] = get_args(StalenessKind)
-MERGE_METHODS: tuple[str, ...] = get_args(MergeMethod)
-UPLOAD_DTYPES: tuple[str, ...] = get_args(UploadDtype)
+STALENESS_KINDS: tuple[StalenessKind, ...] = get_args(StalenessKind)
+MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
+UPLOAD_DTYPES: tuple[UploadDtype, ...] = get_args(UploadDtype)
 
 #: The parameters each staleness decay reads; any other one given would be ignored.
 STALENESS_PARAMETERS: dict[str, tuple[str, ...]] = {

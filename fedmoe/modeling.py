@@ -48,7 +48,7 @@ class BaseModel:
 
     name: str
     model: PreTrainedModel
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (fast or slow, per model)
     fingerprint: str
 
 

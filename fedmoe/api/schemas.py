@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
-from fedmoe.fields import ID_PATTERN
+from fedmoe.fields import ID_PATTERN as ID_PATTERN  # re-exported for the routes
 
 
 def _plain_decimal(value: object) -> object:

@@ -72,7 +72,7 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -86,7 +86,7 @@ class Ledger:
         with self._lock, self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
-    def _transaction(self) -> sqlite3.Connection:
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
     def expert_rows(self) -> dict[str, dict[str, int]]:
@@ -134,6 +134,7 @@ class Ledger:
                 "UPDATE experts SET version = ?, accepted = accepted + 1 WHERE name = ?",
                 (record.expert_version, record.expert),
             )
+            assert record.gateway_version is not None, "an accepted update has a gateway version"
             self._write_gateway(record.gateway_version, built_from)
             self._touch_worker(record)
 
@@ -210,5 +211,5 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
