@@ -130,6 +130,24 @@ def nest(values: Iterable[tuple[FlatField, Any]]) -> dict[str, Any]:
     return data
 
 
+def nest_flat_names(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with nested fields given by their flat names moved under their parents.
+
+    So ``CoordinatorSettings(lora_rank=4)`` means ``lora.rank``, as ``--lora-rank`` does;
+    a flat name wins over the same field inside a parent given as a dict or model.
+    """
+    flat = [f for f in flat_fields(model) if len(f.path) > 1 and f.name in data]
+    out = {key: value for key, value in data.items() if key not in {f.name for f in flat}}
+    for field in flat:
+        node = out
+        for key in field.path[:-1]:
+            parent = node.get(key, {})
+            node[key] = parent.model_dump() if isinstance(parent, BaseModel) else dict(parent)
+            node = node[key]
+        node[field.path[-1]] = data[field.name]
+    return out
+
+
 def parse_text(field: FlatField, text: str) -> Any:
     """A flag's or variable's text as the field's value: lists ``a,b``, dicts ``a=1,b=2``.
 

@@ -170,7 +170,10 @@ def settings_command(
         ]
         clash = {p.name for p in own} & {f.name for f in fields}
         if clash:
-            raise TypeError(f"{sorted(clash)} are declared by hand and by {model.__name__}")
+            raise TypeError(
+                f"options {sorted(clash)} are generated from {model.__name__}: "
+                "remove the hand-written ones"
+            )
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> None:

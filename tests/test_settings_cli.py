@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from fedmoe import docs
 from fedmoe.cli import app, fail
+from fedmoe.config import LoraSettings
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.fields import ID_PATTERN, flat_fields
 from fedmoe.settings_cli import settings_command
@@ -155,8 +156,20 @@ def test_a_new_settings_field_is_a_new_flag_and_variable_with_nothing_else() -> 
 
 def test_nested_lora_variables_and_flat_keyword_arguments_reach_lora(monkeypatch) -> None:
     monkeypatch.setenv("FEDMOE_LORA_ALPHA", "4")
+    monkeypatch.setenv("FEDMOE_LORA_TARGET_MODULES", '["v_proj"]')  # JSON, as before
     settings = CoordinatorSettings(lora_rank=2)
     assert (settings.lora.rank, settings.lora.alpha) == (2, 4.0)
+    assert settings.lora.target_modules == ("v_proj",)
+    explicit = CoordinatorSettings(lora=LoraSettings(alpha=2.0, seed=5), lora_rank=3)
+    assert (explicit.lora.rank, explicit.lora.alpha, explicit.lora.seed) == (3, 2.0, 5)
+
+
+def test_an_option_written_by_hand_as_well_is_refused_at_import() -> None:
+    def command(settings: Any, port: int = 1) -> None:
+        """Unused."""
+
+    with pytest.raises(TypeError, match=r"\['port'\] are generated from CoordinatorSettings"):
+        settings_command(CoordinatorSettings, fail)(command)
 
 
 def test_readme_option_tables_are_up_to_date() -> None:

@@ -22,6 +22,7 @@ from fedmoe.fields import (
     NormPolicy,
     StalenessKind,
     check_staleness_parameters,
+    nest_flat_names,
 )
 
 if TYPE_CHECKING:
@@ -120,18 +121,9 @@ class CoordinatorSettings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _nest_lora(cls, data: Any) -> Any:
+    def _nest_flat_names(cls, data: Any) -> Any:
         """Accept ``lora_rank=8`` (the flag's and the variable's name) for ``lora.rank``."""
-        if not isinstance(data, dict):
-            return data
-        flat = {k: data[k] for k in data if k.startswith("lora_")}
-        if not flat:
-            return data
-        nested = {k: v for k, v in data.items() if k not in flat}
-        lora = nested.get("lora", {})
-        lora = lora.model_dump() if isinstance(lora, LoraSettings) else dict(lora)
-        nested["lora"] = {**lora, **{k.removeprefix("lora_"): v for k, v in flat.items()}}
-        return nested
+        return nest_flat_names(cls, data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check_consistency(self) -> CoordinatorSettings:
