@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -13,7 +13,7 @@ from rich.console import Console
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.fields import DEFAULT_COORDINATOR_URL
 from fedmoe.logs import setup_logging
-from fedmoe.settings_cli import settings_command
+from fedmoe.settings_cli import field_option, settings_command
 from fedmoe.views import (
     print_loss_table,
     print_status,
@@ -30,24 +30,16 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-UrlOpt = Annotated[
-    str,
-    typer.Option(
-        "--coordinator-url", envvar="FEDMOE_COORDINATOR_URL", help="Coordinator base URL."
-    ),
-]
-TokenOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--auth-token", envvar="FEDMOE_AUTH_TOKEN", help="Bearer token.", show_default=False
-    ),
-]
-CaOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--ca-cert", envvar="FEDMOE_CA_CERT", help="CA bundle to verify the coordinator's TLS."
-    ),
-]
+# The client options of `status` and `gateway` are the worker's fields of the same name
+# (typer reads these annotations at run time; mypy only needs the value types).
+if TYPE_CHECKING:
+    UrlOpt = str
+    TokenOpt = str | None
+    CaOpt = Path | None
+else:
+    UrlOpt = field_option(WorkerOptions, "coordinator_url")
+    TokenOpt = field_option(WorkerOptions, "auth_token")
+    CaOpt = field_option(WorkerOptions, "ca_cert")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -17,7 +17,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -94,6 +94,20 @@ def _option(field: FlatField) -> inspect.Parameter:
     return inspect.Parameter(
         field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
     )
+
+
+def field_option(model: type[BaseModel], name: str) -> Any:
+    """``Annotated[type, typer.Option(...)]`` for one field, for a command that takes it alone.
+
+    ``fedmoe status`` and ``fedmoe gateway`` take the worker's ``--coordinator-url``,
+    ``--auth-token`` and ``--ca-cert`` this way: same flag, help and variable.
+    """
+    field = next(f for f in flat_fields(model) if f.name == name)
+    option = typer.Option(field.flag, help=field.info.description, envvar=field.env)
+    annotation = _typer_type(field)
+    if field.info.get_default() is None:
+        annotation = annotation | None
+    return Annotated[annotation, option]
 
 
 def _field_doc(field: FlatField) -> OptionDoc:
