@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from typing import Any
 
@@ -10,10 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.types import Scope
 
 from fedmoe import __version__
 from fedmoe.api.routes import experts, gateway, health, status, workers
-from fedmoe.api.schemas import ErrorBody
+from fedmoe.api.guard import BodyGuardMiddleware
+from fedmoe.api.schemas import ErrorBody, error_responses
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.auth import TokenRegistry
@@ -30,6 +35,7 @@ STATUS_OF = {
     errors.RejectedUpdateError: (422, "rejected_update"),
     errors.DuplicateUpdateIdError: (409, "duplicate_update_id"),
     errors.ForbiddenError: (403, "forbidden"),
+    errors.TooManyWorkersError: (429, "too_many_workers"),
 }
 CODE_OF_STATUS = {
     400: "bad_request",
@@ -37,19 +43,35 @@ CODE_OF_STATUS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     422: "invalid_request",
 }
+UPLOAD_PATH = re.compile(r"/v1/experts/[^/]+/updates")
 
 
 def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> FastAPI:
     """An app serving ``coordinator``; every request is authenticated by ``registry``."""
     app = FastAPI(title="FedMoE coordinator", version=__version__)
     app.state.coordinator = coordinator
-    for module in (health, status, workers, experts, gateway):
-        app.include_router(module.router)
+    app.include_router(health.router, responses=error_responses(408, 413))
+    for module in (status, workers, experts, gateway):
+        app.include_router(module.router, responses=error_responses(401, 408, 413))
+
+    def limit_for(scope: Scope) -> int:
+        if scope["method"] == "POST" and UPLOAD_PATH.fullmatch(scope["path"]):
+            return coordinator.max_body_bytes
+        return coordinator.settings.max_registration_bytes
+
+    # Added last, so outermost: the token is checked before the body's size is looked at.
+    app.add_middleware(
+        BodyGuardMiddleware,
+        limit_for=limit_for,
+        body_timeout=lambda: coordinator.settings.body_timeout,
+    )
     app.add_middleware(BearerAuthMiddleware, registry=registry)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(errors.CoordinatorError, _coordinator_error)
     for storage_error in (OSError, sqlite3.Error):
         app.add_exception_handler(storage_error, _storage_error)
@@ -94,6 +116,15 @@ def _document_error_bodies(app: FastAPI) -> None:
 
 def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _client_disconnect(request: Request, _: Exception) -> Response:
+    # A worker stopped or lost its network mid-upload: normal, nothing was applied.
+    client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    logger.info(
+        "%s disconnected during %s %s; nothing applied", client, request.method, request.url.path
+    )
+    return Response(status_code=400)  # never delivered: the client is gone
 
 
 async def _coordinator_error(_: Request, error: Exception) -> JSONResponse:
