@@ -368,7 +368,7 @@ def test_openapi_documents_security_errors_and_binary_bodies(guarded) -> None:
     for path in ("/v1/status", "/v1/schema", "/v1/ledger"):
         ok = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
         assert "$ref" in json.dumps(ok["schema"]), path
-    for path in (f"/v1/experts/{{name}}/adapter", "/v1/gateway/adapter"):
+    for path in ("/v1/experts/{name}/adapter", "/v1/gateway/adapter"):
         ok = spec["paths"][path]["get"]["responses"]["200"]["content"]
         assert ok["application/octet-stream"]["schema"]["format"] == "binary", path
         assert "application/json" not in ok, path

@@ -16,8 +16,8 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from fedmoe import __version__
-from fedmoe.api.routes import experts, gateway, health, status, workers
 from fedmoe.api.guard import BodyGuardMiddleware
+from fedmoe.api.routes import experts, gateway, health, status, workers
 from fedmoe.api.schemas import ErrorBody, error_responses
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
@@ -103,7 +103,7 @@ def _document_error_bodies(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document = replace_refs(generate())
+            document = _errors_as_json(replace_refs(generate()))
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
@@ -112,6 +112,23 @@ def _document_error_bodies(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _errors_as_json(document: dict[str, Any]) -> dict[str, Any]:
+    """Error bodies are JSON even where the success is binary (FastAPI gives every response
+    the route's media type)."""
+    ours = f"#/components/schemas/{ErrorBody.__name__}"
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for answer in operation.get("responses", {}).values():
+                content = answer.get("content", {})
+                for media_type, body in list(content.items()):
+                    if (
+                        media_type != "application/json"
+                        and body.get("schema", {}).get("$ref") == ours
+                    ):
+                        content["application/json"] = content.pop(media_type)
+    return document
 
 
 def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:

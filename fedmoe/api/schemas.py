@@ -51,8 +51,11 @@ def _finite_non_negative(value: float) -> float:
 
 
 DecimalInt = Annotated[int, BeforeValidator(_plain_decimal)]
-# ge=0 puts "minimum: 0" in the OpenAPI document: what the header accepts is what it says
-FiniteLoss = Annotated[float, Field(ge=0), AfterValidator(_finite_non_negative)]
+# "minimum: 0" in the OpenAPI document says what the header accepts; the check itself is
+# _finite_non_negative's, whose message also covers nan and inf
+FiniteLoss = Annotated[
+    float, Field(json_schema_extra={"minimum": 0}), AfterValidator(_finite_non_negative)
+]
 
 ERROR_MEANING = {
     400: "Malformed request.",

@@ -23,7 +23,6 @@ from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState, apply_update
 from fedmoe.batching import tokenize_examples, tokenize_training_set
 from fedmoe.client import ApiError, CoordinatorClient
-from fedmoe.schemas import UpdateAck
 from fedmoe.config import LoraSettings
 from fedmoe.data import load_examples, split_examples
 from fedmoe.evaluation import validation_loss
@@ -34,6 +33,7 @@ from fedmoe.modeling import (
     load_base_model,
     resolve_device,
 )
+from fedmoe.schemas import UpdateAck
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
 from fedmoe.worker.trainer import LocalTrainer

@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1", tags=["workers"])
 @router.post(
     "/workers",
     response_model=RegistrationAck,
-    responses=error_responses(403, 404, 409, 429, 503),
+    responses=error_responses(400, 403, 404, 409, 429, 503),
 )
 async def register_worker(
     body: WorkerRegistration, coordinator: CoordinatorDep, principal: PrincipalDep
