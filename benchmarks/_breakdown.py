@@ -29,10 +29,10 @@ from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
-from fedmoe.schemas import LoraConfigBody, WorkerRegistration
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.versions import UpdateRequest, Versioned
+from fedmoe.schemas import LoraConfigBody, WorkerRegistration
 from fedmoe.strategy import GatewayMerge
 
 

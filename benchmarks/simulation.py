@@ -31,8 +31,8 @@ from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
 from fedmoe.demo_data import DOMAINS
-from fedmoe.schemas import LoraConfigBody, UpdateAck, WorkerRegistration
 from fedmoe.modeling import adapter_state, attach_lora, load_adapter_state, load_base_model
+from fedmoe.schemas import LoraConfigBody, UpdateAck, WorkerRegistration
 from fedmoe.worker.trainer import LocalTrainer, StepResult
 
 # --- workers on a shared model ---------------------------------------------------------------
