@@ -104,6 +104,21 @@ def coordinator(
         float | None, typer.Option(help="Seconds between gateway file writes [5].")
     ] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="Upload size limit.")] = None,
+    max_registration_bytes: Annotated[
+        int | None, typer.Option(help="Body limit of any request but an upload [16384].")
+    ] = None,
+    max_workers: Annotated[
+        int | None, typer.Option(help="Most registered workers (then 429) [10000].")
+    ] = None,
+    worker_ttl: Annotated[
+        float | None, typer.Option(help="Forget workers idle this many seconds, 0 never [604800].")
+    ] = None,
+    header_timeout: Annotated[
+        float | None, typer.Option(help="Seconds to send a request's headers [10].")
+    ] = None,
+    body_timeout: Annotated[
+        float | None, typer.Option(help="Most seconds between body pieces, then 408 [30].")
+    ] = None,
     auth_token: TokenOpt = None,
     tokens_file: Annotated[Path | None, typer.Option(help="JSON tokens file.")] = None,
     insecure: Annotated[

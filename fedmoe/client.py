@@ -54,7 +54,8 @@ class CoordinatorClient:
         timeout: float = 60.0,
     ) -> None:
         token = token or os.environ.get(TOKEN_ENV) or None
-        ca_cert = ca_cert or os.environ.get(CA_CERT_ENV) or None
+        if ca_cert is None and os.environ.get(CA_CERT_ENV):
+            ca_cert = Path(os.environ[CA_CERT_ENV])
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),

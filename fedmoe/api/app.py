@@ -26,7 +26,7 @@ from fedmoe.coordinator.core import CentralCoordinator
 
 logger = logging.getLogger(__name__)
 
-STATUS_OF = {
+STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     errors.UnknownExpertError: (404, "unknown_expert"),
     errors.UnknownWorkerError: (409, "unknown_worker"),
     errors.IncompatibleWorkerError: (409, "incompatible_worker"),
@@ -131,7 +131,9 @@ def _errors_as_json(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+def _error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -160,12 +162,14 @@ async def _storage_error(_: Request, error: Exception) -> JSONResponse:
     return _error(503, "storage_unavailable", detail, {"Retry-After": "5"})
 
 
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
     code = CODE_OF_STATUS.get(error.status_code, "error")
     return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None))
 
 
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item.get("loc", ()))

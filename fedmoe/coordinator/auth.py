@@ -17,6 +17,7 @@ import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROLES = ("admin", "worker")
 
@@ -98,11 +99,11 @@ def _entry_digest(path: Path, index: int, item: object) -> str:
     if isinstance(item.get("token"), str) and len(item["token"]) >= 16:
         return _digest(item["token"])
     if isinstance(item.get("sha256"), str) and len(item["sha256"]) == 64:
-        return item["sha256"].lower()
+        return str(item["sha256"]).lower()
     raise ValueError(f"{path}: tokens[{index}] needs a 'token' of 16+ characters or a 'sha256'")
 
 
-def _entry_principal(path: Path, index: int, item: dict) -> Principal:
+def _entry_principal(path: Path, index: int, item: dict[str, Any]) -> Principal:
     role = item.get("role", "worker")
     if role not in ROLES:
         raise ValueError(f"{path}: tokens[{index}].role must be one of {ROLES}, got {role!r}")

@@ -426,7 +426,7 @@ class CentralCoordinator:
             base_model=self.base_model,
             base_model_fingerprint=self.fingerprint,
             lora_config=LoraConfigBody.model_validate(self.lora.to_dict()),
-            peft_config=self.lora.to_peft().to_dict()
+            peft_config=self.lora.to_peft().to_dict()  # type: ignore[no-untyped-call]
             | {"target_modules": list(self.lora.target_modules)},
             tensors={key: list(shape) for key, shape in self.schema.items()},
             max_body_bytes=self.max_body_bytes,

@@ -115,7 +115,7 @@ class Ledger:
         with self._lock:
             self._db.close()
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
@@ -129,7 +129,7 @@ class Ledger:
         with self._lock, self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
-    def _transaction(self) -> sqlite3.Connection:
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
     def expert_rows(self) -> dict[str, dict[str, int]]:
@@ -178,6 +178,7 @@ class Ledger:
                 "UPDATE experts SET version = ?, accepted = accepted + 1 WHERE name = ?",
                 (record.expert_version, record.expert),
             )
+            assert record.gateway_version is not None
             self._write_gateway(record.gateway_version, built_from)
             self._touch_worker(record)
 
@@ -254,7 +255,7 @@ class Ledger:
         return [LedgerRow.model_validate(dict(zip(names, row))) for row in rows]
 
 
-def _worker_info(row: tuple) -> WorkerInfo:
+def _worker_info(row: tuple[Any, ...]) -> WorkerInfo:
     names = [name.strip() for name in WORKER_COLUMNS.split(",")]
     return WorkerInfo.model_validate(dict(zip(names, row)))
 
@@ -269,5 +270,5 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
