@@ -58,7 +58,7 @@ def uvicorn_config(app: ASGIApp, settings: CoordinatorSettings, **options: Any) 
     return uvicorn.Config(
         app,
         http=header_timeout_protocol(settings.header_timeout),
-        # h11 refuses a request head over 16 KiB (431) before any of it reaches the app
+        # h11 holds at most 16 KiB of an incomplete request head (then 400 and close)
         h11_max_incomplete_event_size=16 * 1024,
         ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
