@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -30,6 +29,7 @@ from fedmoe.coordinator.versions import (
     UpdateRequest,
     Versioned,
 )
+from fedmoe.coordinator.workers import WorkerRegistry
 from fedmoe.modeling import fingerprint_differences
 from fedmoe.schemas import (
     ExpertStatus,
@@ -42,7 +42,6 @@ from fedmoe.schemas import (
     StalenessInfo,
     StatusInfo,
     UpdateAck,
-    WorkerInfo,
     WorkerRegistration,
 )
 from fedmoe.strategy import GatewayMerge
@@ -76,7 +75,9 @@ class CentralCoordinator:
         # gateway versions and guards the swap of ``experts`` / ``gateway``.
         self._expert_locks = {name: threading.Lock() for name in settings.experts}
         self._commit_lock = threading.Lock()
-        self._registration_lock = threading.Lock()  # the worker count, checked then raised
+        self.workers = WorkerRegistry(
+            ledger, max_workers=settings.max_workers, worker_ttl=settings.worker_ttl
+        )
         self.state_lock: TextIO | None = None  # see lock_state_dir
         self.run_id = restore.check_identity(
             ledger, settings.state_dir, fingerprint=fingerprint, lora=self.lora
@@ -157,16 +158,7 @@ class CentralCoordinator:
             raise errors.IncompatibleWorkerError(
                 f"worker {worker_id} is incompatible with this coordinator: " + "; ".join(problems)
             )
-        with self._registration_lock:
-            known = self._live_worker(worker_id)
-            if known is not None and known.specialty != specialty and not may_change_expert:
-                raise errors.ForbiddenError(
-                    f"worker {worker_id!r} is registered for {known.specialty!r}; moving it to "
-                    f"{specialty!r} needs an admin token (or register a new worker id)"
-                )
-            if known is None:
-                self._make_room(worker_id)
-            self.ledger.upsert_worker(worker_id, specialty)
+        self.workers.admit(worker_id, specialty, may_change_expert=may_change_expert)
         logger.info("worker %s registered for %s", worker_id, specialty)
         return RegistrationAck(
             worker_id=worker_id,
@@ -175,49 +167,12 @@ class CentralCoordinator:
             run_id=self.run_id,
         )
 
-    def _make_room(self, worker_id: str) -> None:
-        """Forget idle workers; refuse a new one when ``max_workers`` are still registered."""
-        self._forget_idle_workers()
-        total = sum(self.ledger.worker_counts().values())
-        if total >= self.settings.max_workers:
-            raise errors.TooManyWorkersError(
-                f"cannot register {worker_id!r}: the coordinator has {total} workers, its "
-                f"max_workers; workers idle for worker_ttl={self.settings.worker_ttl:g}s are "
-                "forgotten, or raise --max-workers"
-            )
-
-    def _forget_idle_workers(self) -> None:
-        ttl = self.settings.worker_ttl
-        if ttl > 0:
-            forgotten = self.ledger.forget_workers(time.time() - ttl)
-            if forgotten:
-                logger.info("forgot %d worker(s) not seen for %gs", forgotten, ttl)
-
-    def _live_worker(self, worker_id: str) -> WorkerInfo | None:
-        """The worker's row, or None if it never registered or was idle past ``worker_ttl``."""
-        worker = self.ledger.worker(worker_id)
-        ttl = self.settings.worker_ttl
-        if worker is not None and ttl > 0 and worker.last_seen < time.time() - ttl:
-            return None
-        return worker
-
     def _expert(self, name: str) -> Versioned:
         if name not in self.experts:
             raise errors.UnknownExpertError(
                 f"unknown expert {name!r}; this coordinator has {sorted(self.experts)}"
             )
         return self.experts[name]
-
-    def _check_worker(self, worker_id: str, expert: str) -> None:
-        worker = self._live_worker(worker_id)
-        if worker is None:
-            raise errors.UnknownWorkerError(
-                f"worker {worker_id!r} is not registered; POST /v1/workers first"
-            )
-        if worker.specialty != expert:
-            raise errors.ForbiddenError(
-                f"worker {worker_id!r} is registered for {worker.specialty!r}, not {expert!r}"
-            )
 
     # --- updates ---------------------------------------------------------------------------
 
@@ -229,7 +184,7 @@ class CentralCoordinator:
         (policy rejections are recorded in the ledger, nothing else changes).
         """
         self._expert(request.expert)
-        self._check_worker(request.worker_id, request.expert)
+        self.workers.check(request.worker_id, request.expert)
         replay = self._replay(request)
         if replay is not None:
             return replay
@@ -445,7 +400,7 @@ class CentralCoordinator:
 
     def status(self, *, workers_offset: int = 0, workers_limit: int = 1000) -> StatusInfo:
         """Experts, gateway, a page of the workers, base model and LoRA config."""
-        self._forget_idle_workers()
+        self.workers.forget_idle()
         rows, counts = self.ledger.expert_rows(), self.ledger.worker_counts()
         workers = self.ledger.workers(offset=workers_offset, limit=workers_limit)
         experts = {
