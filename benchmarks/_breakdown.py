@@ -32,6 +32,7 @@ from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.versions import UpdateRequest, Versioned
+from fedmoe.schemas import LoraConfigBody, WorkerRegistration
 from fedmoe.strategy import GatewayMerge
 
 
@@ -97,10 +98,12 @@ def phase_breakdown(initial: dict, rank: int, repeat: int) -> dict[str, float]:
         ledger.upsert_worker("w", "e0")
         coordinator = _coordinator(root / "coord", initial, rank, 3)
         coordinator.register_worker(
-            worker_id="w",
-            specialty="e0",
-            fingerprint=coordinator.fingerprint,
-            lora=coordinator.lora.to_dict(),
+            WorkerRegistration(
+                worker_id="w",
+                specialty="e0",
+                base_model_fingerprint=coordinator.fingerprint,
+                lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
+            )
         )
         counter = iter(range(10**9))
 
@@ -109,8 +112,8 @@ def phase_breakdown(initial: dict, rank: int, repeat: int) -> dict[str, float]:
                 update_id=uuid.uuid4().hex, worker_id="w", expert="e0", base_version=0,
                 staleness=0, weight=1.0, update_norm=1.0, clipped=False, train_loss=1.0,
                 num_tokens=1, accepted=True, expert_version=1, gateway_version=1,
-                response={"ok": True},
             )  # fmt: skip
+            record.response = record.acknowledgement()
             ledger.commit_accepted(record, {"merge_method": "cat"})
 
         def submit() -> None:
@@ -171,7 +174,7 @@ def memory_run(
         start_memory = proc_memory(srv.pid)
         with CoordinatorClient(srv.url, timeout=600) as client:
             schema = client.schema()
-            shapes = {key: tuple(shape) for key, shape in schema["tensors"].items()}
+            shapes = {key: tuple(shape) for key, shape in schema.tensors.items()}
             body = encode_adapter(random_delta(shapes), dtype=torch.bfloat16)
             names = [f"e{i}" for i in range(experts)]
             versions = {}
@@ -179,9 +182,9 @@ def memory_run(
                 versions[name] = client.register(
                     worker_id=f"m-{name}",
                     specialty=name,
-                    fingerprint=schema["base_model_fingerprint"],
-                    lora_config=schema["lora_config"],
-                )["expert_version"]
+                    fingerprint=schema.base_model_fingerprint,
+                    lora_config=schema.lora_config,
+                ).expert_version
             latencies = []
             for round_ in range(updates_each):
                 for name in names:
@@ -196,7 +199,7 @@ def memory_run(
                         train_loss=1.0,
                     )
                     latencies.append(time.perf_counter() - start)
-                    versions[name] = ack["version"]
+                    versions[name] = ack.version
             after_updates = proc_memory(srv.pid)
             start = time.perf_counter()
             _, gateway_bytes, _ = client.download("/v1/gateway/adapter")

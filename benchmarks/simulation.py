@@ -32,6 +32,7 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
 from fedmoe.demo_data import DOMAINS
 from fedmoe.modeling import adapter_state, attach_lora, load_adapter_state, load_base_model
+from fedmoe.schemas import LoraConfigBody, UpdateAck, WorkerRegistration
 from fedmoe.worker.trainer import LocalTrainer, StepResult
 
 # --- workers on a shared model ---------------------------------------------------------------
@@ -151,10 +152,12 @@ class Coordinator:
     def register(self, worker: SimWorker) -> None:
         """Register the worker and give it the expert's current version."""
         self.core.register_worker(
-            worker_id=worker.name,
-            specialty=worker.expert,
-            fingerprint=self.core.fingerprint,
-            lora=self.lora,
+            WorkerRegistration(
+                worker_id=worker.name,
+                specialty=worker.expert,
+                base_model_fingerprint=self.core.fingerprint,
+                lora_config=LoraConfigBody.model_validate(self.lora),
+            )
         )
         worker.base_version, worker.pulled = self.pull(worker.expert)
 
@@ -163,7 +166,7 @@ class Coordinator:
         current = self.core.experts[expert]
         return current.version, current.state
 
-    def upload(self, worker: SimWorker, delta: AdapterState) -> dict:
+    def upload(self, worker: SimWorker, delta: AdapterState) -> UpdateAck:
         """Submit ``delta`` as the worker's update (safetensors bytes, as over HTTP)."""
         losses = worker.window_losses
         return self.core.submit_update(
@@ -237,8 +240,8 @@ def run_async(
             snapshot = bench.state_of(worker)
             delta = {key: snapshot[key] - worker.pulled[key] for key in snapshot}
             ack = coordinator.upload(worker, delta)
-            worker.staleness.append(ack["staleness"])
-            worker.weights.append(ack["weight"])
+            worker.staleness.append(ack.staleness)
+            worker.weights.append(ack.weight)
             worker.window_tokens, worker.window_losses = 0, []
             worker.base_version, worker.pulled = coordinator.pull(worker.expert)
             bench.set_state(worker, worker.pulled)

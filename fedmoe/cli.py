@@ -128,7 +128,7 @@ def status(
     except (httpx.HTTPError, ApiError) as error:
         fail(f"cannot read status from {coordinator_url}: {error}", code=1)
     if as_json:
-        console.print_json(json.dumps(data))
+        console.print_json(data.model_dump_json())
         return
     print_status(console, data)
 
@@ -157,11 +157,11 @@ def gateway(
         with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
             info = client.gateway_info()
             console.print(
-                f"gateway version {info['version']}, merge method "
-                f"{info['merge_method']}, rank {info['lora_rank']}"
+                f"gateway version {info.version}, merge method "
+                f"{info.merge_method}, rank {info.lora_rank}"
             )
-            for name, version in info["expert_versions"].items():
-                console.print(f"  {name}: version {version}, weight {info['weights'][name]:.3f}")
+            for name, version in info.expert_versions.items():
+                console.print(f"  {name}: version {version}, weight {info.weights[name]:.3f}")
             if output is None and prompt is None:
                 return
             directory = output or Path(tempfile.mkdtemp(prefix="fedmoe-adapter-"))

@@ -8,6 +8,19 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from fedmoe.schemas import (
+    ExpertSummary,
+    GatewayInfo,
+    Health,
+    LedgerRow,
+    LoraConfigBody,
+    RegistrationAck,
+    SchemaInfo,
+    StatusInfo,
+    UpdateAck,
+    WorkerRegistration,
+)
+
 if TYPE_CHECKING:  # importing torch makes the CLI's `status` slow, so only for types
     from fedmoe.adapters import AdapterSchema
     from fedmoe.aggregate import AdapterState
@@ -67,41 +80,51 @@ class CoordinatorClient:
             raise _api_error(response)
         return response
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> Health:
         """``GET /healthz``."""
-        return self._call("GET", "/healthz").json()
+        return Health.model_validate(self._call("GET", "/healthz").json())
 
-    def status(self) -> dict[str, Any]:
-        """``GET /v1/status``."""
-        return self._call("GET", "/v1/status").json()
+    def status(self, *, workers_limit: int | None = None, workers_offset: int = 0) -> StatusInfo:
+        """``GET /v1/status`` (one page of the workers: the server's default size if None)."""
+        params: dict[str, int] = {"workers_offset": workers_offset} if workers_offset else {}
+        if workers_limit is not None:
+            params["workers_limit"] = workers_limit
+        return StatusInfo.model_validate(self._call("GET", "/v1/status", params=params).json())
 
-    def schema(self) -> dict[str, Any]:
+    def schema(self) -> SchemaInfo:
         """``GET /v1/schema``: base model, fingerprint, LoRA config, tensor shapes."""
-        return self._call("GET", "/v1/schema").json()
+        return SchemaInfo.model_validate(self._call("GET", "/v1/schema").json())
 
-    def ledger(self, limit: int = 1000) -> list[dict[str, Any]]:
+    def ledger(self, limit: int = 1000) -> list[LedgerRow]:
         """``GET /v1/ledger`` (admin): newest update records first."""
-        return self._call("GET", "/v1/ledger", params={"limit": limit}).json()
+        rows = self._call("GET", "/v1/ledger", params={"limit": limit}).json()
+        return [LedgerRow.model_validate(row) for row in rows]
 
     def register(
-        self, *, worker_id: str, specialty: str, fingerprint: str, lora_config: dict[str, Any]
-    ) -> dict[str, Any]:
+        self,
+        *,
+        worker_id: str,
+        specialty: str,
+        fingerprint: str,
+        lora_config: LoraConfigBody | dict[str, Any],
+    ) -> RegistrationAck:
         """``POST /v1/workers``."""
-        body = {
-            "worker_id": worker_id,
-            "specialty": specialty,
-            "base_model_fingerprint": fingerprint,
-            "lora_config": lora_config,
-        }
-        return self._call("POST", "/v1/workers", json=body).json()
+        body = WorkerRegistration(
+            worker_id=worker_id,
+            specialty=specialty,
+            base_model_fingerprint=fingerprint,
+            lora_config=LoraConfigBody.model_validate(lora_config),
+        )
+        answer = self._call("POST", "/v1/workers", json=body.model_dump(mode="json"))
+        return RegistrationAck.model_validate(answer.json())
 
-    def experts(self) -> list[dict[str, Any]]:
+    def experts(self) -> list[ExpertSummary]:
         """``GET /v1/experts``."""
-        return self._call("GET", "/v1/experts").json()
+        return [ExpertSummary.model_validate(e) for e in self._call("GET", "/v1/experts").json()]
 
-    def gateway_info(self) -> dict[str, Any]:
+    def gateway_info(self) -> GatewayInfo:
         """``GET /v1/gateway``."""
-        return self._call("GET", "/v1/gateway").json()
+        return GatewayInfo.model_validate(self._call("GET", "/v1/gateway").json())
 
     def download(self, path: str, etag: str | None = None) -> tuple[int, bytes | None, str]:
         """GET an adapter: (version, bytes or None when unchanged since ``etag``, etag)."""
@@ -128,7 +151,7 @@ class CoordinatorClient:
         base_version: int,
         num_tokens: int,
         train_loss: float | None,
-    ) -> dict[str, Any]:
+    ) -> UpdateAck:
         """``POST /v1/experts/{expert}/updates`` with a safetensors delta."""
         headers = {
             "Content-Type": "application/octet-stream",
@@ -139,9 +162,8 @@ class CoordinatorClient:
         }
         if train_loss is not None:
             headers["X-FedMoE-Train-Loss"] = repr(float(train_loss))
-        return self._call(
-            "POST", f"/v1/experts/{expert}/updates", content=body, headers=headers
-        ).json()
+        answer = self._call("POST", f"/v1/experts/{expert}/updates", content=body, headers=headers)
+        return UpdateAck.model_validate(answer.json())
 
 
 def _api_error(response: httpx.Response) -> ApiError:

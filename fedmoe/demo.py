@@ -166,13 +166,13 @@ class DemoRun:
         """Validation loss per domain for the base, each expert and each gateway merge."""
         with CoordinatorClient(self.url) as client:
             schema = client.schema()
-            shapes = {k: tuple(v) for k, v in schema["tensors"].items()}
+            shapes = {k: tuple(v) for k, v in schema.tensors.items()}
             experts = {d: client.expert_adapter(d, shapes)[1] for d in DOMAINS}
             self.gateway_dir = self.output / "gateway"
             from fedmoe.export import fetch_adapter_dir
 
             fetch_adapter_dir(client, self.gateway_dir)
-        lora = LoraSettings.from_dict(schema["lora_config"])
+        lora = LoraSettings.from_dict(schema.lora_config.model_dump())
         adapters = {
             f"expert:{d}": self._export(d, state, lora, lora.rank, lora.alpha)
             for d, state in experts.items()

@@ -25,11 +25,11 @@ def fetch_adapter_dir(
     Returns what was written: name, version, rank, alpha and the directory.
     """
     schema = client.schema()
-    lora = LoraSettings.from_dict(schema["lora_config"])
+    lora = LoraSettings.from_dict(schema.lora_config.model_dump())
     if expert is None:
         info = client.gateway_info()
         version, body, _ = client.download("/v1/gateway/adapter")
-        rank, alpha, name = info["lora_rank"], info["lora_alpha"], "gateway"
+        rank, alpha, name = info.lora_rank, info.lora_alpha, "gateway"
     else:
         version, body, _ = client.download(f"/v1/experts/{expert}/adapter")
         rank, alpha, name = lora.rank, lora.alpha, expert
@@ -39,7 +39,7 @@ def fetch_adapter_dir(
         state,
         lora,
         directory,
-        base_model=schema["base_model"],
+        base_model=schema.base_model,
         rank=rank,
         alpha=alpha,
         metadata={"fedmoe_name": name, "fedmoe_version": str(version)},
@@ -51,7 +51,7 @@ def fetch_adapter_dir(
         "rank": rank,
         "alpha": alpha,
         "directory": str(directory),
-        "base_model": schema["base_model"],
+        "base_model": schema.base_model,
     }
 
 

@@ -9,54 +9,58 @@ from typing import Any
 from rich.console import Console
 from rich.table import Column, Table
 
+from fedmoe.schemas import StatusInfo
 
-def print_status(console: Console, data: dict[str, Any]) -> None:
+
+def print_status(console: Console, data: StatusInfo) -> None:
     """Experts, gateway and workers from ``GET /v1/status`` as tables."""
-    console.print(f"[bold]base model[/] {data['base_model']}  {data['base_model_fingerprint']}")
-    console.print(f"[bold]LoRA[/] {data['lora_config']}")
+    console.print(f"[bold]base model[/] {data.base_model}  {data.base_model_fingerprint}")
+    console.print(f"[bold]LoRA[/] {data.lora_config.model_dump()}")
     experts = Table(
-        Column("expert", overflow="fold", min_width=_widest(data["experts"])),
+        Column("expert", overflow="fold", min_width=_widest(data.experts)),
         "version",
         "applied",
         "rejected",
         Column("workers", overflow="fold"),
         title="experts",
     )
-    for name, e in data["experts"].items():
+    for name, e in data.experts.items():
         experts.add_row(
             name,
-            str(e["version"]),
-            str(e["updates_applied"]),
-            str(e["updates_rejected"]),
-            ", ".join(e["workers"]),
+            str(e.version),
+            str(e.updates_applied),
+            str(e.updates_rejected),
+            ", ".join(e.workers),
         )
     console.print(experts)
-    g = data["gateway"]
+    g = data.gateway
     console.print(
-        f"[bold]gateway[/] v{g['version']} merge={g['merge_method']} "
-        f"rank={g['lora_rank']} weights={g['weights']} from={g['expert_versions']}"
+        f"[bold]gateway[/] v{g.version} merge={g.merge_method} "
+        f"rank={g.lora_rank} weights={g.weights} from={g.expert_versions}"
     )
+    shown = len(data.workers)
+    page = "" if shown == data.workers_total else f", {shown} of {data.workers_total} shown"
     workers = Table(
         # ids are copied into stop_worker.sh and the like: wrap them, never cut them
-        Column("worker", overflow="fold", min_width=_widest(data["workers"])),
-        Column("specialty", overflow="fold", min_width=_widest(data["experts"])),
+        Column("worker", overflow="fold", min_width=_widest(data.workers)),
+        Column("specialty", overflow="fold", min_width=_widest(data.experts)),
         "updates",
         "tokens",
         "loss",
         "τ",
         "seen",
-        title="workers (loss and staleness τ of the last update)",
+        title=f"workers (loss and staleness τ of the last update{page})",
     )
-    for wid, w in data["workers"].items():
-        loss = "" if w["last_train_loss"] is None else f"{w['last_train_loss']:.4f}"
+    for wid, w in data.workers.items():
+        loss = "" if w.last_train_loss is None else f"{w.last_train_loss:.4f}"
         workers.add_row(
             wid,
-            w["specialty"],
-            str(w["updates"]),
-            str(w["tokens"]),
+            w.specialty,
+            str(w.updates),
+            str(w.tokens),
             loss,
-            str(w["last_staleness"] if w["last_staleness"] is not None else ""),
-            f"{time.time() - w['last_seen']:.0f}s ago",
+            str(w.last_staleness if w.last_staleness is not None else ""),
+            f"{time.time() - w.last_seen:.0f}s ago",
         )
     console.print(workers)
 

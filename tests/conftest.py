@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 
 from fedmoe.api.app import create_app
-from fedmoe.api.server import listen_socket
+from fedmoe.api.server import listen_socket, uvicorn_config
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.core import CentralCoordinator
@@ -86,13 +86,8 @@ def start_live_coordinator(
     sock = listen_socket("127.0.0.1", 0)  # bound here: no race for a "free" port
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-            ssl_certfile=str(config.ssl_certfile) if config.ssl_certfile else None,
-            ssl_keyfile=str(config.ssl_keyfile) if config.ssl_keyfile else None,
+        uvicorn_config(
+            app, config, log_level="warning", lifespan="off", timeout_graceful_shutdown=2
         )
     )
     thread = threading.Thread(

@@ -316,12 +316,13 @@ def test_register_different_lora_is_409(prepared: Prepared, checked) -> None:
 
 
 def test_register_malformed_lora_is_422(prepared: Prepared, checked) -> None:
+    # validated by the typed schema of the request body (fedmoe.schemas.LoraConfigBody)
     lora = {**prepared.lora, "rank": -3}
     response = checked.post("/v1/workers", json=_registration(prepared, lora_config=lora))
-    assert_error(response, 422, "invalid_update", "invalid lora_config", "rank")
+    assert_error(response, 422, "invalid_request", "lora_config.rank", "greater than or equal to 1")
     lora = {**prepared.lora, "colour": "red"}
     response = checked.post("/v1/workers", json=_registration(prepared, lora_config=lora))
-    assert_error(response, 422, "invalid_update", "unknown lora_config keys", "colour")
+    assert_error(response, 422, "invalid_request", "lora_config.colour", "extra inputs")
 
 
 # --- conditional downloads (no state change) ------------------------------------------------

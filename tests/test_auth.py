@@ -112,7 +112,7 @@ def test_correct_token_works(shared) -> None:
         response = _update(client, "token-worker")
         assert response.status_code == 200, response.text
     with CoordinatorClient(shared.url, token=TOKEN) as client:
-        assert client.status()["experts"][PY]["version"] >= 1
+        assert client.status().experts[PY].version >= 1
     with CoordinatorClient(shared.url, token="nope-nope-nope-nope") as client:
         with pytest.raises(ApiError) as raised:
             client.status()
@@ -301,8 +301,8 @@ def test_tls_with_the_ca_cert_works_and_without_it_fails(
     live = live_coordinator_factory(auth_token=TOKEN, ssl_certfile=cert, ssl_keyfile=key)
     assert live.url.startswith("https://127.0.0.1:")
     with CoordinatorClient(live.url, token=TOKEN, ca_cert=cert) as client:
-        assert client.health() == {"status": "ok"}
-        assert PY in client.status()["experts"]
+        assert client.health().status == "ok"
+        assert PY in client.status().experts
     with (
         CoordinatorClient(live.url, token=TOKEN) as client,
         pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"),

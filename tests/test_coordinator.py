@@ -18,6 +18,7 @@ from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.errors import StateDirError
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
+from fedmoe.schemas import LoraConfigBody, UpdateAck, WorkerRegistration
 
 EXPERTS = ["a", "a.v2", "b"]  # "a.v2" also checks that pruning "a" leaves it alone
 
@@ -40,15 +41,17 @@ def test_parallel_updates_to_several_experts_lose_nothing(tmp_path: Path) -> Non
     coordinator = open_coordinator(_settings(tmp_path))
     for name in EXPERTS:
         coordinator.register_worker(
-            worker_id=f"w-{name}",
-            specialty=name,
-            fingerprint=coordinator.fingerprint,
-            lora=coordinator.lora.to_dict(),
+            WorkerRegistration(
+                worker_id=f"w-{name}",
+                specialty=name,
+                base_model_fingerprint=coordinator.fingerprint,
+                lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
+            )
         )
     initial = {name: dict(coordinator.experts[name].state) for name in EXPERTS}
     jobs = [(name, seed) for seed in range(8) for name in EXPERTS]
 
-    def submit(job: tuple[str, int]) -> dict:
+    def submit(job: tuple[str, int]) -> UpdateAck:
         name, seed = job
         request = UpdateRequest(
             expert=name,
@@ -66,16 +69,14 @@ def test_parallel_updates_to_several_experts_lose_nothing(tmp_path: Path) -> Non
     coordinator.close()
 
     assert coordinator.gateway.version == len(jobs)
-    assert sorted(ack["gateway_version"] for ack in acks) == list(range(1, len(jobs) + 1))
+    assert sorted(ack.gateway_version for ack in acks) == list(range(1, len(jobs) + 1))
     for name in EXPERTS:
         mine = [ack for ack, (expert, _) in zip(acks, jobs) if expert == name]
-        assert sorted(ack["version"] for ack in mine) == list(range(1, 9))
+        assert sorted(ack.version for ack in mine) == list(range(1, 9))
         expected = dict(initial[name])
         for ack, (expert, seed) in zip(acks, jobs):
             if expert == name:
-                expected = aggregate.apply_update(
-                    expected, _delta(coordinator, seed), ack["weight"]
-                )
+                expected = aggregate.apply_update(expected, _delta(coordinator, seed), ack.weight)
         restored = open_coordinator(_settings(tmp_path))
         try:
             state = restored.experts[name].state
@@ -115,16 +116,20 @@ def test_a_corrupt_or_missing_expert_file_stops_the_start_with_its_path(tmp_path
 
 def test_gateway_file_is_written_at_most_once_per_interval_and_on_close(tmp_path: Path) -> None:
     coordinator = open_coordinator(_settings(tmp_path, gateway_file_interval=60.0))
-    lora = coordinator.lora.to_dict()
     coordinator.register_worker(
-        worker_id="w", specialty="b", fingerprint=coordinator.fingerprint, lora=lora
+        WorkerRegistration(
+            worker_id="w",
+            specialty="b",
+            base_model_fingerprint=coordinator.fingerprint,
+            lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
+        )
     )
     gateway_file = tmp_path / "adapters" / "gateway.safetensors"
 
     def saved_version() -> int:
         return int(read_header(gateway_file.read_bytes())["__metadata__"]["version"])
 
-    def submit(seed: int) -> dict:
+    def submit(seed: int) -> UpdateAck:
         body = encode_adapter(_delta(coordinator, seed))
         request = UpdateRequest("b", "w", f"u{seed}", seed, 1, 1.0, body)
         return coordinator.submit_update(request)
@@ -135,7 +140,7 @@ def test_gateway_file_is_written_at_most_once_per_interval_and_on_close(tmp_path
         time.sleep(0.05)
     assert saved_version() == 0
     acks = [submit(seed) for seed in range(5)]
-    assert acks[-1]["gateway_version"] == coordinator.gateway.version == 5
+    assert acks[-1].gateway_version == coordinator.gateway.version == 5
     time.sleep(0.5)
     assert saved_version() == 0  # the writer waits out its interval
     began = time.monotonic()

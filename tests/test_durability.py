@@ -57,8 +57,8 @@ class Uploader(threading.Thread):
                 train_loss=1.0,
             )
             ack = self._retry(upload)
-            assert ack["staleness"] == 0 and ack["update_id"] == update_id
-            version = ack["version"]
+            assert ack.staleness == 0 and ack.update_id == update_id
+            version = ack.version
             self.acked.append((update_id, delta, ack))
         client.close()
 
@@ -82,7 +82,7 @@ def test_kill_minus_nine_loses_no_acknowledged_update(tmp_path) -> None:
     try:
         with CoordinatorClient(url) as client:
             schema = client.schema()
-            shapes = {k: tuple(v) for k, v in schema["tensors"].items()}
+            shapes = {k: tuple(v) for k, v in schema.tensors.items()}
             initial = {e: client.expert_adapter(e, shapes)[1] for e in EXPERTS}
         worker = start_worker(
             url,
@@ -97,7 +97,7 @@ def test_kill_minus_nine_loses_no_acknowledged_update(tmp_path) -> None:
         )
         wait_for_first_upload(url, "W-docs")  # the kills below should hit a working worker
         uploaders = [
-            Uploader(url, e, schema["base_model_fingerprint"], schema["lora_config"], shapes)
+            Uploader(url, e, schema.base_model_fingerprint, schema.lora_config, shapes)
             for e in EXPERTS
         ]
         for uploader in uploaders:
@@ -127,7 +127,7 @@ def wait_for_first_upload(url: str, worker_id: str, timeout: float = 120) -> Non
     with CoordinatorClient(url) as client:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if client.status()["workers"].get(worker_id, {}).get("updates", 0) > 0:
+            if (w := client.status().workers.get(worker_id)) is not None and w.updates > 0:
                 return
             time.sleep(0.5)
     raise AssertionError(f"{worker_id} made no upload in {timeout} s")
@@ -137,13 +137,13 @@ def check_everything_acknowledged_is_there(url, uploaders, initial, shapes) -> N
     with CoordinatorClient(url) as client:
         status = client.status()
         ledger = client.ledger(limit=10000)
-        accepted = {row["update_id"] for row in ledger if row["accepted"]}
+        accepted = {row.update_id for row in ledger if row.accepted}
         for uploader in uploaders:
             assert len(uploader.acked) >= 3, "uploads did not continue across restarts"
             ids = [update_id for update_id, _, _ in uploader.acked]
             assert set(ids) <= accepted
-            expert = status["experts"][uploader.expert]
-            assert expert["version"] == expert["updates_applied"] == len(ids)
+            expert = status.experts[uploader.expert]
+            assert expert.version == expert.updates_applied == len(ids)
             _, weights = client.expert_adapter(uploader.expert, shapes)
             expected = {k: v.clone() for k, v in initial[uploader.expert].items()}
             for _, delta, _ in uploader.acked:
@@ -155,16 +155,16 @@ def check_everything_acknowledged_is_there(url, uploaders, initial, shapes) -> N
 def check_worker_carried_on(url, worker) -> None:
     assert worker.poll() is None, "the real worker died during coordinator restarts"
     with CoordinatorClient(url) as client:
-        before = client.status()["workers"]["W-docs"]["updates"]
+        before = client.status().workers["W-docs"].updates
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if client.status()["workers"]["W-docs"]["updates"] > before:
+            if client.status().workers["W-docs"].updates > before:
                 break
             time.sleep(0.5)
         else:
             raise AssertionError("the worker stopped uploading after the restarts")
-        docs = client.status()["experts"]["docs_expert"]
-        assert docs["version"] == docs["updates_applied"]
+        docs = client.status().experts["docs_expert"]
+        assert docs.version == docs.updates_applied
 
 
 def test_idempotent_replay_survives_restart(tmp_path) -> None:
@@ -174,12 +174,12 @@ def test_idempotent_replay_survives_restart(tmp_path) -> None:
     try:
         with CoordinatorClient(url) as client:
             schema = client.schema()
-            shapes = {k: tuple(v) for k, v in schema["tensors"].items()}
+            shapes = {k: tuple(v) for k, v in schema.tensors.items()}
             client.register(
                 worker_id="w",
                 specialty="sql_expert",
-                fingerprint=schema["base_model_fingerprint"],
-                lora_config=schema["lora_config"],
+                fingerprint=schema.base_model_fingerprint,
+                lora_config=schema.lora_config,
             )
             body = encode_adapter({k: torch.full(s, 0.01) for k, s in shapes.items()})
             first = client.upload(
@@ -204,8 +204,8 @@ def test_idempotent_replay_survives_restart(tmp_path) -> None:
                 num_tokens=5,
                 train_loss=2.0,
             )
-            assert again == {**first, "replayed": True}
-            assert client.status()["experts"]["sql_expert"]["version"] == 1
+            assert again == first.model_copy(update={"replayed": True})
+            assert client.status().experts["sql_expert"].version == 1
             with pytest.raises(ApiError) as refused:
                 client.upload(
                     "sql_expert",
@@ -217,8 +217,8 @@ def test_idempotent_replay_survives_restart(tmp_path) -> None:
                     train_loss=2.0,
                 )
             assert refused.value.status_code == 422
-            rows = [r for r in client.ledger() if r["update_id"] == "same-id"]
-            assert len(rows) == 1 and json.loads(rows[0]["response"])["version"] == 1
+            rows = [r for r in client.ledger() if r.update_id == "same-id"]
+            assert len(rows) == 1 and json.loads(rows[0].response or "")["version"] == 1
     finally:
         stop(coordinator)
 
@@ -247,7 +247,7 @@ def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> Non
     try:
         deadline = time.monotonic() + 60
         with CoordinatorClient(url) as client:
-            while client.status()["experts"]["sql_expert"]["version"] < 2:
+            while client.status().experts["sql_expert"].version < 2:
                 assert time.monotonic() < deadline, "worker never uploaded"
                 time.sleep(0.5)
         stop(coordinator)  # down for a while; the worker keeps training
@@ -259,10 +259,10 @@ def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> Non
         result = json.loads(summary.read_text())
         assert result["failed_syncs"] >= 1 and result["unsent_tokens"] == 0
         with CoordinatorClient(url) as client:
-            expert = client.status()["experts"]["sql_expert"]
-            worker_row = client.status()["workers"]["W-sql"]
-        assert expert["version"] == expert["updates_applied"] == result["uploads"]
-        assert worker_row["tokens"] == result["tokens"]  # every trained token was uploaded
+            expert = client.status().experts["sql_expert"]
+            worker_row = client.status().workers["W-sql"]
+        assert expert.version == expert.updates_applied == result["uploads"]
+        assert worker_row.tokens == result["tokens"]  # every trained token was uploaded
         worker_log = (tmp_path / "worker.log").read_text()
         assert "unreachable" in worker_log and "storage_unavailable" in worker_log
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from typing import Any
 
@@ -10,10 +11,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.types import Scope
 
 from fedmoe import __version__
+from fedmoe.api.guard import BodyGuardMiddleware
 from fedmoe.api.routes import experts, gateway, health, status, workers
-from fedmoe.api.schemas import ErrorBody
+from fedmoe.api.schemas import ErrorBody, error_responses
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.auth import TokenRegistry
@@ -21,7 +26,7 @@ from fedmoe.coordinator.core import CentralCoordinator
 
 logger = logging.getLogger(__name__)
 
-STATUS_OF = {
+STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     errors.UnknownExpertError: (404, "unknown_expert"),
     errors.UnknownWorkerError: (409, "unknown_worker"),
     errors.IncompatibleWorkerError: (409, "incompatible_worker"),
@@ -30,6 +35,7 @@ STATUS_OF = {
     errors.RejectedUpdateError: (422, "rejected_update"),
     errors.DuplicateUpdateIdError: (409, "duplicate_update_id"),
     errors.ForbiddenError: (403, "forbidden"),
+    errors.TooManyWorkersError: (429, "too_many_workers"),
 }
 CODE_OF_STATUS = {
     400: "bad_request",
@@ -37,19 +43,35 @@ CODE_OF_STATUS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     422: "invalid_request",
 }
+UPLOAD_PATH = re.compile(r"/v1/experts/[^/]+/updates")
 
 
 def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> FastAPI:
     """An app serving ``coordinator``; every request is authenticated by ``registry``."""
     app = FastAPI(title="FedMoE coordinator", version=__version__)
     app.state.coordinator = coordinator
-    for module in (health, status, workers, experts, gateway):
-        app.include_router(module.router)
+    app.include_router(health.router, responses=error_responses(408, 413))
+    for module in (status, workers, experts, gateway):
+        app.include_router(module.router, responses=error_responses(401, 408, 413))
+
+    def limit_for(scope: Scope) -> int:
+        if scope["method"] == "POST" and UPLOAD_PATH.fullmatch(scope["path"]):
+            return coordinator.max_body_bytes
+        return coordinator.settings.max_registration_bytes
+
+    # Added last, so outermost: the token is checked before the body's size is looked at.
+    app.add_middleware(
+        BodyGuardMiddleware,
+        limit_for=limit_for,
+        body_timeout=lambda: coordinator.settings.body_timeout,
+    )
     app.add_middleware(BearerAuthMiddleware, registry=registry)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(errors.CoordinatorError, _coordinator_error)
     for storage_error in (OSError, sqlite3.Error):
         app.add_exception_handler(storage_error, _storage_error)
@@ -81,7 +103,7 @@ def _document_error_bodies(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            document = replace_refs(generate())
+            document = _errors_as_json(replace_refs(generate()))
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
@@ -92,8 +114,36 @@ def _document_error_bodies(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _error(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
+def _errors_as_json(document: dict[str, Any]) -> dict[str, Any]:
+    """Error bodies are JSON even where the success is binary (FastAPI gives every response
+    the route's media type)."""
+    ours = f"#/components/schemas/{ErrorBody.__name__}"
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            for answer in operation.get("responses", {}).values():
+                content = answer.get("content", {})
+                for media_type, body in list(content.items()):
+                    if (
+                        media_type != "application/json"
+                        and body.get("schema", {}).get("$ref") == ours
+                    ):
+                        content["application/json"] = content.pop(media_type)
+    return document
+
+
+def _error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _client_disconnect(request: Request, _: Exception) -> Response:
+    # A worker stopped or lost its network mid-upload: normal, nothing was applied.
+    client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    logger.info(
+        "%s disconnected during %s %s; nothing applied", client, request.method, request.url.path
+    )
+    return Response(status_code=400)  # never delivered: the client is gone
 
 
 async def _coordinator_error(_: Request, error: Exception) -> JSONResponse:
@@ -112,12 +162,14 @@ async def _storage_error(_: Request, error: Exception) -> JSONResponse:
     return _error(503, "storage_unavailable", detail, {"Retry-After": "5"})
 
 
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+async def _http_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
     code = CODE_OF_STATUS.get(error.status_code, "error")
     return _error(error.status_code, code, str(error.detail), getattr(error, "headers", None))
 
 
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+async def _validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
     problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item.get("loc", ()))

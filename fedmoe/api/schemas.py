@@ -1,4 +1,8 @@
-"""Request and response bodies of the HTTP API."""
+"""Request parameters and documented answers of the HTTP API.
+
+The bodies themselves live in ``fedmoe.schemas`` (shared with the core and the
+client); this module adds what only HTTP has: header types and error responses.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,30 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 
-from fedmoe.fields import ID_PATTERN as ID_PATTERN  # re-exported for the routes
+from fedmoe.fields import ID_PATTERN
+from fedmoe.schemas import (
+    ErrorBody,
+    ExpertSummary,
+    GatewayInfo,
+    RegistrationAck,
+    UpdateAck,
+    WorkerRegistration,
+)
+
+__all__ = [
+    "ID_PATTERN",
+    "DecimalInt",
+    "ErrorBody",
+    "ExpertSummary",
+    "FiniteLoss",
+    "GatewayInfo",
+    "RegistrationAck",
+    "UpdateAck",
+    "WorkerRegistration",
+    "error_responses",
+]
 
 
 def _plain_decimal(value: object) -> object:
@@ -26,61 +51,26 @@ def _finite_non_negative(value: float) -> float:
 
 
 DecimalInt = Annotated[int, BeforeValidator(_plain_decimal)]
-FiniteLoss = Annotated[float, AfterValidator(_finite_non_negative)]
+# "minimum: 0" in the OpenAPI document says what the header accepts; the check itself is
+# _finite_non_negative's, whose message also covers nan and inf
+FiniteLoss = Annotated[
+    float, Field(json_schema_extra={"minimum": 0}), AfterValidator(_finite_non_negative)
+]
+
+ERROR_MEANING = {
+    400: "Malformed request.",
+    401: "Missing or invalid bearer token (the connection is closed).",
+    403: "The token may not do this (before any body: the connection is closed).",
+    404: "No such expert.",
+    408: "The request body stalled for longer than body_timeout (the connection is closed).",
+    409: "Conflict with the coordinator's state (see the error code).",
+    413: "The body exceeds this route's limit (the connection is closed).",
+    422: "Invalid parameters or body.",
+    429: "The coordinator has max_workers registered workers.",
+    503: "Storage unavailable; nothing was applied; retry later (Retry-After).",
+}
 
 
-class ErrorBody(BaseModel):
-    """Every error: a machine-readable code and a message for humans."""
-
-    error: str
-    detail: str
-
-
-class WorkerRegistration(BaseModel):
-    """What a worker declares when it joins."""
-
-    worker_id: str = Field(pattern=ID_PATTERN)
-    specialty: str = Field(min_length=1, max_length=64)
-    base_model_fingerprint: str = Field(min_length=1, max_length=256)
-    lora_config: dict[str, Any]
-
-
-class RegistrationAck(BaseModel):
-    """The coordinator's answer to a registration."""
-
-    worker_id: str
-    specialty: str
-    expert_version: int
-    run_id: str
-
-
-class UpdateAck(BaseModel):
-    """The acknowledgement of an accepted (durably stored) update."""
-
-    update_id: str
-    expert: str
-    version: int
-    staleness: int
-    weight: float
-    update_norm: float
-    clipped: bool
-    gateway_version: int
-    replayed: bool
-
-
-class ExpertSummary(BaseModel):
-    """An expert's name and current version."""
-
-    name: str
-    version: int
-
-
-class GatewayInfo(BaseModel):
-    """The gateway's version and what it is built from."""
-
-    version: int
-    merge_method: str
-    weights: dict[str, float]
-    expert_versions: dict[str, int]
-    lora_rank: int
-    lora_alpha: float
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each an ``ErrorBody``."""
+    return {code: {"model": ErrorBody, "description": ERROR_MEANING[code]} for code in codes}

@@ -57,6 +57,8 @@ async def _unauthorized(send: Send) -> None:
                 (b"content-type", b"application/json"),
                 (b"www-authenticate", b'Bearer realm="fedmoe"'),
                 (b"content-length", str(len(body)).encode()),
+                # never read what an unauthenticated client declared: close instead
+                (b"connection", b"close"),
             ],
         }
     )

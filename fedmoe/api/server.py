@@ -7,11 +7,14 @@ import signal
 import socket
 import sys
 from types import FrameType
+from typing import Any
 
 import torch
 import uvicorn
+from starlette.types import ASGIApp
 
 from fedmoe.api.app import create_app
+from fedmoe.api.guard import header_timeout_protocol
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
@@ -42,18 +45,25 @@ def serve(settings: CoordinatorSettings) -> None:
     # `finally` below still closes the ledger and flushes the gateway file.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        config = uvicorn.Config(
-            app,
-            log_level="info",
-            ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-            ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-            timeout_graceful_shutdown=10,
-        )
+        config = uvicorn_config(app, settings, log_level="info", timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[listener])
     finally:
         listener.close()
         coordinator.close()
         logger.info("coordinator stopped; state saved in %s", settings.state_dir)
+
+
+def uvicorn_config(app: ASGIApp, settings: CoordinatorSettings, **options: Any) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: TLS and the slow-client limits of ``settings``."""
+    return uvicorn.Config(
+        app,
+        http=header_timeout_protocol(settings.header_timeout),
+        # h11 holds at most 16 KiB of an incomplete request head (then 400 and close)
+        h11_max_incomplete_event_size=16 * 1024,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        **options,
+    )
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

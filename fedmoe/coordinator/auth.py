@@ -2,8 +2,12 @@
 
 Tokens come from the shared ``auth_token`` (admin) and/or a JSON tokens file::
 
-    {"tokens": [{"token": "…", "role": "worker", "worker_id": "Worker-1-Python"},
+    {"tokens": [{"token": "…", "role": "worker", "worker_id": "Worker-1-Python",
+                 "experts": ["python_expert"]},
                 {"sha256": "<hex digest of a token>", "role": "admin"}]}
+
+A worker entry's optional ``experts`` lists the experts that worker may register for and
+train; without it, any one expert (moving to another one needs an admin token).
 """
 
 from __future__ import annotations
@@ -24,10 +28,20 @@ class Principal:
 
     role: str
     worker_id: str | None = None
+    experts: tuple[str, ...] | None = None
 
     def may_act_as(self, worker_id: str) -> bool:
         """Admins act as anyone; a worker token only as its own worker id."""
         return self.role == "admin" or self.worker_id == worker_id
+
+    def may_train(self, expert: str) -> bool:
+        """Whether this caller may register for (and upload to) ``expert``."""
+        return self.role == "admin" or self.experts is None or expert in self.experts
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether this is an admin token (or auth is off)."""
+        return self.role == "admin"
 
 
 class TokenRegistry:
@@ -96,4 +110,17 @@ def _entry_principal(path: Path, index: int, item: dict[str, Any]) -> Principal:
     worker_id = item.get("worker_id")
     if role == "worker" and not isinstance(worker_id, str):
         raise ValueError(f"{path}: tokens[{index}] has role worker but no worker_id")
-    return Principal(role=role, worker_id=worker_id if role == "worker" else None)
+    experts = item.get("experts")
+    if experts is not None and (
+        role != "worker"
+        or not isinstance(experts, list)
+        or not experts
+        or not all(isinstance(name, str) and name for name in experts)
+    ):
+        raise ValueError(
+            f"{path}: tokens[{index}].experts must be a non-empty list of expert names "
+            "on a worker entry"
+        )
+    if role != "worker":
+        return Principal(role=role)
+    return Principal(role=role, worker_id=worker_id, experts=tuple(experts) if experts else None)

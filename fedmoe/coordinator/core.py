@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import torch
@@ -21,13 +22,28 @@ from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.versions import (
+    GATEWAY_SAFE_BOUND,
     MAX_NUM_TOKENS,
     SAFE_ABS_BOUND,
     LazyGateway,
     UpdateRequest,
     Versioned,
 )
+from fedmoe.coordinator.workers import WorkerRegistry
 from fedmoe.fingerprint import fingerprint_differences
+from fedmoe.schemas import (
+    ExpertStatus,
+    ExpertSummary,
+    GatewayInfo,
+    LedgerRow,
+    LoraConfigBody,
+    RegistrationAck,
+    SchemaInfo,
+    StalenessInfo,
+    StatusInfo,
+    UpdateAck,
+    WorkerRegistration,
+)
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
@@ -59,6 +75,9 @@ class CentralCoordinator:
         # gateway versions and guards the swap of ``experts`` / ``gateway``.
         self._expert_locks = {name: threading.Lock() for name in settings.experts}
         self._commit_lock = threading.Lock()
+        self.workers = WorkerRegistry(
+            ledger, max_workers=settings.max_workers, worker_ttl=settings.worker_ttl
+        )
         self.state_lock: TextIO | None = None  # see lock_state_dir
         self.run_id = restore.check_identity(
             ledger, settings.state_dir, fingerprint=fingerprint, lora=self.lora
@@ -79,6 +98,13 @@ class CentralCoordinator:
         else:
             version = row[0]
         gateway = self._gateway(version, built_from, self.experts)
+        bounds = [self.experts[name].abs_bound for name in self.settings.experts]
+        states = [self.experts[name].state for name in self.settings.experts]
+        if not self._merge_is_finite(states, bounds):
+            raise errors.StateDirError(
+                f"the {self.merger.method} gateway of these experts would be non-finite "
+                "(float32 overflow in the merge); choose another --merge-method"
+            )
         self.store.save_gateway_later(gateway)
         return gateway
 
@@ -116,27 +142,30 @@ class CentralCoordinator:
     # --- workers ---------------------------------------------------------------------------
 
     def register_worker(
-        self, *, worker_id: str, specialty: str, fingerprint: str, lora: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Admit a worker whose base model and LoRA shape match ours."""
+        self, registration: WorkerRegistration, *, may_change_expert: bool = True
+    ) -> RegistrationAck:
+        """Admit a worker whose base model and LoRA shape match ours.
+
+        A worker already registered for another expert moves only when
+        ``may_change_expert`` (an admin asked); a new worker past ``max_workers`` is refused.
+        """
+        worker_id, specialty = registration.worker_id, registration.specialty
         self._expert(specialty)
-        problems = fingerprint_differences(self.fingerprint, fingerprint)
-        try:
-            problems += self.lora.differences(LoraSettings.from_dict(lora))
-        except (TypeError, ValueError) as error:
-            raise errors.InvalidUpdateError(f"invalid lora_config: {error}") from None
+        problems = fingerprint_differences(self.fingerprint, registration.base_model_fingerprint)
+        lora = LoraSettings.from_dict(registration.lora_config.model_dump())
+        problems += self.lora.differences(lora)
         if problems:
             raise errors.IncompatibleWorkerError(
                 f"worker {worker_id} is incompatible with this coordinator: " + "; ".join(problems)
             )
-        self.ledger.upsert_worker(worker_id, specialty)
+        self.workers.admit(worker_id, specialty, may_change_expert=may_change_expert)
         logger.info("worker %s registered for %s", worker_id, specialty)
-        return {
-            "worker_id": worker_id,
-            "specialty": specialty,
-            "expert_version": self.experts[specialty].version,
-            "run_id": self.run_id,
-        }
+        return RegistrationAck(
+            worker_id=worker_id,
+            specialty=specialty,
+            expert_version=self.experts[specialty].version,
+            run_id=self.run_id,
+        )
 
     def _expert(self, name: str) -> Versioned:
         if name not in self.experts:
@@ -145,20 +174,9 @@ class CentralCoordinator:
             )
         return self.experts[name]
 
-    def _check_worker(self, worker_id: str, expert: str) -> None:
-        worker = self.ledger.workers().get(worker_id)
-        if worker is None:
-            raise errors.UnknownWorkerError(
-                f"worker {worker_id!r} is not registered; POST /v1/workers first"
-            )
-        if worker["specialty"] != expert:
-            raise errors.ForbiddenError(
-                f"worker {worker_id!r} is registered for {worker['specialty']!r}, not {expert!r}"
-            )
-
     # --- updates ---------------------------------------------------------------------------
 
-    def submit_update(self, request: UpdateRequest) -> dict[str, Any]:
+    def submit_update(self, request: UpdateRequest) -> UpdateAck:
         """Validate, weight and apply one update; return the acknowledgement.
 
         A retried ``update_id`` gets its first answer back and is not applied again.
@@ -166,7 +184,7 @@ class CentralCoordinator:
         (policy rejections are recorded in the ledger, nothing else changes).
         """
         self._expert(request.expert)
-        self._check_worker(request.worker_id, request.expert)
+        self.workers.check(request.worker_id, request.expert)
         replay = self._replay(request)
         if replay is not None:
             return replay
@@ -175,14 +193,21 @@ class CentralCoordinator:
         with self._expert_locks[request.expert]:
             return self._replay(request) or self._apply(request, delta)
 
-    def _replay(self, request: UpdateRequest) -> dict[str, Any] | None:
-        """The first answer to an already applied update id (only to the worker that sent it)."""
+    def _replay(self, request: UpdateRequest) -> UpdateAck | None:
+        """The first answer to an already applied update id (only to the worker that sent it,
+        only for the same body)."""
         first = self.ledger.accepted_update(request.update_id)
         if first is None:
             return None
-        if (first["worker_id"], first["expert"]) != (request.worker_id, request.expert):
+        if (first.worker_id, first.expert) != (request.worker_id, request.expert):
             raise _duplicate_id(request.update_id)
-        return {**first["response"], "replayed": True}
+        if first.body_sha256 is not None and first.body_sha256 != request.body_sha256:
+            raise errors.DuplicateUpdateIdError(
+                f"update id {request.update_id!r} was already applied with a different body "
+                f"(sha256 {first.body_sha256[:16]}…, this one {request.body_sha256[:16]}…); "
+                "a retry must resend the same bytes, a new update needs a new id"
+            )
+        return first.response.model_copy(update={"replayed": True})
 
     def _check_base_version(self, request: UpdateRequest) -> None:
         current = self.experts[request.expert].version
@@ -202,7 +227,7 @@ class CentralCoordinator:
         except ValueError as error:
             raise errors.InvalidUpdateError(str(error)) from None
 
-    def _apply(self, request: UpdateRequest, delta: AdapterState) -> dict[str, Any]:
+    def _apply(self, request: UpdateRequest, delta: AdapterState) -> UpdateAck:
         expert = self.experts[request.expert]
         staleness = expert.version - request.base_version
         norm = aggregate.global_norm(delta)
@@ -218,6 +243,7 @@ class CentralCoordinator:
             train_loss=request.train_loss,
             num_tokens=request.num_tokens,
             accepted=False,
+            body_sha256=request.body_sha256,
         )
         self._enforce_policies(record)
         clip = self._clip_factor(norm)
@@ -225,6 +251,7 @@ class CentralCoordinator:
         record.weight = self.settings.server_lr * self.decay(staleness) * clip
         new_state = aggregate.apply_update(expert.state, delta, record.weight)
         bound = self._overflow_guard(expert, new_state, record.weight * norm, request)
+        self._gateway_guard(request, new_state, bound)
         version = expert.version + 1
         payload = self.store.save_expert(request.expert, version, new_state)
         new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
@@ -234,6 +261,7 @@ class CentralCoordinator:
             self.store.prune_expert(request.expert, new_expert.version)
         except OSError as error:  # committed already: a stale file is harmless, pruned later
             logger.warning("could not prune old files of %s: %r", request.expert, error)
+        assert record.response is not None
         return record.response
 
     def _commit(self, record: UpdateRecord, new_expert: Versioned) -> None:
@@ -247,7 +275,7 @@ class CentralCoordinator:
                 built_from = self._built_from(experts)
                 gateway = self._gateway(self.gateway.version + 1, built_from, experts)
                 record.gateway_version = gateway.version
-                record.response = self._acknowledgement(record)
+                record.response = record.acknowledgement()
                 self.ledger.commit_accepted(record, built_from)
             except BaseException:
                 # not in the ledger, so not current: remove the file written for it
@@ -270,6 +298,24 @@ class CentralCoordinator:
             return bound
         self._check_finite(new_state, request)
         return aggregate.max_abs(new_state)
+
+    def _gateway_guard(self, request: UpdateRequest, new_state: AdapterState, bound: float) -> None:
+        """Refuse an update after which the gateway merge would not be finite."""
+        names = self.settings.experts
+        states = [new_state if n == request.expert else self.experts[n].state for n in names]
+        bounds = [bound if n == request.expert else self.experts[n].abs_bound for n in names]
+        if not self._merge_is_finite(states, bounds):
+            raise errors.InvalidUpdateError(
+                f"applying update {request.update_id} would make the {self.merger.method} "
+                f"gateway non-finite (float32 overflow in the merge); send a smaller delta"
+            )
+
+    def _merge_is_finite(self, states: list[AdapterState], bounds: Sequence[float]) -> bool:
+        """Whether merging ``states`` gives finite tensors; merges only near float32's limit."""
+        if max(bounds) < GATEWAY_SAFE_BOUND:
+            return True
+        merged = self.merger.merge(states, self.settings.expert_weights())
+        return all(bool(torch.isfinite(tensor).all()) for tensor in merged.values())
 
     @staticmethod
     def _check_finite(state: AdapterState, request: UpdateRequest) -> None:
@@ -300,20 +346,6 @@ class CentralCoordinator:
         limit = self.settings.max_update_norm
         return limit / norm if limit is not None and norm > limit else 1.0
 
-    @staticmethod
-    def _acknowledgement(record: UpdateRecord) -> dict[str, Any]:
-        return {
-            "update_id": record.update_id,
-            "expert": record.expert,
-            "version": record.expert_version,
-            "staleness": record.staleness,
-            "weight": record.weight,
-            "update_norm": record.update_norm,
-            "clipped": record.clipped,
-            "gateway_version": record.gateway_version,
-            "replayed": False,
-        }
-
     # --- reads -----------------------------------------------------------------------------
 
     def expert_payload(self, name: str) -> tuple[int, bytes, str]:
@@ -330,23 +362,30 @@ class CentralCoordinator:
         """A strong ETag unique to this state dir, adapter and version."""
         return f'"{self.run_id}-{name}-{version}"'
 
-    def gateway_info(self) -> dict[str, Any]:
+    def gateway_info(self) -> GatewayInfo:
         """The gateway's version, merge method, weights and the expert versions it holds."""
         rank, alpha = self.gateway_rank_alpha()
         gateway = self.gateway
-        return {"version": gateway.version, **gateway.extra, "lora_rank": rank, "lora_alpha": alpha}
+        return GatewayInfo(
+            version=gateway.version, **gateway.extra, lora_rank=rank, lora_alpha=alpha
+        )
 
-    def schema_info(self) -> dict[str, Any]:
+    def expert_summaries(self) -> list[ExpertSummary]:
+        """Every expert's name and current version."""
+        experts = self.experts
+        return [ExpertSummary(name=name, version=experts[name].version) for name in experts]
+
+    def schema_info(self) -> SchemaInfo:
         """What a worker needs to build a compatible adapter."""
-        return {
-            "base_model": self.base_model,
-            "base_model_fingerprint": self.fingerprint,
-            "lora_config": self.lora.to_dict(),
-            "peft_config": self.lora.to_peft().to_dict()
+        return SchemaInfo(
+            base_model=self.base_model,
+            base_model_fingerprint=self.fingerprint,
+            lora_config=LoraConfigBody.model_validate(self.lora.to_dict()),
+            peft_config=self.lora.to_peft().to_dict()
             | {"target_modules": list(self.lora.target_modules)},
-            "tensors": {key: list(shape) for key, shape in self.schema.items()},
-            "max_body_bytes": self.max_body_bytes,
-        }
+            tensors={key: list(shape) for key, shape in self.schema.items()},
+            max_body_bytes=self.max_body_bytes,
+        )
 
     @property
     def max_body_bytes(self) -> int:
@@ -355,29 +394,42 @@ class CentralCoordinator:
             return self.settings.max_body_bytes
         return 4 * float32_bytes(self.schema) + 64 * 1024
 
-    def status(self) -> dict[str, Any]:
-        """Experts, gateway, workers, base model and LoRA config, for humans and tools."""
-        rows, workers = self.ledger.expert_rows(), self.ledger.workers()
+    def ledger_rows(self, limit: int = 100) -> list[LedgerRow]:
+        """The newest ledger rows (accepted and policy-rejected updates), newest first."""
+        return self.ledger.updates(limit=limit)
+
+    def status(self, *, workers_offset: int = 0, workers_limit: int = 1000) -> StatusInfo:
+        """Experts, gateway, a page of the workers, base model and LoRA config."""
+        self.workers.forget_idle()
+        rows, counts = self.ledger.expert_rows(), self.ledger.worker_counts()
+        workers = self.ledger.workers(offset=workers_offset, limit=workers_limit)
         experts = {
-            name: {
-                "version": self.experts[name].version,
-                "updates_applied": rows[name]["accepted"],
-                "updates_rejected": rows[name]["rejected"],
-                "workers": sorted(w for w, info in workers.items() if info["specialty"] == name),
-            }
+            name: ExpertStatus(
+                version=self.experts[name].version,
+                updates_applied=rows[name]["accepted"],
+                updates_rejected=rows[name]["rejected"],
+                workers=[w for w, info in workers.items() if info.specialty == name],
+                worker_count=counts.get(name, 0),
+            )
             for name in self.settings.experts
         }
-        return {
-            "run_id": self.run_id,
-            "base_model": self.base_model,
-            "base_model_fingerprint": self.fingerprint,
-            "lora_config": self.lora.to_dict(),
-            "staleness": self.decay.describe()
-            | {"server_lr": self.settings.server_lr, "max_staleness": self.settings.max_staleness},
-            "experts": experts,
-            "gateway": self.gateway_info(),
-            "workers": workers,
+        staleness = self.decay.describe() | {
+            "server_lr": self.settings.server_lr,
+            "max_staleness": self.settings.max_staleness,
         }
+        return StatusInfo(
+            run_id=self.run_id,
+            base_model=self.base_model,
+            base_model_fingerprint=self.fingerprint,
+            lora_config=LoraConfigBody.model_validate(self.lora.to_dict()),
+            staleness=StalenessInfo.model_validate(staleness),
+            experts=experts,
+            gateway=self.gateway_info(),
+            workers=workers,
+            workers_total=sum(counts.values()),
+            workers_offset=workers_offset,
+            workers_limit=workers_limit,
+        )
 
 
 def _duplicate_id(update_id: str) -> errors.DuplicateUpdateIdError:

@@ -39,3 +39,7 @@ class ForbiddenError(CoordinatorError):
 
 class StateDirError(CoordinatorError):
     """The state directory belongs to an incompatible configuration."""
+
+
+class TooManyWorkersError(CoordinatorError):
+    """The coordinator already has ``max_workers`` registered workers (HTTP 429)."""

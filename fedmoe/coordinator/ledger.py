@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmoe.schemas import LedgerRow, UpdateAck, WorkerInfo
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS experts (
@@ -30,9 +32,16 @@ CREATE TABLE IF NOT EXISTS updates (
     expert TEXT NOT NULL, base_version INTEGER NOT NULL, staleness INTEGER NOT NULL,
     weight REAL NOT NULL, update_norm REAL NOT NULL, clipped INTEGER NOT NULL,
     train_loss REAL, num_tokens INTEGER NOT NULL, accepted INTEGER NOT NULL, reason TEXT,
-    expert_version INTEGER, gateway_version INTEGER, response TEXT, created_at REAL NOT NULL);
+    expert_version INTEGER, gateway_version INTEGER, response TEXT, created_at REAL NOT NULL,
+    body_sha256 TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_accepted_id ON updates(update_id) WHERE accepted = 1;
+CREATE INDEX IF NOT EXISTS workers_last_seen ON workers(last_seen);
 """
+# Columns added after the first release: ledgers written before them get them on open.
+ADDED_COLUMNS = {"updates": {"body_sha256": "TEXT"}}
+WORKER_COLUMNS = (
+    "specialty, registered_at, last_seen, updates, tokens, last_train_loss, last_staleness"
+)
 
 
 @dataclass
@@ -53,7 +62,33 @@ class UpdateRecord:
     reason: str | None = None
     expert_version: int | None = None
     gateway_version: int | None = None
-    response: dict[str, Any] | None = None
+    response: UpdateAck | None = None
+    body_sha256: str | None = None
+
+    def acknowledgement(self) -> UpdateAck:
+        """The answer to the worker that sent this (accepted) update."""
+        assert self.expert_version is not None and self.gateway_version is not None
+        return UpdateAck(
+            update_id=self.update_id,
+            expert=self.expert,
+            version=self.expert_version,
+            staleness=self.staleness,
+            weight=self.weight,
+            update_norm=self.update_norm,
+            clipped=self.clipped,
+            gateway_version=self.gateway_version,
+            replayed=False,
+        )
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    """Who sent an accepted update id, the answer they got and the digest of its body."""
+
+    worker_id: str
+    expert: str
+    response: UpdateAck
+    body_sha256: str | None
 
 
 class Ledger:
@@ -66,6 +101,14 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -115,16 +158,17 @@ class Ledger:
             (version, json.dumps(built_from, sort_keys=True)),
         )
 
-    def accepted_update(self, update_id: str) -> dict[str, Any] | None:
+    def accepted_update(self, update_id: str) -> AcceptedUpdate | None:
         """Who sent an accepted update id and the answer they got, for idempotent retries."""
         rows = self._query(
-            "SELECT worker_id, expert, response FROM updates WHERE update_id = ? AND accepted = 1",
+            "SELECT worker_id, expert, response, body_sha256 FROM updates "
+            "WHERE update_id = ? AND accepted = 1",
             (update_id,),
         )
         if not rows:
             return None
-        worker_id, expert, response = rows[0]
-        return {"worker_id": worker_id, "expert": expert, "response": json.loads(response)}
+        worker_id, expert, response, digest = rows[0]
+        return AcceptedUpdate(worker_id, expert, UpdateAck.model_validate_json(response), digest)
 
     def commit_accepted(self, record: UpdateRecord, built_from: dict[str, Any]) -> None:
         """Record an accepted update, the expert's new version and the gateway's, atomically."""
@@ -152,7 +196,7 @@ class Ledger:
 
     def _insert_update(self, record: UpdateRecord) -> None:
         row = asdict(record)
-        row["response"] = json.dumps(record.response) if record.response is not None else None
+        row["response"] = record.response.model_dump_json() if record.response else None
         row["created_at"] = time.time()
         columns = ", ".join(row)
         marks = ", ".join("?" for _ in row)
@@ -176,29 +220,44 @@ class Ledger:
                 (worker_id, specialty, now, now),
             )
 
-    def workers(self) -> dict[str, dict[str, Any]]:
-        """Every registered worker with its counters."""
+    def worker(self, worker_id: str) -> WorkerInfo | None:
+        """One registered worker (a primary-key lookup), or None."""
         rows = self._query(
-            "SELECT worker_id, specialty, registered_at, last_seen, updates, tokens, "
-            "last_train_loss, last_staleness FROM workers ORDER BY worker_id"
+            f"SELECT {WORKER_COLUMNS} FROM workers WHERE worker_id = ?", (worker_id,)
         )
-        keys = (
-            "specialty",
-            "registered_at",
-            "last_seen",
-            "updates",
-            "tokens",
-            "last_train_loss",
-            "last_staleness",
-        )
-        return {row[0]: dict(zip(keys, row[1:])) for row in rows}
+        return _worker_info(rows[0]) if rows else None
 
-    def updates(self, *, limit: int = 1000) -> list[dict[str, Any]]:
+    def workers(self, *, offset: int = 0, limit: int = -1) -> dict[str, WorkerInfo]:
+        """Registered workers with their counters, by worker id (a page of them)."""
+        rows = self._query(
+            f"SELECT worker_id, {WORKER_COLUMNS} FROM workers ORDER BY worker_id LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        return {row[0]: _worker_info(row[1:]) for row in rows}
+
+    def worker_counts(self) -> dict[str, int]:
+        """How many workers each expert has."""
+        rows = self._query("SELECT specialty, COUNT(*) FROM workers GROUP BY specialty")
+        return dict(rows)
+
+    def forget_workers(self, seen_before: float) -> int:
+        """Remove the workers not seen since ``seen_before``; how many were removed."""
+        with self._lock, self._transaction():
+            cursor = self._db.execute("DELETE FROM workers WHERE last_seen < ?", (seen_before,))
+            return cursor.rowcount
+
+    def updates(self, *, limit: int = 1000) -> list[LedgerRow]:
         """The most recent ledger rows, newest first."""
         with self._lock:
             cursor = self._db.execute("SELECT * FROM updates ORDER BY seq DESC LIMIT ?", (limit,))
             names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            rows = cursor.fetchall()
+        return [LedgerRow.model_validate(dict(zip(names, row))) for row in rows]
+
+
+def _worker_info(row: tuple[Any, ...]) -> WorkerInfo:
+    names = [name.strip() for name in WORKER_COLUMNS.split(",")]
+    return WorkerInfo.model_validate(dict(zip(names, row)))
 
 
 class _Transaction:

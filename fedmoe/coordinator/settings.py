@@ -79,6 +79,25 @@ class CoordinatorSettings(BaseSettings):
     max_body_bytes: int | None = Field(
         None, gt=0, description="Upload size limit (default: 4x the float32 adapter + 64 KiB)."
     )
+    max_registration_bytes: int = Field(
+        16384,
+        ge=1024,
+        description="Body limit of a registration and of any request other than an upload.",
+    )
+    max_workers: int = Field(
+        10000, ge=1, description="Most registered workers; a new worker past it gets 429."
+    )
+    worker_ttl: float = Field(
+        7 * 24 * 3600.0,
+        ge=0,
+        description="Forget workers not seen for this many seconds (0: never); they re-register.",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's headers."
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Most seconds between two pieces of a request body (then 408)."
+    )
     auth_token: SecretStr | None = Field(None, description="Shared bearer token (admin role).")
     tokens_file: Path | None = Field(None, description="JSON file of per-worker tokens.")
     insecure: bool = Field(False, description="Allow non-loopback listening without auth.")

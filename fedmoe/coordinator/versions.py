@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from fedmoe import aggregate
@@ -17,6 +19,12 @@ MAX_NUM_TOKENS = 10**12
 
 # Below this bound on |θ| + |w·Δ| a float32 sum cannot overflow (half the float32 max).
 SAFE_ABS_BOUND = 1.7e38
+
+# Below this bound on every expert's max|θ| no merge can overflow float32: cat and linear
+# scale by normalised weights (<= 1), and an svd factor is at most sqrt(σ_max) <=
+# sqrt(max|B|·max|A|·sqrt(numel(B)·numel(A))), under 3e38 for any adapter below 1e12
+# elements a side. Above it the merge is computed and checked before the update commits.
+GATEWAY_SAFE_BOUND = 1e30
 
 
 @dataclass(frozen=True)
@@ -86,3 +94,8 @@ class UpdateRequest:
     num_tokens: int
     train_loss: float | None
     body: bytes
+
+    @cached_property
+    def body_sha256(self) -> str:
+        """The digest kept with the update id: a reused id with another body is refused."""
+        return hashlib.sha256(self.body).hexdigest()

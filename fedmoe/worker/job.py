@@ -33,6 +33,7 @@ from fedmoe.modeling import (
     load_base_model,
     resolve_device,
 )
+from fedmoe.schemas import UpdateAck
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
 from fedmoe.worker.trainer import LocalTrainer
@@ -73,10 +74,10 @@ class WorkerJob:
             opts.coordinator_url, token=opts.auth_token, ca_cert=opts.ca_cert
         )
         self.schema = self._wait_for(self.client.schema)
-        self.lora = LoraSettings.from_dict(self.schema["lora_config"])
-        self.tensor_shapes = {k: tuple(v) for k, v in self.schema["tensors"].items()}
+        self.lora = LoraSettings.from_dict(self.schema.lora_config.model_dump())
+        self.tensor_shapes = {k: tuple(v) for k, v in self.schema.tensors.items()}
         self.device = resolve_device(opts.device)
-        base_name = opts.base_model or self.schema["base_model"]
+        base_name = opts.base_model or self.schema.base_model
         base = load_base_model(base_name, device=opts.device)
         self.fingerprint, self.tokenizer = base.fingerprint, base.tokenizer
         self.model = attach_lora(base.model, self.lora)
@@ -136,15 +137,15 @@ class WorkerJob:
             if error.transient:
                 raise  # not a refusal: retried
             raise FatalSyncError(f"registration refused: {error}") from None
-        if self.run_id is not None and answer["run_id"] != self.run_id:
+        if self.run_id is not None and answer.run_id != self.run_id:
             logger.warning(
                 "coordinator state was replaced (run %s -> %s); re-pulling",
                 self.run_id,
-                answer["run_id"],
+                answer.run_id,
             )
             self.pending = None
             self._pull_and_rebase(since=self.pulled)
-        self.run_id = answer["run_id"]
+        self.run_id = answer.run_id
 
     def _pull(self) -> tuple[int, AdapterState]:
         return self.client.expert_adapter(self.options.specialty, self.tensor_shapes)
@@ -285,10 +286,10 @@ class WorkerJob:
         self.stats.settle(pending)
         self._pull_and_rebase(since=pending.snapshot)
 
-    def _report(self, ack: dict[str, Any], pending: PendingUpdate) -> None:
+    def _report(self, ack: UpdateAck, pending: PendingUpdate) -> None:
         stats = self.stats
         stats.uploads += 1
-        stats.last_staleness, stats.last_version = ack["staleness"], ack["version"]
+        stats.last_staleness, stats.last_version = ack.staleness, ack.version
         elapsed = max(time.monotonic() - stats.started, 1e-9)
         loss = "n/a" if pending.train_loss is None else f"{pending.train_loss:.4f}"
         logger.info(
@@ -298,10 +299,10 @@ class WorkerJob:
             loss,
             stats.tokens / elapsed,
             self.options.specialty,
-            ack["version"],
-            ack["staleness"],
-            ack["weight"],
-            ack["gateway_version"],
+            ack.version,
+            ack.staleness,
+            ack.weight,
+            ack.gateway_version,
         )
 
     # --- cleanup ---------------------------------------------------------------------------

@@ -2,38 +2,66 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
+from fedmoe.api.guard import CLOSE
 from fedmoe.api.schemas import (
     ID_PATTERN,
     DecimalInt,
-    ErrorBody,
     ExpertSummary,
     FiniteLoss,
     UpdateAck,
+    error_responses,
 )
 from fedmoe.coordinator.versions import MAX_NUM_TOKENS, UpdateRequest
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
 
 SAFETENSORS = "application/octet-stream"
+BINARY_SCHEMA = {"type": "string", "format": "binary"}
 BINARY_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {SAFETENSORS: {"schema": {"type": "string", "format": "binary"}}},
-    }
+    "requestBody": {"required": True, "content": {SAFETENSORS: {"schema": BINARY_SCHEMA}}}
 }
-ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 409, 413, 422)}
+
+
+class SafetensorsResponse(Response):
+    """Adapter bytes (safetensors)."""
+
+    media_type = SAFETENSORS
+
+
+def adapter_responses(*errors: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` of an adapter download: binary 200, 304, and ``errors``."""
+    version = {"description": "The adapter's version.", "schema": {"type": "integer"}}
+    etag = {"description": "Strong validator of this version.", "schema": {"type": "string"}}
+    headers = {"X-FedMoE-Version": version, "ETag": etag}
+    return {
+        200: {
+            "description": "The adapter as safetensors.",
+            "content": {SAFETENSORS: {"schema": BINARY_SCHEMA}},
+            "headers": headers,
+        },
+        304: {"description": "Not modified (If-None-Match matched).", "headers": headers},
+        **error_responses(*errors),
+    }
 
 
 @router.get("", response_model=list[ExpertSummary])
 def list_experts(coordinator: CoordinatorDep, _: PrincipalDep) -> list[ExpertSummary]:
     """Every expert's name and version."""
-    return [ExpertSummary(name=n, version=e.version) for n, e in coordinator.experts.items()]
+    return coordinator.expert_summaries()
+
+
+def etag_matches(etag: str, if_none_match: str | None) -> bool:
+    """RFC 9110 If-None-Match: ``*`` or any listed tag, compared weakly (``W/`` ignored)."""
+    if not if_none_match:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag.removeprefix("W/") in tags
 
 
 def adapter_response(
@@ -41,12 +69,16 @@ def adapter_response(
 ) -> Response:
     """The adapter bytes, or 304 when the client already holds this version."""
     headers = {"X-FedMoE-Version": str(version), "ETag": etag}
-    if if_none_match and etag in {tag.strip() for tag in if_none_match.split(",")}:
+    if etag_matches(etag, if_none_match):
         return Response(status_code=304, headers=headers)
-    return Response(content=payload, media_type=SAFETENSORS, headers=headers)
+    return SafetensorsResponse(content=payload, headers=headers)
 
 
-@router.get("/{name}/adapter", responses={200: {"content": {SAFETENSORS: {}}}, 404: ERRORS[404]})
+@router.get(
+    "/{name}/adapter",
+    response_class=SafetensorsResponse,
+    responses=adapter_responses(404),
+)
 async def download_expert(
     name: str,
     coordinator: CoordinatorDep,
@@ -59,7 +91,10 @@ async def download_expert(
 
 
 @router.post(
-    "/{name}/updates", response_model=UpdateAck, responses=ERRORS, openapi_extra=BINARY_BODY
+    "/{name}/updates",
+    response_model=UpdateAck,
+    responses=error_responses(400, 403, 404, 409, 422, 503),
+    openapi_extra=BINARY_BODY,
 )
 async def submit_update(
     name: str,
@@ -72,10 +107,13 @@ async def submit_update(
     num_tokens: Annotated[
         DecimalInt, Header(alias="X-FedMoE-Num-Tokens", ge=0, le=MAX_NUM_TOKENS)
     ] = 0,
-    train_loss: Annotated[FiniteLoss | None, Header(alias="X-FedMoE-Train-Loss")] = None,
+    train_loss: Annotated[
+        FiniteLoss | None,
+        Header(alias="X-FedMoE-Train-Loss", description="Mean training loss (finite, >= 0)."),
+    ] = None,
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
-    ensure_may_act_as(principal, worker_id)
+    ensure_may_act_as(principal, worker_id, name)
     body = await read_body(request, coordinator.max_body_bytes)
     update = UpdateRequest(
         expert=name,
@@ -86,18 +124,15 @@ async def submit_update(
         train_loss=train_loss,
         body=body,
     )
-    return UpdateAck(**await run_in_threadpool(coordinator.submit_update, update))
+    return await run_in_threadpool(coordinator.submit_update, update)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, refusing with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise HTTPException(413, detail=f"body of {declared} bytes exceeds the {limit}-byte limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit")
+            raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
         chunks.append(chunk)
     return b"".join(chunks)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Response
 from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep
-from fedmoe.api.routes.experts import SAFETENSORS, adapter_response
+from fedmoe.api.routes.experts import SafetensorsResponse, adapter_response, adapter_responses
 from fedmoe.api.schemas import GatewayInfo
 
 router = APIRouter(prefix="/v1/gateway", tags=["gateway"])
@@ -15,10 +15,10 @@ router = APIRouter(prefix="/v1/gateway", tags=["gateway"])
 @router.get("", response_model=GatewayInfo)
 def gateway_info(coordinator: CoordinatorDep, _: PrincipalDep) -> GatewayInfo:
     """Version, merge method, expert weights and the expert versions it was built from."""
-    return GatewayInfo(**coordinator.gateway_info())
+    return coordinator.gateway_info()
 
 
-@router.get("/adapter", responses={200: {"content": {SAFETENSORS: {}}}})
+@router.get("/adapter", response_class=SafetensorsResponse, responses=adapter_responses())
 async def download_gateway(
     coordinator: CoordinatorDep,
     _: PrincipalDep,

@@ -2,10 +2,12 @@
 
 from fastapi import APIRouter
 
+from fedmoe.schemas import Health
+
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
     """Always ``{"status": "ok"}`` while the process serves requests."""
-    return {"status": "ok"}
+    return Health(status="ok")

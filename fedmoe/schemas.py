@@ -1,0 +1,188 @@
+"""The typed answers of the coordinator, shared by its core, its HTTP API and the client.
+
+Only pydantic is imported here, so the client (and the CLI's ``status``) can use
+these models without loading FastAPI or torch. The coordinator's core returns them,
+every route declares them as its ``response_model``, and ``CoordinatorClient``
+parses each answer back into the same class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+
+from fedmoe.fields import ID_PATTERN
+
+MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$"
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be finite, got {value}")
+    return value
+
+
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+
+
+class ErrorBody(BaseModel):
+    """Every error: a machine-readable code and a message for humans."""
+
+    error: str
+    detail: str
+
+
+class Health(BaseModel):
+    """``GET /healthz``."""
+
+    status: str
+
+
+class LoraConfigBody(BaseModel):
+    """A LoRA configuration as it travels (``LoraSettings.to_dict()``); every field required."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: StrictInt = Field(ge=1, le=65536, description="LoRA rank r (an integer >= 1).")
+    alpha: FiniteFloat = Field(gt=0, description="LoRA alpha (> 0).")
+    dropout: FiniteFloat = Field(ge=0, lt=1, description="Dropout in [0, 1).")
+    target_modules: list[Annotated[str, Field(pattern=MODULE_PATTERN)]] = Field(
+        min_length=1, max_length=256, description="Names of the adapted modules (non-empty)."
+    )
+    seed: StrictInt = Field(ge=-(2**63), lt=2**63, description="Seed of the initial adapter.")
+
+
+class WorkerRegistration(BaseModel):
+    """What a worker declares when it joins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: str = Field(pattern=ID_PATTERN)
+    specialty: str = Field(min_length=1, max_length=64)
+    base_model_fingerprint: str = Field(min_length=1, max_length=256)
+    lora_config: LoraConfigBody
+
+
+class RegistrationAck(BaseModel):
+    """The coordinator's answer to a registration."""
+
+    worker_id: str
+    specialty: str
+    expert_version: int
+    run_id: str
+
+
+class UpdateAck(BaseModel):
+    """The acknowledgement of an accepted (durably stored) update."""
+
+    update_id: str
+    expert: str
+    version: int
+    staleness: int
+    weight: float
+    update_norm: float
+    clipped: bool
+    gateway_version: int
+    replayed: bool
+
+
+class ExpertSummary(BaseModel):
+    """An expert's name and current version."""
+
+    name: str
+    version: int
+
+
+class GatewayInfo(BaseModel):
+    """The gateway's version and what it is built from."""
+
+    version: int
+    merge_method: str
+    weights: dict[str, float]
+    expert_versions: dict[str, int]
+    lora_rank: int
+    lora_alpha: float
+
+
+class SchemaInfo(BaseModel):
+    """What a worker needs to build a compatible adapter (``GET /v1/schema``)."""
+
+    base_model: str
+    base_model_fingerprint: str
+    lora_config: LoraConfigBody
+    peft_config: dict[str, Any]
+    tensors: dict[str, list[int]]
+    max_body_bytes: int
+
+
+class StalenessInfo(BaseModel):
+    """The update rule's weighting: s(τ), η and the staleness bound."""
+
+    kind: str
+    a: float | None
+    b: int | None
+    server_lr: float
+    max_staleness: int | None
+
+
+class ExpertStatus(BaseModel):
+    """One expert in ``GET /v1/status``."""
+
+    version: int
+    updates_applied: int
+    updates_rejected: int
+    workers: list[str] = Field(description="Its workers on this page of the worker list.")
+    worker_count: int = Field(description="All workers registered for it.")
+
+
+class WorkerInfo(BaseModel):
+    """A registered worker and its counters."""
+
+    specialty: str
+    registered_at: float
+    last_seen: float
+    updates: int
+    tokens: int
+    last_train_loss: float | None
+    last_staleness: int | None
+
+
+class StatusInfo(BaseModel):
+    """Experts, gateway, one page of the workers, base model and LoRA config."""
+
+    run_id: str
+    base_model: str
+    base_model_fingerprint: str
+    lora_config: LoraConfigBody
+    staleness: StalenessInfo
+    experts: dict[str, ExpertStatus]
+    gateway: GatewayInfo
+    workers: dict[str, WorkerInfo] = Field(description="A page of workers, by worker id.")
+    workers_total: int = Field(description="Registered workers in all.")
+    workers_offset: int
+    workers_limit: int
+
+
+class LedgerRow(BaseModel):
+    """One ledger row: an accepted or a policy-rejected update."""
+
+    seq: int
+    update_id: str
+    worker_id: str
+    expert: str
+    base_version: int
+    staleness: int
+    weight: float
+    update_norm: float
+    clipped: bool
+    train_loss: float | None
+    num_tokens: int
+    accepted: bool
+    reason: str | None
+    expert_version: int | None
+    gateway_version: int | None
+    response: str | None = Field(description="The acknowledgement as sent (JSON), if accepted.")
+    created_at: float
+    body_sha256: str | None = Field(description="SHA-256 of the uploaded body.")
