@@ -111,6 +111,9 @@ def coordinator(
     ] = False,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate.")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS key.")] = None,
+    metrics_loopback_open: Annotated[
+        bool, typer.Option("--metrics-loopback-open", help="/metrics without token on loopback.")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run the coordinator (HTTP API v1) until SIGINT/SIGTERM."""
@@ -129,6 +132,8 @@ def coordinator(
         given["gateway_weights"] = _weights(given["gateway_weights"])
     if not insecure:
         given.pop("insecure")
+    if not metrics_loopback_open:  # unset: FEDMOE_METRICS_LOOPBACK_OPEN may still say so
+        given.pop("metrics_loopback_open")
     setup_logging(log_level)
     try:
         settings = CoordinatorSettings(**given)
@@ -166,6 +171,12 @@ def worker(
     upload_dtype: Annotated[str, typer.Option(help="float32|bfloat16|float16.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     slowdown: Annotated[float, typer.Option(help="Emulate a slower machine (x).")] = 1.0,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Federated eval every N syncs [~1/min; 0: at stop only].")
+    ] = None,
+    eval_max_examples: Annotated[
+        int, typer.Option(help="Validation examples per federated eval.")
+    ] = 64,
     summary_json: Annotated[Path | None, typer.Option(help="Write the summary here.")] = None,
     auth_token: TokenOpt = None,
     ca_cert: CaOpt = None,
@@ -209,6 +220,8 @@ def worker(
             auth_token=auth_token,
             ca_cert=ca_cert,
             slowdown=slowdown,
+            eval_every=eval_every,
+            eval_max_examples=eval_max_examples,
         )
     except ValueError as error:
         fail(str(error))

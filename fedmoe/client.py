@@ -82,6 +82,29 @@ class CoordinatorClient:
         """``GET /v1/ledger`` (admin): newest update records first."""
         return self._call("GET", "/v1/ledger", params={"limit": limit}).json()
 
+    def report_evaluation(self, report: dict[str, Any]) -> list[dict[str, Any]]:
+        """``POST /v1/metrics/evaluations``: a worker's federated evaluation results."""
+        return self._call("POST", "/v1/metrics/evaluations", json=report).json()
+
+    def evaluation_history(self, **filters: Any) -> list[dict[str, Any]]:
+        """``GET /v1/metrics/history`` (expert, worker_id, kind, since, until, limit)."""
+        params = {key: value for key, value in filters.items() if value is not None}
+        return self._call("GET", "/v1/metrics/history", params=params).json()
+
+    def update_history(self, *, after: int = 0, limit: int = 2000) -> list[dict[str, Any]]:
+        """``GET /v1/metrics/updates``: ledger rows newer than ``after``, newest first."""
+        return self._call(
+            "GET", "/v1/metrics/updates", params={"after": after, "limit": limit}
+        ).json()
+
+    def rejections(self, limit: int = 50) -> list[dict[str, Any]]:
+        """``GET /v1/metrics/rejections``: the most recent refused uploads."""
+        return self._call("GET", "/v1/metrics/rejections", params={"limit": limit}).json()
+
+    def metrics_text(self) -> str:
+        """``GET /metrics``: the Prometheus exposition."""
+        return self._call("GET", "/metrics").text
+
     def register(
         self, *, worker_id: str, specialty: str, fingerprint: str, lora_config: dict[str, Any]
     ) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedmoe import __version__
-from fedmoe.api.routes import experts, gateway, health, status, workers
+from fedmoe.api.metrics import install_metrics
+from fedmoe.api.routes import experts, gateway, health, observe, status, ui, workers
 from fedmoe.api.schemas import ErrorBody
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
@@ -47,7 +48,7 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     """An app serving ``coordinator``; every request is authenticated by ``registry``."""
     app = FastAPI(title="FedMoE coordinator", version=__version__)
     app.state.coordinator = coordinator
-    for module in (health, status, workers, experts, gateway):
+    for module in (health, status, workers, experts, gateway, observe, ui):
         app.include_router(module.router)
     app.add_middleware(BearerAuthMiddleware, registry=registry)
     app.add_exception_handler(errors.CoordinatorError, _coordinator_error)
@@ -56,6 +57,7 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     _document_error_bodies(app)
+    install_metrics(app, coordinator)  # last: its middleware must be the outermost
     return app
 
 

@@ -33,6 +33,7 @@ from fedmoe.modeling import (
     load_base_model,
     resolve_device,
 )
+from fedmoe.worker.fed_eval import FederatedEvaluator
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
 from fedmoe.worker.trainer import LocalTrainer
@@ -100,6 +101,7 @@ class WorkerJob:
         )
         self._wait_for(self._register)
         self._wait_for(self._pull_and_reset)
+        self.fed_eval = FederatedEvaluator.for_job(self)
         logger.info(
             "%s: %d training and %d validation examples, expert %s v%d on %s",
             opts.worker_id,
@@ -216,6 +218,7 @@ class WorkerJob:
         finally:
             self.stats.blocked_seconds += time.monotonic() - began
         self.backoff = 1.0
+        self.fed_eval.after_sync(self.base_version, self.pulled)
         self.next_sync_at = time.monotonic() + self.options.sync_interval
         return True
 
@@ -319,6 +322,8 @@ class WorkerJob:
                     logger.error("final upload impossible: %s", error)
                     break
                 time.sleep(min(self.backoff, 5.0))
+        if hasattr(self, "fed_eval"):
+            self.fed_eval.finish(self.base_version, self.pulled)
         self.summary = self._summary()
         logger.info("%s finished: %s", self.options.worker_id, self.summary)
         if hasattr(self, "client"):

@@ -38,6 +38,16 @@ class WorkerOptions:
     auth_token: str | None = field(default=None, metadata={"help": "Bearer token."})
     ca_cert: Path | None = field(default=None, metadata={"help": "CA bundle for TLS."})
     max_backoff: float = field(default=30.0, metadata={"help": "Longest retry wait (s)."})
+    eval_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Federated evaluation every N syncs (and when stopping); "
+            "default: about once a minute; 0: only when stopping."
+        },
+    )
+    eval_max_examples: int = field(
+        default=64, metadata={"help": "Validation examples per federated evaluation."}
+    )
     slowdown: float = field(
         default=1.0,
         metadata={"help": "Emulate a slower machine: each step takes this many times longer."},
@@ -60,6 +70,10 @@ class WorkerOptions:
             raise ValueError(
                 f"upload_dtype must be one of {UPLOAD_DTYPES}, got {self.upload_dtype!r}"
             )
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 syncs, got {self.eval_every}")
+        if self.eval_max_examples < 1:
+            raise ValueError(f"eval_max_examples must be >= 1, got {self.eval_max_examples}")
         if self.slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1.0, got {self.slowdown}")
         for name in ("max_steps", "max_seconds"):
