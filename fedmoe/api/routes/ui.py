@@ -12,6 +12,8 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
 
+from fedmoe.api.deps import CoordinatorDep
+
 router = APIRouter(include_in_schema=False)
 STATIC = Path(str(resources.files("fedmoe.api") / "static"))
 MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
@@ -33,6 +35,12 @@ def root() -> RedirectResponse:
 def ui_root() -> RedirectResponse:
     """``/ui`` → ``/ui/`` so the page's relative links resolve."""
     return RedirectResponse("/ui/", status_code=307)
+
+
+@router.get("/ui/auth.json")
+def auth_required(coordinator: CoordinatorDep) -> dict[str, bool]:
+    """Whether the page must ask for a token (what a 401 would tell anyway)."""
+    return {"token_required": coordinator.settings.auth_enabled}
 
 
 @router.get("/ui/{name}")
