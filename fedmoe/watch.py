@@ -53,7 +53,7 @@ def federated_loss(evaluations: list[dict[str, Any]], expert: str, kind: str) ->
     for row in evaluations:  # newest first: keep each worker's first row
         if row["expert"] == expert and row["kind"] == kind:
             latest.setdefault(row["worker_id"], row)
-    tokens = sum(row["tokens"] for row in latest.values())
+    tokens: int = sum(row["tokens"] for row in latest.values())
     if not tokens:
         return None
     total: float = sum(row["loss"] * row["tokens"] for row in latest.values())
