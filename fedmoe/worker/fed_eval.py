@@ -95,7 +95,21 @@ class FederatedEvaluator:
             self.run(expert_version, expert_state)
 
     def finish(self, expert_version: int, expert_state: Mapping[str, torch.Tensor]) -> None:
-        """The evaluation when the worker stops."""
+        """The evaluation when the worker stops (the last one's numbers if nothing moved)."""
+        last = self.reports[-1] if self.reports else None
+        try:
+            unchanged = (
+                last is not None
+                and last["expert_version"] == expert_version
+                and last["gateway_version"] == self.client.gateway_info()["version"]
+            )
+            if unchanged and last is not None:  # e.g. the final sync just evaluated
+                self.client.report_evaluation(last | {"final": True})
+                self.reports.append(last | {"final": True})
+                return
+        except Exception as error:
+            logger.warning("%s: final evaluation report failed: %r", self.worker_id, error)
+            return
         self.run(expert_version, expert_state, final=True)
 
     def run(
@@ -112,15 +126,17 @@ class FederatedEvaluator:
             logger.warning("%s: federated evaluation failed: %r", self.worker_id, error)
             return None
         finally:
-            self.seconds += time.monotonic() - began
+            elapsed = time.monotonic() - began
+            self.seconds += elapsed
         self.reports.append(report)
         losses = ", ".join(f"{r['kind']} {r['loss']:.4f}" for r in report["results"])
         logger.info(
-            "%s eval (expert v%d, gateway v%d, %d tokens): %s",
+            "%s eval (expert v%d, gateway v%d, %d tokens, %.2fs): %s",
             self.worker_id,
             expert_version,
             report["gateway_version"],
             self.tokens,
+            elapsed,
             losses,
         )
         return report
