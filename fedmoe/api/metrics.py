@@ -46,7 +46,7 @@ class CoordinatorMetrics:
 
     def __init__(self, coordinator: CentralCoordinator) -> None:
         self.coordinator = coordinator
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         r = self.registry
         self.accepted = Counter(
             "fedmoe_updates_accepted", "Updates applied to an expert.", ["expert"], registry=r
@@ -274,16 +274,17 @@ class MetricsMiddleware:
         return path if isinstance(path, str) else "other"
 
 
-def install_metrics(app: FastAPI, coordinator: CentralCoordinator) -> CoordinatorMetrics:
-    """Give ``app`` its metrics: call last in ``create_app`` (the middleware is outermost)."""
-    metrics = CoordinatorMetrics(coordinator)
-    coordinator.merger = TimedGatewayMerge(coordinator.merger, metrics.gateway_build)
+def install_metrics(app: FastAPI, coordinator: CentralCoordinator | None) -> CoordinatorMetrics:
+    """Give ``app`` its metrics: call last in ``create_app`` (the middleware is outermost).
+
+    ``coordinator`` is None only for an app built for its OpenAPI document alone.
+    """
+    metrics = CoordinatorMetrics(coordinator)  # type: ignore[arg-type]
     app.state.metrics = metrics
-    app.add_middleware(
-        MetricsMiddleware,
-        metrics=metrics,
-        loopback_open=coordinator.settings.metrics_loopback_open,
-    )
+    if coordinator is not None:
+        coordinator.merger = TimedGatewayMerge(coordinator.merger, metrics.gateway_build)
+    loopback_open = coordinator is not None and coordinator.settings.metrics_loopback_open
+    app.add_middleware(MetricsMiddleware, metrics=metrics, loopback_open=loopback_open)
     return metrics
 
 
