@@ -134,8 +134,8 @@ class DemoRun:
                             str(validation_path),
                             "--sync-interval",
                             str(self.sync_interval),
-                            "--eval-every",  # federated evaluation every 3 syncs
-                            "3",
+                            "--eval-max-examples",  # federated evaluation: ~1/min, cheap
+                            "30",
                             "--max-seconds",
                             str(self.seconds),
                             "--threads",
