@@ -108,7 +108,7 @@ def test_dashboard_shows_live_federation_in_a_real_browser(federation) -> None:
                 page.wait_for_selector(f"{chart} circle.gateway", timeout=30000)
             page.wait_for_function(
                 "document.querySelectorAll('#workers tbody tr').length === 2"
-                " && document.querySelectorAll('#rejections tbody tr').length >= 1"
+                " && document.querySelector('#rejections').textContent.includes('invalid_update')"
             )
             first = page.text_content("#summary")
             page.wait_for_timeout(3500)  # it refreshes by itself

@@ -145,6 +145,10 @@ function renderWorkers(status, now) {
 }
 
 function renderRejections(now) {
+  if (!state.rejections.length) {
+    fillTable("rejections", [["none since the coordinator started", "", "", "", "", ""]]);
+    return;
+  }
   fillTable("rejections", state.rejections.map((r) => [
     ago(now - r.time), r.expert, r.worker_id, r.status, r.reason,
     { text: r.detail, cls: "detail", title: r.detail }]));
