@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from rich.console import Console
 
 from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
-from fedmoe.watch import read_snapshot, render
+from fedmoe.watch import read_snapshot, render, watch
 from tests.api_helpers import (
     PY,
     PY_WORKER,
@@ -66,7 +67,29 @@ def test_render_shows_experts_eval_losses_workers_and_refusals(live_coordinator)
         assert expected in text, (expected, text)
 
 
-def test_status_watch_refreshes_until_interrupted(live_coordinator) -> None:
+def test_watch_refreshes_until_interrupted(live_coordinator) -> None:
+    _federation(live_coordinator)
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=160)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the clock of the loop: change things, then Ctrl-C
+        sleeps.append(seconds)
+        if len(sleeps) == 1:
+            with live_coordinator.client() as client:
+                register(client, "late-worker", "sql_expert")
+        else:
+            raise KeyboardInterrupt
+
+    with CoordinatorClient(live_coordinator.url) as client:
+        watch(console, client, interval=2.5, sleep=sleep)
+    frames = screen.getvalue().split("experts (federated validation loss")
+    assert sleeps == [2.5, 2.5]
+    assert len(frames) >= 3  # two refreshes (and the final frame)
+    assert "late-worker" not in frames[1] and "late-worker" in frames[-1]
+
+
+def test_status_watch_command_exits_cleanly_on_ctrl_c(live_coordinator) -> None:
     _federation(live_coordinator)
     process = subprocess.Popen(
         [
@@ -85,11 +108,13 @@ def test_status_watch_refreshes_until_interrupted(live_coordinator) -> None:
         env={**os.environ, "COLUMNS": "160"},
         text=True,
     )
-    time.sleep(4)
-    with live_coordinator.client() as client:  # a change between refreshes shows up
-        register(client, "late-worker", "sql_expert")
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    with live_coordinator.client() as client:  # Ctrl-C once the loop has read the coordinator
+        while 'route="/v1/metrics/rejections"' not in client.get("/metrics").text:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=20)
     assert process.returncode == 0, output
-    assert PY in output and "2.500" in output and "late-worker" in output, output
+    assert PY in output and "2.500" in output and PY_WORKER in output, output
