@@ -68,6 +68,8 @@ def federation(module_coordinator_factory, tmp_path_factory):
             )
         yield live
     finally:
+        for process in workers:  # both stop (final upload and evaluation) at once
+            process.terminate()
         for process in workers:
             stop(process)
 
@@ -87,7 +89,7 @@ def _wait_for_evaluations(client: httpx.Client, workers, root: Path, timeout: fl
 
 
 def test_dashboard_shows_live_federation_in_a_real_browser(federation) -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     problems: list[str] = []
     with sync_playwright() as playwright:
@@ -106,13 +108,12 @@ def test_dashboard_shows_live_federation_in_a_real_browser(federation) -> None:
                 page.wait_for_selector(f"{chart} path.train", timeout=30000)
                 page.wait_for_selector(f"{chart} circle.expert", timeout=30000)
                 page.wait_for_selector(f"{chart} circle.gateway", timeout=30000)
-            page.wait_for_function(
-                "document.querySelectorAll('#workers tbody tr').length === 2"
-                " && document.querySelector('#rejections').textContent.includes('invalid_update')"
-            )
+            # (locator assertions, not wait_for_function: the page's CSP forbids eval)
+            expect(page.locator("#workers tbody tr")).to_have_count(2)
+            expect(page.locator("#rejections")).to_contain_text("invalid_update")
             first = page.text_content("#summary")
-            page.wait_for_timeout(3500)  # it refreshes by itself
-            assert page.text_content("#refreshed") and page.text_content("#summary")
+            stamp = page.text_content("#refreshed")
+            expect(page.locator("#refreshed")).not_to_have_text(stamp, timeout=10000)  # refreshes
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             experts_text = page.text_content("#experts")
