@@ -58,6 +58,7 @@ class WorkerJob:
         self.next_sync_at = 0.0
         self.run_id: str | None = None
         self.summary: dict[str, Any] = {}
+        self.fed_eval: FederatedEvaluator | None = None  # set up once the model is
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -218,7 +219,8 @@ class WorkerJob:
         finally:
             self.stats.blocked_seconds += time.monotonic() - began
         self.backoff = 1.0
-        self.fed_eval.after_sync(self.base_version, self.pulled)
+        if self.fed_eval is not None:
+            self.fed_eval.after_sync(self.base_version, self.pulled)
         self.next_sync_at = time.monotonic() + self.options.sync_interval
         return True
 
@@ -322,7 +324,7 @@ class WorkerJob:
                     logger.error("final upload impossible: %s", error)
                     break
                 time.sleep(min(self.backoff, 5.0))
-        if hasattr(self, "fed_eval"):
+        if self.fed_eval is not None:
             self.fed_eval.finish(self.base_version, self.pulled)
         self.summary = self._summary()
         logger.info("%s finished: %s", self.options.worker_id, self.summary)
