@@ -62,6 +62,21 @@ function latestEval(expert, kind) {
   return tokens ? loss / tokens : null;
 }
 
+function federatedSeries(expert, kind) {
+  // after each report: the token-weighted mean of every worker's latest loss (one worker:
+  // its own losses), so several workers per domain draw one line, not a zigzag
+  const latest = new Map();
+  const points = [];
+  for (const row of state.evals) {
+    if (row.expert !== expert || row.kind !== kind) continue;
+    latest.set(row.worker_id, row);
+    let loss = 0, tokens = 0;
+    for (const r of latest.values()) { loss += r.loss * r.tokens; tokens += r.tokens; }
+    points.push([row.created_at, loss / tokens]);
+  }
+  return points;
+}
+
 function recentUpdates(now) {
   return state.updates.filter((row) => row.accepted && row.created_at >= now - WINDOW_S);
 }
@@ -212,9 +227,7 @@ function renderCharts(status, now) {
       .map((r) => [r.created_at, r.train_loss]);
     const series = [{ cls: "train", points: train, dots: false }];
     for (const kind of KINDS) {
-      const points = state.evals.filter((r) => r.expert === name && r.kind === kind)
-        .map((r) => [r.created_at, r.loss]);
-      series.push({ cls: kind, points, dots: true });
+      series.push({ cls: kind, points: federatedSeries(name, kind), dots: true });
     }
     const svg = lineChart(series, t0, now);
     svg.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
