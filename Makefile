@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint format bench bench-quick clean
+.PHONY: setup demo test lint format bench bench-quick clean browser
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/fedmoe demo
 
-test: setup lint
+test: setup lint browser
 	$(BIN)/pytest -q
+
+# The dashboard test drives Debian's Chromium (Playwright uses it; it downloads no browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 
 lint: setup
 	$(BIN)/ruff check fedmoe tests benchmarks *.py

@@ -116,11 +116,26 @@ def status(
     auth_token: TokenOpt = None,
     ca_cert: CaOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Live view (federated eval, refusals) until Ctrl-C.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between --watch refreshes.")] = 3.0,
 ) -> None:
     """Show experts, gateway and workers."""
+    import time
+
     import httpx
 
     from fedmoe.client import ApiError, CoordinatorClient
+
+    if watch:
+        from fedmoe.watch import watch as watch_status
+
+        if interval <= 0:
+            fail(f"--interval must be > 0 seconds, got {interval}")
+        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
+            watch_status(console, client, interval=interval, sleep=time.sleep)
+        return
 
     try:
         with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:

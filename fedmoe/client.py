@@ -100,6 +100,29 @@ class CoordinatorClient:
         rows = self._call("GET", "/v1/ledger", params={"limit": limit}).json()
         return [LedgerRow.model_validate(row) for row in rows]
 
+    def report_evaluation(self, report: dict[str, Any]) -> list[dict[str, Any]]:
+        """``POST /v1/metrics/evaluations``: a worker's federated evaluation results."""
+        return _json_rows(self._call("POST", "/v1/metrics/evaluations", json=report))
+
+    def evaluation_history(self, **filters: Any) -> list[dict[str, Any]]:
+        """``GET /v1/metrics/history`` (expert, worker_id, kind, since, until, limit)."""
+        params = {key: value for key, value in filters.items() if value is not None}
+        return _json_rows(self._call("GET", "/v1/metrics/history", params=params))
+
+    def update_history(self, *, after: int = 0, limit: int = 2000) -> list[dict[str, Any]]:
+        """``GET /v1/metrics/updates``: ledger rows newer than ``after``, newest first."""
+        return _json_rows(
+            self._call("GET", "/v1/metrics/updates", params={"after": after, "limit": limit})
+        )
+
+    def rejections(self, limit: int = 50) -> list[dict[str, Any]]:
+        """``GET /v1/metrics/rejections``: the most recent refused uploads."""
+        return _json_rows(self._call("GET", "/v1/metrics/rejections", params={"limit": limit}))
+
+    def metrics_text(self) -> str:
+        """``GET /metrics``: the Prometheus exposition."""
+        return self._call("GET", "/metrics").text
+
     def register(
         self,
         *,
@@ -173,3 +196,9 @@ def _api_error(response: httpx.Response) -> ApiError:
     except ValueError:
         code, detail = "error", response.text[:500]
     return ApiError(response.status_code, code, detail)
+
+
+def _json_rows(response: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON list of rows the observability endpoints answer (charts read them as is)."""
+    rows: list[dict[str, Any]] = response.json()
+    return rows

@@ -99,6 +99,7 @@ class DemoRun:
         )
         wait_healthy(self.url, coordinator)
         logger.info("coordinator up at %s", self.url)
+        logger.info("live dashboard: %s/ui/ (open it while the demo trains)", self.url)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -134,6 +135,8 @@ class DemoRun:
                             str(validation_path),
                             "--sync-interval",
                             str(self.sync_interval),
+                            "--eval-max-examples",  # federated evaluation: ~1/min, cheap
+                            "30",
                             "--max-seconds",
                             str(self.seconds),
                             "--threads",

@@ -17,7 +17,8 @@ from starlette.types import Scope
 
 from fedmoe import __version__
 from fedmoe.api.guard import BodyGuardMiddleware
-from fedmoe.api.routes import experts, gateway, health, status, workers
+from fedmoe.api.metrics import install_metrics
+from fedmoe.api.routes import experts, gateway, health, observe, status, ui, workers
 from fedmoe.api.schemas import ErrorBody, error_responses
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
@@ -56,7 +57,7 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     app = FastAPI(title="FedMoE coordinator", version=__version__)
     app.state.coordinator = coordinator
     app.include_router(health.router, responses=error_responses(408, 413))
-    for module in (status, workers, experts, gateway):
+    for module in (status, workers, experts, gateway, observe, ui):
         app.include_router(module.router, responses=error_responses(401, 408, 413))
 
     def limit_for(scope: Scope) -> int:
@@ -78,6 +79,7 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     _document_error_bodies(app)
+    install_metrics(app, coordinator)  # last: its middleware must be the outermost
     return app
 
 

@@ -8,7 +8,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fedmoe.coordinator.auth import Principal, TokenRegistry
 
-OPEN_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+OPEN_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/", "/ui"}
+# The dashboard's static files: the page asks for a token and sends it with its data calls.
+OPEN_PREFIXES = ("/ui/",)
 ADMIN = Principal(role="admin")
 UNAUTHORIZED_DETAIL = (
     "missing or invalid bearer token: send 'Authorization: Bearer <token>' "
@@ -38,7 +40,7 @@ class BearerAuthMiddleware:
     def _principal(self, scope: Scope) -> Principal | None:
         if not self.registry.enabled:
             return ADMIN
-        if scope["path"] in OPEN_PATHS:
+        if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
             return Principal(role="anonymous")
         headers = dict(scope["headers"])
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")

@@ -18,6 +18,7 @@ from fedmoe.adapters import AdapterSchema, decode_adapter, float32_bytes, schema
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors, restore
+from fedmoe.coordinator.evaluations import EvaluationLog
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
@@ -86,6 +87,7 @@ class CentralCoordinator:
             ledger, store, settings.experts, initial=initial, schema=self.schema
         )
         self.gateway = self._restore_gateway()
+        self.evaluations = EvaluationLog(ledger.path)  # federated evaluation reports
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class CentralCoordinator:
     def close(self) -> None:
         """Flush background writes and close the ledger."""
         self.store.close()
+        self.evaluations.close()
         self.ledger.close()
         if self.state_lock is not None:
             self.state_lock.close()

@@ -103,6 +103,11 @@ class CoordinatorSettings(BaseSettings):
     insecure: bool = Field(False, description="Allow non-loopback listening without auth.")
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM).")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
+    metrics_loopback_open: bool = Field(
+        False,
+        description="Serve /metrics without a token to clients on loopback (a local "
+        "Prometheus); everyone else still needs a token.",
+    )
 
     @field_validator("experts")
     @classmethod

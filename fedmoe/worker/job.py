@@ -34,6 +34,7 @@ from fedmoe.modeling import (
     resolve_device,
 )
 from fedmoe.schemas import UpdateAck
+from fedmoe.worker.fed_eval import FederatedEvaluator
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
 from fedmoe.worker.trainer import LocalTrainer
@@ -58,6 +59,7 @@ class WorkerJob:
         self.next_sync_at = 0.0
         self.run_id: str | None = None
         self.summary: dict[str, Any] = {}
+        self.fed_eval: FederatedEvaluator | None = None  # set up once the model is
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class WorkerJob:
         )
         self._wait_for(self._register)
         self._wait_for(self._pull_and_reset)
+        self.fed_eval = FederatedEvaluator.for_job(self)
         logger.info(
             "%s: %d training and %d validation examples, expert %s v%d on %s",
             opts.worker_id,
@@ -217,6 +220,8 @@ class WorkerJob:
         finally:
             self.stats.blocked_seconds += time.monotonic() - began
         self.backoff = 1.0
+        if self.fed_eval is not None:
+            self.fed_eval.after_sync(self.base_version, self.pulled)
         self.next_sync_at = time.monotonic() + self.options.sync_interval
         return True
 
@@ -320,6 +325,8 @@ class WorkerJob:
                     logger.error("final upload impossible: %s", error)
                     break
                 time.sleep(min(self.backoff, 5.0))
+        if self.fed_eval is not None:
+            self.fed_eval.finish(self.base_version, self.pulled)
         self.summary = self._summary()
         logger.info("%s finished: %s", self.options.worker_id, self.summary)
         if hasattr(self, "client"):

@@ -59,6 +59,15 @@ class WorkerOptions(BaseModel):
     auth_token: str | None = Field(None, description="Bearer token.")
     ca_cert: Path | None = Field(None, description="CA bundle to verify the coordinator's TLS.")
     max_backoff: float = Field(30.0, gt=0, description="Longest retry wait (s).")
+    eval_every: int | None = Field(
+        None,
+        ge=0,
+        description="Federated evaluation every N syncs (and when stopping); "
+        "default: about once a minute; 0: only when stopping.",
+    )
+    eval_max_examples: int = Field(
+        64, ge=1, description="Validation examples per federated evaluation."
+    )
     slowdown: float = Field(
         1.0, ge=1.0, description="Emulate a slower machine: each step takes this many times longer."
     )
