@@ -167,6 +167,9 @@ def worker(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     slowdown: Annotated[float, typer.Option(help="Emulate a slower machine (x).")] = 1.0,
     summary_json: Annotated[Path | None, typer.Option(help="Write the summary here.")] = None,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write this file once registered; removed on exit.")
+    ] = None,
     auth_token: TokenOpt = None,
     ca_cert: CaOpt = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
@@ -209,12 +212,13 @@ def worker(
             auth_token=auth_token,
             ca_cert=ca_cert,
             slowdown=slowdown,
+            ready_file=ready_file,
         )
     except ValueError as error:
         fail(str(error))
-    job = WorkerJob(options)
-    _stop_on_signals(job.request_stop)
     try:
+        job = WorkerJob(options)
+        _stop_on_signals(job.request_stop)
         summary = job.run()
     except (DataFormatError, FatalSyncError, TrainingDiverged, OSError) as error:
         fail(str(error))

@@ -42,6 +42,12 @@ class WorkerOptions:
         default=1.0,
         metadata={"help": "Emulate a slower machine: each step takes this many times longer."},
     )
+    ready_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "Write this JSON file once registered and about to train; removed on exit."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.coordinator_url.startswith(("http://", "https://")):
