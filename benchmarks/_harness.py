@@ -198,11 +198,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def ms(seconds: float) -> str:
-    """Seconds as a short millisecond string."""
-    return f"{seconds * 1000:.1f}" if seconds < 10 else f"{seconds * 1000:.0f}"
-
-
 def proc_memory(pid: int) -> dict[str, float]:
     """VmHWM (peak RSS) and VmRSS of ``pid`` in MiB."""
     values = {}
@@ -219,9 +214,3 @@ _T0 = time.monotonic()
 def progress(message: str) -> None:
     """Print a progress line with the elapsed time to stderr."""
     print(f"[{time.monotonic() - _T0:6.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def loadavg_text() -> str:
-    """The 1/5/15-minute load averages as text."""
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"

@@ -111,6 +111,9 @@ def coordinator(
     ] = False,
     ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate.")] = None,
     ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS key.")] = None,
+    url_file: Annotated[
+        Path | None, typer.Option(help="Write {url, pid} here once listening (port 0 too).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Run the coordinator (HTTP API v1) until SIGINT/SIGTERM."""

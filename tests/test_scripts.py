@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe.demo import free_port
+from fedmoe.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"

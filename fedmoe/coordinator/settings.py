@@ -62,6 +62,11 @@ class CoordinatorSettings(BaseSettings):
     insecure: bool = Field(False, description="Allow non-loopback listening without auth.")
     ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM).")
     ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
+    url_file: Path | None = Field(
+        None,
+        description="Write {url, pid} as JSON here once the port is bound (port 0: the port "
+        "it got); removed on exit.",
+    )
 
     @field_validator("experts")
     @classmethod
