@@ -1,8 +1,9 @@
 """A benchmark server process: a real coordinator (or the FLOOR app) under uvicorn.
 
 Run as ``python -m benchmarks._coordinator_server --state-dir D --shape tiny|qwen
---experts e0,e1,e2`` (or ``--floor``). It binds 127.0.0.1 port 0 itself, prints
-``PORT <n>`` on stdout, and serves until SIGTERM. uvicorn runs exactly as
+--experts e0,e1,e2 --url-file F`` (or ``--floor``). It binds 127.0.0.1 port 0 itself,
+writes ``{"url", "pid"}`` to F (``fedmoe.procs.start_server`` waits for it), and serves
+until SIGTERM. uvicorn runs exactly as
 ``fedmoe.api.server.serve`` runs it (log level ``info``, access log on).
 
 Shapes:
@@ -143,11 +144,12 @@ def main() -> None:
     import uvicorn
 
     from fedmoe.api.app import create_app
-    from fedmoe.api.server import listen_socket
+    from fedmoe.api.server import listen_socket, write_url_file
     from fedmoe.coordinator.auth import TokenRegistry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--url-file", type=Path, required=True)
     parser.add_argument("--shape", choices=("tiny", "qwen"), default="tiny")
     parser.add_argument("--experts", default="e0,e1,e2")
     parser.add_argument("--merge-method", default="cat")
@@ -162,7 +164,7 @@ def main() -> None:
         )
         app = create_app(coordinator, TokenRegistry({}))
     sock = listen_socket("127.0.0.1", 0)  # the real server's own listener
-    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    write_url_file(args.url_file, f"http://127.0.0.1:{sock.getsockname()[1]}")
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -72,16 +73,21 @@ def base_model(name: str, shaped: bool, device: torch.device) -> PreTrainedModel
     return model.to(device)
 
 
-def plain_step(
-    model: PreTrainedModel,
-    examples: list[TokenizedExample],
-    lora: LoraSettings,
-    train: TrainSettings,
-    lr: float,
-    pad: int,
-    device: torch.device,
-) -> Step:
+@dataclass(frozen=True)
+class LoopSetup:
+    """What both training loops share: data, LoRA, training settings, device."""
+
+    examples: list[TokenizedExample]
+    lora: LoraSettings
+    train: TrainSettings
+    lr: float
+    pad: int
+    device: torch.device
+
+
+def plain_step(model: PreTrainedModel, setup: LoopSetup) -> Step:
     """The plain loop: get_peft_model, AdamW, the model's loss, clipping as FedMoE's default."""
+    lora, train, device = setup.lora, setup.train, setup.device
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -95,11 +101,11 @@ def plain_step(
         f"plain loop: {sum(p.numel() for p in peft.parameters() if p.requires_grad):,} LoRA params"
     )
     params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batches = iter(BatchStream(examples, batch_size=train.batch_size, seed=train.seed))
+    optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
+    batches = iter(BatchStream(setup.examples, batch_size=train.batch_size, seed=train.seed))
 
     def step() -> int:
-        batch = collate(next(batches), pad)
+        batch = collate(next(batches), setup.pad)
         tokens = count_trainable_tokens(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device):  # the same precision policy as LocalTrainer
@@ -113,18 +119,15 @@ def plain_step(
     return step
 
 
-def fedmoe_step(
-    model: PreTrainedModel,
-    examples: list[TokenizedExample],
-    lora: LoraSettings,
-    train: TrainSettings,
-    lr: float,
-    pad: int,
-    device: torch.device,
-) -> Step:
+def fedmoe_step(model: PreTrainedModel, setup: LoopSetup) -> Step:
     """FedMoE's loop: attach_lora + LocalTrainer."""
     trainer = LocalTrainer(
-        attach_lora(model, lora), examples, train, pad_token_id=pad, device=device, learning_rate=lr
+        attach_lora(model, setup.lora),
+        setup.examples,
+        setup.train,
+        pad_token_id=setup.pad,
+        device=setup.device,
+        learning_rate=setup.lr,
     )
     return lambda: trainer.step().tokens
 
@@ -218,11 +221,9 @@ def main() -> None:
     paths = write_demo_datasets(Path(tempfile.mkdtemp(prefix="fedmoe-speed-data-")))[DOMAIN]
     examples = tokenize_examples(load_examples(paths[0]), tokenizer, max_length=train.max_length)
     lr = train.learning_rate_for("qwen" if shaped else args.base_model)
-    pad = tokenizer.pad_token_id
+    setup = LoopSetup(examples, lora, train, lr, tokenizer.pad_token_id, device)
     arms = {
-        name: build(
-            base_model(args.base_model, shaped, device), examples, lora, train, lr, pad, device
-        )
+        name: build(base_model(args.base_model, shaped, device), setup)
         for name, build in (
             ("plain transformers + peft", plain_step),
             ("FedMoE LocalTrainer", fedmoe_step),

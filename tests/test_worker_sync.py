@@ -357,4 +357,4 @@ def test_job_has_every_attribute_after_init_and_closes_its_client(tmp_path: Path
     assert job.client is coordinator and job.syncer is None and job.trainer is None
     summary = job.cleanup()  # nothing set up: no upload, no evaluation, client closed
     assert coordinator.closed and summary["expert_version"] is None
-    assert summary["steps"] == 0 and coordinator.received == []
+    assert summary["steps"] == 0 and summary["seconds"] == 0.0 and coordinator.received == []

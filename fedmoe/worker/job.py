@@ -79,7 +79,7 @@ class WorkerJob:
         )
         self.clock: Clock = clock or SystemClock()
         self.stop_event = threading.Event()
-        self.stats = WorkerStats()
+        self.stats = WorkerStats(started=self.clock.now())  # train() restarts it
         self.summary: dict[str, Any] = {}
         # load_data()
         self.examples: list[Example] = []

@@ -266,15 +266,7 @@ class Syncer:
             self.pending = self._make_pending()
         pending = self.pending
         try:
-            ack = self.client.upload(
-                self.identity.specialty,
-                pending.body,
-                worker_id=self.identity.worker_id,
-                update_id=pending.update_id,
-                base_version=pending.base_version,
-                num_tokens=pending.tokens,
-                train_loss=pending.train_loss,
-            )
+            ack = self._send(pending)
         except ApiError as error:
             if error.transient:
                 raise  # not a refusal: sync() retries the same update id later
@@ -285,6 +277,17 @@ class Syncer:
         self._report(ack, pending)
         self.pull_and_rebase(since=pending.snapshot)
         self.unrebased = None
+
+    def _send(self, pending: PendingUpdate) -> dict[str, Any]:
+        return self.client.upload(
+            self.identity.specialty,
+            pending.body,
+            worker_id=self.identity.worker_id,
+            update_id=pending.update_id,
+            base_version=pending.base_version,
+            num_tokens=pending.tokens,
+            train_loss=pending.train_loss,
+        )
 
     def _make_pending(self) -> PendingUpdate:
         snapshot = self.adapter.state()
