@@ -1,9 +1,10 @@
 """The sync invariant end to end: a real tiny-model ``WorkerJob`` and a real coordinator.
 
-With one worker per expert (staleness 0, weight 1) and float32 uploads, after every
-acknowledged sync the coordinator's expert must equal the adapter snapshot the worker
-uploaded, bit for bit; and the steps trained while an upload was in flight (its answer
-lost, the same update id resent later) must survive the rebase onto the new expert.
+With one worker per expert (staleness 0, weight 1) and float32 uploads, the upload is the
+delta from the pulled expert (equal to the adapter minus the pulled expert up to float
+rounding), after every acknowledged sync the coordinator's expert equals the worker's
+snapshot (pulled + Δ) bit for bit, and the steps trained while an upload was in flight
+(its answer lost, the same update id resent later) survive the rebase onto the new expert.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import torch
 
+from fedmoe.adapters import decode_adapter
 from fedmoe.aggregate import AdapterState
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import TrainSettings
@@ -30,7 +32,8 @@ def assert_same(actual: AdapterState, expected: AdapterState) -> None:
     """Bit-for-bit equality of two adapter states."""
     assert actual.keys() == expected.keys()
     different = [key for key in expected if not torch.equal(actual[key], expected[key])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:2]}"
+    worst = max(((actual[k] - expected[k]).abs().max().item() for k in different), default=0.0)
+    assert not different, f"{len(different)} tensors differ (max {worst:.3g}), e.g. {different[:2]}"
 
 
 class CheckingClient(CoordinatorClient):
@@ -44,19 +47,29 @@ class CheckingClient(CoordinatorClient):
         super().__init__(url)
         self.job: WorkerJob | None = None
         self.lose_answers, self.attempts, self.checked = lose_answers, 0, 0
+        self.trained: dict[str, AdapterState] = {}  # update id -> adapter at its first attempt
 
     def upload(self, expert: str, body: bytes, **kwargs: Any) -> dict[str, Any]:
-        """Upload for real, then check (or lose) the answer."""
+        """Check the delta, upload for real, then check (or lose) the answer."""
+        assert self.job is not None and self.job.syncer is not None and self.job.model
+        syncer, update_id = self.job.syncer, kwargs["update_id"]
+        if update_id not in self.trained:  # first attempt: nothing trained since the snapshot
+            self.trained[update_id] = adapter_state(self.job.model)
+            delta = decode_adapter(body, self.job.tensor_shapes)
+            for key, tensor in delta.items():  # the delta, not the adapter: equal up to rounding
+                expected = self.trained[update_id][key] - syncer.pulled[key]
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
         self.attempts += 1
         ack = super().upload(expert, body, **kwargs)
         if self.attempts in self.lose_answers:
             raise httpx.ReadTimeout("answer lost (test)")
-        assert self.job is not None and self.job.syncer is not None
-        pending = self.job.syncer.pending
-        assert pending is not None and pending.update_id == kwargs["update_id"]
+        pending = syncer.pending
+        assert pending is not None and pending.update_id == update_id
         version, expert_state = self.expert_adapter(expert, self.job.tensor_shapes)
         assert version == ack["version"] and ack["staleness"] == 0
         assert_same(expert_state, pending.snapshot)
+        for key, tensor in pending.snapshot.items():
+            torch.testing.assert_close(tensor, self.trained[update_id][key], rtol=0, atol=1e-6)
         self.checked += 1
         return ack
 

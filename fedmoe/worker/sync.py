@@ -290,11 +290,16 @@ class Syncer:
         )
 
     def _make_pending(self) -> PendingUpdate:
-        snapshot = self.adapter.state()
-        delta = {key: snapshot[key] - self.pulled[key] for key in snapshot}
+        local = self.adapter.state()
+        dtype = self.identity.upload_dtype
+        delta = {key: (local[key] - self.pulled[key]).to(dtype) for key in local}
+        # The snapshot is what the coordinator makes of this upload at weight 1 (staleness 0):
+        # pulled + Δ as sent, bit for bit. It differs from ``local`` only by the rounding of
+        # Δ, which the next rebase carries forward as progress instead of dropping it.
+        snapshot = apply_update(self.pulled, {k: d.float() for k, d in delta.items()}, 1.0)
         return PendingUpdate(
             update_id=f"{self.identity.worker_id}:{uuid.uuid4().hex}",
-            body=encode_adapter(delta, dtype=self.identity.upload_dtype),
+            body=encode_adapter(delta),
             base_version=self.base_version,
             tokens=self.stats.window_tokens,
             loss_count=len(self.stats.window_losses),
