@@ -232,6 +232,5 @@ def memory_run(
         "rss_after_updates": after_updates["VmRSS"],
         "hwm_after_updates": after_updates["VmHWM"],
         "hwm": end_memory["VmHWM"],
-        "rss_end": end_memory["VmRSS"],
         "state_bytes": state_bytes,
     }
