@@ -33,8 +33,9 @@ lint: setup
 	$(BIN)/ruff format --check fedmoe tests benchmarks *.py
 	$(BIN)/mypy
 
-# The long measurements (about 20 minutes in all on 2 CPU cores); each writes its section
-# of benchmarks/RESULTS.md. bench-quick is a smoke run that writes nothing.
+# The long measurements (about 20 minutes in all on 2 CPU cores); each writes its raw
+# results to benchmarks/results/*.json and re-renders benchmarks/RESULTS.md from them
+# (python -m benchmarks.render). bench-quick is a smoke run: its JSON goes to a temp dir.
 BENCHES := quality_bench async_bench worker_speed_bench coordinator_bench
 
 bench: setup

@@ -1,7 +1,8 @@
 """Section ``coordinator-speed``, part 2: where one update's time goes, the gateway, memory.
 
-* ``phase_breakdown``: the steps of ``CentralCoordinator._apply`` timed one by one in
-  a worker thread of this process (no HTTP), beside an in-process ``submit_update``.
+* ``phase_breakdown``: real ``submit_update`` calls on a coordinator opened by the
+  product's ``open_coordinator``, its methods wrapped by ``PhaseTimer`` (no copy of the
+  update path), in a worker thread of this process (no HTTP).
 * ``gateway_cost``: what the default ``cat`` gateway costs to merge, encode and write
   for a number of experts (the store's background writer does this after every update).
 * ``memory_run``: peak RSS of a coordinator process holding N Qwen-shaped experts after
@@ -13,7 +14,6 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,16 +22,12 @@ from typing import Any
 import torch
 
 from benchmarks._coordinator_server import random_delta
-from benchmarks._harness import ms, percentile, proc_memory, progress, server
+from benchmarks._harness import percentile, proc_memory, progress, server
 from fedmoe import aggregate
-from fedmoe.adapters import atomic_write, decode_adapter, encode_adapter, schema_of
+from fedmoe.adapters import atomic_write, encode_adapter
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
-from fedmoe.coordinator.core import CentralCoordinator
-from fedmoe.coordinator.ledger import Ledger, UpdateRecord
-from fedmoe.coordinator.settings import CoordinatorSettings
-from fedmoe.coordinator.store import AdapterStore
-from fedmoe.coordinator.versions import UpdateRequest, Versioned
+from fedmoe.coordinator.versions import UpdateRequest
 from fedmoe.schemas import LoraConfigBody, WorkerRegistration
 from fedmoe.strategy import GatewayMerge
 
@@ -65,86 +61,103 @@ def _interleaved(steps: dict[str, Callable[[], Any]], repeat: int) -> dict[str, 
         return pool.submit(run).result()
 
 
-def _coordinator(directory: Path, initial: dict, rank: int, experts: int) -> CentralCoordinator:
-    directory.mkdir(parents=True, exist_ok=True)
-    settings = CoordinatorSettings(
-        state_dir=directory,
-        experts=[f"e{i}" for i in range(experts)],
-        lora_rank=rank,
-        lora_alpha=2.0 * rank,
-    )
-    return CentralCoordinator(
-        settings=settings,
-        base_model="synthetic",
-        fingerprint="config:synthetic/weights:synthetic",
-        initial=initial,
-        ledger=Ledger(directory / "ledger.sqlite3"),
-        store=AdapterStore(directory, gateway_file_interval=settings.gateway_file_interval),
-    )
+# The real update path's phases: (owner in the coordinator, method name) -> row label.
+# ``_apply``'s own time (norm, staleness weight, θ + w·Δ, Versioned view) is what is left
+# of it after its timed callees; the replay and base-version checks are what is left of
+# ``submit_update``.
+TIMED = {
+    ("coordinator", "_decode"): "decode + validate (bf16 → f32, isfinite)",
+    ("coordinator", "_apply"): "norm, weight s(τ), apply θ + w·Δ, view the bytes as tensors",
+    (
+        "coordinator",
+        "_overflow_guard",
+    ): "overflow guard (isfinite scan only near the float32 limit)",
+    ("store", "save_expert"): "encode expert (f32) + write file (fsync+rename+dir fsync)",
+    (
+        "coordinator",
+        "_commit",
+    ): "commit: ledger row (SQLite WAL, synchronous=FULL) + gateway version",
+    ("store", "prune_expert"): "prune the previous expert file",
+}
+CHILDREN_OF_APPLY = ("_overflow_guard", "save_expert", "_commit", "prune_expert")
+TOTAL = "TOTAL submit_update"
+CHECKS = "replay + base-version checks (ledger lookup)"
 
 
-def phase_breakdown(initial: dict, rank: int, repeat: int) -> dict[str, float]:
-    """Median seconds of each step of one accepted update, and the in-process total."""
-    progress(f"phase breakdown: {len(initial)} tensors")
-    schema = schema_of(initial)
-    body = encode_adapter(random_delta(schema), dtype=torch.bfloat16)
-    decoded = decode_adapter(body, schema)
-    new_state = aggregate.apply_update(initial, decoded, 0.9)
-    payload = encode_adapter(new_state, {"expert": "e0", "version": "1"})
-    with tempfile.TemporaryDirectory(prefix="fedmoe-breakdown-") as tmp:
-        root = Path(tmp)
-        ledger = Ledger(root / "ledger.sqlite3")
-        ledger.add_expert("e0")
-        ledger.upsert_worker("w", "e0")
-        coordinator = _coordinator(root / "coord", initial, rank, 3)
-        coordinator.register_worker(
-            WorkerRegistration(
-                worker_id="w",
-                specialty="e0",
-                base_model_fingerprint=coordinator.fingerprint,
-                lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
-            )
+class PhaseTimer:
+    """Wraps methods of one live coordinator (instance attributes) and sums their seconds."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = {}
+
+    def wrap(self, owner: Any, name: str) -> None:
+        """Time every call of ``owner.name`` into ``self.current[name]``."""
+        original = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def take(self, total: float) -> dict[str, float]:
+        """This update's phases (exclusive times, seconds) and its total; then reset."""
+        times = dict(self.current)
+        self.current = {}
+        times["_apply"] = times.get("_apply", 0.0) - sum(
+            times.get(c, 0.0) for c in CHILDREN_OF_APPLY
         )
-        counter = iter(range(10**9))
+        phases = {label: times.get(name, 0.0) for (_, name), label in TIMED.items()}
+        phases[CHECKS] = total - sum(times.values())
+        phases[TOTAL] = total
+        return phases
 
-        def commit() -> None:
-            record = UpdateRecord(
-                update_id=uuid.uuid4().hex, worker_id="w", expert="e0", base_version=0,
-                staleness=0, weight=1.0, update_norm=1.0, clipped=False, train_loss=1.0,
-                num_tokens=1, accepted=True, expert_version=1, gateway_version=1,
-            )  # fmt: skip
-            record.response = record.acknowledgement()
-            ledger.commit_accepted(record, {"merge_method": "cat"})
 
-        def submit() -> None:
-            version = coordinator.experts["e0"].version
-            coordinator.submit_update(
-                UpdateRequest("e0", "w", f"u{next(counter)}", version, 1, 1.0, body)
-            )
+def phase_breakdown(shape: str, repeat: int) -> dict[str, float]:
+    """Median seconds of each phase of ``submit_update``, coordinator opened as in production."""
+    from benchmarks._coordinator_server import build_coordinator
 
-        steps = {
-            "decode + validate (bf16 → f32, isfinite)": lambda: decode_adapter(body, schema),
-            "global_norm (float64)": lambda: aggregate.global_norm(decoded),
-            "apply θ + w·Δ": lambda: aggregate.apply_update(initial, decoded, 0.9),
-            "(not on the normal path) isfinite scan of the new state, run only when the "
-            "max|θ| bound nears the float32 limit": lambda: all(
-                bool(torch.isfinite(tensor).all()) for tensor in new_state.values()
-            ),
-            "encode expert (f32 safetensors)": lambda: encode_adapter(new_state, {"v": "1"}),
-            "write expert file (fsync+rename+dir fsync)": lambda: atomic_write(
-                root / "expert.safetensors", payload
-            ),
-            "view the bytes as tensors (Versioned.from_payload)": lambda: Versioned.from_payload(
-                1, payload, abs_bound=1.0
-            ),
-            "ledger commit (SQLite WAL, synchronous=FULL)": commit,
-            "TOTAL in-process submit_update": submit,
-        }
+    progress(f"phase breakdown: {shape}, {repeat} updates")
+    with tempfile.TemporaryDirectory(prefix="fedmoe-breakdown-") as tmp:
+        coordinator = build_coordinator(shape, Path(tmp) / "state", ["e0", "e1", "e2"])
         try:
-            return _interleaved(steps, repeat)
+            timer = PhaseTimer()
+            owners = {"coordinator": coordinator, "store": coordinator.store}
+            for owner, name in TIMED:
+                timer.wrap(owners[owner], name)
+            return _timed_updates(coordinator, timer, repeat)
         finally:
             coordinator.close()
-            ledger.close()
+
+
+def _timed_updates(coordinator: Any, timer: PhaseTimer, repeat: int) -> dict[str, float]:
+    """``repeat`` real updates in a worker thread (as the server runs them); phase medians."""
+    coordinator.register_worker(
+        WorkerRegistration(
+            worker_id="w",
+            specialty="e0",
+            base_model_fingerprint=coordinator.fingerprint,
+            lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
+        )
+    )
+    body = encode_adapter(random_delta(coordinator.schema), dtype=torch.bfloat16)
+
+    def run() -> dict[str, float]:
+        samples: dict[str, list[float]] = {}
+        for index in range(repeat):
+            version = coordinator.experts["e0"].version
+            request = UpdateRequest("e0", "w", f"u{index}", version, 1, 1.0, body)
+            start = time.perf_counter()
+            coordinator.submit_update(request)
+            for label, seconds in timer.take(time.perf_counter() - start).items():
+                samples.setdefault(label, []).append(seconds)
+        return {label: statistics.median(values) for label, values in samples.items()}
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
 
 
 def gateway_cost(initial: dict, rank: int, experts: int, repeat: int = 2) -> dict[str, float]:
@@ -206,7 +219,7 @@ def memory_run(
             gateway_seconds = time.perf_counter() - start
             size = len(gateway_bytes or b"")
             del gateway_bytes
-            rank = client.gateway_info()["lora_rank"]
+            rank = client.gateway_info().lora_rank
         time.sleep(1.0)
         end_memory = proc_memory(srv.pid)
     state_bytes = sum(p.stat().st_size for p in (directory / "state").rglob("*") if p.is_file())
@@ -214,45 +227,15 @@ def memory_run(
         "experts": experts,
         "merge_method": merge_method,
         "updates": len(latencies),
-        "p50": percentile(latencies, 50),
-        "p90": percentile(latencies, 90),
-        "max": max(latencies),
-        "gateway_seconds": gateway_seconds,
+        "p50_ms": 1e3 * percentile(latencies, 50),
+        "p90_ms": 1e3 * percentile(latencies, 90),
+        "max_ms": 1e3 * max(latencies),
+        "gateway_get_ms": 1e3 * gateway_seconds,
         "gateway_bytes": size,
         "gateway_rank": rank,
         "rss_start": start_memory["VmRSS"],
         "rss_after_updates": after_updates["VmRSS"],
         "hwm_after_updates": after_updates["VmHWM"],
         "hwm": end_memory["VmHWM"],
-        "rss_end": end_memory["VmRSS"],
         "state_bytes": state_bytes,
     }
-
-
-def memory_table(runs: list[dict[str, Any]]) -> str:
-    """The memory runs as a markdown table."""
-    from benchmarks.report import markdown_table
-
-    headers = ["experts", "gateway", "updates", "update p50 ms", "update p90 ms",
-               "update max ms", "GET gateway ms", "gateway MB (rank)", "RSS idle MiB",
-               "RSS after updates MiB", "peak RSS after updates MiB",
-               "peak RSS incl. gateway GET MiB", "state dir MB"]  # fmt: skip
-    rows = [
-        [
-            m["experts"],
-            m["merge_method"],
-            m["updates"],
-            ms(m["p50"]),
-            ms(m["p90"]),
-            ms(m["max"]),
-            ms(m["gateway_seconds"]),
-            f"{m['gateway_bytes'] / 1e6:,.0f} ({m['gateway_rank']})",
-            f"{m['rss_start']:,.0f}",
-            f"{m['rss_after_updates']:,.0f}",
-            f"{m['hwm_after_updates']:,.0f}",
-            f"{m['hwm']:,.0f}",
-            f"{m['state_bytes'] / 1e6:,.0f}",
-        ]
-        for m in runs
-    ]
-    return markdown_table(headers, rows)

@@ -17,7 +17,6 @@ import httpx
 
 from benchmarks._harness import (
     LoadResult,
-    ms,
     percentile,
     proc_memory,
     progress,
@@ -55,36 +54,40 @@ def ledger_ids(url: str, state_dir: Path, total: int) -> tuple[set[str], int, st
     return set(accepted), len(accepted), "SQLite file (more rows than the API's limit)"
 
 
-def verify(url: str, state_dir: Path, result: LoadResult) -> tuple[bool, list[list[Any]], str]:
-    """The no-lost-update checks: (passed, per-expert rows, notes)."""
+def verify(
+    url: str, state_dir: Path, result: LoadResult
+) -> tuple[bool, list[dict[str, Any]], dict[str, Any]]:
+    """The no-lost-update checks: (passed, per-expert checks, what the ledger said)."""
     status = httpx.get(url + "/v1/status", timeout=60).json()
     acks = [r for r in result.records if not r["replayed"]]
     per_expert = Counter(r["expert"] for r in acks)
     ids, rows_accepted, how = ledger_ids(url, state_dir, len(acks))
     missing = [r["id"] for r in acks if r["id"] not in ids]
     ok = not result.errors and not missing and rows_accepted == len(acks)
-    table = []
+    checks = []
     for name, info in sorted(status["experts"].items()):
         versions = sorted(r["version"] for r in acks if r["expert"] == name)
         contiguous = versions == list(range(1, len(versions) + 1))
         row_ok = info["version"] == info["updates_applied"] == per_expert[name] and contiguous
         ok = ok and row_ok
-        table.append(
-            [
-                name,
-                info["version"],
-                info["updates_applied"],
-                per_expert[name],
-                "yes" if contiguous else "NO",
-                "PASS" if row_ok else "FAIL",
-            ]
+        checks.append(
+            {
+                "expert": name,
+                "version": info["version"],
+                "accepted": info["updates_applied"],
+                "acks": per_expert[name],
+                "contiguous": contiguous,
+                "ok": row_ok,
+            }
         )
-    notes = (
-        f"ledger read via {how}: {rows_accepted} accepted rows, {len(missing)} acked ids "
-        f"missing; client errors: {len(result.errors)}"
-        + (f" (first: {result.errors[0]})" if result.errors else "")
-    )
-    return ok, table, notes
+    ledger = {
+        "read_via": how,
+        "accepted_rows": rows_accepted,
+        "missing": len(missing),
+        "client_errors": len(result.errors),
+        "first_error": result.errors[0] if result.errors else None,
+    }
+    return ok, checks, ledger
 
 
 def one_run(directory: Path, seconds: float, procs: int) -> dict[str, Any]:
@@ -104,32 +107,23 @@ def one_run(directory: Path, seconds: float, procs: int) -> dict[str, Any]:
             directory=directory / "load",
             schema=schema,
         )
-        ok, table, notes = verify(srv.url, directory / "state", result)
+        ok, checks, ledger = verify(srv.url, directory / "state", result)
         memory = proc_memory(srv.pid)
+    latencies = result.latencies()
+    staleness = [r["staleness"] for r in result.records]
     return {
-        "result": result,
+        "acks": len(result.records),
+        "rate": result.rate,
+        "p50_ms": 1e3 * percentile(latencies, 50),
+        "p90_ms": 1e3 * percentile(latencies, 90),
+        "p99_ms": 1e3 * percentile(latencies, 99),
+        "max_ms": 1e3 * max(latencies, default=float("nan")),
+        "staleness_mean": sum(staleness) / max(len(staleness), 1),
+        "staleness_max": max(staleness, default=0),
+        "errors": len(result.errors),
         "ok": ok,
-        "table": table,
-        "notes": notes,
-        "body": size,
-        "memory": memory,
+        "body_bytes": size,
+        "peak_rss_mib": memory["VmHWM"],
+        "ledger": ledger,
+        "checks": checks,
     }
-
-
-def summary_row(label: str, run: dict[str, Any]) -> list[Any]:
-    """One line of the results table."""
-    result: LoadResult = run["result"]
-    lat = result.latencies()
-    stale = [r["staleness"] for r in result.records]
-    return [
-        label,
-        len(result.records),
-        f"{result.rate:.1f}",
-        ms(percentile(lat, 50)),
-        ms(percentile(lat, 90)),
-        ms(percentile(lat, 99)),
-        ms(max(lat, default=float("nan"))),
-        f"{sum(stale) / max(len(stale), 1):.1f} / {max(stale, default=0)}",
-        len(result.errors),
-        "PASS" if run["ok"] else "FAIL",
-    ]

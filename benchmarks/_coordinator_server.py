@@ -1,8 +1,9 @@
 """A benchmark server process: a real coordinator (or the FLOOR app) under uvicorn.
 
 Run as ``python -m benchmarks._coordinator_server --state-dir D --shape tiny|qwen
---experts e0,e1,e2`` (or ``--floor``). It binds 127.0.0.1 port 0 itself, prints
-``PORT <n>`` on stdout, and serves until SIGTERM. uvicorn runs exactly as
+--experts e0,e1,e2 --url-file F`` (or ``--floor``). It binds 127.0.0.1 port 0 itself,
+writes ``{"url", "pid"}`` to F (``fedmoe.procs.start_server`` waits for it), and serves
+until SIGTERM. uvicorn runs exactly as
 ``fedmoe.api.server.serve`` runs it (log level ``info``, access log on).
 
 Shapes:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi import Request
@@ -73,37 +75,42 @@ def random_delta(schema: dict[str, tuple[int, ...]], seed: int = 1) -> dict[str,
     return {key: torch.randn(shape, generator=generator) * 1e-3 for key, shape in schema.items()}
 
 
-def build_coordinator(shape: str, state_dir: Path, experts: list[str], merge_method: str = "cat"):
-    """A coordinator of ``shape`` (``tiny``: real preset; ``qwen``: synthetic) in ``state_dir``."""
-    from fedmoe.coordinator.bootstrap import open_coordinator
-    from fedmoe.coordinator.core import CentralCoordinator
-    from fedmoe.coordinator.ledger import Ledger
+def qwen_source(settings: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """``InitialSource`` of the synthetic Qwen-shaped model: no model is loaded."""
+    lora: LoraSettings = settings.lora
+    return qwen_initial(lora.rank, lora.seed), QWEN_FINGERPRINT
+
+
+def build_coordinator(
+    shape: str, state_dir: Path, experts: list[str], merge_method: str = "cat", **settings: Any
+) -> Any:
+    """A coordinator of ``shape`` opened by the product's ``open_coordinator``.
+
+    ``tiny`` loads the real preset; ``qwen`` passes a synthetic initial adapter (the same
+    lock, ledger, store and restore as ``fedmoe coordinator``).
+    """
+    from fedmoe.coordinator.bootstrap import base_model_initial, open_coordinator
     from fedmoe.coordinator.settings import CoordinatorSettings
-    from fedmoe.coordinator.store import AdapterStore
 
     if shape == "tiny":
-        settings = CoordinatorSettings(
-            state_dir=state_dir, experts=experts, base_model="tiny", merge_method=merge_method
+        config = CoordinatorSettings(
+            state_dir=state_dir,
+            experts=experts,
+            base_model="tiny",
+            merge_method=merge_method,
+            **settings,
         )
-        return open_coordinator(settings)
-    settings = CoordinatorSettings(
+        return open_coordinator(config, base_model_initial)
+    config = CoordinatorSettings(
         state_dir=state_dir,
         experts=experts,
         base_model=QWEN_NAME,
         lora_rank=QWEN_RANK,
         lora_alpha=2.0 * QWEN_RANK,
         merge_method=merge_method,
+        **settings,
     )
-    state_dir.mkdir(parents=True, exist_ok=True)
-    lora: LoraSettings = settings.lora
-    return CentralCoordinator(
-        settings=settings,
-        base_model=QWEN_NAME,
-        fingerprint=QWEN_FINGERPRINT,
-        initial=qwen_initial(lora.rank, lora.seed),
-        ledger=Ledger(state_dir / "ledger.sqlite3"),
-        store=AdapterStore(state_dir, gateway_file_interval=settings.gateway_file_interval),
-    )
+    return open_coordinator(config, qwen_source)
 
 
 def floor_app(directory: Path):
@@ -137,11 +144,12 @@ def main() -> None:
     import uvicorn
 
     from fedmoe.api.app import create_app
-    from fedmoe.api.server import listen_socket
+    from fedmoe.api.server import listen_socket, write_url_file
     from fedmoe.coordinator.auth import TokenRegistry
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--url-file", type=Path, required=True)
     parser.add_argument("--shape", choices=("tiny", "qwen"), default="tiny")
     parser.add_argument("--experts", default="e0,e1,e2")
     parser.add_argument("--merge-method", default="cat")
@@ -156,7 +164,7 @@ def main() -> None:
         )
         app = create_app(coordinator, TokenRegistry({}))
     sock = listen_socket("127.0.0.1", 0)  # the real server's own listener
-    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    write_url_file(args.url_file, f"http://127.0.0.1:{sock.getsockname()[1]}")
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
     try:
         uvicorn.Server(config).run(sockets=[sock])

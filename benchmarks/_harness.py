@@ -1,7 +1,8 @@
 """Process plumbing shared by the coordinator benchmarks: servers, load processes, stats.
 
 Every subprocess is terminated in a ``finally``; servers bind port 0 themselves and
-report the port they got, so no two runs race for a port.
+write the URL they got (``fedmoe.procs``, the harness the tests use too), so no two runs
+race for a port.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+from fedmoe.procs import start_server, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,16 +59,6 @@ class LoadResult:
         return [r["latency"] for r in self.records]
 
 
-def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextmanager
 def server(
     directory: Path,
@@ -79,40 +70,16 @@ def server(
 ) -> Iterator[Server]:
     """Start ``benchmarks._coordinator_server`` in ``directory`` and yield it once healthy."""
     directory.mkdir(parents=True, exist_ok=True)
-    log = directory / "server.log"
+    log, url_file = directory / "server.log", directory / "server.url"
     names = ",".join(f"e{i}" for i in range(experts))
-    command = [sys.executable, "-m", "benchmarks._coordinator_server"]
+    command = [sys.executable, "-m", "benchmarks._coordinator_server", "--url-file", str(url_file)]
     command += ["--state-dir", str(directory / "state"), "--shape", shape, "--experts", names]
     command += ["--merge-method", merge_method] + (["--floor"] if floor else [])
-    with open(log, "wb") as output:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    process, url = start_server(command, url_file, log, timeout=180.0, cwd=ROOT)
     try:
-        url = _wait_port(process, log)
         yield Server(url=url, pid=process.pid, log=log)
     finally:
-        _stop(process)
-
-
-def _wait_port(process: subprocess.Popen, log: Path, timeout: float = 180.0) -> str:
-    deadline = time.monotonic() + timeout
-    url = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-            )
-        if url is None:
-            for line in log.read_text(errors="replace").splitlines():
-                if line.startswith("PORT "):
-                    url = f"http://127.0.0.1:{int(line.split()[1])}"
-        if url is not None:
-            try:
-                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server did not start in {timeout} s:\n{log.read_text()[-3000:]}")
+        stop(process)
 
 
 def run_load(
@@ -174,7 +141,7 @@ def run_load(
                 raise RuntimeError(f"load process {index} exited {process.returncode}:\n{err}")
     finally:
         for process in processes:
-            _stop(process, grace=5)
+            stop(process, grace=5)
     parts = [json.loads(path.read_text()) for path in outputs]
     records = [r for part in parts for r in part["records"]]
     return LoadResult(
@@ -198,11 +165,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def ms(seconds: float) -> str:
-    """Seconds as a short millisecond string."""
-    return f"{seconds * 1000:.1f}" if seconds < 10 else f"{seconds * 1000:.0f}"
-
-
 def proc_memory(pid: int) -> dict[str, float]:
     """VmHWM (peak RSS) and VmRSS of ``pid`` in MiB."""
     values = {}
@@ -219,9 +181,3 @@ _T0 = time.monotonic()
 def progress(message: str) -> None:
     """Print a progress line with the elapsed time to stderr."""
     print(f"[{time.monotonic() - _T0:6.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def loadavg_text() -> str:
-    """The 1/5/15-minute load averages as text."""
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"

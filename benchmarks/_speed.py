@@ -15,7 +15,6 @@ import httpx
 from benchmarks._concurrency import write_body
 from benchmarks._harness import (
     LoadResult,
-    ms,
     percentile,
     proc_memory,
     progress,
@@ -85,42 +84,41 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
-def sequential_row(label: str, out: dict[str, Any]) -> list[Any]:
+def sequential_row(label: str, out: dict[str, Any]) -> dict[str, Any]:
     """Median/p90 latency of sequential uploads, coordinator vs FLOOR."""
     runs = out["runs"]
     coord = runs[("coordinator", 1)].latencies()
     floor = runs[("floor", 1)].latencies()
     http_only = runs[("floor-http-only", 1)].latencies()
     c50, f50 = percentile(coord, 50), percentile(floor, 50)
-    return [
-        label,
-        f"{out['params'] / 1e6:.3f} M",
-        f"{out['body_bytes'] / 1e6:.2f} MB",
-        len(coord),
-        ms(c50),
-        ms(percentile(coord, 90)),
-        ms(f50),
-        ms(percentile(http_only, 50)),
-        f"{c50 / f50:.2f}x",
-    ]
+    return {
+        "adapter": label,
+        "params": out["params"],
+        "body_bytes": out["body_bytes"],
+        "uploads": len(coord),
+        "coordinator_p50_ms": 1e3 * c50,
+        "coordinator_p90_ms": 1e3 * percentile(coord, 90),
+        "floor_p50_ms": 1e3 * f50,
+        "floor_http_only_p50_ms": 1e3 * percentile(http_only, 50),
+        "ratio": c50 / f50,
+    }
 
 
-def throughput_rows(label: str, out: dict[str, Any], clients: list[int]) -> list[list[Any]]:
+def throughput_rows(label: str, out: dict[str, Any], clients: list[int]) -> list[dict[str, Any]]:
     """Updates/s and latency per client count, coordinator vs FLOOR."""
     rows = []
     for count in clients:
         coord, floor = out["runs"][("coordinator", count)], out["runs"][("floor", count)]
-        errors = len(coord.errors) + len(floor.errors)
         rows.append(
-            [
-                label,
-                count,
-                f"{coord.rate:.1f}",
-                f"{floor.rate:.1f}",
-                f"{coord.rate / max(floor.rate, 1e-9):.2f}",
-                ms(percentile(coord.latencies(), 50)),
-                ms(percentile(floor.latencies(), 50)),
-                errors,
-            ]
+            {
+                "adapter": label,
+                "clients": count,
+                "coordinator_rate": coord.rate,
+                "floor_rate": floor.rate,
+                "ratio": coord.rate / max(floor.rate, 1e-9),
+                "coordinator_p50_ms": 1e3 * percentile(coord.latencies(), 50),
+                "floor_p50_ms": 1e3 * percentile(floor.latencies(), 50),
+                "errors": len(coord.errors) + len(floor.errors),
+            }
         )
     return rows

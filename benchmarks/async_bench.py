@@ -11,22 +11,22 @@ speed differences under test; virtual clocks keep each worker's speed what we sa
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from benchmarks.common import (
     DEMO_SYNC_INTERVAL,
     Evaluator,
     demo_domains,
-    fmt,
-    load_average,
     mean,
     parser,
     setup_torch,
     shard,
 )
-from benchmarks.report import markdown_table, publish
+from benchmarks.report import publish
 from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, run_sync, stop_rule
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings, TrainSettings
@@ -179,93 +179,37 @@ class Arms:
         return body
 
 
-def ratio(value: float | None, reference: float | None) -> str:
-    """``value / reference`` as ``"2.50x"``, or ``n/a``."""
-    return f"{value / reference:.2f}x" if value and reference else "n/a"
-
-
-def findings(base: dict[str, float], a: list[Trace], b: list[Trace]) -> str:
-    """The conclusions, written from the figures."""
-    (_, _, ga), (_, _, ea) = pick_target(base, a, "gateway"), pick_target(base, a, "experts")
-    (_, _, gb), (_, _, eb) = pick_target(base, b, "gateway"), pick_target(base, b, "experts")
-    final = [mean(t.experts[-1]) for t in a]
-    sync_text = "; ".join(
-        f"{t.label} needs {ratio(e, ea[0])} the async time to the experts target and "
-        f"{ratio(g, ga[0])} to the gateway target (final experts mean {fmt(f)})"
-        for t, g, e, f in zip(a[1:], ga[1:], ea[1:], final[1:])
-    )
-    text = f"**Findings.** Scenario A: {sync_text}; async final experts mean {fmt(final[0])}."
-    best, last = min(mean(g) for g in a[0].gateway), mean(a[0].gateway[-1])
-    if last > best + 0.05:
-        text += (
-            f" The uniform gateway does not keep up: async's gateway mean is lowest soon after "
-            f"the first merges ({fmt(best)}) and ends at {fmt(last)} as the experts specialise "
-            "(a uniform merge adds the other experts' deltas to every domain), so the gateway "
-            "target is met at the first merges and asynchrony's gain shows in the experts."
-        )
-    decays = sorted(b[:3], key=lambda t: mean(t.experts[-1]))
-    same = len(set(zip(gb[:3], eb[:3]))) == 1
-    text += (
-        " Scenario B (staleness ≈ 1 on about half of the uploads): the staleness function "
-        + ("leaves both times to target unchanged" if same else "changes the times to target")
-        + "; final experts mean / gateway mean: "
-        + ", ".join(
-            f"{t.label.split('s(τ) ')[-1]} {fmt(mean(t.experts[-1]))} / {fmt(mean(t.gateway[-1]))}"
-            for t in decays
-        )
-        + f" (best experts first); sync FedAvg {fmt(mean(b[3].experts[-1]))} / "
-        f"{fmt(mean(b[3].gateway[-1]))}, {ratio(eb[3], eb[0])} the default's time to the "
-        "experts target. One seed per arm: differences below ~0.1 nats are within the "
-        "run-to-run spread seen while developing this benchmark."
-    )
-    return text
-
-
-def table(base: dict[str, float], traces: list[Trace]) -> tuple[str, str]:
-    """The results table for one scenario and a sentence on its targets."""
+def scenario(base: dict[str, float], traces: list[Trace], horizon: float) -> dict[str, Any]:
+    """One scenario's figures: its targets and, per arm, times to target and final losses."""
     gf, gtarget, gtimes = pick_target(base, traces, "gateway")
     ef, etarget, etimes = pick_target(base, traces, "experts")
     reference_g, reference_e = gtimes[0], etimes[0]
-    rows = []
+    arms = []
     for trace, gt, et in zip(traces, gtimes, etimes):
         staleness = [s for w in trace.workers for s in w.staleness]
         weights = [x for w in trace.workers for x in w.weights]
-        rows.append(
-            [
-                trace.label,
-                fmt(gt, 2),
-                fmt(gt / reference_g if gt and reference_g else None, 2),
-                fmt(et, 2),
-                fmt(et / reference_e if et and reference_e else None, 2),
-                fmt(mean(trace.gateway[-1])),
-                fmt(min(mean(g) for g in trace.gateway)),
-                fmt(mean(trace.experts[-1])),
-                fmt(mean(staleness), 2) if staleness else "-",
-                fmt(mean(weights), 3) if weights else "-",
-                f"{sum(w.steps for w in trace.workers)}",
-                f"{trace.seconds:.0f}",
-            ]
+        arms.append(
+            {
+                "label": trace.label,
+                "gateway_time": gt,
+                "gateway_ratio": gt / reference_g if gt and reference_g else None,
+                "experts_time": et,
+                "experts_ratio": et / reference_e if et and reference_e else None,
+                "final_gateway": mean(trace.gateway[-1]),
+                "best_gateway": min(mean(g) for g in trace.gateway),
+                "final_experts": mean(trace.experts[-1]),
+                "staleness_mean": mean(staleness) if staleness else None,
+                "weight_mean": mean(weights) if weights else None,
+                "steps": sum(w.steps for w in trace.workers),
+                "seconds": trace.seconds,
+            }
         )
-    headers = [
-        "arm",
-        "gateway target (s)",
-        "÷ first arm",
-        "experts target (s)",
-        "÷ first arm",
-        "final gateway mean",
-        "best gateway mean",
-        "final experts mean",
-        "mean τ",
-        "mean s(τ)",
-        "steps",
-        "real s",
-    ]
-    targets = (
-        f"Gateway target: f = {gf:.1f} of the base → best-gateway improvement on every domain "
-        f"({', '.join(f'{d} {gtarget[d]:.3f}' for d in DOMAINS)}). Experts target (each expert "
-        f"on its own domain): f = {ef:.1f} ({', '.join(f'{d} {etarget[d]:.3f}' for d in DOMAINS)})."
-    )
-    return markdown_table(headers, rows), targets
+    return {
+        "horizon": horizon,
+        "gateway_target": {"fraction": gf, "losses": gtarget},
+        "experts_target": {"fraction": ef, "losses": etarget},
+        "arms": arms,
+    }
 
 
 def main() -> None:
@@ -274,7 +218,7 @@ def main() -> None:
     options.add_argument("--clock", choices=("calibrated", "measured"), default="calibrated")
     args = options.parse_args()
     setup_torch()
-    started, load_before = time.monotonic(), load_average()
+    started, load_before = time.monotonic(), list(os.getloadavg())
     scale = TIME_SCALE / 4 if args.quick else TIME_SCALE
     interval = DEMO_SYNC_INTERVAL * scale
     # in sync intervals; a K-fast sync round lasts 4 intervals (the slow worker's time)
@@ -339,59 +283,28 @@ def main() -> None:
             arms.synchronous(fast_steps),
         ),
     ]
-    table_a, targets_a = table(evaluator.base, scenario_a)
-    table_b, targets_b = table(evaluator.base, scenario_b)
-    clock_text = (
-        "the measured compute time of the step"
-        if args.clock == "measured"
-        else "the median compute time of a step on its domain, measured here before the run ("
-        + ", ".join(f"{d} {1e3 * t:.0f} ms" for d, t in step_time.items())
-        + "; this keeps other processes' load on this shared 2-core machine out of the "
-        "comparison; `--clock measured` uses each step's measured time instead)"
-    )
-    body = f"""
-**Method.** An event-driven simulation in one process with a virtual clock per worker
-(`benchmarks.simulation.run_async` / `run_sync`): every training step is a real `LocalTrainer`
-step of the `{args.base_model}` preset (LoRA r={lora.rank}, batch {train.batch_size}, 1 torch
-thread); it advances that worker's clock by its cost × its slowdown, where the cost is
-{clock_text}.
-Time is scaled by {scale}: the demo's 10 s sync interval becomes {interval:g} s
-(≈ {fast_steps} steps of a full-speed worker, {slow_steps} of a 4x slower one). Asynchronous
-arms upload every {interval:g} s of the worker's own virtual time to the real
-`CentralCoordinator` (in process, temp state dir), which applies uploads in virtual-time order
-(an upload waits until every training worker's clock has passed it), so staleness arises
-exactly as between real processes; the worker then pulls and rebases (upload latency is 0).
-Synchronous arms: each round every worker trains K steps from its expert, all wait for the
-slowest, then each expert moves by the token-weighted FedAvg of its workers' deltas. The
-gateway (uniform `cat`, the default) and each expert (on its own domain) are evaluated on
-{validation} validation examples per domain after every change of the experts (changes less than
-{interval / 10:g} s apart are evaluated once, at the last one's time). Time-to-target is the
-first virtual time at which all three domains are at or below target;
-the target is the largest fraction f (0.9, 0.8, …) of the improvement from the base to the
-best loss seen that every arm reaches, so it is reachable by all arms by construction.
-
-**Scenario A — three workers, one per expert, the {SLOW_DOMAIN} worker {SLOWDOWN:g}x slower**
-(horizon {horizon_a:g} s). With one worker per expert every upload has staleness 0, so s(τ)
-plays no part here. {targets_a}
-
-{table_a}
-
-**Scenario B — staleness: two workers per expert** (each on half of its domain's data; in every
-pair one worker is {SLOWDOWN:g}x slower; horizon {horizon_b:g} s). Uploads are time-based, so
-an upload's staleness is the number of the other worker's uploads since its pull (≈ 1 here;
-it grows with the number of workers per expert). {targets_b}
-
-{table_b}
-
-"÷ first arm" is the time to target divided by the first row's (above 1: slower).
-
-{findings(evaluator.base, scenario_a, scenario_b)}
-
-Load average (1, 5, 15 min) before {load_before}, after {load_average()}; wall time
-{time.monotonic() - started:.0f} s.
-"""
+    values = {
+        "base_model": args.base_model,
+        "lora_rank": lora.rank,
+        "batch_size": train.batch_size,
+        "clock": args.clock,
+        "step_ms": {d: 1e3 * t for d, t in step_time.items()},
+        "time_scale": scale,
+        "interval": interval,
+        "fast_steps": fast_steps,
+        "slow_steps": slow_steps,
+        "validation": validation,
+        "slow_domain": SLOW_DOMAIN,
+        "slowdown": SLOWDOWN,
+        "domains": list(DOMAINS),
+        "scenario_a": scenario(evaluator.base, scenario_a, horizon_a),
+        "scenario_b": scenario(evaluator.base, scenario_b, horizon_b),
+        "load_before": load_before,
+        "load_after": list(os.getloadavg()),
+        "wall_seconds": time.monotonic() - started,
+    }
     title = "Asynchronous vs synchronous, and the staleness function"
-    publish("asynchrony", title, body, write=args.write or not args.quick)
+    publish("asynchrony", title, values, args)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ The virtual-clock federation simulator is in ``benchmarks.simulation``.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
+from benchmarks.report import add_output_flags
 from fedmoe.aggregate import AdapterState
 from fedmoe.batching import TokenizedExample, tokenize_examples
 from fedmoe.config import LoraSettings
@@ -35,25 +34,13 @@ def setup_torch(threads: int = THREADS) -> None:
     torch.manual_seed(0)
 
 
-def load_average() -> str:
-    """``os.getloadavg()`` (1, 5 and 15 minutes) as ``"(a, b, c)"``."""
-    return "(" + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + ")"
-
-
 def parser(description: str) -> argparse.ArgumentParser:
     """The flags every benchmark shares: ``--quick`` and ``--base-model``."""
     result = argparse.ArgumentParser(description=description)
     result.add_argument("--quick", action="store_true", help="A short smoke run (< 2 min).")
     result.add_argument("--base-model", default="tiny", help="'tiny' or an HF id / path.")
-    result.add_argument("--write", action="store_true", help="Record a --quick run too.")
+    add_output_flags(result)
     return result
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    """A float for a table, ``n/a`` for None or NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
 
 
 # --- data ------------------------------------------------------------------------------------

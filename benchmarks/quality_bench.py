@@ -11,21 +11,21 @@ Every arm trains on the same number of target tokens per domain.
 
 from __future__ import annotations
 
+import os
 import time
 
 from benchmarks.common import (
     DEMO_SYNC_INTERVAL,
+    THREADS,
     Evaluator,
     demo_domains,
-    fmt,
-    load_average,
     mean,
     parser,
     setup_torch,
     shard,
     target_tokens,
 )
-from benchmarks.report import markdown_table, publish
+from benchmarks.report import publish
 from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, run_sync, stop_rule
 from fedmoe import aggregate
 from fedmoe.aggregate import AdapterState
@@ -38,12 +38,10 @@ SYNC_INTERVAL = DEMO_SYNC_INTERVAL * TIME_SCALE
 NOMINAL_STEP = 0.05  # virtual seconds per step (≈ the tiny preset's step here), for determinism
 TIE = 0.02  # nats: merge methods closer than this are called a tie
 
-Row = list[object]
 
-
-def loss_row(name: str, losses: dict[str, float]) -> Row:
+def loss_row(name: str, losses: dict[str, float]) -> dict[str, object]:
     """A table row: per-domain losses and their mean."""
-    return [name, *(fmt(losses.get(d)) for d in DOMAINS), fmt(mean(losses))]
+    return {"model": name, "losses": dict(losses), "mean": mean(losses)}
 
 
 def make_workers(bench: Workbench, domains: dict, per_expert: int, prefix: str) -> list[SimWorker]:
@@ -83,7 +81,7 @@ def centralised(bench: Workbench, domains: dict, budget: int) -> tuple[AdapterSt
 
 def expert_rows(
     label: str, evaluator: Evaluator, experts: list[AdapterState]
-) -> tuple[list[Row], dict[str, float]]:
+) -> tuple[list[dict[str, object]], dict[str, float]]:
     """One row per expert (all domains) plus the diagonal (each expert on its own domain)."""
     table = {d: evaluator.losses(e) for d, e in zip(DOMAINS, experts)}
     diagonal = {d: table[d][d] for d in DOMAINS}
@@ -103,102 +101,52 @@ def gateway_losses(evaluator: Evaluator, experts: list[AdapterState]) -> dict[st
     return result
 
 
-def verdict(gateways: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Which merge default the figures support, over every arm's experts."""
-    per_arm = {arm: {m: mean(g[m]) for m in MERGE_METHODS} for arm, g in gateways.items()}
-    winners = "; ".join(
-        f"{arm}: {min(means, key=means.get)} ("
-        + ", ".join(f"{m} {v:.3f}" for m, v in means.items())
-        + ")"
-        for arm, means in per_arm.items()
-    )
-    overall = {m: mean([means[m] for means in per_arm.values()]) for m in MERGE_METHODS}
-    best = min(overall, key=overall.get)
-    gap = overall["cat"] - overall[best]
-    listing = ", ".join(f"{m} {v:.3f}" for m, v in overall.items())
-    if best == "cat" or gap < TIE:
-        decision = (
-            f"Averaged over the arms ({listing}) no method beats cat by {TIE} nats or more, so "
-            "the figures support keeping **cat** as the default (it is also the only exact "
-            "merge: B_cat·A_cat = Σ w_k·B_k·A_k, at the price of rank r·K)."
-        )
-    else:
-        decision = (
-            f"Averaged over the arms ({listing}), **{best}** beats cat by {gap:.3f} nats, so "
-            f"the figures support {best} as the default on this setup."
-        )
-    return f"Best merge per arm (mean gateway loss) — {winners}. {decision}"
-
-
-def comparisons(
+def analysis(
     base: dict[str, float],
     central: dict[str, float],
     diagonals: dict[str, dict[str, float]],
     gateways: dict[str, dict[str, dict[str, float]]],
-    per_expert: int,
-) -> str:
-    """The federation-vs-centralised and sync-vs-async paragraphs, from the figures."""
-    labels = list(diagonals)  # async (per_expert), sync (per_expert), 1 worker/expert
+) -> dict[str, object]:
+    """The figures the section's conclusions are written from (labels in ``diagonals`` order)."""
+    labels = list(diagonals)  # async (K per expert), sync (K), 1 worker/expert, async 1/K
+    merge_means = {arm: {m: mean(g[m]) for m in MERGE_METHODS} for arm, g in gateways.items()}
+    overall = {m: mean([means[m] for means in merge_means.values()]) for m in MERGE_METHODS}
+    best = min(overall, key=overall.__getitem__)
+    figures = {
+        label: {"experts": mean(diagonals[label]), "gateway_cat": mean(gateways[label]["cat"])}
+        for label in labels
+    }
     base_mean, central_mean = mean(base), mean(central)
 
-    def kept(value: float) -> str:
-        return f"{(base_mean - value) / (base_mean - central_mean):.0%}"
+    def kept(value: float) -> float:
+        return (base_mean - value) / (base_mean - central_mean)
 
-    parts = [
-        f"**Federation vs centralised** (means over domains; base {fmt(base_mean)}, centralised "
-        f"LoRA {fmt(central_mean)}; in brackets the share of the centralised improvement over "
-        "the base that is kept):"
-    ]
-    pairs = {}
-    for label in (labels[0], labels[2]):
-        pairs[label] = mean(diagonals[label]), mean(gateways[label]["cat"])
-        experts, gateway = pairs[label]
-        parts.append(
-            f"{label}: experts on their own domain {fmt(experts)} ({kept(experts)}), gateway "
-            f"(cat) {fmt(gateway)} ({kept(gateway)});"
-        )
-    if all(gateway > experts for experts, gateway in pairs.values()):
-        parts.append(
-            "so what FedMoE gives up against centralised training is in the gateway: a "
-            "uniform merge keeps only part of what the experts learned."
-        )
-    (e2, g2), (e1, g1) = pairs[labels[0]], pairs[labels[2]]
-    if (e1 < e2) == (g1 > g2):
-        parts.append("The better trained the experts, the worse their merged gateway did.")
-    a, y = mean(diagonals[labels[0]]), mean(diagonals[labels[1]])
-    ga, gs = mean(gateways[labels[0]]["cat"]), mean(gateways[labels[1]]["cat"])
-    better = "sync FedAvg" if y < a else "FedMoE async"
-    parts.append(
-        f"\n\n**Sync vs async at equal tokens** ({per_expert} workers/expert): experts on their "
-        f"own domain async {fmt(a)} vs sync {fmt(y)} ({better} better by {abs(a - y):.3f} nats; "
-        f"one worker with all the data: {fmt(mean(diagonals[labels[2]]))}); gateway (cat) "
-        f"async {fmt(ga)} vs sync {fmt(gs)}. At equal tokens only the update rule differs: "
-        "async applies each worker's delta with weight s(τ) ≈ 1 (server_lr 1), so an expert "
-        "moves by about the sum of its workers' deltas where FedAvg moves by their average, "
-        "and the worker that uploads first continues without its peer's delta until its next "
-        "sync. (Wall-time effects are `benchmarks.async_bench`'s subject.)"
-    )
-    return " ".join(parts)
-
-
-def server_lr_note(diagonals: dict, gateways: dict, main: str, sync: str, damped: str) -> str:
-    """Does scaling each update by 1/K (K workers per expert) close the gap to FedAvg?"""
-    figures = {
-        label: (mean(diagonals[label]), mean(gateways[label]["cat"]))
-        for label in (main, damped, sync)
+    return {
+        "arms": labels,
+        "merge_means": merge_means,
+        "merge_overall": overall,
+        "merge_best": best,
+        "merge_gap": overall["cat"] - overall[best],
+        "merge_tie": TIE,
+        "base_mean": base_mean,
+        "central_mean": central_mean,
+        "figures": figures,
+        "kept": {
+            label: {
+                "experts": kept(figures[label]["experts"]),
+                "gateway": kept(figures[label]["gateway_cat"]),
+            }
+            for label in (labels[0], labels[2])
+        },
+        "sync_async_gap": abs(figures[labels[0]]["experts"] - figures[labels[1]]["experts"]),
     }
-    listing = "; ".join(
-        f"{label}: experts {fmt(experts)}, gateway (cat) {fmt(gateway)}"
-        for label, (experts, gateway) in figures.items()
-    )
-    return f"\n\n**`--server-lr` with several workers per expert** (means over domains): {listing}."
 
 
 def main() -> None:
     """Train every arm, evaluate, and write the ``quality`` section."""
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup_torch()
-    started, load_before = time.monotonic(), load_average()
+    started, load_before = time.monotonic(), list(os.getloadavg())
     steps = 30 if args.quick else 300
     per_expert = 2
     lora, train = LoraSettings(), TrainSettings()
@@ -226,7 +174,7 @@ def main() -> None:
     damped, _ = fedmoe_async(bench, domains, per_expert, budget, cost, 1.0 / per_expert)
     central, central_tokens = centralised(bench, domains, budget * len(DOMAINS))
 
-    rows: list[Row] = [loss_row("base model", evaluator.base)]
+    rows = [loss_row("base model", evaluator.base)]
     main_label, sync_label = (
         f"FedMoE async, {per_expert} workers/expert",
         f"sync FedAvg, {per_expert} workers/expert",
@@ -249,52 +197,40 @@ def main() -> None:
 
     staleness = [t for w in workers2 for t in w.staleness]
     weights = [x for w in workers2 for x in w.weights]
-    tokens = {
-        "async": sum(w.tokens for w in workers2),
-        "sync": sum(w.tokens for w in sync_workers),
-        "1 worker": sum(w.tokens for w in workers1),
-        "centralised": central_tokens,
+    values = {
+        "base_model": args.base_model,
+        "lora_rank": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lr": bench.learning_rate,
+        "batch_size": train.batch_size,
+        "budget": budget,
+        "steps": steps,
+        "tokens_per_step": tokens_per_step,
+        "tokens": {
+            "async": sum(w.tokens for w in workers2),
+            "sync": sum(w.tokens for w in sync_workers),
+            "1 worker": sum(w.tokens for w in workers1),
+            "centralised": central_tokens,
+        },
+        "nominal_step_ms": 1e3 * NOMINAL_STEP,
+        "step_ms": {d: 1e3 * t for d, t in step_time.items()},
+        "time_scale": TIME_SCALE,
+        "sync_interval": SYNC_INTERVAL,
+        "round_steps": round_steps,
+        "per_expert": per_expert,
+        "staleness_mean": mean(staleness) if staleness else 0.0,
+        "staleness_max": max(staleness, default=0),
+        "weight_mean": mean(weights) if weights else 1.0,
+        "validation_count": len(domains[DOMAINS[0]].validation),
+        "domains": list(DOMAINS),
+        "rows": rows,
+        **analysis(evaluator.base, central_losses, diagonals, gateways),
+        "load_before": load_before,
+        "load_after": list(os.getloadavg()),
+        "wall_seconds": time.monotonic() - started,
+        "threads": THREADS,
     }
-    text = comparisons(evaluator.base, central_losses, diagonals, gateways, per_expert)
-    text += server_lr_note(diagonals, gateways, main_label, sync_label, damped_label)
-    body = f"""
-**Method.** In one process, with the real library pieces (not subprocesses):
-`LocalTrainer` steps on the `{args.base_model}` preset (LoRA r={lora.rank}, alpha={lora.alpha},
-lr {bench.learning_rate}, batch {train.batch_size}), the real `CentralCoordinator` (default
-inverse staleness decay, a=0.1; in a temp state dir, no HTTP) for FedMoE's asynchronous
-updates, `aggregate.weighted_average` + `apply_update` for the synchronous FedAvg baseline,
-and `GatewayMerge` (uniform weights) for the gateways. Each arm trains on the same target-token
-budget: {budget:,} tokens per domain (≈ {steps} steps of {tokens_per_step:.0f} tokens); the
-centralised LoRA gets {len(DOMAINS)}× that on the pooled data of all domains. Tokens actually
-trained: {", ".join(f"{k} {v:,}" for k, v in tokens.items())}.
-
-Workers run on virtual clocks (`benchmarks.simulation.run_async`; wall time is not this
-benchmark's subject, so every step costs a nominal {1e3 * NOMINAL_STEP:.0f} ms and runs are
-deterministic; measured median steps here:
-{", ".join(f"{d} {1e3 * t:.0f} ms" for d, t in step_time.items())}): the demo's 10 s sync
-interval scaled by {TIME_SCALE} to {SYNC_INTERVAL:g} s = {round_steps} steps between uploads;
-the sync baseline merges every {round_steps} steps, the same cadence. With {per_expert} workers
-per expert each worker holds half of its domain's training data; async uploads had staleness mean
-{mean(staleness) if staleness else 0:.2f} (max {max(staleness, default=0)}), weight mean
-{mean(weights) if weights else 1:.3f}. With 1 worker per expert (the demo's layout) staleness
-is always 0, so FedMoE is plain local training and the sync baseline is identical (FedAvg of
-one delta is that delta; the optimizer state is kept), hence not run twice.
-`sum (cat, weights 1)` is not a library option (GatewayMerge normalises weights): the exact
-Σ_k B_k·A_k, shown to separate dilution (each expert at 1/3) from interference.
-
-Validation loss (nats per target token, {len(domains[DOMAINS[0]].validation)} held-out
-examples per domain; lower is better):
-
-{markdown_table(["model", *DOMAINS, "mean"], rows)}
-
-**Gateway default.** {verdict(gateways)}
-
-{text}
-
-Load average (1, 5, 15 min) before {load_before}, after {load_average()}; wall time
-{time.monotonic() - started:.0f} s; torch threads 1.
-"""
-    publish("quality", "Quality at equal token budgets", body, write=args.write or not args.quick)
+    publish("quality", "Quality at equal token budgets", values, args)
 
 
 if __name__ == "__main__":

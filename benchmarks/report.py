@@ -1,24 +1,41 @@
-"""Write one benchmark's section of ``benchmarks/RESULTS.md`` (other sections are kept).
+"""Benchmarks measure, then report: raw results as JSON, RESULTS.md rendered from them.
 
-Each section sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` and
-records the command that produced it and the machine it ran on.
+A benchmark calls ``publish(section, title, values, args)``: the measurements
+(``values``) and how they were taken (command, machine, date) go to
+``benchmarks/results/<section>.json`` (or ``--results-dir``), and the section's Markdown is
+printed. ``python -m benchmarks.render`` turns every JSON file into ``RESULTS.md``; the
+narrative lives in ``benchmarks/templates``, never next to the measuring code.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
-import re
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+RESULTS_DIR = HERE / "results"
 HEADER = (
     "# Benchmark results\n\n"
     "Each section is written by the benchmark named in it; rerun the command to refresh it.\n"
     "Comparisons are ratios measured side by side in the same run.\n"
 )
+# section name -> the template module that renders it; also the order in RESULTS.md
+SECTIONS = {
+    "quality": "quality",
+    "asynchrony": "asynchrony",
+    "worker-speed": "worker_speed",
+    "worker-speed-qwen05b": "worker_speed",
+    "concurrency": "concurrency",
+    "coordinator-speed": "coordinator_speed",
+}
 
 
 def machine() -> str:
@@ -32,25 +49,53 @@ def machine() -> str:
     )
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section ``name`` in RESULTS.md."""
+def run_meta() -> dict[str, Any]:
+    """How this run was made: command line, machine and UTC time."""
     command = "python -m benchmarks." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
-        f"<!-- BEGIN {name} -->\n## {title}\n\n"
-        f"Command: `{command.strip()}`  \nMachine: {machine()}  \nRun: {stamp}\n\n"
-        f"{body.strip()}\n<!-- END {name} -->"
+    return {
+        "command": command.strip(),
+        "machine": machine(),
+        "run": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--write`` and ``--results-dir``, shared by every benchmark."""
+    parser.add_argument(
+        "--write", action="store_true", help="Record a --quick run in RESULTS.md too."
     )
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    pattern = re.compile(
-        rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.DOTALL
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="Where the JSON goes (default: benchmarks/results; a temp dir for --quick).",
     )
-    text = (
-        pattern.sub(lambda _: section, text)
-        if pattern.search(text)
-        else (text.rstrip() + "\n\n" + section + "\n")
-    )
-    RESULTS.write_text(text)
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    """The JSON directory of this run: a smoke run never overwrites the recorded results."""
+    if args.results_dir is not None:
+        return Path(args.results_dir)
+    if args.quick and not args.write:
+        return Path(tempfile.mkdtemp(prefix="fedmoe-bench-results-"))
+    return RESULTS_DIR
+
+
+def publish(section: str, title: str, values: dict[str, Any], args: argparse.Namespace) -> Path:
+    """Write ``values`` as ``<section>.json`` and print the section (RESULTS.md: if recorded)."""
+    directory = results_dir(args)
+    directory.mkdir(parents=True, exist_ok=True)
+    document = {"section": section, "title": title, "meta": run_meta(), "values": values}
+    path = directory / f"{section}.json"
+    path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    from benchmarks.render import render_section, write_results
+
+    print("\n" + render_section(document), flush=True)
+    print(f"(raw results: {path})", flush=True)
+    if directory.resolve() == RESULTS_DIR.resolve():
+        write_results(RESULTS_DIR, RESULTS)
+        print(f"(rendered {RESULTS})", flush=True)
+    return path
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
@@ -58,12 +103,3 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def publish(name: str, title: str, body: str, *, write: bool) -> None:
-    """Print a section; write it to RESULTS.md only when ``write`` (not for smoke runs)."""
-    print(f"\n## {title}\n{body}", flush=True)
-    if write:
-        write_section(name, title, body)
-    else:
-        print("(smoke run: RESULTS.md not changed; add --write to record it)")

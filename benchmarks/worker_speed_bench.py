@@ -15,19 +15,20 @@ Run: ``.venv/bin/python -m benchmarks.worker_speed_bench [--quick] [--base-model
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-from benchmarks.common import DEMO_SYNC_INTERVAL, fmt, load_average, parser, setup_torch
-from benchmarks.report import markdown_table, publish
+from benchmarks.common import DEMO_SYNC_INTERVAL, parser, setup_torch
+from benchmarks.report import publish
 from fedmoe.batching import (
     BatchStream,
     TokenizedExample,
@@ -37,9 +38,9 @@ from fedmoe.batching import (
 )
 from fedmoe.config import ALL_PROJECTIONS, LoraSettings, TrainSettings
 from fedmoe.data import load_examples
-from fedmoe.demo import free_port, wait_healthy
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.modeling import attach_lora, load_base_model, resolve_device
+from fedmoe.procs import start_coordinator, stop
 from fedmoe.tiny import build_tiny_tokenizer
 from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
@@ -72,16 +73,21 @@ def base_model(name: str, shaped: bool, device: torch.device) -> PreTrainedModel
     return model.to(device)
 
 
-def plain_step(
-    model: PreTrainedModel,
-    examples: list[TokenizedExample],
-    lora: LoraSettings,
-    train: TrainSettings,
-    lr: float,
-    pad: int,
-    device: torch.device,
-) -> Step:
+@dataclass(frozen=True)
+class LoopSetup:
+    """What both training loops share: data, LoRA, training settings, device."""
+
+    examples: list[TokenizedExample]
+    lora: LoraSettings
+    train: TrainSettings
+    lr: float
+    pad: int
+    device: torch.device
+
+
+def plain_step(model: PreTrainedModel, setup: LoopSetup) -> Step:
     """The plain loop: get_peft_model, AdamW, the model's loss, clipping as FedMoE's default."""
+    lora, train, device = setup.lora, setup.train, setup.device
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -95,11 +101,11 @@ def plain_step(
         f"plain loop: {sum(p.numel() for p in peft.parameters() if p.requires_grad):,} LoRA params"
     )
     params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batches = iter(BatchStream(examples, batch_size=train.batch_size, seed=train.seed))
+    optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=0.0)
+    batches = iter(BatchStream(setup.examples, batch_size=train.batch_size, seed=train.seed))
 
     def step() -> int:
-        batch = collate(next(batches), pad)
+        batch = collate(next(batches), setup.pad)
         tokens = count_trainable_tokens(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(device):  # the same precision policy as LocalTrainer
@@ -113,18 +119,15 @@ def plain_step(
     return step
 
 
-def fedmoe_step(
-    model: PreTrainedModel,
-    examples: list[TokenizedExample],
-    lora: LoraSettings,
-    train: TrainSettings,
-    lr: float,
-    pad: int,
-    device: torch.device,
-) -> Step:
+def fedmoe_step(model: PreTrainedModel, setup: LoopSetup) -> Step:
     """FedMoE's loop: attach_lora + LocalTrainer."""
     trainer = LocalTrainer(
-        attach_lora(model, lora), examples, train, pad_token_id=pad, device=device, learning_rate=lr
+        attach_lora(model, setup.lora),
+        setup.examples,
+        setup.train,
+        pad_token_id=setup.pad,
+        device=setup.device,
+        learning_rate=setup.lr,
     )
     return lambda: trainer.step().tokens
 
@@ -162,14 +165,10 @@ def real_worker(
 ) -> dict:
     """A WorkerJob (in process) against a ``fedmoe coordinator`` subprocess on loopback."""
     work = Path(tempfile.mkdtemp(prefix="fedmoe-speed-"))
-    port = free_port()
-    log = open(work / "coordinator.log", "w")  # noqa: SIM115 - lives with the process
-    command = [sys.executable, "-m", "fedmoe", "coordinator", "--port", str(port)]
-    command += ["--state-dir", str(work / "state"), "--base-model", base_name]
-    coordinator = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    coordinator, url = start_coordinator(
+        work / "state", work / "coordinator.log", "--base-model", base_name
+    )
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, coordinator)
         options = WorkerOptions(
             coordinator_url=url,
             worker_id="speed-worker",
@@ -189,9 +188,7 @@ def real_worker(
         blocked, uploads = job.stats.blocked_seconds, job.stats.uploads
         summary = job.cleanup()
     finally:
-        coordinator.terminate()
-        coordinator.wait(timeout=30)
-        log.close()
+        stop(coordinator)
     return {
         "train_seconds": trained,
         "tokens_per_second": job.stats.tokens / trained,
@@ -208,7 +205,7 @@ def main() -> None:
     options.add_argument("--qwen05b-shape", action="store_true", help="Qwen2.5-0.5B shape.")
     args = options.parse_args()
     setup_torch()
-    started, load_before = time.monotonic(), load_average()
+    started, load_before = time.monotonic(), list(os.getloadavg())
     device = resolve_device("auto")
     shaped = args.qwen05b_shape
     lora = LoraSettings(rank=16, alpha=32.0) if shaped else LoraSettings()
@@ -224,11 +221,9 @@ def main() -> None:
     paths = write_demo_datasets(Path(tempfile.mkdtemp(prefix="fedmoe-speed-data-")))[DOMAIN]
     examples = tokenize_examples(load_examples(paths[0]), tokenizer, max_length=train.max_length)
     lr = train.learning_rate_for("qwen" if shaped else args.base_model)
-    pad = tokenizer.pad_token_id
+    setup = LoopSetup(examples, lora, train, lr, tokenizer.pad_token_id, device)
     arms = {
-        name: build(
-            base_model(args.base_model, shaped, device), examples, lora, train, lr, pad, device
-        )
+        name: build(base_model(args.base_model, shaped, device), setup)
         for name, build in (
             ("plain transformers + peft", plain_step),
             ("FedMoE LocalTrainer", fedmoe_step),
@@ -240,71 +235,56 @@ def main() -> None:
         rounds, chunk, warmup = (4, 10, 2) if args.quick else (6, 25, 2)
     speeds = interleaved(arms, rounds, chunk, device, warmup)
     plain, ours = speeds["plain transformers + peft"], speeds["FedMoE LocalTrainer"]
-    rows = [[name, f"{value:,.0f}", fmt(value / plain, 3)] for name, value in speeds.items()]
-    worker_text = ""
+    worker = None
     if not shaped:
         before = interleaved({"plain": arms["plain transformers + peft"]}, 1, chunk * 8, device)
-        worker = real_worker(
-            args.base_model, paths, train, 33.0 if args.quick else 45.0, str(device)
-        )
+        job = real_worker(args.base_model, paths, train, 33.0 if args.quick else 45.0, str(device))
         after = interleaved({"plain": arms["plain transformers + peft"]}, 1, chunk * 8, device)
         bracket = (before["plain"] + after["plain"]) / 2
-        rows.append(
-            [
-                "FedMoE WorkerJob (real syncs, 10 s)",
-                f"{worker['tokens_per_second']:,.0f}",
-                fmt(worker["tokens_per_second"] / bracket, 3)
-                + " (vs plain runs just before/after)",
-            ]
-        )
-        worker_text = f"""
-**Blocked on synchronisation.** The real worker trained for {worker["train_seconds"]:.1f} s
-with a {DEMO_SYNC_INTERVAL:g} s sync interval and made {worker["uploads"]} uploads while
-training (the final upload in cleanup is not counted); it spent
-{worker["blocked_seconds"]:.3f} s blocked in `sync()` = **{worker["blocked_share"]:.2%}** of
-its training time (`WorkerJob.stats.blocked_seconds` / training wall time). The worker's own
-summary says `blocked_share` {worker["summary"]["blocked_share"]:.2%} and
-`tokens_per_second` {worker["summary"]["tokens_per_second"]:,.0f}; both count from the start
-of training to the end of the final upload (which is blocked time too), not the setup.
-Plain loop just before / after the worker run: {before["plain"]:,.0f} /
-{after["plain"]:,.0f} tok/s (this machine is shared, so that bracketed ratio is noisy). The
-load-robust estimate of the real worker's speed relative to the plain loop is (FedMoE loop ÷
-plain, interleaved) × (1 − blocked share) = **{ours / plain * (1 - worker["blocked_share"]):.3f}**.
-"""
-    gpu_note = (
-        ""
-        if device.type == "cuda"
-        else "\nNo GPU was available on this machine: the `--qwen05b-shape` comparison (plain vs "
-        "FedMoE loop on a Qwen2.5-0.5B-shaped model, LoRA r=16) was not measured here; run "
-        "`python -m benchmarks.worker_speed_bench --qwen05b-shape` on a GPU.\n"
-    )
-    model_text = (
-        "random-weight Qwen2.5-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads, "
-        f"intermediate 4864, vocab 151936), LoRA r={lora.rank} on all projections"
-        if shaped
-        else f"the `{args.base_model}` preset, LoRA r={lora.rank} on all projections"
-    )
-    body = f"""
-**Method.** Model: {model_text}; device {device}; batch {train.batch_size}, max length
-{train.max_length}, lr {lr}, same batches (the `{DOMAIN}` demo data, `BatchStream` seed
-{train.seed}) for both loops; 1 torch thread. The plain loop is `get_peft_model`, AdamW, the
-model's own loss (`labels=`), gradient clipping at {train.max_grad_norm} (FedMoE's default),
-bf16 autocast only on CUDA (as `LocalTrainer`). The loops run in {rounds} alternating chunks of
-{chunk} steps (ABBA order, after {warmup} warm-up steps each). Tokens are target tokens
-(labels ≠ -100).
-
-{markdown_table(["arm", "tokens/s", "÷ plain"], rows)}
-
-FedMoE loop / plain loop = **{ours / plain:.3f}**.
-{worker_text}{gpu_note}
-Load average (1, 5, 15 min) before {load_before}, after {load_average()}; wall time
-{time.monotonic() - started:.0f} s.
-"""
+        worker = {
+            "tokens_per_second": job["tokens_per_second"],
+            "ratio_to_bracket": job["tokens_per_second"] / bracket,
+            "train_seconds": job["train_seconds"],
+            "sync_interval": DEMO_SYNC_INTERVAL,
+            "uploads": job["uploads"],
+            "blocked_seconds": job["blocked_seconds"],
+            "blocked_share": job["blocked_share"],
+            "summary_blocked_share": job["summary"]["blocked_share"],
+            "summary_tokens_per_second": job["summary"]["tokens_per_second"],
+            "plain_before": before["plain"],
+            "plain_after": after["plain"],
+            "load_robust_ratio": ours / plain * (1 - job["blocked_share"]),
+        }
+    values = {
+        "shaped": shaped,
+        "base_model": args.base_model,
+        "lora_rank": lora.rank,
+        "device": str(device),
+        "batch_size": train.batch_size,
+        "max_length": train.max_length,
+        "lr": lr,
+        "domain": DOMAIN,
+        "seed": train.seed,
+        "max_grad_norm": train.max_grad_norm,
+        "rounds": rounds,
+        "chunk": chunk,
+        "warmup": warmup,
+        "arms": [
+            {"arm": name, "tokens_per_second": value, "ratio": value / plain}
+            for name, value in speeds.items()
+        ],
+        "loop_ratio": ours / plain,
+        "worker": worker,
+        "cuda": device.type == "cuda",
+        "load_before": load_before,
+        "load_after": list(os.getloadavg()),
+        "wall_seconds": time.monotonic() - started,
+    }
     if shaped and device.type == "cpu":
-        print(body + "\n(CPU smoke run: not recorded in RESULTS.md)")
+        print(json.dumps(values, indent=2) + "\n(CPU smoke run: not recorded)")
         return
     name = "worker-speed-qwen05b" if shaped else "worker-speed"
-    publish(name, "Worker speed", body, write=args.write or not args.quick)
+    publish(name, "Worker speed", values, args)
 
 
 if __name__ == "__main__":

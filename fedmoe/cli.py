@@ -84,9 +84,9 @@ def worker(
     setup_logging(log_level)
     if threads:
         torch.set_num_threads(threads)
-    job = WorkerJob(settings)
-    _stop_on_signals(job.request_stop)
     try:
+        job = WorkerJob(settings)
+        _stop_on_signals(job.request_stop)
         summary = job.run()
     except (DataFormatError, FatalSyncError, TrainingDiverged, OSError) as error:
         fail(str(error))

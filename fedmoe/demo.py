@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from peft import PeftModel
 
@@ -30,31 +28,10 @@ from fedmoe.data import load_examples
 from fedmoe.demo_data import DOMAINS, write_demo_datasets
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import load_base_model
+from fedmoe.procs import spawn, start_coordinator
 from fedmoe.strategy import MERGE_METHODS, GatewayMerge
 
 logger = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    """Poll ``/healthz`` until it answers; fail early if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"coordinator exited with code {process.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"coordinator at {url} did not become healthy in {timeout:.0f}s")
 
 
 @dataclass
@@ -79,34 +56,24 @@ class DemoRun:
             train_count=self.train_count,
             validation_count=self.validation_count,
         )
-        self.url = f"http://127.0.0.1:{free_port()}"
         state = self.output / f"state-{int(time.time())}"
-        coordinator = self._spawn(
-            "coordinator",
-            [
-                "coordinator",
-                "--port",
-                self.url.rsplit(":", 1)[1],
-                "--state-dir",
-                str(state),
-                "--base-model",
-                self.base_model,
-                "--merge-method",
-                self.merge_method,
-                "--experts",
-                ",".join(DOMAINS),
-            ],
+        coordinator, self.url = start_coordinator(
+            state,
+            self.output / "logs" / "coordinator.log",
+            "--base-model",
+            self.base_model,
+            "--merge-method",
+            self.merge_method,
+            "--experts",
+            ",".join(DOMAINS),
         )
-        wait_healthy(self.url, coordinator)
+        self.processes.append(coordinator)
         logger.info("coordinator up at %s", self.url)
         logger.info("live dashboard: %s/ui/ (open it while the demo trains)", self.url)
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        log = open(self.output / "logs" / f"{name}.log", "w")  # noqa: SIM115 - lives with the process
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fedmoe", *args], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        log = self.output / "logs" / f"{name}.log"
+        process = spawn([sys.executable, "-m", "fedmoe", *args], log)
         self.processes.append(process)
         return process
 

@@ -5,7 +5,9 @@
 # Starts `fedmoe worker` in the background (own session, survives this shell), appends its
 # output to logs/worker-ID.log and writes run/worker-ID.pid. It then watches the start-up
 # (up to FEDMOE_WORKER_CHECK_TIMEOUT seconds, default 30): a worker that exits (bad
-# dataset line, bad flag, ...) makes this script print the log tail and exit 1.
+# dataset line, bad flag, ...) makes this script print the log tail and exit 1. The
+# worker writes run/worker-ID.ready (--ready-file) once it is registered and has pulled
+# its expert, and removes it when it exits.
 set -euo pipefail
 # shellcheck source=scripts/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
@@ -30,29 +32,30 @@ done
 NAME="worker $worker_id"
 PIDFILE="$RUN_DIR/worker-$worker_id.pid"
 LOGFILE="$LOG_DIR/worker-$worker_id.log"
+READYFILE="$RUN_DIR/worker-$worker_id.ready"
 
 claim_pidfile "$PIDFILE" "$NAME"
 mkdir -p "$LOG_DIR"
 offset="$(file_size "$LOGFILE")"
-launch "$PIDFILE" "$LOGFILE" "${FEDMOE[@]}" worker "$@"
+rm -f "$READYFILE"
+launch "$PIDFILE" "$LOGFILE" "${FEDMOE[@]}" worker "$@" --ready-file "$READYFILE"
 PID="$(read_pidfile "$PIDFILE")"
 log "$NAME: starting (pid $PID), checking its start-up for up to ${CHECK_TIMEOUT}s"
 
-# Done when the worker logs that it has its data and expert ("... training and ...
-# validation examples, expert ..."), or after CHECK_TIMEOUT seconds alive (e.g. still
-# waiting for the coordinator, which it retries). At least 3 s either way.
+# Done when the worker has written its ready file (data loaded, registered, expert pulled),
+# or after CHECK_TIMEOUT seconds alive (e.g. still waiting for the coordinator, which it
+# retries).
 started=$SECONDS
 state="still starting up"
 while :; do
     if ! is_our_process "$PID"; then
-        rm -f "$PIDFILE"
+        rm -f "$PIDFILE" "$READYFILE"
         log "$NAME: the process exited during start-up" >&2
         log_tail "$LOGFILE" "$offset" 30 >&2
         exit 1
     fi
     elapsed=$((SECONDS - started))
-    recent="$(tail -c "+$((offset + 1))" "$LOGFILE" 2>/dev/null || true)"
-    if ((elapsed >= 3)) && [[ "$recent" =~ training\ and\ [0-9]+\ validation\ examples ]]; then
+    if [[ -s "$READYFILE" ]]; then
         state="training"
         break
     fi

@@ -28,3 +28,4 @@ done
 [[ "$worker_id" != */* ]] || die "invalid worker id '$worker_id'"
 
 stop_pidfile "$RUN_DIR/worker-$worker_id.pid" "worker $worker_id" "${FEDMOE_STOP_TIMEOUT:-60}"
+rm -f "$RUN_DIR/worker-$worker_id.ready" # the worker removes it itself unless it was killed

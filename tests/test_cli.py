@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.procs import ENV
+from fedmoe.procs import ENV
 
 
 def _coordinator(*args: str) -> subprocess.CompletedProcess[str]:

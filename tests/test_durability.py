@@ -17,7 +17,7 @@ import torch
 from fedmoe.adapters import encode_adapter
 from fedmoe.client import ApiError, CoordinatorClient
 from fedmoe.demo_data import write_demo_datasets
-from tests.procs import start_coordinator, start_worker, stop
+from fedmoe.procs import start_coordinator, start_worker, stop
 
 EXPERTS = ("python_expert", "sql_expert")
 

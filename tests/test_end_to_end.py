@@ -16,8 +16,8 @@ from fedmoe.client import CoordinatorClient
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
 from fedmoe.modeling import fingerprint_model, load_base_model
+from fedmoe.procs import start_coordinator, start_worker, stop
 from fedmoe.tiny import export_tiny
-from tests.procs import start_coordinator, start_worker, stop
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmoe.demo import free_port
+from fedmoe.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -159,6 +159,9 @@ def test_quick_command_reference(scripts: Scripts, tmp_path: Path) -> None:
     assert started.returncode == 0, started.stdout + started.stderr
     worker = scripts.pid("worker-Worker-1-Python")
     assert is_fedmoe(worker)
+    assert "running (training)" in started.stdout  # seen through the worker's ready file
+    ready = json.loads((scripts.run_dir / "worker-Worker-1-Python.ready").read_text())
+    assert ready["pid"] == worker and ready["specialty"] == "python_expert"
     duplicate = scripts.run("start_worker.sh", *worker_flags)
     assert duplicate.returncode != 0 and "already running" in duplicate.stderr
 
@@ -185,6 +188,7 @@ def test_quick_command_reference(scripts: Scripts, tmp_path: Path) -> None:
     assert "SIGKILL" not in stopped.stdout
     assert not alive(worker) and not alive(coordinator)
     assert list(scripts.run_dir.glob("*.pid")) == []
+    assert list(scripts.run_dir.glob("*.ready")) == []
     log = (scripts.log_dir / "worker-Worker-1-Python.log").read_text()
     assert "final upload" in log and "finished" in log
 

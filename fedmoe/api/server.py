@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -33,14 +36,17 @@ def serve(settings: CoordinatorSettings) -> None:
     coordinator = open_coordinator(settings)
     app = create_app(coordinator, registry)
     scheme = "https" if settings.ssl_certfile else "http"
+    port = listener.getsockname()[1]  # the port it got, when asked for port 0
     logger.info(
         "coordinator on %s://%s:%d (auth %s, state dir %s)",
         scheme,
         settings.host,
-        settings.port,
+        port,
         "on" if registry.enabled else "off",
         settings.state_dir,
     )
+    if settings.url_file is not None:
+        write_url_file(settings.url_file, f"{scheme}://{_connectable(settings.host)}:{port}")
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that a SystemExit so the
     # `finally` below still closes the ledger and flushes the gateway file.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -50,6 +56,8 @@ def serve(settings: CoordinatorSettings) -> None:
     finally:
         listener.close()
         coordinator.close()
+        if settings.url_file is not None:
+            settings.url_file.unlink(missing_ok=True)
         logger.info("coordinator stopped; state saved in %s", settings.state_dir)
 
 
@@ -64,6 +72,21 @@ def uvicorn_config(app: ASGIApp, settings: CoordinatorSettings, **options: Any) 
         ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         **options,
     )
+
+
+def _connectable(host: str) -> str:
+    """A host a local client can connect to for a listener on ``host``."""
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def write_url_file(path: Path, url: str) -> None:
+    """``{"url", "pid"}`` as JSON, renamed into place so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+    os.replace(temporary, path)
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.ledger import Ledger
@@ -14,13 +16,24 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.modeling import initial_adapter, load_base_model
 
+# (initial adapter, base model fingerprint) for some settings; benchmarks pass a synthetic one
+InitialSource = Callable[[CoordinatorSettings], tuple[AdapterState, str]]
 
-def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
-    """Load the base model, derive the initial adapter and open (or resume) the state dir."""
+
+def base_model_initial(settings: CoordinatorSettings) -> tuple[AdapterState, str]:
+    """Load the base model once: its seeded initial adapter and its fingerprint."""
+    base = load_base_model(settings.base_model, device="cpu")
+    return initial_adapter(base, settings.lora), base.fingerprint
+
+
+def open_coordinator(
+    settings: CoordinatorSettings, initial_source: InitialSource = base_model_initial
+) -> CentralCoordinator:
+    """Derive the initial adapter (default: from the base model), open or resume the state dir."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_state_dir(settings.state_dir)  # first: fail fast when the dir is in use
     try:
-        coordinator = _open_locked(settings)
+        coordinator = _open_locked(settings, initial_source)
     except BaseException:
         lock.close()  # a refused state dir is left as it was, and free for the next try
         raise
@@ -28,11 +41,11 @@ def open_coordinator(settings: CoordinatorSettings) -> CentralCoordinator:
     return coordinator
 
 
-def _open_locked(settings: CoordinatorSettings) -> CentralCoordinator:
-    base = load_base_model(settings.base_model, device="cpu")
-    initial = initial_adapter(base, settings.lora)
-    fingerprint = base.fingerprint
-    del base  # the coordinator never runs the model; free its memory
+def _open_locked(
+    settings: CoordinatorSettings, initial_source: InitialSource
+) -> CentralCoordinator:
+    # the base model is loaded (and freed) inside: the coordinator never runs it
+    initial, fingerprint = initial_source(settings)
     ledger = Ledger(settings.state_dir / "ledger.sqlite3")
     store = AdapterStore(settings.state_dir, gateway_file_interval=settings.gateway_file_interval)
     try:

@@ -108,6 +108,11 @@ class CoordinatorSettings(BaseSettings):
         description="Serve /metrics without a token to clients on loopback (a local "
         "Prometheus); everyone else still needs a token.",
     )
+    url_file: Path | None = Field(
+        None,
+        description="Write {url, pid} as JSON here once the port is bound (port 0: the port "
+        "it got); removed on exit.",
+    )
 
     @field_validator("experts")
     @classmethod

@@ -21,16 +21,16 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from peft import PeftModel
 
 from fedmoe.adapters import decode_adapter, read_header
 from fedmoe.batching import TokenizedExample, count_trainable_tokens
-from fedmoe.client import CoordinatorClient
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import lora_parameters
+from fedmoe.schemas import GatewayInfo
 
 if TYPE_CHECKING:
     from fedmoe.worker.job import WorkerJob
@@ -45,6 +45,22 @@ DEFAULT_EVAL_PERIOD_S = 60.0
 ExtraKind = Callable[["FederatedEvaluator"], "dict[str, Any] | None"]
 
 
+class EvaluationClient(Protocol):
+    """What federated evaluation uses of ``fedmoe.client.CoordinatorClient``."""
+
+    def gateway_info(self) -> GatewayInfo:
+        """``GET /v1/gateway``."""
+        ...
+
+    def download(self, path: str, etag: str | None = None) -> tuple[int, bytes | None, str]:
+        """GET an adapter: (version, bytes or None when unchanged, etag)."""
+        ...
+
+    def report_evaluation(self, report: dict[str, Any]) -> list[dict[str, Any]]:
+        """``POST /v1/metrics/evaluations``."""
+        ...
+
+
 def default_eval_every(sync_interval: float) -> int:
     """Syncs between evaluations so that they happen about once a minute."""
     return max(1, round(DEFAULT_EVAL_PERIOD_S / sync_interval))
@@ -56,7 +72,7 @@ class FederatedEvaluator:
     def __init__(
         self,
         *,
-        client: CoordinatorClient,
+        client: EvaluationClient,
         model: PeftModel,
         examples: list[TokenizedExample],
         pad_token_id: int,

@@ -1,30 +1,27 @@
-"""The worker job: setup, continuous local training, periodic sync, final upload.
+"""The worker job: setup (data, model, registration), continuous local training, cleanup.
 
-Sync protocol: the worker uploads Δ = local − pulled with the version it pulled,
-then pulls the expert's newest version and *rebases* onto it, keeping the
-training it did while the upload was in flight (local ← new + (local − snapshot)).
-An upload that never reached the coordinator (connection refused) is dropped and
-re-made, bigger, next time; an upload whose fate is unknown is retried with the
-same update id, which the coordinator applies at most once.
+The sync protocol itself (upload Δ, rebase, retries) is ``fedmoe.worker.sync.Syncer``;
+this module wires it to a real model. The coordinator client and the clock are
+constructor parameters so that tests can drive a job without sockets or real time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
-import time
-import uuid
-from typing import Any
+from typing import Any, Protocol
 
-import httpx
 import torch
+from peft import PeftModel
 
-from fedmoe.adapters import encode_adapter
-from fedmoe.aggregate import AdapterState, apply_update
-from fedmoe.batching import tokenize_examples, tokenize_training_set
-from fedmoe.client import ApiError, CoordinatorClient
+from fedmoe.adapters import AdapterSchema
+from fedmoe.aggregate import AdapterState
+from fedmoe.batching import TokenizedExample, tokenize_examples, tokenize_training_set
+from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
-from fedmoe.data import load_examples, split_examples
+from fedmoe.data import Example, load_examples, split_examples
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import (
     adapter_state,
@@ -33,66 +30,124 @@ from fedmoe.modeling import (
     load_base_model,
     resolve_device,
 )
-from fedmoe.schemas import UpdateAck
-from fedmoe.worker.fed_eval import FederatedEvaluator
+from fedmoe.schemas import SchemaInfo
+from fedmoe.worker.fed_eval import EvaluationClient, FederatedEvaluator
 from fedmoe.worker.options import WorkerOptions
-from fedmoe.worker.progress import PendingUpdate, WorkerStats
+from fedmoe.worker.progress import WorkerStats
+from fedmoe.worker.sync import (
+    Clock,
+    FatalSyncError,
+    SyncClient,
+    Syncer,
+    SyncIdentity,
+    SystemClock,
+    wait_for,
+)
 from fedmoe.worker.trainer import LocalTrainer
+
+__all__ = ["FatalSyncError", "PeftAdapterSlot", "WorkerJob"]
 
 logger = logging.getLogger(__name__)
 
 
-class FatalSyncError(RuntimeError):
-    """The coordinator refused us in a way retrying cannot fix (auth, incompatibility)."""
+class PeftAdapterSlot:
+    """``AdapterSlot`` over a PEFT model's LoRA parameters."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+
+    def state(self) -> AdapterState:
+        """A float32 CPU copy of the LoRA weights."""
+        return adapter_state(self.model)
+
+    def load(self, state: AdapterState) -> None:
+        """Copy ``state`` into the LoRA weights in place."""
+        load_adapter_state(self.model, state)
+
+
+class WorkerClient(SyncClient, EvaluationClient, Protocol):
+    """What a worker job uses of ``CoordinatorClient``: syncing and federated evaluation."""
 
 
 class WorkerJob:
     """One worker process: ``run()`` = setup, train until told to stop, cleanup."""
 
-    def __init__(self, options: WorkerOptions) -> None:
+    def __init__(
+        self,
+        options: WorkerOptions,
+        *,
+        client: WorkerClient | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.options = options
+        self.client: WorkerClient = client or CoordinatorClient(
+            options.coordinator_url, token=options.auth_token, ca_cert=options.ca_cert
+        )
+        self.clock: Clock = clock or SystemClock()
         self.stop_event = threading.Event()
-        self.stats = WorkerStats()
-        self.pending: PendingUpdate | None = None
-        self.unrebased: AdapterState | None = None
-        self.backoff = 1.0
-        self.next_sync_at = 0.0
-        self.run_id: str | None = None
+        self.stats = WorkerStats(started=self.clock.now())  # train() restarts it
         self.summary: dict[str, Any] = {}
-        self.fed_eval: FederatedEvaluator | None = None  # set up once the model is
+        # load_data()
+        self.examples: list[Example] = []
+        self.eval_examples: list[Example] = []
+        # load_model()
+        self.schema: SchemaInfo | None = None
+        self.lora: LoraSettings | None = None
+        self.tensor_shapes: AdapterSchema = {}
+        self.device = torch.device("cpu")
+        self.fingerprint = ""
+        self.tokenizer: Any = None  # a transformers tokenizer (or the tiny preset's)
+        self.model: PeftModel | None = None
+        self.pad_id = 0
+        self.train_set: list[TokenizedExample] = []
+        self.eval_set: list[TokenizedExample] = []
+        self.trainer: LocalTrainer | None = None
+        # register()
+        self.syncer: Syncer | None = None
+        self.fed_eval: FederatedEvaluator | None = None  # once the model is set up
 
     # --- setup -----------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Validate data, connect, load the model, register and pull the expert."""
+        """Validate the data, load the model, register and pull the expert."""
+        self.load_data()
+        self.load_model()
+        self.register()
+
+    def load_data(self) -> None:
+        """Read (and split) the datasets: a bad line stops us before anything else."""
         opts = self.options
-        examples = load_examples(opts.dataset)  # a bad line stops us before anything else
-        eval_examples = load_examples(opts.eval_dataset) if opts.eval_dataset else None
-        if eval_examples is None and opts.validation_fraction > 0:
-            examples, eval_examples = split_examples(
-                examples, validation_fraction=opts.validation_fraction
+        self.examples = load_examples(opts.dataset)
+        if opts.eval_dataset:
+            self.eval_examples = load_examples(opts.eval_dataset)
+        elif opts.validation_fraction > 0:
+            self.examples, self.eval_examples = split_examples(
+                self.examples, validation_fraction=opts.validation_fraction
             )
-        self.client = CoordinatorClient(
-            opts.coordinator_url, token=opts.auth_token, ca_cert=opts.ca_cert
+
+    def _wait_for(self, call: Any) -> Any:
+        return wait_for(
+            call, clock=self.clock, stop=self.stop_event, max_backoff=self.options.max_backoff
         )
-        self.schema = self._wait_for(self.client.schema)
-        self.lora = LoraSettings.from_dict(self.schema.lora_config.model_dump())
-        self.tensor_shapes = {k: tuple(v) for k, v in self.schema.tensors.items()}
+
+    def load_model(self) -> None:
+        """Ask the coordinator for the schema, load the base model with LoRA, tokenise."""
+        opts = self.options
+        schema: SchemaInfo = self._wait_for(self.client.schema)
+        self.schema = schema
+        self.lora = LoraSettings.from_dict(schema.lora_config.model_dump())
+        self.tensor_shapes = {k: tuple(v) for k, v in schema.tensors.items()}
         self.device = resolve_device(opts.device)
-        base_name = opts.base_model or self.schema.base_model
+        base_name = opts.base_model or schema.base_model
         base = load_base_model(base_name, device=opts.device)
         self.fingerprint, self.tokenizer = base.fingerprint, base.tokenizer
         self.model = attach_lora(base.model, self.lora)
         self.pad_id = self.tokenizer.pad_token_id
         max_length = opts.train.max_length
         self.train_set = tokenize_training_set(
-            examples, self.tokenizer, max_length=max_length, source=opts.dataset
+            self.examples, self.tokenizer, max_length=max_length, source=opts.dataset
         )
-        self.eval_set = (
-            tokenize_examples(eval_examples, self.tokenizer, max_length=max_length)
-            if eval_examples
-            else []
-        )
+        self.eval_set = tokenize_examples(self.eval_examples, self.tokenizer, max_length=max_length)
         self.trainer = LocalTrainer(
             self.model,
             self.train_set,
@@ -101,8 +156,32 @@ class WorkerJob:
             device=self.device,
             learning_rate=opts.train.learning_rate_for(base_name),
         )
-        self._wait_for(self._register)
-        self._wait_for(self._pull_and_reset)
+
+    def register(self) -> None:
+        """Register with the coordinator, pull the expert, then write the ready file."""
+        if self.model is None or self.lora is None:
+            raise RuntimeError("load_model() must run before register()")
+        opts = self.options
+        identity = SyncIdentity(
+            worker_id=opts.worker_id,
+            specialty=opts.specialty,
+            fingerprint=self.fingerprint,
+            lora_config=self.lora.to_dict(),
+            tensor_shapes=self.tensor_shapes,
+            upload_dtype=getattr(torch, opts.upload_dtype),
+        )
+        syncer = Syncer(
+            self.client,
+            PeftAdapterSlot(self.model),
+            identity,
+            stats=self.stats,
+            clock=self.clock,
+            sync_interval=opts.sync_interval,
+            max_backoff=opts.max_backoff,
+        )
+        self.syncer = syncer
+        self._wait_for(syncer.register)
+        self._wait_for(syncer.pull_and_reset)
         self.fed_eval = FederatedEvaluator.for_job(self)
         logger.info(
             "%s: %d training and %d validation examples, expert %s v%d on %s",
@@ -110,74 +189,43 @@ class WorkerJob:
             len(self.train_set),
             len(self.eval_set),
             opts.specialty,
-            self.base_version,
+            syncer.base_version,
             self.device,
         )
+        self._write_ready_file(syncer.base_version)
 
-    def _wait_for(self, call: Any) -> Any:
-        """Retry ``call`` with backoff while the coordinator is unreachable or answers 5xx."""
-        delay = 1.0
-        while True:
-            try:
-                return call()
-            except (httpx.TransportError, ApiError) as error:
-                refused = isinstance(error, ApiError) and not error.transient
-                if refused or self.stop_event.is_set():
-                    raise
-                logger.warning("coordinator unavailable (%s); retrying in %.0fs", error, delay)
-                self.stop_event.wait(delay)
-                delay = min(delay * 2, self.options.max_backoff)
-
-    def _register(self) -> None:
-        try:
-            answer = self.client.register(
-                worker_id=self.options.worker_id,
-                specialty=self.options.specialty,
-                fingerprint=self.fingerprint,
-                lora_config=self.lora.to_dict(),
-            )
-        except ApiError as error:
-            if error.transient:
-                raise  # not a refusal: retried
-            raise FatalSyncError(f"registration refused: {error}") from None
-        if self.run_id is not None and answer.run_id != self.run_id:
-            logger.warning(
-                "coordinator state was replaced (run %s -> %s); re-pulling",
-                self.run_id,
-                answer.run_id,
-            )
-            self.pending = None
-            self._pull_and_rebase(since=self.pulled)
-        self.run_id = answer.run_id
-
-    def _pull(self) -> tuple[int, AdapterState]:
-        return self.client.expert_adapter(self.options.specialty, self.tensor_shapes)
-
-    def _pull_and_reset(self) -> None:
-        self.base_version, self.pulled = self._pull()
-        load_adapter_state(self.model, self.pulled)
-
-    def _pull_and_rebase(self, since: AdapterState) -> None:
-        """Move onto the newest expert, keeping what was trained after ``since``."""
-        version, newest = self._pull()
-        local = adapter_state(self.model)
-        progress = {key: local[key] - since[key] for key in local}
-        load_adapter_state(self.model, apply_update(newest, progress, 1.0))
-        self.base_version, self.pulled = version, newest
+    def _write_ready_file(self, version: int) -> None:
+        """Tell a start script we are registered and about to train (atomic rename)."""
+        path = self.options.ready_file
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {
+            "pid": os.getpid(),
+            "worker_id": self.options.worker_id,
+            "specialty": self.options.specialty,
+            "expert_version": version,
+        }
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(info) + "\n")
+        os.replace(temporary, path)
 
     # --- training --------------------------------------------------------------------------
 
     def train(self) -> None:
         """Train until stopped (signal, ``max_steps`` or ``max_seconds``), syncing on schedule."""
+        if self.trainer is None or self.syncer is None:
+            raise RuntimeError("setup() must run before train()")
         # Time limits and rates count training only, not model loading and registration.
-        self.stats.started = time.monotonic()
+        self.stats.started = self.clock.now()
         self.stats.reset_window()
-        self.next_sync_at = time.monotonic() + self.options.sync_interval
+        self.syncer.schedule_first()
         while not self._should_stop():
-            began = time.monotonic()
+            began = self.clock.now()
             result = self.trainer.step()
             if self.options.slowdown > 1.0:
-                self.stop_event.wait((self.options.slowdown - 1.0) * (time.monotonic() - began))
+                extra = (self.options.slowdown - 1.0) * (self.clock.now() - began)
+                self.clock.sleep(extra, self.stop_event)
             if result.skipped:
                 self.stats.skipped_steps += 1
                 continue
@@ -185,157 +233,45 @@ class WorkerJob:
             self.stats.tokens += result.tokens
             self.stats.window_tokens += result.tokens
             self.stats.window_losses.append(result.loss)
-            if time.monotonic() >= self.next_sync_at:
+            if self.syncer.due():
                 self.sync()
 
     def _should_stop(self) -> bool:
         opts = self.options
         if opts.max_steps is not None and self.stats.steps >= opts.max_steps:
             return True
-        elapsed = time.monotonic() - self.stats.started
+        elapsed = self.clock.now() - self.stats.started
         if opts.max_seconds is not None and elapsed >= opts.max_seconds:
             return True
         return self.stop_event.is_set()
 
     def sync(self) -> bool:
-        """Upload the delta and rebase onto the newest expert; False if it must be retried."""
-        began = time.monotonic()
-        try:
-            self._sync_once()
-        except httpx.ConnectError as error:
-            if self.pending is not None and not self.pending.maybe_delivered:
-                self.pending = None  # it never arrived: next time we send the bigger delta
-            self._schedule_retry(f"coordinator unreachable ({error})")
-            return False
-        except httpx.TransportError as error:
-            if self.pending is not None:
-                self.pending.maybe_delivered = True
-            self._schedule_retry(f"upload's fate unknown ({error!r}); will resend the same id")
-            return False
-        except ApiError as error:
-            if error.status_code in (401, 403):
-                raise FatalSyncError(f"coordinator refused us: {error}") from None
-            self._schedule_retry(f"coordinator error ({error})")
-            return False
-        finally:
-            self.stats.blocked_seconds += time.monotonic() - began
-        self.backoff = 1.0
-        if self.fed_eval is not None:
-            self.fed_eval.after_sync(self.base_version, self.pulled)
-        self.next_sync_at = time.monotonic() + self.options.sync_interval
-        return True
-
-    def _schedule_retry(self, reason: str) -> None:
-        self.stats.failed_syncs += 1
-        logger.warning("%s; retrying in %.0fs", reason, self.backoff)
-        self.next_sync_at = time.monotonic() + self.backoff
-        self.backoff = min(self.backoff * 2, self.options.max_backoff)
-
-    def _sync_once(self) -> None:
-        if self.unrebased is not None:  # an acknowledged upload whose pull failed
-            self._pull_and_rebase(since=self.unrebased)
-            self.unrebased = None
-            return
-        if self.pending is None:
-            self.pending = self._make_pending()
-        pending = self.pending
-        try:
-            ack = self.client.upload(
-                self.options.specialty,
-                pending.body,
-                worker_id=self.options.worker_id,
-                update_id=pending.update_id,
-                base_version=pending.base_version,
-                num_tokens=pending.tokens,
-                train_loss=pending.train_loss,
-            )
-        except ApiError as error:
-            if error.transient:
-                raise  # not a refusal: sync() retries the same update id later
-            self._handle_refusal(error, pending)
-            return
-        self.pending, self.unrebased = None, pending.snapshot
-        self.stats.settle(pending)
-        self._report(ack, pending)
-        self._pull_and_rebase(since=pending.snapshot)
-        self.unrebased = None
-
-    def _make_pending(self) -> PendingUpdate:
-        snapshot = adapter_state(self.model)
-        delta = {key: snapshot[key] - self.pulled[key] for key in snapshot}
-        dtype = getattr(torch, self.options.upload_dtype)
-        pending = PendingUpdate(
-            update_id=f"{self.options.worker_id}:{uuid.uuid4().hex}",
-            body=encode_adapter(delta, dtype=dtype),
-            base_version=self.base_version,
-            tokens=self.stats.window_tokens,
-            loss_count=len(self.stats.window_losses),
-            train_loss=self.stats.window_loss(),
-            snapshot=snapshot,
-        )
-        return pending
-
-    def _handle_refusal(self, error: ApiError, pending: PendingUpdate) -> None:
-        if error.code == "unknown_worker":
-            logger.warning("coordinator does not know us (restarted?); registering again")
-            self._register()
-            return  # self.pending is kept (or cleared by a state change); retried next sync
-        if error.status_code in (401, 403) or error.code == "incompatible_worker":
-            raise FatalSyncError(f"coordinator refused {self.options.worker_id}: {error}")
-        logger.warning(
-            "update %s refused (%s); dropping it and moving to the newest expert",
-            pending.update_id,
-            error,
-        )
-        self.pending = None
-        self.stats.settle(pending)
-        self._pull_and_rebase(since=pending.snapshot)
-
-    def _report(self, ack: UpdateAck, pending: PendingUpdate) -> None:
-        stats = self.stats
-        stats.uploads += 1
-        stats.last_staleness, stats.last_version = ack.staleness, ack.version
-        elapsed = max(time.monotonic() - stats.started, 1e-9)
-        loss = "n/a" if pending.train_loss is None else f"{pending.train_loss:.4f}"
-        logger.info(
-            "%s sync %d: loss %s, %.0f tok/s, %s v%d (staleness %d, weight %.3f), gateway v%d",
-            self.options.worker_id,
-            stats.uploads,
-            loss,
-            stats.tokens / elapsed,
-            self.options.specialty,
-            ack.version,
-            ack.staleness,
-            ack.weight,
-            ack.gateway_version,
-        )
+        """One sync now (see ``Syncer.sync``); False if it must be retried."""
+        if self.syncer is None:
+            raise RuntimeError("setup() must run before sync()")
+        synced = self.syncer.sync()
+        if synced and self.fed_eval is not None:
+            self.fed_eval.after_sync(self.syncer.base_version, self.syncer.pulled)
+        return synced
 
     # --- cleanup ---------------------------------------------------------------------------
 
     def cleanup(self, *, final_attempts: int = 5) -> dict[str, Any]:
         """Upload what is left (bounded retries), evaluate, and close the client."""
-        if hasattr(self, "trainer") and self.stats.steps > 0:
-            for _ in range(final_attempts):
-                if not self.stats.window_tokens and self.pending is None and self.unrebased is None:
-                    break
-                try:
-                    if self.sync():
-                        continue
-                except FatalSyncError as error:
-                    logger.error("final upload impossible: %s", error)
-                    break
-                time.sleep(min(self.backoff, 5.0))
-        if self.fed_eval is not None:
-            self.fed_eval.finish(self.base_version, self.pulled)
+        if self.syncer is not None and self.stats.steps > 0:
+            self.syncer.flush(attempts=final_attempts)
+        if self.fed_eval is not None and self.syncer is not None:
+            self.fed_eval.finish(self.syncer.base_version, self.syncer.pulled)
         self.summary = self._summary()
         logger.info("%s finished: %s", self.options.worker_id, self.summary)
-        if hasattr(self, "client"):
-            self.client.close()
+        if self.options.ready_file is not None:
+            self.options.ready_file.unlink(missing_ok=True)
+        self.client.close()
         return self.summary
 
     def _summary(self) -> dict[str, Any]:
         stats = self.stats
-        elapsed = max(time.monotonic() - stats.started, 1e-9)
+        elapsed = max(self.clock.now() - stats.started, 1e-9)
         summary: dict[str, Any] = {
             "worker_id": self.options.worker_id,
             "steps": stats.steps,
@@ -346,10 +282,10 @@ class WorkerJob:
             "uploads": stats.uploads,
             "failed_syncs": stats.failed_syncs,
             "blocked_share": stats.blocked_seconds / elapsed,
-            "expert_version": getattr(self, "base_version", None),
+            "expert_version": self.syncer.base_version if self.syncer else None,
             "unsent_tokens": stats.window_tokens,
         }
-        if getattr(self, "eval_set", None):
+        if self.model is not None and self.eval_set:
             summary["validation_loss"] = validation_loss(
                 self.model, self.eval_set, pad_token_id=self.pad_id
             )

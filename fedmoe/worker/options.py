@@ -71,6 +71,10 @@ class WorkerOptions(BaseModel):
     slowdown: float = Field(
         1.0, ge=1.0, description="Emulate a slower machine: each step takes this many times longer."
     )
+    ready_file: Path | None = Field(
+        None,
+        description="Write this JSON file once registered and about to train; removed on exit.",
+    )
 
     @model_validator(mode="after")
     def _check_ignored(self) -> WorkerOptions:

@@ -32,7 +32,6 @@ class WorkerStats:
     tokens: int = 0
     window_tokens: int = 0
     window_losses: list[float] = field(default_factory=list)
-    window_started: float = field(default_factory=time.monotonic)
     blocked_seconds: float = 0.0
     uploads: int = 0
     failed_syncs: int = 0
@@ -46,7 +45,6 @@ class WorkerStats:
     def reset_window(self) -> None:
         """Start a new sync window."""
         self.window_tokens, self.window_losses = 0, []
-        self.window_started = time.monotonic()
 
     def settle(self, pending: PendingUpdate) -> None:
         """Remove what ``pending`` carried from the window (it was acked or refused)."""

@@ -1,0 +1,371 @@
+"""The worker's sync paths, driven in milliseconds by an in-memory coordinator and clock.
+
+``FakeCoordinator`` implements ``SyncClient`` with the coordinator's update rule for one
+worker per expert (θ ← θ + Δ, at most once per update id) and can be told how the next
+upload fails. The adapter is a dict of small tensors whose values are exact in float32,
+so every expected state below is compared with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from fedmoe.adapters import AdapterSchema, decode_adapter, schema_of
+from fedmoe.aggregate import AdapterState, apply_update
+from fedmoe.client import ApiError
+from fedmoe.schemas import RegistrationAck, UpdateAck
+from fedmoe.worker.job import WorkerJob
+from fedmoe.worker.options import WorkerOptions
+from fedmoe.worker.progress import WorkerStats
+from fedmoe.worker.sync import FatalSyncError, Syncer, SyncIdentity, wait_for
+
+A, B = "base_model.model.layer.lora_A.weight", "base_model.model.layer.lora_B.weight"
+INITIAL = {A: torch.tensor([[1.0, 2.0], [3.0, 4.0]]), B: torch.zeros(2, 2)}
+SHAPES = schema_of(INITIAL)
+
+
+def clone(state: AdapterState) -> AdapterState:
+    """A deep copy of ``state``."""
+    return {key: tensor.clone() for key, tensor in state.items()}
+
+
+def plus(state: AdapterState, value: float) -> AdapterState:
+    """``state`` with ``value`` added to every element (exact for these small values)."""
+    return {key: tensor + value for key, tensor in state.items()}
+
+
+def assert_state(actual: AdapterState, expected: AdapterState) -> None:
+    """Bit-for-bit equality of two adapter states."""
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), (key, actual[key], expected[key])
+
+
+class FakeClock:
+    """Time moves only when someone sleeps (or a test calls ``advance``)."""
+
+    def __init__(self) -> None:
+        self.time = 1000.0
+
+    def now(self) -> float:
+        """The fake time."""
+        return self.time
+
+    def sleep(self, seconds: float, stop: threading.Event | None = None) -> None:
+        """Advance the fake time at once."""
+        self.time += seconds
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass."""
+        self.time += seconds
+
+
+class FakeCoordinator:
+    """An in-memory ``SyncClient``; ``faults`` says how the next uploads go wrong."""
+
+    def __init__(self) -> None:
+        self.state, self.version, self.run_id = clone(INITIAL), 0, "run-1"
+        self.known: set[str] = set()
+        self.registrations = 0
+        self.acks: dict[str, UpdateAck] = {}
+        self.received: list[tuple[str, AdapterState]] = []  # (update id, delta) per attempt
+        self.faults: list[str] = []
+        self.closed = False
+
+    def schema(self) -> dict[str, Any]:
+        """Base model and tensor shapes."""
+        return {"base_model": "tiny", "lora_config": {}, "tensors": SHAPES}
+
+    def register(
+        self, *, worker_id: str, specialty: str, fingerprint: str, lora_config: dict[str, Any]
+    ) -> RegistrationAck:
+        """Remember the worker."""
+        self.known.add(worker_id)
+        self.registrations += 1
+        return RegistrationAck(
+            worker_id=worker_id,
+            specialty=specialty,
+            expert_version=self.version,
+            run_id=self.run_id,
+        )
+
+    def expert_adapter(self, name: str, schema: AdapterSchema) -> tuple[int, AdapterState]:
+        """The newest version."""
+        return self.version, clone(self.state)
+
+    def push(self, delta: AdapterState) -> None:
+        """Another worker's update moves the expert."""
+        self.state, self.version = apply_update(self.state, delta, 1.0), self.version + 1
+
+    def upload(self, expert: str, body: bytes, *, worker_id: str, update_id: str, **_: Any):
+        """Apply Δ once per update id; a fault may refuse the connection or lose the answer."""
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "refused":
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        if worker_id not in self.known:
+            raise ApiError(409, "unknown_worker", "register first")
+        if fault == "stale":
+            raise ApiError(409, "stale_update", "staleness over the bound")
+        if fault == "unavailable":
+            raise ApiError(503, "storage_unavailable", "disk full")
+        delta = decode_adapter(body, SHAPES)
+        self.received.append((update_id, delta))
+        if update_id not in self.acks:
+            self.push(delta)
+            self.acks[update_id] = UpdateAck(
+                update_id=update_id,
+                expert=expert,
+                version=self.version,
+                staleness=0,
+                weight=1.0,
+                update_norm=0.0,
+                clipped=False,
+                gateway_version=self.version,
+                replayed=False,
+            )
+        if fault == "lost_answer":
+            raise httpx.ReadTimeout("timed out")
+        return self.acks[update_id]
+
+    def close(self) -> None:
+        """Nothing to release."""
+        self.closed = True
+
+
+class FakeAdapter:
+    """An ``AdapterSlot`` over a dict; ``train`` adds an exact amount to every element."""
+
+    def __init__(self) -> None:
+        self.tensors = {key: torch.full_like(t, 99.0) for key, t in INITIAL.items()}
+
+    def state(self) -> AdapterState:
+        """A copy of the tensors."""
+        return clone(self.tensors)
+
+    def load(self, state: AdapterState) -> None:
+        """Overwrite the tensors."""
+        self.tensors = clone(state)
+
+    def train(self, amount: float, tokens: int, stats: WorkerStats) -> None:
+        """One fake step: the adapter moves by ``amount`` and the window counts it."""
+        self.tensors = plus(self.tensors, amount)
+        stats.steps += 1
+        stats.tokens += tokens
+        stats.window_tokens += tokens
+        stats.window_losses.append(1.0)
+
+
+@pytest.fixture
+def world() -> tuple[Syncer, FakeCoordinator, FakeAdapter, FakeClock]:
+    """A registered syncer that has pulled version 0."""
+    coordinator, adapter, clock = FakeCoordinator(), FakeAdapter(), FakeClock()
+    identity = SyncIdentity("w1", "python_expert", "fp", {}, SHAPES)
+    syncer = Syncer(
+        coordinator,
+        adapter,
+        identity,
+        stats=WorkerStats(),
+        clock=clock,
+        sync_interval=10.0,
+        max_backoff=30.0,
+    )
+    syncer.register()
+    syncer.pull_and_reset()
+    return syncer, coordinator, adapter, clock
+
+
+def test_upload_is_the_delta_and_the_expert_equals_the_snapshot(world) -> None:
+    syncer, coordinator, adapter, clock = world
+    assert_state(adapter.tensors, INITIAL)  # pulled version 0
+    adapter.train(0.5, 10, syncer.stats)
+    adapter.train(0.25, 10, syncer.stats)
+    snapshot = adapter.state()
+    assert syncer.sync()
+    ((_, delta),) = coordinator.received
+    assert_state(delta, plus({k: torch.zeros_like(v) for k, v in INITIAL.items()}, 0.75))
+    assert_state(coordinator.state, snapshot)
+    assert_state(adapter.tensors, snapshot)  # nothing trained in flight: local == expert
+    assert (syncer.base_version, syncer.stats.uploads, syncer.stats.window_tokens) == (1, 1, 0)
+    assert syncer.next_sync_at == clock.now() + 10.0
+
+
+def test_connection_refused_drops_and_remakes_a_bigger_delta(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.faults = ["refused"]
+    assert not syncer.sync()
+    assert syncer.pending is None and coordinator.version == 0
+    adapter.train(0.25, 5, syncer.stats)
+    assert syncer.sync()
+    ((update_id, delta),) = coordinator.received
+    assert_state(delta, plus({k: torch.zeros_like(v) for k, v in INITIAL.items()}, 0.75))
+    assert coordinator.acks[update_id].version == 1
+    assert_state(coordinator.state, adapter.tensors)
+    assert syncer.stats.failed_syncs == 1 and syncer.stats.window_tokens == 0
+
+
+def test_unknown_fate_resends_the_same_id_and_keeps_inflight_steps(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    snapshot = adapter.state()
+    coordinator.faults = ["lost_answer"]  # applied, but the answer never came back
+    assert not syncer.sync()
+    assert syncer.pending is not None and syncer.pending.maybe_delivered
+    adapter.train(0.25, 7, syncer.stats)  # trained while the upload's fate was unknown
+    assert syncer.sync()
+    (first_id, first), (second_id, second) = coordinator.received
+    assert first_id == second_id
+    assert_state(first, second)
+    assert coordinator.version == 1  # applied once
+    assert_state(coordinator.state, snapshot)
+    assert_state(adapter.tensors, plus(snapshot, 0.25))  # the in-flight step survived
+    assert syncer.stats.window_tokens == 7  # the in-flight step is the next window
+
+
+def test_connection_refused_after_unknown_fate_keeps_the_update_id(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.faults = ["lost_answer", "refused"]
+    assert not syncer.sync()
+    pending = syncer.pending
+    assert not syncer.sync()
+    assert syncer.pending is pending  # it may have arrived the first time: never re-made
+    assert syncer.sync()
+    assert coordinator.version == 1
+
+
+def test_transient_5xx_resends_the_same_update(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.faults = ["unavailable"]
+    assert not syncer.sync()
+    pending = syncer.pending
+    assert pending is not None
+    assert syncer.sync()
+    assert coordinator.received[0][0] == pending.update_id and coordinator.version == 1
+
+
+def test_unknown_worker_registers_again_and_resends(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.known.clear()  # the coordinator forgot us
+    assert syncer.sync()  # a refusal handled in place, not a failed sync
+    assert coordinator.registrations == 2 and coordinator.version == 0
+    pending = syncer.pending
+    assert pending is not None
+    assert syncer.sync()
+    assert coordinator.received[0][0] == pending.update_id
+    assert_state(coordinator.state, adapter.tensors)
+
+
+def test_refusal_rebases_onto_the_newest_expert(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    other = {A: torch.tensor([[0.125, 0.0], [0.0, -0.5]]), B: torch.full((2, 2), 2.0)}
+    coordinator.push(other)  # another worker moved the expert to v1
+    coordinator.faults = ["stale"]
+    assert syncer.sync()
+    assert syncer.pending is None and syncer.stats.window_tokens == 0
+    assert syncer.base_version == 1
+    # our update is dropped: the expert is what the other worker made it, and we sit on it
+    assert_state(adapter.tensors, coordinator.state)
+    assert_state(syncer.pulled, coordinator.state)
+
+
+def test_rebase_arithmetic_is_exact(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    since = {A: torch.tensor([[1.0, 2.0], [3.0, 4.0]]), B: torch.tensor([[0.5, 0.0], [0.0, 1.0]])}
+    adapter.load({A: since[A] + 0.25, B: since[B] - 0.75})  # progress +0.25 / -0.75
+    coordinator.state = {A: torch.full((2, 2), 8.0), B: torch.full((2, 2), -2.0)}
+    coordinator.version = 7
+    syncer.pull_and_rebase(since=since)
+    assert_state(adapter.tensors, {A: torch.full((2, 2), 8.25), B: torch.full((2, 2), -2.75)})
+    assert syncer.base_version == 7
+    assert_state(syncer.pulled, coordinator.state)
+
+
+def test_a_replaced_coordinator_state_rebases_instead_of_resending(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.faults = ["lost_answer"]
+    assert not syncer.sync()
+    coordinator.__init__()  # a new run: empty state, version 0, forgot us
+    coordinator.run_id = "run-2"
+    assert syncer.sync()  # unknown_worker → register → a new run: re-pull
+    assert syncer.pending is None
+    assert_state(adapter.tensors, plus(INITIAL, 0.5))  # progress since the last pull kept
+
+
+def test_forbidden_is_fatal(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+
+    def forbidden(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise ApiError(403, "forbidden", "not your worker id")
+
+    coordinator.upload = forbidden  # type: ignore[method-assign]
+    with pytest.raises(FatalSyncError):
+        syncer.sync()
+
+
+def test_backoff_doubles_up_to_the_bound_and_resets_after_success(world) -> None:
+    syncer, coordinator, adapter, clock = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.faults = ["refused"] * 7
+    waits = []
+    for _ in range(7):
+        assert not syncer.sync()
+        waits.append(syncer.next_sync_at - clock.now())
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert syncer.sync() and syncer.backoff == 1.0
+
+
+def test_flush_retries_with_the_clock_until_acknowledged(world) -> None:
+    syncer, coordinator, adapter, clock = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.faults = ["refused", "lost_answer"]
+    before = clock.now()
+    syncer.flush(attempts=5)
+    assert not syncer.has_unsent() and coordinator.version == 1
+    assert clock.now() - before == 2.0 + 4.0  # the doubled backoffs, on the fake clock
+
+
+def test_wait_for_retries_unavailability_but_not_refusals() -> None:
+    clock, stop, calls = FakeClock(), threading.Event(), []
+
+    def flaky() -> str:
+        calls.append(clock.now())
+        if len(calls) < 3:
+            raise httpx.ConnectError("refused")
+        return "ok"
+
+    assert wait_for(flaky, clock=clock, stop=stop, max_backoff=30) == "ok"
+    assert [t - calls[0] for t in calls] == [0.0, 1.0, 3.0]
+
+    def refused() -> str:
+        raise ApiError(409, "incompatible_worker", "other base model")
+
+    with pytest.raises(ApiError):
+        wait_for(refused, clock=clock, stop=stop, max_backoff=30)
+
+
+def test_job_has_every_attribute_after_init_and_closes_its_client(tmp_path: Path) -> None:
+    coordinator = FakeCoordinator()
+    options = WorkerOptions(
+        coordinator_url="http://127.0.0.1:9",
+        worker_id="w1",
+        specialty="python_expert",
+        dataset=tmp_path / "unused.jsonl",
+        ready_file=tmp_path / "ready.json",
+    )
+    job = WorkerJob(options, client=coordinator, clock=FakeClock())
+    assert job.client is coordinator and job.syncer is None and job.trainer is None
+    summary = job.cleanup()  # nothing set up: no upload, no evaluation, client closed
+    assert coordinator.closed and summary["expert_version"] is None
+    assert summary["steps"] == 0 and summary["seconds"] == 0.0 and coordinator.received == []

@@ -1,0 +1,139 @@
+"""The sync invariant end to end: a real tiny-model ``WorkerJob`` and a real coordinator.
+
+With one worker per expert (staleness 0, weight 1) and float32 uploads, the upload is the
+delta from the pulled expert (equal to the adapter minus the pulled expert up to float
+rounding), after every acknowledged sync the coordinator's expert equals the worker's
+snapshot (pulled + Δ) bit for bit, and the steps trained while an upload was in flight
+(its answer lost, the same update id resent later) survive the rebase onto the new expert.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from fedmoe.adapters import decode_adapter
+from fedmoe.aggregate import AdapterState
+from fedmoe.client import CoordinatorClient
+from fedmoe.config import TrainSettings
+from fedmoe.demo_data import write_demo_datasets
+from fedmoe.modeling import adapter_state
+from fedmoe.schemas import UpdateAck
+from fedmoe.worker.job import WorkerJob
+from fedmoe.worker.options import WorkerOptions
+
+EXPERT = "python_expert"
+
+
+def assert_same(actual: AdapterState, expected: AdapterState) -> None:
+    """Bit-for-bit equality of two adapter states."""
+    assert actual.keys() == expected.keys()
+    different = [key for key in expected if not torch.equal(actual[key], expected[key])]
+    worst = max(((actual[k] - expected[k]).abs().max().item() for k in different), default=0.0)
+    assert not different, f"{len(different)} tensors differ (max {worst:.3g}), e.g. {different[:2]}"
+
+
+class CheckingClient(CoordinatorClient):
+    """The real client; after each acknowledgement it compares the expert with the snapshot.
+
+    ``lose_answers`` names upload attempts (1-based) whose answer is dropped after the
+    coordinator has applied them, as a timed-out response would be.
+    """
+
+    def __init__(self, url: str, *, lose_answers: tuple[int, ...] = ()) -> None:
+        super().__init__(url)
+        self.job: WorkerJob | None = None
+        self.lose_answers, self.attempts, self.checked = lose_answers, 0, 0
+        self.trained: dict[str, AdapterState] = {}  # update id -> adapter at its first attempt
+
+    def upload(self, expert: str, body: bytes, **kwargs: Any) -> UpdateAck:
+        """Check the delta, upload for real, then check (or lose) the answer."""
+        assert self.job is not None and self.job.syncer is not None and self.job.model
+        syncer, update_id = self.job.syncer, kwargs["update_id"]
+        if update_id not in self.trained:  # first attempt: nothing trained since the snapshot
+            self.trained[update_id] = adapter_state(self.job.model)
+            delta = decode_adapter(body, self.job.tensor_shapes)
+            for key, tensor in delta.items():  # the delta, not the adapter: equal up to rounding
+                expected = self.trained[update_id][key] - syncer.pulled[key]
+                torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+        self.attempts += 1
+        ack = super().upload(expert, body, **kwargs)
+        if self.attempts in self.lose_answers:
+            raise httpx.ReadTimeout("answer lost (test)")
+        pending = syncer.pending
+        assert pending is not None and pending.update_id == update_id
+        version, expert_state = self.expert_adapter(expert, self.job.tensor_shapes)
+        assert version == ack.version and ack.staleness == 0
+        assert_same(expert_state, pending.snapshot)
+        for key, tensor in pending.snapshot.items():
+            torch.testing.assert_close(tensor, self.trained[update_id][key], rtol=0, atol=1e-6)
+        self.checked += 1
+        return ack
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small python_expert training set."""
+    root = tmp_path_factory.mktemp("sync-data")
+    return write_demo_datasets(root, train_count=40, validation_count=4)[EXPERT][0]
+
+
+def make_job(url: str, dataset: Path, client: CheckingClient, **options: Any) -> WorkerJob:
+    """A real tiny-model job using ``client``."""
+    opts = WorkerOptions(
+        coordinator_url=url,
+        worker_id="w1",
+        specialty=EXPERT,
+        dataset=dataset,
+        validation_fraction=0.0,
+        upload_dtype="float32",
+        train=TrainSettings(batch_size=2, max_length=256),
+        **options,
+    )
+    job = WorkerJob(opts, client=client)
+    client.job = job
+    return job
+
+
+def test_every_acknowledged_sync_leaves_the_expert_equal_to_the_snapshot(
+    live_coordinator, dataset: Path
+) -> None:
+    client = CheckingClient(live_coordinator.url, lose_answers=(2,))
+    job = make_job(live_coordinator.url, dataset, client, sync_interval=0.001, max_steps=6)
+    summary = job.run()  # the real loop: a sync after every step, then the final upload
+    assert summary["uploads"] >= 3 and summary["failed_syncs"] == 1
+    assert client.checked == summary["uploads"]
+    expert = live_coordinator.coordinator.status().experts[EXPERT]
+    assert expert.version == client.checked  # the resent update was applied once
+
+
+def test_steps_trained_while_an_upload_is_in_flight_survive_the_rebase(
+    live_coordinator, dataset: Path
+) -> None:
+    client = CheckingClient(live_coordinator.url, lose_answers=(2,))
+    job = make_job(live_coordinator.url, dataset, client)
+    job.setup()
+    assert job.trainer is not None and job.syncer is not None and job.model is not None
+    job.trainer.step()
+    job.stats.window_tokens = 1
+    assert job.sync()  # upload 1: acknowledged, checked
+    job.trainer.step()
+    assert not job.sync()  # upload 2 applied by the coordinator, but its answer is lost
+    pending = job.syncer.pending
+    assert pending is not None and pending.maybe_delivered
+    for _ in range(2):  # trained while the upload's fate is unknown
+        job.trainer.step()
+    before = adapter_state(job.model)
+    progress = {key: before[key] - pending.snapshot[key] for key in before}
+    assert any(bool(t.abs().sum() > 0) for t in progress.values())
+    assert job.sync()  # the same update id again: acknowledged once, then rebase
+    version, expert = client.expert_adapter(EXPERT, job.tensor_shapes)
+    assert version == 2
+    after = adapter_state(job.model)
+    assert_same(after, {key: expert[key] + progress[key] for key in expert})
+    assert_same(job.syncer.pulled, expert)
+    job.cleanup()
