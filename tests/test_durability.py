@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
+import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -237,24 +240,27 @@ def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> Non
         tmp_path / "worker.log",
         "--sync-interval",
         "1",
+        "--max-backoff",
+        "2",
         "--max-seconds",
-        "25",
+        "600",
         "--validation-fraction",
         "0",
         "--summary-json",
         str(summary),
     )
+    worker_log = tmp_path / "worker.log"
     try:
-        deadline = time.monotonic() + 60
-        with CoordinatorClient(url) as client:
-            while client.status().experts["sql_expert"].version < 2:
-                assert time.monotonic() < deadline, "worker never uploaded"
-                time.sleep(0.5)
+        wait_for_version(url, 2)
         stop(coordinator)  # down for a while; the worker keeps training
-        time.sleep(5)
+        wait_for_text(worker_log, "unreachable")
         coordinator, _ = start_coordinator(state, log, port=port)
-        time.sleep(3)
-        break_disk_for(state / "adapters", seconds=4)  # 503s: retried, not dropped
+        # 503s until the disk is back: retried with the same id, not dropped. The outage
+        # lasts until the worker has seen one, however slow this machine is.
+        with broken_disk(state / "adapters"):
+            wait_for_text(worker_log, "storage_unavailable")
+        wait_for_version(url, wait_for_version(url, 0) + 1)  # an upload after the outage
+        worker.send_signal(signal.SIGTERM)  # stop: one final upload, then exit 0
         assert worker.wait(timeout=120) == 0
         result = json.loads(summary.read_text())
         assert result["failed_syncs"] >= 1 and result["unsent_tokens"] == 0
@@ -263,20 +269,37 @@ def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> Non
             worker_row = client.status().workers["W-sql"]
         assert expert.version == expert.updates_applied == result["uploads"]
         assert worker_row.tokens == result["tokens"]  # every trained token was uploaded
-        worker_log = (tmp_path / "worker.log").read_text()
-        assert "unreachable" in worker_log and "storage_unavailable" in worker_log
     finally:
         stop(worker)
         stop(coordinator)
 
 
-def break_disk_for(adapters: Path, seconds: float) -> None:
-    """Make every adapter write fail for a while (a file where the directory was)."""
+def wait_for_version(url: str, version: int, timeout: float = 120) -> int:
+    """Wait until the sql expert is at ``version`` or newer; return its version."""
+    deadline = time.monotonic() + timeout
+    with CoordinatorClient(url) as client:
+        while (current := client.status().experts["sql_expert"].version) < version:
+            assert time.monotonic() < deadline, f"sql_expert never reached version {version}"
+            time.sleep(0.3)
+    return current
+
+
+def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
+    """Wait until the log at ``path`` contains ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{path.name} never said {text!r}"
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def broken_disk(adapters: Path) -> Iterator[None]:
+    """Make every adapter write fail while inside (a file where the directory was)."""
     moved = adapters.with_name("adapters.away")
     adapters.rename(moved)
     adapters.write_text("not a directory: every write below it fails")
     try:
-        time.sleep(seconds)
+        yield
     finally:
         adapters.unlink()
         moved.rename(adapters)
@@ -290,22 +313,13 @@ def test_a_failing_disk_is_503_and_the_retry_applies_once(live_coordinator) -> N
     register(client, PY_WORKER, PY)
     body = encode_adapter(random_delta(shapes_of(client), seed=3))
     headers = update_headers(PY_WORKER, base_version=0)
-    outcome: dict[str, httpx.Response] = {}
-
-    def upload_while_broken() -> None:
-        time.sleep(0.3)
-        outcome["upload"] = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
-        outcome["experts"] = client.get("/v1/experts")
-
-    uploader = threading.Thread(target=upload_while_broken)
-    uploader.start()
-    break_disk_for(live_coordinator.adapters_dir, seconds=2)
-    uploader.join()
-    response = outcome["upload"]
+    with broken_disk(live_coordinator.adapters_dir):
+        response = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
+        experts = client.get("/v1/experts")
     assert response.status_code == 503, response.text
     assert response.json()["error"] == "storage_unavailable"
     assert "nothing was applied" in response.json()["detail"]
-    assert outcome["experts"].json()[0] == {"name": PY, "version": 0}
+    assert experts.json()[0] == {"name": PY, "version": 0}
     retried = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
     assert retried.status_code == 200, retried.text
     again = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
