@@ -382,7 +382,7 @@ def rule_grid(
     """Routed loss in-domain and with each expert left out, per decision rule."""
     rows = []
     for margin in (0.0, DEFAULT_MARGIN, 0.5):
-        for distance in [*sorted({2.5, DEFAULT_MAX_DISTANCE}), None]:
+        for distance in [*sorted({DEFAULT_MAX_DISTANCE, 4.0}), None]:
             for fallback in ("merged", "mix"):
                 router = Router(signatures, margin=margin, max_distance=distance, fallback=fallback)
                 own = {
@@ -556,6 +556,7 @@ def render(r: dict[str, Any]) -> str:
     lat = r["latency"]
     central = mean(table["centralised LoRA (pooled, 3x tokens)"])
     below = "below" if mean(routed) < central else "NOT below"
+    met = "met" if max(ratios.values()) <= 1.03 else "NOT met"
     rule_head = [
         "margin",
         "max distance",
@@ -582,8 +583,8 @@ Validation loss (nats per target token, lower is better):
 {markdown_table(["model", *DOMAINS, "mean"], rows)}
 
 Routed / own expert: {", ".join(f"{d} {v:.3f}" for d, v in ratios.items())} (goal ≤ 1.03 on
-every domain: {"met" if max(ratios.values()) <= 1.03 else "NOT met"}). Routed mean
-{mean(routed):.3f} vs centralised LoRA {central:.3f} ({below}).
+every domain: {met}). Routed mean {mean(routed):.3f} vs centralised LoRA {central:.3f}
+({below}).
 
 **Routing accuracy** at the default featurizer: {100 * r["accuracy"]:.1f}% of held-out requests
 (goal ≥ 95%). Confusion (rows: true domain; columns: where the router sent it):
@@ -599,7 +600,7 @@ Records routed by the start of their full text (no prompt split):
 {", ".join(f"{d} {100 * v:.0f}%" for d, v in r["text_only"].items())}. Prompts mixing two
 domains (A's prompt, then B's; 60 pairs): routed to A {r["mixed"]["first"]}, to B
 {r["mixed"]["second"]}, elsewhere {r["mixed"]["other"]}, fallback {r["mixed"]["fallback"]}
-(the router reads the first P tokens, so the opening domain decides). Signature noise
+(the router reads the first P tokens, so the domain that opens the request decides). Signature noise
 (`--signature-noise`, std per coordinate): accuracy
 {", ".join(f"σ={k} {100 * v:.1f}%" for k, v in r["noise"].items())}.
 
@@ -616,6 +617,17 @@ fallback should catch them and be no worse than `cat` of the remaining experts):
 CPU, 1 thread): p50 {lat["router_p50_ms"]:.1f} ms, p99 {lat["router_p99_ms"]:.1f} ms; a 64-token
 greedy answer with one expert {lat["answer_64_ms"]:.0f} ms, so the router is
 {100 * lat["share_p50"]:.1f}% of it (goal ≤ 5%).
+
+**Defaults chosen from this.** Scoring `gaussian` (mean per-dimension log-likelihood under
+each expert's diagonal Gaussian): 100% at every layer and prefix length, where centred cosine
+dips to 94–96%. Layer -1 (the last hidden state) and P = 32: every P is 100% here, 32 is the
+shortest at which cosine is also at its best, and costs {lat["router_p50_ms"]:.0f} ms. Margin
+{s["router"]["margin"]}: a larger one (0.5) sends correctly routed requests to the fallback
+(worse in-domain). Fallback `merged`: with an expert left out, `mix` puts nearly all weight on
+the wrong top expert, while `cat` is what the unknown domain is best served by. Max distance
+{s["router"]["max_distance"]}: the tightest bound that loses no in-domain request here; it
+catches the most left-out requests. Signature noise must stay well below the per-dimension
+spread of the features (about 1/hidden): σ = 1e-4 is harmless on `tiny` (hidden 64), 1e-3 is not.
 
 Figures taken on a loaded shared machine (2 cores, 6 engineers): load average before
 {r["load_before"]}, after {r["load_after"]}; wall time {r["wall_seconds"]:.0f} s.
