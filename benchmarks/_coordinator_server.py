@@ -75,10 +75,12 @@ def random_delta(schema: dict[str, tuple[int, ...]], seed: int = 1) -> dict[str,
     return {key: torch.randn(shape, generator=generator) * 1e-3 for key, shape in schema.items()}
 
 
-def qwen_source(settings: Any) -> tuple[dict[str, torch.Tensor], str]:
+def qwen_source(settings: Any) -> Any:
     """``InitialSource`` of the synthetic Qwen-shaped model: no model is loaded."""
+    from fedmoe.coordinator.bootstrap import BaseFacts
+
     lora: LoraSettings = settings.lora
-    return qwen_initial(lora.rank, lora.seed), QWEN_FINGERPRINT
+    return BaseFacts(qwen_initial(lora.rank, lora.seed), QWEN_FINGERPRINT, hidden_size=None)
 
 
 def build_coordinator(

@@ -155,17 +155,27 @@ def gateway(
     ca_cert: CaOpt = None,
     output: Annotated[Path | None, typer.Option(help="Write a PEFT adapter directory.")] = None,
     expert: Annotated[str | None, typer.Option(help="An expert instead of the gateway.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Generate a completion.")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Generate a completion (routed to one expert).")
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="With --prompt: the merged gateway, not routed.")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="For --prompt.")] = 64,
     base_model: Annotated[str | None, typer.Option(help="Override the base model.")] = None,
 ) -> None:
-    """Print the gateway; optionally save it (or an expert) as a PEFT adapter and generate."""
+    """Print the gateway; optionally save it (or an expert) as a PEFT adapter and generate.
+
+    ``--prompt`` is routed to the expert whose domain it belongs to (``--merged``: the
+    merged gateway, the old behaviour); the expert chosen is printed.
+    """
     import tempfile
 
     import httpx
 
     from fedmoe.client import ApiError, CoordinatorClient
     from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
+    from fedmoe.views import print_router
 
     setup_logging("WARNING")
     try:
@@ -177,6 +187,10 @@ def gateway(
             )
             for name, version in info.expert_versions.items():
                 console.print(f"  {name}: version {version}, weight {info.weights[name]:.3f}")
+            print_router(console, info.router)
+            if prompt is not None and expert is None and output is None:
+                _answer(client, prompt, merged, base_model, max_new_tokens)
+                return
             if output is None and prompt is None:
                 return
             directory = output or Path(tempfile.mkdtemp(prefix="fedmoe-adapter-"))
@@ -191,6 +205,26 @@ def gateway(
         )
 
 
+def _answer(
+    client: Any, prompt: str, merged: bool, base_model: str | None, max_new_tokens: int
+) -> None:
+    """Generate for ``prompt`` with the routed expert (or the merged gateway) and say which."""
+    from fedmoe.routed_gateway import answer_prompt
+
+    answer = answer_prompt(
+        client, prompt, merged=merged, base_model=base_model, max_new_tokens=max_new_tokens
+    )
+    decision = answer.decision
+    if decision is None:
+        console.print("served by: gateway (merged, not routed)")
+    else:
+        scores = ", ".join(f"{name} {score:.3g}" for name, score in decision.scores.items())
+        console.print(
+            f"served by: {answer.served_by} (routed; margin {decision.margin:.3g}; scores {scores})"
+        )
+    console.print(f"[bold]{prompt}[/]{answer.text}")
+
+
 @app.command()
 def demo(
     seconds: Annotated[float, typer.Option(help="Training time of each worker.")] = 150.0,
@@ -203,6 +237,7 @@ def demo(
 ) -> None:
     """Three domains, a coordinator and three workers on loopback, then a loss table."""
     from fedmoe.demo import DemoRun, run_demo, verdicts
+    from fedmoe.views import print_routing_accuracy
 
     setup_logging("INFO")
     console.print(
@@ -218,6 +253,7 @@ def demo(
     )
     table, summaries = run_demo(run)
     print_loss_table(console, table)
+    print_routing_accuracy(console, run.routing_accuracy)
     print_worker_summaries(console, summaries)
     claims = verdicts(table)
     print_verdicts(console, claims)

@@ -27,6 +27,14 @@ StalenessKind = Literal["inverse", "constant", "polynomial", "hinge", "exponenti
 MergeMethod = Literal["cat", "linear", "svd"]
 NormPolicy = Literal["clip", "reject"]
 UploadDtype = Literal["float32", "bfloat16", "float16"]
+RouterFallback = Literal["merged", "mix"]
+
+# Router defaults, chosen by benchmarks/routing_bench.py (see benchmarks/RESULTS.md); here so
+# that the settings (and the CLI) need not import torch to show them.
+DEFAULT_ROUTER_MARGIN = 0.1
+DEFAULT_ROUTER_MAX_DISTANCE = 2.5
+DEFAULT_ROUTER_FALLBACK: RouterFallback = "merged"
+DEFAULT_SIGNATURE_MIN_COUNT = 100
 
 STALENESS_KINDS: tuple[StalenessKind, ...] = get_args(StalenessKind)
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)

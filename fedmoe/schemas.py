@@ -104,6 +104,9 @@ class GatewayInfo(BaseModel):
     expert_versions: dict[str, int]
     lora_rank: int
     lora_alpha: float
+    router: dict[str, Any] | None = Field(
+        None, description="How requests are routed to experts (fedmoe.routing), if signed."
+    )
 
 
 class SchemaInfo(BaseModel):

@@ -92,3 +92,32 @@ def print_verdicts(console: Console, claims: Iterable[tuple[str, bool]]) -> None
     """Each claim the demo checks, with yes / NO."""
     for claim, holds in claims:
         console.print(f"  {'[green]yes[/]' if holds else '[red]NO[/]'}  {claim}")
+
+
+def print_router(console: Console, router: dict[str, Any] | None) -> None:
+    """How prompts are routed (``router`` of ``GET /v1/gateway``), in one or two lines."""
+    if not router:
+        return
+    experts = router.get("experts") or {}
+    if not experts:
+        console.print("router: no domain signatures yet, prompts use the merged gateway")
+        return
+    covered = ", ".join(f"{name} ({info['count']} examples)" for name, info in experts.items())
+    console.print(
+        f"router: {router['method']}, margin {router['margin']}, fallback "
+        f"{router['fallback']}; signatures: {covered}"
+    )
+    if router.get("missing"):
+        console.print(f"  no signature yet (always fallback): {', '.join(router['missing'])}")
+
+
+def print_routing_accuracy(console: Console, accuracy: dict[str, float]) -> None:
+    """The demo's routing line: share of held-out prompts sent to their own domain's expert."""
+    if not accuracy:
+        console.print("routing: no domain signatures, so no routed gateway row")
+        return
+    overall = sum(accuracy.values()) / len(accuracy)
+    parts = ", ".join(f"{name} {100 * share:.0f}%" for name, share in accuracy.items())
+    console.print(
+        f"routing accuracy (held-out prompts to their own expert): {100 * overall:.1f}% ({parts})"
+    )

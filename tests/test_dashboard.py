@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image, ImageStat
-from tests.procs import start_worker, stop
+from fedmoe.procs import start_worker, stop
 
 from fedmoe.demo_data import write_demo_datasets
 

@@ -18,12 +18,13 @@ from starlette.types import Scope
 from fedmoe import __version__
 from fedmoe.api.guard import BodyGuardMiddleware
 from fedmoe.api.metrics import install_metrics
-from fedmoe.api.routes import experts, gateway, health, observe, status, ui, workers
+from fedmoe.api.routes import experts, gateway, health, observe, signatures, status, ui, workers
 from fedmoe.api.schemas import ErrorBody, error_responses
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.core import CentralCoordinator
+from fedmoe.coordinator.signatures import InvalidSignatureError, NoSignatureError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     errors.DuplicateUpdateIdError: (409, "duplicate_update_id"),
     errors.ForbiddenError: (403, "forbidden"),
     errors.TooManyWorkersError: (429, "too_many_workers"),
+    InvalidSignatureError: (422, "invalid_signature"),
+    NoSignatureError: (404, "no_signature"),
 }
 CODE_OF_STATUS = {
     400: "bad_request",
@@ -57,7 +60,7 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     app = FastAPI(title="FedMoE coordinator", version=__version__)
     app.state.coordinator = coordinator
     app.include_router(health.router, responses=error_responses(408, 413))
-    for module in (status, workers, experts, gateway, observe, ui):
+    for module in (status, workers, experts, gateway, signatures, observe, ui):
         app.include_router(module.router, responses=error_responses(401, 408, 413))
 
     def limit_for(scope: Scope) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -16,14 +17,25 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.modeling import initial_adapter, load_base_model
 
-# (initial adapter, base model fingerprint) for some settings; benchmarks pass a synthetic one
-InitialSource = Callable[[CoordinatorSettings], tuple[AdapterState, str]]
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What the coordinator needs of the base model (it never runs it)."""
+
+    initial: AdapterState  # the seeded initial adapter every expert starts from
+    fingerprint: str
+    hidden_size: int | None  # the dimension of domain signatures (None: the first one's)
 
 
-def base_model_initial(settings: CoordinatorSettings) -> tuple[AdapterState, str]:
-    """Load the base model once: its seeded initial adapter and its fingerprint."""
+# The base facts for some settings; benchmarks pass a synthetic source (no model loaded)
+InitialSource = Callable[[CoordinatorSettings], BaseFacts]
+
+
+def base_model_initial(settings: CoordinatorSettings) -> BaseFacts:
+    """Load the base model once: its seeded initial adapter, fingerprint and hidden size."""
     base = load_base_model(settings.base_model, device="cpu")
-    return initial_adapter(base, settings.lora), base.fingerprint
+    hidden_size = int(base.model.config.hidden_size)
+    return BaseFacts(initial_adapter(base, settings.lora), base.fingerprint, hidden_size)
 
 
 def open_coordinator(
@@ -45,18 +57,20 @@ def _open_locked(
     settings: CoordinatorSettings, initial_source: InitialSource
 ) -> CentralCoordinator:
     # the base model is loaded (and freed) inside: the coordinator never runs it
-    initial, fingerprint = initial_source(settings)
+    base = initial_source(settings)
     ledger = Ledger(settings.state_dir / "ledger.sqlite3")
     store = AdapterStore(settings.state_dir, gateway_file_interval=settings.gateway_file_interval)
     try:
-        return CentralCoordinator(
+        coordinator = CentralCoordinator(
             settings=settings,
             base_model=settings.base_model,
-            fingerprint=fingerprint,
-            initial=initial,
+            fingerprint=base.fingerprint,
+            initial=base.initial,
             ledger=ledger,
             store=store,
         )
+        coordinator.signatures.hidden_size = base.hidden_size
+        return coordinator
     except BaseException:
         store.close()
         ledger.close()

@@ -21,6 +21,7 @@ from fedmoe.coordinator import errors, restore
 from fedmoe.coordinator.evaluations import EvaluationLog
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.coordinator.signatures import SignatureBook
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.versions import (
     GATEWAY_SAFE_BOUND,
@@ -88,6 +89,12 @@ class CentralCoordinator:
         )
         self.gateway = self._restore_gateway()
         self.evaluations = EvaluationLog(ledger.path)  # federated evaluation reports
+        self.signatures = SignatureBook(
+            settings.state_dir,
+            settings.experts,
+            fingerprint=fingerprint,
+            min_count=settings.signature_min_count,
+        )
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -107,7 +114,8 @@ class CentralCoordinator:
                 f"the {self.merger.method} gateway of these experts would be non-finite "
                 "(float32 overflow in the merge); choose another --merge-method"
             )
-        self.store.save_gateway_later(gateway)
+        if self.settings.eager_gateway:
+            self.store.save_gateway_later(gateway)
         return gateway
 
     def close(self) -> None:
@@ -285,7 +293,8 @@ class CentralCoordinator:
                 self.store.expert_path(record.expert, new_expert.version).unlink(missing_ok=True)
                 raise
             self.experts, self.gateway = experts, gateway
-            self.store.save_gateway_later(gateway)
+            if self.settings.eager_gateway:  # else merged only when downloaded
+                self.store.save_gateway_later(gateway)
 
     def _overflow_guard(
         self, expert: Versioned, new_state: AdapterState, step: float, request: UpdateRequest
@@ -359,7 +368,9 @@ class CentralCoordinator:
     def gateway_payload(self) -> tuple[int, bytes, str]:
         """The gateway's version, safetensors bytes and ETag."""
         gateway = self.gateway  # merged outside any coordinator lock: uploads go on
-        return gateway.version, gateway.encoded(), self.etag("gateway", gateway.version)
+        payload = gateway.encoded()
+        self.store.save_gateway_later(gateway)  # merged already: the file costs only a write
+        return gateway.version, payload, self.etag("gateway", gateway.version)
 
     def etag(self, name: str, version: int) -> str:
         """A strong ETag unique to this state dir, adapter and version."""

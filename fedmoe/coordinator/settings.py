@@ -16,10 +16,15 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from fedmoe.config import LoraSettings
 from fedmoe.fields import (
+    DEFAULT_ROUTER_FALLBACK,
+    DEFAULT_ROUTER_MARGIN,
+    DEFAULT_ROUTER_MAX_DISTANCE,
+    DEFAULT_SIGNATURE_MIN_COUNT,
     EXPERT_NAME,
     FlatEnvSource,
     MergeMethod,
     NormPolicy,
+    RouterFallback,
     StalenessKind,
     check_staleness_parameters,
     nest_flat_names,
@@ -71,6 +76,28 @@ class CoordinatorSettings(BaseSettings):
         ge=0,
         description="Least seconds between background writes of gateway.safetensors "
         "(0: every version); API reads always get the newest gateway.",
+    )
+    eager_gateway: bool = Field(
+        False,
+        description="Rebuild the merged gateway file after every update (default: only when "
+        "the gateway is downloaded; the router serves each request from one expert).",
+    )
+    signature_min_count: int = Field(
+        DEFAULT_SIGNATURE_MIN_COUNT,
+        ge=1,
+        description="Least examples behind a worker's domain signature.",
+    )
+    router_fallback: RouterFallback = Field(
+        DEFAULT_ROUTER_FALLBACK,
+        description="When no expert wins clearly: 'merged' gateway or 'mix' of the top 2.",
+    )
+    router_margin: float = Field(
+        DEFAULT_ROUTER_MARGIN,
+        ge=0,
+        description="Lead in router score the top expert needs to answer.",
+    )
+    router_max_distance: float = Field(
+        DEFAULT_ROUTER_MAX_DISTANCE, gt=0, description="Distance beyond which a request falls back."
     )
     max_update_norm: float | None = Field(None, gt=0, description="Bound on an update's L2 norm.")
     norm_policy: NormPolicy = Field(

@@ -34,6 +34,7 @@ from fedmoe.schemas import SchemaInfo
 from fedmoe.worker.fed_eval import EvaluationClient, FederatedEvaluator
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import WorkerStats
+from fedmoe.worker.signing import SignatureClient, share_signature
 from fedmoe.worker.sync import (
     Clock,
     FatalSyncError,
@@ -65,8 +66,8 @@ class PeftAdapterSlot:
         load_adapter_state(self.model, state)
 
 
-class WorkerClient(SyncClient, EvaluationClient, Protocol):
-    """What a worker job uses of ``CoordinatorClient``: syncing and federated evaluation."""
+class WorkerClient(SyncClient, EvaluationClient, SignatureClient, Protocol):
+    """What a worker job uses of ``CoordinatorClient``: sync, evaluation, its signature."""
 
 
 class WorkerJob:
@@ -182,6 +183,18 @@ class WorkerJob:
         self.syncer = syncer
         self._wait_for(syncer.register)
         self._wait_for(syncer.pull_and_reset)
+        self._wait_for(
+            lambda: share_signature(
+                self.client,
+                worker_id=opts.worker_id,
+                specialty=opts.specialty,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                fingerprint=self.fingerprint,
+                examples=self.examples,
+                noise=opts.signature_noise,
+            )
+        )
         self.fed_eval = FederatedEvaluator.for_job(self)
         logger.info(
             "%s: %d training and %d validation examples, expert %s v%d on %s",

@@ -58,6 +58,9 @@ class WorkerOptions(BaseModel):
     upload_dtype: UploadDtype = Field("float32", description="dtype of uploaded deltas.")
     auth_token: str | None = Field(None, description="Bearer token.")
     ca_cert: Path | None = Field(None, description="CA bundle to verify the coordinator's TLS.")
+    signature_noise: float = Field(
+        0.0, ge=0, description="Std of Gaussian noise added to the domain signature before sending."
+    )
     max_backoff: float = Field(30.0, gt=0, description="Longest retry wait (s).")
     eval_every: int | None = Field(
         None,
