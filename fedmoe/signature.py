@@ -1,0 +1,354 @@
+"""Domain signatures: a frozen, versioned featurizer and the aggregate a worker shares.
+
+A request is featurized by the *base* model (any adapter disabled): the hidden states at
+layer ``FeaturizerSettings.layer`` are mean-pooled over the first ``prefix_tokens`` tokens
+of what the request carries (:func:`request_text`: the prompt, or the start of a ``text``
+record), then scaled to unit length. A :class:`DomainSignature` is the aggregate of those
+unit features over at least ``min_count`` examples of one domain: their mean, their
+per-dimension variance and their count, stamped with the featurizer version and settings
+and the base model's fingerprint. Per-example features never leave this module's caller.
+
+Signatures combine exactly (:meth:`DomainSignature.combine`, count-weighted mean and
+pooled variance) and travel as JSON (:meth:`to_dict`) or safetensors
+(:meth:`to_safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from fedmoe.batching import example_segments
+from fedmoe.data import Example
+
+# Bump whenever the features a given (model, settings, text) produce would change.
+FEATURIZER_VERSION = "fedmoe-featurizer/1"
+DEFAULT_MIN_COUNT = 100
+POOLINGS = ("mean", "last")
+
+
+@dataclass(frozen=True)
+class FeaturizerSettings:
+    """How a text becomes a feature vector (part of every signature; must match to combine)."""
+
+    layer: int = field(
+        default=-1,
+        metadata={"help": "Index into the model's hidden states (0 = embeddings, -1 = last)."},
+    )
+    prefix_tokens: int = field(
+        default=32, metadata={"help": "P: only the first P tokens of a request are read."}
+    )
+    pooling: str = field(
+        default="mean", metadata={"help": f"How the P hidden states are pooled: {POOLINGS}."}
+    )
+    version: str = field(default=FEATURIZER_VERSION, metadata={"help": "Featurizer version."})
+
+    def __post_init__(self) -> None:
+        if self.prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be >= 1, got {self.prefix_tokens}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeaturizerSettings:
+        """Settings from :meth:`to_dict` output (unknown keys refused)."""
+        unknown = set(data) - {"layer", "prefix_tokens", "pooling", "version"}
+        if unknown:
+            raise ValueError(f"unknown featurizer settings {sorted(unknown)}")
+        return cls(
+            layer=int(data.get("layer", -1)),
+            prefix_tokens=int(data.get("prefix_tokens", 32)),
+            pooling=str(data.get("pooling", "mean")),
+            version=str(data.get("version", FEATURIZER_VERSION)),
+        )
+
+
+def request_text(example: Example, tokenizer: Any = None) -> str:
+    """What a request for this example carries: its prompt, or else the start of its text.
+
+    The untrained segments before the first trained one are the prompt (for chat records,
+    the rendered conversation up to the first assistant turn); a ``text`` record has none,
+    so its own beginning is what a request would carry.
+    """
+    segments = example_segments(example, tokenizer)
+    prompt = ""
+    for text, trainable in segments:
+        if trainable:
+            break
+        prompt += text
+    if prompt.strip():
+        return prompt
+    return "".join(text for text, _ in segments)
+
+
+def _prefix_ids(texts: Sequence[str], tokenizer: Any, prefix_tokens: int) -> list[list[int]]:
+    ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"])[:prefix_tokens] for t in texts]
+    fallback = getattr(tokenizer, "eos_token_id", None) or 0
+    return [row if row else [int(fallback)] for row in ids]  # an empty text still gets a row
+
+
+@torch.no_grad()
+def featurize(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    settings: FeaturizerSettings,
+    *,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Unit-length features ``[len(texts), hidden]`` (float32, CPU) of the base model.
+
+    A PEFT model's adapters are disabled while featurizing, so the features depend on the
+    base weights only and every worker and router agree on them.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    if disable is not None and hasattr(model, "peft_config"):
+        with disable():
+            return _featurize(model, tokenizer, texts, settings, batch_size)
+    return _featurize(model, tokenizer, texts, settings, batch_size)
+
+
+def _featurize(
+    model: Any, tokenizer: Any, texts: Sequence[str], settings: FeaturizerSettings, batch: int
+) -> torch.Tensor:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = _prefix_ids(texts, tokenizer, settings.prefix_tokens)
+    out = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        hidden = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
+        ).hidden_states[settings.layer]
+        out.append(_pool(hidden.float().cpu(), mask, settings.pooling))
+    model.train(was_training)
+    features = torch.cat(out) if out else torch.zeros((0, model.config.hidden_size))
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "last":
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+class SignatureError(ValueError):
+    """A signature is malformed or does not fit (shape, finite, count, version, base)."""
+
+
+@dataclass(frozen=True)
+class DomainSignature:
+    """The aggregate of one domain's unit features: mean, per-dimension variance, count."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: int
+    featurizer: FeaturizerSettings
+    base_fingerprint: str
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`SignatureError` unless shapes, values and count are sane."""
+        if self.mean.ndim != 1 or self.mean.numel() == 0:
+            raise SignatureError(f"mean must be a non-empty vector, got shape {self.shape_of()}")
+        if tuple(self.var.shape) != tuple(self.mean.shape):
+            raise SignatureError(
+                f"var has shape {tuple(self.var.shape)}, mean {tuple(self.mean.shape)}"
+            )
+        for name, tensor in (("mean", self.mean), ("var", self.var)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise SignatureError(f"{name} holds NaN or Inf")
+        if bool((self.var < 0).any()):
+            raise SignatureError("var holds negative values")
+        if self.count < 1:
+            raise SignatureError(f"count must be >= 1, got {self.count}")
+
+    def shape_of(self) -> tuple[int, ...]:
+        """The mean's shape (for messages)."""
+        return tuple(self.mean.shape)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension (the base model's hidden size)."""
+        return int(self.mean.numel())
+
+    @classmethod
+    def from_features(
+        cls,
+        features: torch.Tensor,
+        featurizer: FeaturizerSettings,
+        base_fingerprint: str,
+        *,
+        min_count: int = DEFAULT_MIN_COUNT,
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> DomainSignature:
+        """Aggregate unit features (refusing fewer than ``min_count``), optionally noised.
+
+        ``noise`` is the standard deviation of Gaussian noise added to each coordinate of
+        the mean (and of the second moment) before anything is shared.
+        """
+        count = int(features.shape[0])
+        if count < min_count:
+            raise SignatureError(
+                f"a domain signature needs at least {min_count} examples, got {count}; "
+                "use a larger dataset (fewer would reveal too much about single examples)"
+            )
+        x = features.double()
+        mean, second = x.mean(dim=0), (x * x).mean(dim=0)
+        if noise > 0:
+            mean = mean + noise * torch.randn(mean.shape, generator=generator, dtype=x.dtype)
+            second = second + noise * torch.randn(mean.shape, generator=generator, dtype=x.dtype)
+        var = (second - mean * mean).clamp_min(0.0)
+        return cls(mean.float(), var.float(), count, featurizer, base_fingerprint)
+
+    def compatible_with(self, other: DomainSignature) -> list[str]:
+        """What differs between two signatures' featurizer, base and shape (empty if none)."""
+        problems = []
+        if self.featurizer != other.featurizer:
+            problems.append(
+                f"featurizer {other.featurizer.to_dict()} differs from {self.featurizer.to_dict()}"
+            )
+        if self.base_fingerprint != other.base_fingerprint:
+            problems.append(
+                f"base fingerprint {other.base_fingerprint} differs from {self.base_fingerprint}"
+            )
+        if self.shape_of() != other.shape_of():
+            problems.append(f"shape {other.shape_of()} differs from {self.shape_of()}")
+        return problems
+
+    @staticmethod
+    def combine(signatures: Iterable[DomainSignature]) -> DomainSignature:
+        """The exact count-weighted combination (pooled mean and variance)."""
+        items = list(signatures)
+        if not items:
+            raise SignatureError("nothing to combine")
+        for other in items[1:]:
+            problems = items[0].compatible_with(other)
+            if problems:
+                raise SignatureError("; ".join(problems))
+        total = sum(s.count for s in items)
+        counts = torch.tensor([float(s.count) for s in items], dtype=torch.float64)[:, None]
+        means = torch.stack([s.mean.double() for s in items])
+        variances = torch.stack([s.var.double() for s in items])
+        mean = (counts * means).sum(0) / total
+        second = (counts * (variances + means * means)).sum(0) / total
+        var = (second - mean * mean).clamp_min(0.0)
+        first = items[0]
+        return DomainSignature(
+            mean.float(), var.float(), total, first.featurizer, first.base_fingerprint
+        )
+
+    # --- serialisation -----------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensors."""
+        return {
+            "count": self.count,
+            "featurizer": self.featurizer.to_dict(),
+            "base_fingerprint": self.base_fingerprint,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (floats in full precision)."""
+        return {**self.metadata(), "mean": self.mean.tolist(), "var": self.var.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DomainSignature:
+        """Parse :meth:`to_dict` output; :class:`SignatureError` names what is wrong."""
+        try:
+            mean = _vector(data["mean"], "mean")
+            var = _vector(data["var"], "var")
+            count = data["count"]
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise SignatureError(f"count must be an integer, got {count!r}")
+            featurizer = FeaturizerSettings.from_dict(dict(data["featurizer"]))
+            fingerprint = str(data["base_fingerprint"])
+        except KeyError as missing:
+            raise SignatureError(f"signature lacks {missing}") from None
+        except (TypeError, ValueError) as error:
+            if isinstance(error, SignatureError):
+                raise
+            raise SignatureError(f"invalid signature: {error}") from None
+        return cls(mean, var, count, featurizer, fingerprint)
+
+    def to_safetensors(self) -> bytes:
+        """Safetensors bytes: tensors ``mean``, ``var``; the rest as JSON metadata."""
+        return save_safetensors(
+            {"mean": self.mean.contiguous(), "var": self.var.contiguous()},
+            metadata={"fedmoe_signature": json.dumps(self.metadata(), sort_keys=True)},
+        )
+
+    @classmethod
+    def from_safetensors(cls, payload: bytes) -> DomainSignature:
+        """Parse :meth:`to_safetensors` output."""
+        try:
+            tensors = load_safetensors(payload)
+            header_len = int.from_bytes(payload[:8], "little")
+            header = json.loads(payload[8 : 8 + header_len])
+            meta = json.loads(header["__metadata__"]["fedmoe_signature"])
+        except Exception as error:  # safetensors raises its own types
+            raise SignatureError(f"not a signature file: {error}") from None
+        return cls.from_dict({**meta, "mean": tensors["mean"], "var": tensors["var"]})
+
+
+def _vector(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().reshape(-1) if value.ndim <= 1 else value.float()
+    if not isinstance(value, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise SignatureError(f"{name} must be a list of numbers")
+    if not all(math.isfinite(float(v)) for v in value):
+        raise SignatureError(f"{name} holds NaN or Inf")
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def compute_signature(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    featurizer: FeaturizerSettings,
+    base_fingerprint: str,
+    *,
+    min_count: int = DEFAULT_MIN_COUNT,
+    noise: float = 0.0,
+    seed: int | None = None,
+) -> DomainSignature:
+    """A domain's signature from its examples (the request text of each, base model only)."""
+    if len(examples) < min_count:
+        raise SignatureError(
+            f"a domain signature needs at least {min_count} examples, got {len(examples)}"
+        )
+    texts = [request_text(example, tokenizer) for example in examples]
+    features = featurize(model, tokenizer, texts, featurizer)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DomainSignature.from_features(
+        features,
+        featurizer,
+        base_fingerprint,
+        min_count=min_count,
+        noise=noise,
+        generator=generator,
+    )
