@@ -19,7 +19,7 @@ from tests.api_helpers import random_delta, register, update_headers, upload
 EXPERTS = ("python_expert", "sql_expert", "docs_expert")
 
 
-def push_expert(client: httpx.Client, expert: str, seed: int, scale: float = 0.05) -> int:
+def push_expert(client: httpx.Client, expert: str, seed: int, scale: float = 0.3) -> int:
     """Apply one deterministic delta to ``expert`` (registering its worker); the new version."""
     worker = f"w-{expert}"
     register(client, worker, expert)

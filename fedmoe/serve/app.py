@@ -88,7 +88,9 @@ def _error_body(message: str, kind: str, param: str | None, code: str | None) ->
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _error(status: int, message: str, kind: str, param: str | None, code: str | None) -> JSONResponse:
+def _error(
+    status: int, message: str, kind: str, param: str | None, code: str | None
+) -> JSONResponse:
     return JSONResponse(_error_body(message, kind, param, code), status_code=status)
 
 

@@ -142,9 +142,7 @@ class _BatchMonitor(StoppingCriteria):
     def __init__(self, rows: Sequence[_Row], eos_ids: set[int]) -> None:
         self.rows, self.eos_ids = rows, eos_ids
 
-    def __call__(
-        self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any
-    ) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         """Per-row ``done`` flags, as transformers expects from a stopping criterion."""
         last = input_ids[:, -1].tolist()
         for row, token in zip(self.rows, last):
@@ -210,7 +208,11 @@ class Engine:
         while sum(isinstance(j, GenerationJob) for j in jobs) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                job = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             jobs.append(job)

@@ -104,9 +104,7 @@ async def create_chat_completion(body: ChatRequest, service: ServiceDep) -> Any:
         created=int(time.time()),
         model=body.model,
         choices=[
-            ChatChoice(
-                message=AssistantMessage(content=text), finish_reason=finished.finish_reason
-            )
+            ChatChoice(message=AssistantMessage(content=text), finish_reason=finished.finish_reason)
         ],
         usage=_usage(finished),
         fedmoe=_info(generation, body.model, finished),
@@ -146,8 +144,9 @@ def _stream(
     kind: Literal["text_completion", "chat.completion.chunk"],
 ) -> StreamingResponse:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-    request_id, created = _new_id("chatcmpl" if kind != "text_completion" else "cmpl"), int(
-        time.time()
+    request_id, created = (
+        _new_id("chatcmpl" if kind != "text_completion" else "cmpl"),
+        int(time.time()),
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -162,13 +161,33 @@ def _stream(
     async def events() -> AsyncIterator[str]:
         info = _info(generation, body.model, None).model_dump()
         if kind != "text_completion":
-            yield _sse(chunk(kind, request_id, created, body.model, choice("", None, True), fedmoe=info))
+            yield _sse(
+                chunk(kind, request_id, created, body.model, choice("", None, True), fedmoe=info)
+            )
         try:
             async for event in generation.stream():
                 if isinstance(event, Delta):
-                    yield _sse(chunk(kind, request_id, created, body.model, choice(event.text, None), fedmoe=info))
+                    yield _sse(
+                        chunk(
+                            kind,
+                            request_id,
+                            created,
+                            body.model,
+                            choice(event.text, None),
+                            fedmoe=info,
+                        )
+                    )
                 elif isinstance(event, Failed):
-                    yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
+                    yield _sse(
+                        {
+                            "error": {
+                                "message": event.message,
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
                 else:
                     info["batch_size"] = event.batch_size
                     final = choice(None, event.finish_reason)
@@ -180,9 +199,7 @@ def _stream(
         finally:
             generation.job.cancelled.set()  # the client left: stop spending tokens on it
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers=_headers(generation)
-    )
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(generation))
 
 
 def _sse(data: dict[str, Any]) -> str:

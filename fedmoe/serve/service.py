@@ -98,11 +98,14 @@ class Service:
         """Load the base model and every adapter from the configured source."""
         if settings.adapters_dir is not None:
             directories = DirectorySource(settings.adapters_dir)
-            base = load_base_model(settings.base_model or directories.base_model, device=settings.device)
+            base = load_base_model(
+                settings.base_model or directories.base_model, device=settings.device
+            )
             registry = ModelRegistry(base)
             service = cls(settings, registry)
             for name, path in directories.directories.items():
                 service.run_on_engine(lambda n=name, p=path: registry.install_dir(n, p))
+            service.set_router(_dir_router(settings.adapters_dir))
             return service
         client = CoordinatorClient(
             settings.coordinator_url or "",
@@ -124,10 +127,21 @@ class Service:
         """Run ``fn`` on the engine thread and wait for it (startup and reloads)."""
         return self.engine.call(fn).result()
 
+    def set_router(self, router: Any) -> None:
+        """Serve ``fedmoe-auto`` with ``router`` (a ``fedmoe.routing.Router``; None: fallback)."""
+        from fedmoe.serve.router import ServeRouter
+
+        self.router = ServeRouter(router, self.registry) if router is not None else None
+
     def reload(self) -> list[str]:
-        """Install every adapter whose version changed on the coordinator; their names."""
+        """Install every adapter whose version changed on the coordinator, refresh the router.
+
+        Returns the names and versions installed.
+        """
         if self.source is None:
             return []
+        from fedmoe.serve.router import router_from_coordinator
+
         changed = []
         for adapter in self.source.changed():
             self.run_on_engine(
@@ -139,6 +153,7 @@ class Service:
             changed.append(f"{adapter.name} v{adapter.version}")
         if changed:
             logger.info("reloaded %s", ", ".join(changed))
+        self.set_router(router_from_coordinator(self.source.client))
         return changed
 
     async def reload_forever(self) -> None:
@@ -196,7 +211,10 @@ class Service:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = GenerationJob(
-            prompt_ids, decision.adapter, sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+            prompt_ids,
+            decision.adapter,
+            sampling,
+            lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
         )
         version = self.registry.entries()[decision.adapter].version
         self.engine.submit(job)
@@ -206,7 +224,9 @@ class Service:
         """The chat template applied to ``messages``, ready for the assistant's turn."""
         tokenizer = self.registry.tokenizer
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
             return str(text)
         lines = [f"{m['role']}: {m['content']}" for m in messages]
         return "\n".join([*lines, "assistant: "])
@@ -216,3 +236,9 @@ class Service:
         self.engine.close()
         if self.source is not None:
             self.source.client.close()
+
+
+def _dir_router(root: Any) -> Any:
+    from fedmoe.serve.router import router_from_dir
+
+    return router_from_dir(root)

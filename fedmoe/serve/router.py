@@ -1,0 +1,78 @@
+"""``fedmoe-auto``: the router of ``fedmoe.routing`` in front of the loaded adapters.
+
+Signatures come from the coordinator (``GET /v1/signatures``) or from ``router.json`` in
+an exported directory; both hold the same JSON, read by ``router_from_payload``. The
+router runs on the engine thread, since featurizing uses the served model with its
+adapters disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedmoe.client import ApiError, CoordinatorClient
+from fedmoe.routing import RouteDecision, Router, router_from_payload
+from fedmoe.serve.models import AdapterEntry, ModelRegistry
+from fedmoe.serve.service import RoutingDecision
+from fedmoe.serve.settings import GATEWAY_MODEL
+
+logger = logging.getLogger(__name__)
+ROUTER_FILE = "router.json"
+SIGNATURES_PATH = "/v1/signatures"
+
+
+class ServeRouter:
+    """Routes request texts to loaded adapters; a fallback goes to the merged gateway."""
+
+    def __init__(self, router: Router, registry: ModelRegistry) -> None:
+        self.router, self.registry = router, registry
+
+    def route(self, texts: list[str]) -> list[RoutingDecision]:
+        """One decision per text (engine thread: featurizes with the base model)."""
+        model = self.registry.require_model()
+        decisions = self.router.route_texts(model, self.registry.tokenizer, texts)
+        return [serve_decision(d, self.registry.entries()) for d in decisions]
+
+
+def serve_decision(decision: RouteDecision, loaded: Mapping[str, AdapterEntry]) -> RoutingDecision:
+    """The adapter to generate with for a router decision.
+
+    A routed expert answers alone. A fallback (``merged``, or ``mix``, whose per-request
+    weights no loaded adapter holds) goes to the merged gateway, or, without one, to the
+    best-scoring loaded expert.
+    """
+    if decision.expert is not None and decision.expert in loaded:
+        return RoutingDecision(decision.expert, decision.scores)
+    if GATEWAY_MODEL in loaded:
+        return RoutingDecision(GATEWAY_MODEL, decision.scores, fallback=True)
+    ranked = sorted(decision.scores, key=lambda name: -decision.scores[name])
+    best = next((name for name in ranked if name in loaded), next(iter(loaded)))
+    return RoutingDecision(best, decision.scores, fallback=True)
+
+
+def router_from_dir(root: Path) -> Router | None:
+    """The router saved in ``root/router.json`` (None when there is none)."""
+    path = Path(root) / ROUTER_FILE
+    if not path.exists():
+        return None
+    return router_from_payload(json.loads(path.read_text()))
+
+
+def router_from_coordinator(client: CoordinatorClient) -> Router | None:
+    """The coordinator's router (None when it has no signatures or no such endpoint)."""
+    payload = fetch_signatures(client)
+    return router_from_payload(payload) if payload else None
+
+
+def fetch_signatures(client: CoordinatorClient) -> dict[str, Any] | None:
+    """``GET /v1/signatures`` as JSON, or None when the coordinator has none (404)."""
+    try:
+        return dict(client._call("GET", SIGNATURES_PATH).json())
+    except ApiError as error:
+        if error.status_code == 404:
+            return None
+        raise

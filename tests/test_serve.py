@@ -1,0 +1,240 @@
+"""``fedmoe serve`` through the official ``openai`` client, on a live coordinator over HTTP.
+
+Experts are set deterministically (one seeded delta each, uploaded as a worker would);
+every answer is checked against the same adapter loaded with plain peft.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from fedmoe.client import CoordinatorClient
+from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
+from fedmoe.serve.settings import ServeSettings
+from tests.serve_helpers import EXPERTS, LiveServe, push_expert, start_serve
+
+PROMPTS = {
+    "python_expert": "def add(a, b):",
+    "sql_expert": "SELECT name FROM users WHERE",
+    "docs_expert": "## Install",
+    "gateway": "Hello",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(module_coordinator_factory: Any) -> Iterator[dict[str, Any]]:
+    live = module_coordinator_factory()
+    with live.client() as http:
+        for seed, expert in enumerate(EXPERTS, start=1):
+            push_expert(http, expert, seed)
+    serve = start_serve(coordinator_url=live.url, reload_interval=0.2)
+    try:
+        yield {"live": live, "serve": serve, "client": _openai(serve)}
+    finally:
+        serve.stop()
+
+
+def _openai(serve: LiveServe, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{serve.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _reference(live: Any, expert: str, prompt: str, tmp: Path, max_new_tokens: int) -> str:
+    """Greedy text of ``expert`` loaded from its PEFT directory with plain peft."""
+    with CoordinatorClient(live.url) as client:
+        fetch_adapter_dir(client, tmp / expert, expert=None if expert == "gateway" else expert)
+    model, tokenizer = load_with_adapter("tiny", tmp / expert, device="cpu")
+    return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+
+
+def test_models_lists_experts_gateway_and_auto(stack: dict[str, Any]) -> None:
+    models = {m.id: m for m in stack["client"].models.list().data}
+    assert set(models) == {*EXPERTS, "gateway", "fedmoe-auto"}
+    for expert in EXPERTS:
+        assert models[expert].model_extra["version"] == 1
+        assert models[expert].model_extra["kind"] == "expert"
+    assert models["gateway"].model_extra["lora_rank"] == 3 * 8  # cat of three rank-8 experts
+
+
+@pytest.mark.parametrize("expert", ["sql_expert", "gateway"])
+def test_completion_is_the_peft_adapters_greedy_answer(
+    stack: dict[str, Any], expert: str, tmp_path: Path
+) -> None:
+    raw = stack["client"].completions.with_raw_response.create(
+        model=expert, prompt=PROMPTS[expert], max_tokens=12, temperature=0
+    )
+    answer = raw.parse()
+    assert answer.choices[0].text == _reference(
+        stack["live"], expert, PROMPTS[expert], tmp_path, 12
+    )
+    assert raw.headers["x-fedmoe-expert"] == expert
+    assert answer.model_extra["fedmoe"]["expert"] == expert
+    usage = answer.usage
+    assert usage.prompt_tokens == len(PROMPTS[expert].encode())  # tiny: a token per byte
+    assert 0 < usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_experts_answer_differently(stack: dict[str, Any]) -> None:
+    texts = {
+        expert: stack["client"]
+        .completions.create(model=expert, prompt="x = ", max_tokens=8, temperature=0)
+        .choices[0]
+        .text
+        for expert in EXPERTS
+    }
+    assert len(set(texts.values())) == 3, texts
+
+
+def test_chat_uses_the_chat_template_and_streams_the_same_text(stack: dict[str, Any]) -> None:
+    client = stack["client"]
+    messages = [{"role": "user", "content": "List the tables."}]
+    answer = client.chat.completions.create(
+        model="docs_expert", messages=messages, max_tokens=10, temperature=0
+    )
+    tokenizer = stack["serve"].service.registry.tokenizer
+    template = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert template.endswith("<|im_start|>assistant\n")
+    assert answer.usage.prompt_tokens == len(tokenizer(template)["input_ids"])
+    assert answer.choices[0].message.role == "assistant"
+    chunks = list(
+        client.chat.completions.create(
+            model="docs_expert",
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == answer.choices[0].message.content
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == [answer.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    assert all(c.model_extra["fedmoe"]["expert"] == "docs_expert" for c in chunks if c.choices)
+
+
+def test_completion_stream_is_server_sent_events_ending_with_done(stack: dict[str, Any]) -> None:
+    body = {"model": "sql_expert", "prompt": "SELECT", "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", f"{stack['serve'].url}/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-fedmoe-expert"] == "sql_expert"
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all(e["object"] == "text_completion" for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
+
+
+def test_stop_sequence_cuts_the_answer(stack: dict[str, Any]) -> None:
+    client = stack["client"]
+    full = client.completions.create(
+        model="python_expert", prompt=PROMPTS["python_expert"], max_tokens=16, temperature=0
+    ).choices[0]
+    stop = full.text[4:6]
+    assert stop, full.text
+    cut = client.completions.create(
+        model="python_expert",
+        prompt=PROMPTS["python_expert"],
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+    ).choices[0]
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_openai_style_errors(stack: dict[str, Any]) -> None:
+    client = stack["client"]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="no_such_expert", prompt="x", max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found"
+    assert "no_such_expert" in missing.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="sql_expert", prompt="x", max_tokens=100_000)
+    assert too_long.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as several:
+        client.completions.create(model="sql_expert", prompt="x", max_tokens=2, n=2)
+    assert several.value.body["param"] == "n"
+    with pytest.raises(openai.UnprocessableEntityError) as malformed:
+        client.chat.completions.create(model="sql_expert", messages=[], max_tokens=2)
+    assert malformed.value.body["param"] == "messages"
+    response = httpx.post(f"{stack['serve'].url}/v1/completions", content=b"{not json")
+    assert response.status_code == 422
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_auto_without_signatures_falls_back_to_the_gateway(stack: dict[str, Any]) -> None:
+    raw = stack["client"].completions.with_raw_response.create(
+        model="fedmoe-auto", prompt="SELECT 1", max_tokens=2, temperature=0
+    )
+    assert raw.headers["x-fedmoe-expert"] == "gateway"
+    assert raw.parse().model_extra["fedmoe"]["fallback"] is True
+
+
+def test_concurrent_requests_share_one_mixed_adapter_batch(stack: dict[str, Any]) -> None:
+    client, engine = stack["client"], stack["serve"].service.engine
+    models = [*EXPERTS, "gateway"]
+
+    def ask(model: str) -> tuple[str, int]:
+        answer = client.completions.create(
+            model=model, prompt=PROMPTS[model], max_tokens=12, temperature=0
+        )
+        return answer.choices[0].text, answer.model_extra["fedmoe"]["batch_size"]
+
+    alone = {model: ask(model) for model in models}
+    assert all(size == 1 for _, size in alone.values())
+    engine.batch_wait = 1.0  # long enough for all four to arrive, however loaded the machine
+    try:
+        with ThreadPoolExecutor(len(models)) as pool:
+            together = dict(zip(models, pool.map(ask, models)))
+    finally:
+        engine.batch_wait = ServeSettings.model_fields["batch_wait_ms"].default / 1000
+    assert {size for _, size in together.values()} == {len(models)}
+    assert {m: text for m, (text, _) in together.items()} == {
+        m: text for m, (text, _) in alone.items()
+    }
+
+
+def test_new_expert_version_is_hot_reloaded_without_dropping_a_stream(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    client, live = stack["client"], stack["live"]
+    prompt = PROMPTS["python_expert"]
+    before = client.completions.create(
+        model="python_expert", prompt=prompt, max_tokens=10, temperature=0
+    )
+    stream = client.completions.create(
+        model="python_expert", prompt=prompt, max_tokens=300, temperature=0, stream=True
+    )
+    first = next(iter(stream))  # the stream is running on the old version
+    with live.client() as http:
+        new_version = push_expert(http, "python_expert", seed=99)
+    deadline = time.monotonic() + 20
+    while _version(client, "python_expert") != new_version:
+        assert time.monotonic() < deadline, "the new version was never loaded"
+        time.sleep(0.05)
+    rest = list(stream)
+    assert rest[-1].choices[0].finish_reason in {"stop", "length"}
+    assert first.model_extra["fedmoe"]["version"] == new_version - 1
+    after = client.completions.create(
+        model="python_expert", prompt=prompt, max_tokens=10, temperature=0
+    )
+    assert after.model_extra["fedmoe"]["version"] == new_version
+    assert after.choices[0].text == _reference(live, "python_expert", prompt, tmp_path, 10)
+    assert after.choices[0].text != before.choices[0].text
+
+
+def _version(client: openai.OpenAI, model: str) -> int:
+    return {m.id: m.model_extra["version"] for m in client.models.list().data}[model]
