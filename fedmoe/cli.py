@@ -104,6 +104,17 @@ def coordinator(
         float | None, typer.Option(help="Seconds between gateway file writes [5].")
     ] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="Upload size limit.")] = None,
+    eager_gateway: Annotated[
+        bool, typer.Option("--eager-gateway", help="Rebuild the gateway file after updates.")
+    ] = False,
+    signature_min_count: Annotated[
+        int | None, typer.Option(help="Least examples behind a domain signature [100].")
+    ] = None,
+    router_fallback: Annotated[str | None, typer.Option(help="merged|mix [merged].")] = None,
+    router_margin: Annotated[float | None, typer.Option(help="Router margin [0.1].")] = None,
+    router_max_distance: Annotated[
+        float | None, typer.Option(help="Router distance bound [4].")
+    ] = None,
     auth_token: TokenOpt = None,
     tokens_file: Annotated[Path | None, typer.Option(help="JSON tokens file.")] = None,
     insecure: Annotated[
@@ -129,6 +140,8 @@ def coordinator(
         given["gateway_weights"] = _weights(given["gateway_weights"])
     if not insecure:
         given.pop("insecure")
+    if not eager_gateway:
+        given.pop("eager_gateway")
     setup_logging(log_level)
     try:
         settings = CoordinatorSettings(**given)
@@ -166,6 +179,9 @@ def worker(
     upload_dtype: Annotated[str, typer.Option(help="float32|bfloat16|float16.")] = "float32",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     slowdown: Annotated[float, typer.Option(help="Emulate a slower machine (x).")] = 1.0,
+    signature_noise: Annotated[
+        float, typer.Option(help="Gaussian noise std added to the domain signature.")
+    ] = 0.0,
     summary_json: Annotated[Path | None, typer.Option(help="Write the summary here.")] = None,
     auth_token: TokenOpt = None,
     ca_cert: CaOpt = None,
@@ -209,6 +225,7 @@ def worker(
             auth_token=auth_token,
             ca_cert=ca_cert,
             slowdown=slowdown,
+            signature_noise=signature_noise,
         )
     except ValueError as error:
         fail(str(error))
@@ -268,17 +285,27 @@ def gateway(
     ca_cert: CaOpt = None,
     output: Annotated[Path | None, typer.Option(help="Write a PEFT adapter directory.")] = None,
     expert: Annotated[str | None, typer.Option(help="An expert instead of the gateway.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Generate a completion.")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Generate a completion (routed to one expert).")
+    ] = None,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="With --prompt: the merged gateway, not routed.")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="For --prompt.")] = 64,
     base_model: Annotated[str | None, typer.Option(help="Override the base model.")] = None,
 ) -> None:
-    """Print the gateway; optionally save it (or an expert) as a PEFT adapter and generate."""
+    """Print the gateway; optionally save it (or an expert) as a PEFT adapter and generate.
+
+    ``--prompt`` is routed to the expert whose domain it belongs to (``--merged``: the
+    merged gateway, the old behaviour); the expert chosen is printed.
+    """
     import tempfile
 
     import httpx
 
     from fedmoe.client import ApiError, CoordinatorClient
     from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
+    from fedmoe.views import print_router
 
     setup_logging("WARNING")
     try:
@@ -290,6 +317,10 @@ def gateway(
             )
             for name, version in info["expert_versions"].items():
                 console.print(f"  {name}: version {version}, weight {info['weights'][name]:.3f}")
+            print_router(console, info.get("router"))
+            if prompt is not None and expert is None and output is None:
+                _answer(client, prompt, merged, base_model, max_new_tokens)
+                return
             if output is None and prompt is None:
                 return
             directory = output or Path(tempfile.mkdtemp(prefix="fedmoe-adapter-"))
@@ -302,6 +333,26 @@ def gateway(
         console.print(
             f"[bold]{prompt}[/]{generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)}"
         )
+
+
+def _answer(
+    client: Any, prompt: str, merged: bool, base_model: str | None, max_new_tokens: int
+) -> None:
+    """Generate for ``prompt`` with the routed expert (or the merged gateway) and say which."""
+    from fedmoe.routed_gateway import answer_prompt
+
+    answer = answer_prompt(
+        client, prompt, merged=merged, base_model=base_model, max_new_tokens=max_new_tokens
+    )
+    decision = answer.decision
+    if decision is None:
+        console.print("served by: gateway (merged, not routed)")
+    else:
+        scores = ", ".join(f"{name} {score:.3g}" for name, score in decision.scores.items())
+        console.print(
+            f"served by: {answer.served_by} (routed; margin {decision.margin:.3g}; scores {scores})"
+        )
+    console.print(f"[bold]{prompt}[/]{answer.text}")
 
 
 @app.command()

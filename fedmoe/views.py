@@ -88,3 +88,20 @@ def print_verdicts(console: Console, claims: Iterable[tuple[str, bool]]) -> None
     """Each claim the demo checks, with yes / NO."""
     for claim, holds in claims:
         console.print(f"  {'[green]yes[/]' if holds else '[red]NO[/]'}  {claim}")
+
+
+def print_router(console: Console, router: dict[str, Any] | None) -> None:
+    """How prompts are routed (``router`` of ``GET /v1/gateway``), in one or two lines."""
+    if not router:
+        return
+    experts = router.get("experts") or {}
+    if not experts:
+        console.print("router: no domain signatures yet, prompts use the merged gateway")
+        return
+    covered = ", ".join(f"{name} ({info['count']} examples)" for name, info in experts.items())
+    console.print(
+        f"router: {router['method']}, margin {router['margin']}, fallback "
+        f"{router['fallback']}; signatures: {covered}"
+    )
+    if router.get("missing"):
+        console.print(f"  no signature yet (always fallback): {', '.join(router['missing'])}")

@@ -87,8 +87,12 @@ def assert_error(response: httpx.Response, status: int, code: str, *phrases: str
 
 
 def wait_gateway_settled(live, client: httpx.Client, timeout: float = 20.0) -> None:
-    """Wait until the background writer has saved the current gateway version."""
+    """Wait until the background writer has saved the current gateway version.
+
+    The gateway is merged lazily (only when downloaded), so download it first.
+    """
     path = live.adapters_dir / "gateway.safetensors"
+    assert client.get("/v1/gateway/adapter").status_code == 200
     deadline = time.monotonic() + timeout
     while True:
         want = str(client.get("/v1/gateway").json()["version"])

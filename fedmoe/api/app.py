@@ -12,12 +12,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedmoe import __version__
-from fedmoe.api.routes import experts, gateway, health, status, workers
+from fedmoe.api.routes import experts, gateway, health, signatures, status, workers
 from fedmoe.api.schemas import ErrorBody
 from fedmoe.api.security import BearerAuthMiddleware
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.core import CentralCoordinator
+from fedmoe.coordinator.signatures import InvalidSignatureError, NoSignatureError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ STATUS_OF = {
     errors.RejectedUpdateError: (422, "rejected_update"),
     errors.DuplicateUpdateIdError: (409, "duplicate_update_id"),
     errors.ForbiddenError: (403, "forbidden"),
+    InvalidSignatureError: (422, "invalid_signature"),
+    NoSignatureError: (404, "no_signature"),
 }
 CODE_OF_STATUS = {
     400: "bad_request",
@@ -47,7 +50,7 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     """An app serving ``coordinator``; every request is authenticated by ``registry``."""
     app = FastAPI(title="FedMoE coordinator", version=__version__)
     app.state.coordinator = coordinator
-    for module in (health, status, workers, experts, gateway):
+    for module in (health, status, workers, experts, gateway, signatures):
         app.include_router(module.router)
     app.add_middleware(BearerAuthMiddleware, registry=registry)
     app.add_exception_handler(errors.CoordinatorError, _coordinator_error)

@@ -84,3 +84,4 @@ class GatewayInfo(BaseModel):
     expert_versions: dict[str, int]
     lora_rank: int
     lora_alpha: float
+    router: dict[str, Any] | None = None  # how requests are routed (fedmoe.routing)

@@ -32,11 +32,12 @@ def _open_locked(settings: CoordinatorSettings) -> CentralCoordinator:
     base = load_base_model(settings.base_model, device="cpu")
     initial = initial_adapter(base, settings.lora())
     fingerprint = base.fingerprint
+    hidden_size = int(base.model.config.hidden_size)  # the dimension of domain signatures
     del base  # the coordinator never runs the model; free its memory
     ledger = Ledger(settings.state_dir / "ledger.sqlite3")
     store = AdapterStore(settings.state_dir, gateway_file_interval=settings.gateway_file_interval)
     try:
-        return CentralCoordinator(
+        coordinator = CentralCoordinator(
             settings=settings,
             base_model=settings.base_model,
             fingerprint=fingerprint,
@@ -44,6 +45,8 @@ def _open_locked(settings: CoordinatorSettings) -> CentralCoordinator:
             ledger=ledger,
             store=store,
         )
+        coordinator.signatures.hidden_size = hidden_size
+        return coordinator
     except BaseException:
         store.close()
         ledger.close()

@@ -19,6 +19,7 @@ from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors, restore
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.coordinator.signatures import SignatureBook
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.versions import (
     MAX_NUM_TOKENS,
@@ -67,6 +68,12 @@ class CentralCoordinator:
             ledger, store, settings.experts, initial=initial, schema=self.schema
         )
         self.gateway = self._restore_gateway()
+        self.signatures = SignatureBook(
+            settings.state_dir,
+            settings.experts,
+            fingerprint=fingerprint,
+            min_count=settings.signature_min_count,
+        )
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -79,7 +86,8 @@ class CentralCoordinator:
         else:
             version = row[0]
         gateway = self._gateway(version, built_from, self.experts)
-        self.store.save_gateway_later(gateway)
+        if self.settings.eager_gateway:
+            self.store.save_gateway_later(gateway)
         return gateway
 
     def close(self) -> None:
@@ -254,7 +262,8 @@ class CentralCoordinator:
                 self.store.expert_path(record.expert, new_expert.version).unlink(missing_ok=True)
                 raise
             self.experts, self.gateway = experts, gateway
-            self.store.save_gateway_later(gateway)
+            if self.settings.eager_gateway:  # else merged only when downloaded
+                self.store.save_gateway_later(gateway)
 
     def _overflow_guard(
         self, expert: Versioned, new_state: AdapterState, step: float, request: UpdateRequest
@@ -324,7 +333,9 @@ class CentralCoordinator:
     def gateway_payload(self) -> tuple[int, bytes, str]:
         """The gateway's version, safetensors bytes and ETag."""
         gateway = self.gateway  # merged outside any coordinator lock: uploads go on
-        return gateway.version, gateway.encoded(), self.etag("gateway", gateway.version)
+        payload = gateway.encoded()
+        self.store.save_gateway_later(gateway)  # merged already: the file costs only a write
+        return gateway.version, payload, self.etag("gateway", gateway.version)
 
     def etag(self, name: str, version: int) -> str:
         """A strong ETag unique to this state dir, adapter and version."""

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedmoe.config import ALL_PROJECTIONS, LoraSettings
 from fedmoe.coordinator.store import NAME_PATTERN
+from fedmoe.routing import DEFAULT_FALLBACK, DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, FALLBACKS
+from fedmoe.signature import DEFAULT_MIN_COUNT
 from fedmoe.strategy import MERGE_METHODS, STALENESS_KINDS, StalenessDecay
 
 DEFAULT_EXPERTS = ("python_expert", "sql_expert", "docs_expert")
@@ -51,6 +53,24 @@ class CoordinatorSettings(BaseSettings):
         ge=0,
         description="Least seconds between background writes of gateway.safetensors "
         "(0: every version); API reads always get the newest gateway.",
+    )
+    eager_gateway: bool = Field(
+        False,
+        description="Rebuild the merged gateway file after every update (default: only when "
+        "the gateway is downloaded; the router serves each request from one expert).",
+    )
+    signature_min_count: int = Field(
+        DEFAULT_MIN_COUNT, ge=1, description="Least examples behind a worker's domain signature."
+    )
+    router_fallback: str = Field(
+        DEFAULT_FALLBACK,
+        description="When no expert wins clearly: 'merged' gateway or 'mix' of the top 2.",
+    )
+    router_margin: float = Field(
+        DEFAULT_MARGIN, ge=0, description="Lead in router score the top expert needs to answer."
+    )
+    router_max_distance: float = Field(
+        DEFAULT_MAX_DISTANCE, gt=0, description="Distance beyond which a request falls back."
     )
     max_update_norm: float | None = Field(None, gt=0, description="Bound on an update's L2 norm.")
     norm_policy: str = Field("clip", description="Over the bound: 'clip' or 'reject'.")
@@ -91,6 +111,13 @@ class CoordinatorSettings(BaseSettings):
         if method not in MERGE_METHODS:
             raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {method!r}")
         return method
+
+    @field_validator("router_fallback")
+    @classmethod
+    def _check_fallback(cls, fallback: str) -> str:
+        if fallback not in FALLBACKS:
+            raise ValueError(f"router_fallback must be one of {FALLBACKS}, got {fallback!r}")
+        return fallback
 
     @field_validator("norm_policy")
     @classmethod

@@ -35,6 +35,7 @@ from fedmoe.modeling import (
 )
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
+from fedmoe.worker.signing import share_signature
 from fedmoe.worker.trainer import LocalTrainer
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,18 @@ class WorkerJob:
         )
         self._wait_for(self._register)
         self._wait_for(self._pull_and_reset)
+        self._wait_for(
+            lambda: share_signature(
+                self.client,
+                worker_id=opts.worker_id,
+                specialty=opts.specialty,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                fingerprint=self.fingerprint,
+                examples=examples,
+                noise=opts.signature_noise,
+            )
+        )
         logger.info(
             "%s: %d training and %d validation examples, expert %s v%d on %s",
             opts.worker_id,

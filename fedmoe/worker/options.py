@@ -37,6 +37,10 @@ class WorkerOptions:
     upload_dtype: str = field(default="float32", metadata={"help": "dtype of uploaded deltas."})
     auth_token: str | None = field(default=None, metadata={"help": "Bearer token."})
     ca_cert: Path | None = field(default=None, metadata={"help": "CA bundle for TLS."})
+    signature_noise: float = field(
+        default=0.0,
+        metadata={"help": "Std of Gaussian noise added to the domain signature before sending."},
+    )
     max_backoff: float = field(default=30.0, metadata={"help": "Longest retry wait (s)."})
     slowdown: float = field(
         default=1.0,
@@ -60,6 +64,8 @@ class WorkerOptions:
             raise ValueError(
                 f"upload_dtype must be one of {UPLOAD_DTYPES}, got {self.upload_dtype!r}"
             )
+        if not self.signature_noise >= 0:
+            raise ValueError(f"signature_noise must be >= 0, got {self.signature_noise}")
         if self.slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1.0, got {self.slowdown}")
         for name in ("max_steps", "max_seconds"):

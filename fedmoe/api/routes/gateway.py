@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep
 from fedmoe.api.routes.experts import SAFETENSORS, adapter_response
 from fedmoe.api.schemas import GatewayInfo
+from fedmoe.coordinator.signatures import router_description
 
 router = APIRouter(prefix="/v1/gateway", tags=["gateway"])
 
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/v1/gateway", tags=["gateway"])
 @router.get("", response_model=GatewayInfo)
 def gateway_info(coordinator: CoordinatorDep, _: PrincipalDep) -> GatewayInfo:
     """Version, merge method, expert weights and the expert versions it was built from."""
-    return GatewayInfo(**coordinator.gateway_info())
+    return GatewayInfo(**coordinator.gateway_info(), router=router_description(coordinator))
 
 
 @router.get("/adapter", responses={200: {"content": {SAFETENSORS: {}}}})

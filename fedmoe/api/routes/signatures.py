@@ -1,0 +1,90 @@
+"""Domain signatures: a worker's upload, one expert's signature, and all of them for a router."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
+from fedmoe.api.schemas import ID_PATTERN, ErrorBody
+from fedmoe.coordinator import signatures
+
+router = APIRouter(tags=["signatures"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (403, 404, 409, 422)
+}
+
+
+class SignatureBody(BaseModel):
+    """A domain signature: aggregate statistics of unit features, never single examples."""
+
+    mean: list[float] = Field(description="Mean of the unit feature vectors.")
+    var: list[float] = Field(description="Per-dimension variance of the unit feature vectors.")
+    count: int = Field(description="How many examples the aggregate is over.")
+    featurizer: dict[str, Any] = Field(description="Featurizer version and settings.")
+    base_fingerprint: str = Field(description="Fingerprint of the base model used.")
+
+
+class SignatureUpload(BaseModel):
+    """``POST /v1/experts/{name}/signature``: a worker's signature of its domain."""
+
+    worker_id: str = Field(pattern=ID_PATTERN)
+    signature: SignatureBody
+
+
+class SignatureAck(BaseModel):
+    """The stored signature's count, and the expert's total over its workers."""
+
+    expert: str
+    worker_id: str
+    count: int
+    expert_count: int
+    workers: list[str]
+
+
+class ExpertSignature(SignatureBody):
+    """An expert's signature: its workers' signatures combined by count."""
+
+    workers: list[str]
+
+
+class SignaturesInfo(BaseModel):
+    """Everything a router needs: featurizer, decision settings and every signature."""
+
+    featurizer: dict[str, Any]
+    base_fingerprint: str
+    min_count: int
+    router: dict[str, Any]
+    signatures: dict[str, ExpertSignature]
+    missing: list[str] = Field(description="Experts no worker has sent a signature for.")
+
+
+@router.post("/v1/experts/{name}/signature", response_model=SignatureAck, responses=ERRORS)
+async def submit_signature(
+    name: str, upload: SignatureUpload, coordinator: CoordinatorDep, principal: PrincipalDep
+) -> SignatureAck:
+    """Store a worker's domain signature (written to disk before this answers)."""
+    ensure_may_act_as(principal, upload.worker_id)
+    ack = await run_in_threadpool(
+        signatures.submit_signature,
+        coordinator,
+        name,
+        upload.worker_id,
+        upload.signature.model_dump(),
+    )
+    return SignatureAck(**ack)
+
+
+@router.get("/v1/experts/{name}/signature", response_model=ExpertSignature, responses=ERRORS)
+def expert_signature(name: str, coordinator: CoordinatorDep, _: PrincipalDep) -> ExpertSignature:
+    """The expert's combined signature (404 while none of its workers has sent one)."""
+    return ExpertSignature(**signatures.expert_signature(coordinator, name))
+
+
+@router.get("/v1/signatures", response_model=SignaturesInfo)
+def all_signatures(coordinator: CoordinatorDep, _: PrincipalDep) -> SignaturesInfo:
+    """Every expert's signature plus the featurizer and router settings, in one call."""
+    return SignaturesInfo(**signatures.signatures_payload(coordinator))
