@@ -10,10 +10,17 @@ import httpx
 import uvicorn
 
 from fedmoe.api.server import listen_socket
+from fedmoe.client import CoordinatorClient
+from fedmoe.data import parse_record
+from fedmoe.demo_data import generate_domain
+from fedmoe.modeling import BaseModel
 from fedmoe.serve.app import create_serve_app
 from fedmoe.serve.server import token_registry
 from fedmoe.serve.service import Service
 from fedmoe.serve.settings import ServeSettings
+from fedmoe.signature import request_text
+from fedmoe.tiny import build_tiny_tokenizer
+from fedmoe.worker.signing import share_signature
 from tests.api_helpers import random_delta, register, update_headers, upload
 
 EXPERTS = ("python_expert", "sql_expert", "docs_expert")
@@ -32,6 +39,30 @@ def push_expert(client: httpx.Client, expert: str, seed: int, scale: float = 0.3
     response = upload(client, expert, body, update_headers(worker, base_version=base))
     assert response.status_code == 200, response.text
     return int(response.json()["version"])
+
+
+def sign_experts(url: str, base: BaseModel, count: int = 100) -> None:
+    """Each expert's worker shares its domain signature (demo data), as workers do."""
+    with CoordinatorClient(url) as client:
+        for expert in EXPERTS:
+            examples = [parse_record(r) for r in generate_domain(expert, count, seed=1)]
+            ack = share_signature(
+                client,
+                worker_id=f"w-{expert}",
+                specialty=expert,
+                model=base.model,
+                tokenizer=base.tokenizer,
+                fingerprint=base.fingerprint,
+                examples=examples,
+            )
+            assert ack is not None and ack["count"] == count
+
+
+def held_out_prompts(expert: str, count: int) -> list[str]:
+    """Request texts of demo records the signatures were not computed from."""
+    tokenizer = build_tiny_tokenizer()
+    records = generate_domain(expert, count, seed=7)
+    return [request_text(parse_record(r), tokenizer) for r in records]
 
 
 @dataclass

@@ -20,7 +20,15 @@ import pytest
 from fedmoe.client import CoordinatorClient
 from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
 from fedmoe.serve.settings import ServeSettings
-from tests.serve_helpers import EXPERTS, LiveServe, push_expert, start_serve
+from fedmoe.modeling import load_base_model
+from tests.serve_helpers import (
+    EXPERTS,
+    LiveServe,
+    held_out_prompts,
+    push_expert,
+    sign_experts,
+    start_serve,
+)
 
 PROMPTS = {
     "python_expert": "def add(a, b):",
@@ -36,6 +44,7 @@ def stack(module_coordinator_factory: Any) -> Iterator[dict[str, Any]]:
     with live.client() as http:
         for seed, expert in enumerate(EXPERTS, start=1):
             push_expert(http, expert, seed)
+    sign_experts(live.url, load_base_model("tiny", device="cpu"))
     serve = start_serve(coordinator_url=live.url, reload_interval=0.2)
     try:
         yield {"live": live, "serve": serve, "client": _openai(serve)}
@@ -175,12 +184,24 @@ def test_openai_style_errors(stack: dict[str, Any]) -> None:
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_auto_without_signatures_falls_back_to_the_gateway(stack: dict[str, Any]) -> None:
-    raw = stack["client"].completions.with_raw_response.create(
-        model="fedmoe-auto", prompt="SELECT 1", max_tokens=2, temperature=0
-    )
-    assert raw.headers["x-fedmoe-expert"] == "gateway"
-    assert raw.parse().model_extra["fedmoe"]["fallback"] is True
+def test_auto_routes_each_domain_to_its_expert(stack: dict[str, Any]) -> None:
+    client, routed = stack["client"], {}
+    for expert in EXPERTS:
+        for prompt in held_out_prompts(expert, 4):
+            raw = client.completions.with_raw_response.create(
+                model="fedmoe-auto", prompt=prompt, max_tokens=4, temperature=0
+            )
+            info = raw.parse().model_extra["fedmoe"]
+            assert raw.headers["x-fedmoe-expert"] == info["expert"]
+            assert set(info["scores"]) == set(EXPERTS)
+            header = dict(item.split("=") for item in raw.headers["x-fedmoe-routing"].split(","))
+            assert set(header) == set(EXPERTS)
+            routed[prompt] = (expert, info["expert"], raw.parse().choices[0].text)
+    correct = sum(want == got for want, got, _ in routed.values())
+    assert correct >= 0.9 * len(routed), routed
+    prompt, (_, served_by, text) = next(iter(routed.items()))
+    direct = client.completions.create(model=served_by, prompt=prompt, max_tokens=4, temperature=0)
+    assert direct.choices[0].text == text
 
 
 def test_concurrent_requests_share_one_mixed_adapter_batch(stack: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ from fedmoe.serve.settings import GATEWAY_MODEL
 
 logger = logging.getLogger(__name__)
 ROUTER_FILE = "router.json"
-SIGNATURES_PATH = "/v1/signatures"
 
 
 class ServeRouter:
@@ -71,7 +70,7 @@ def router_from_coordinator(client: CoordinatorClient) -> Router | None:
 def fetch_signatures(client: CoordinatorClient) -> dict[str, Any] | None:
     """``GET /v1/signatures`` as JSON, or None when the coordinator has none (404)."""
     try:
-        return dict(client._call("GET", SIGNATURES_PATH).json())
+        return client.signatures()
     except ApiError as error:
         if error.status_code == 404:
             return None
