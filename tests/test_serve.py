@@ -16,11 +16,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from fedmoe.cli import app
 from fedmoe.client import CoordinatorClient
 from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
-from fedmoe.serve.settings import ServeSettings
 from fedmoe.modeling import load_base_model
+from fedmoe.routing import router_from_payload
+from fedmoe.serve.settings import ServeSettings
+from fedmoe.serve.vllm import VLLM_RANKS, export_for_vllm
+from fedmoe.signature import DomainSignature
 from tests.serve_helpers import (
     EXPERTS,
     LiveServe,
@@ -259,3 +265,95 @@ def test_new_expert_version_is_hot_reloaded_without_dropping_a_stream(
 
 def _version(client: openai.OpenAI, model: str) -> int:
     return {m.id: m.model_extra["version"] for m in client.models.list().data}[model]
+
+
+# --- export for vLLM, and serving the export offline with auth ------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(stack: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    directory = tmp_path_factory.mktemp("vllm")
+    with CoordinatorClient(stack["live"].url) as client:
+        manifest = export_for_vllm(client, directory)
+    return {"dir": directory, "manifest": manifest}
+
+
+def test_export_writes_vllm_ready_adapters_router_and_command(exported: dict[str, Any]) -> None:
+    manifest, directory = exported["manifest"], exported["dir"]
+    assert set(manifest["adapters"]) == {*EXPERTS, "gateway"}
+    assert all(info["rank"] in VLLM_RANKS for info in manifest["adapters"].values())
+    assert manifest["adapters"]["gateway"]["original_rank"] == 24
+    assert manifest["max_lora_rank"] == 32
+    for name in (*EXPERTS, "gateway"):
+        assert f"{name}={directory / name}" in manifest["command"]
+    assert "--enable-lora" in manifest["command"] and "--max-lora-rank 32" in manifest["command"]
+    assert json.loads((directory / "vllm.json").read_text()) == manifest
+    assert "--max-lora-rank" in (directory / "README.md").read_text()
+    payload = json.loads((directory / "router.json").read_text())
+    assert router_from_payload(payload) is not None
+    for expert in EXPERTS:
+        signature = DomainSignature.from_safetensors(
+            (directory / "signatures" / f"{expert}.safetensors").read_bytes()
+        )
+        assert signature.count == 100
+    # the base model is written out, loadable by transformers (and vLLM)
+    assert (directory / "base_model" / "config.json").exists()
+
+
+def test_exported_adapters_load_with_peft_and_padding_changes_nothing(
+    stack: dict[str, Any], exported: dict[str, Any], tmp_path: Path
+) -> None:
+    with CoordinatorClient(stack["live"].url) as client:
+        fetch_adapter_dir(client, tmp_path / "gateway")
+    ids = torch.tensor([list(b"SELECT * FROM t")])
+    logits = {}
+    for label, path in (
+        ("padded", exported["dir"] / "gateway"),
+        ("original", tmp_path / "gateway"),
+    ):
+        model, _ = load_with_adapter("tiny", path, device="cpu")
+        assert model.peft_config["default"].r == (32 if label == "padded" else 24)
+        with torch.no_grad():
+            logits[label] = model(input_ids=ids).logits
+    assert torch.allclose(logits["padded"], logits["original"], atol=1e-5)
+    for expert in EXPERTS:
+        model, _ = load_with_adapter("tiny", exported["dir"] / expert, device="cpu")
+        assert model.peft_config["default"].r == 8
+
+
+def test_offline_serving_of_the_export_with_auth(
+    stack: dict[str, Any], exported: dict[str, Any]
+) -> None:
+    token = "offline-serving-token-0123456789"
+    serve = start_serve(adapters_dir=exported["dir"], auth_token=token)
+    try:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            _openai(serve, key="wrong-token-0123456789").models.list()
+        assert refused.value.body["type"] == "authentication_error"
+        assert httpx.get(f"{serve.url}/v1/models").status_code == 401
+        client = _openai(serve, key=token)
+        models = {m.id: m.model_extra["version"] for m in client.models.list().data}
+        online = {m.id: m.model_extra["version"] for m in stack["client"].models.list().data}
+        assert models == online
+        prompt = held_out_prompts("sql_expert", 1)[0]
+        for model in ("sql_expert", "gateway", "fedmoe-auto"):
+            here = client.completions.create(
+                model=model, prompt=prompt, max_tokens=8, temperature=0
+            )
+            there = stack["client"].completions.create(
+                model=model, prompt=prompt, max_tokens=8, temperature=0
+            )
+            assert here.choices[0].text == there.choices[0].text
+            assert here.model_extra["fedmoe"] == there.model_extra["fedmoe"]
+    finally:
+        serve.stop()
+
+
+def test_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"refusing to listen on 0\.0\.0\.0"):
+        ServeSettings(host="0.0.0.0", adapters_dir=tmp_path)
+    assert ServeSettings(host="0.0.0.0", adapters_dir=tmp_path, insecure=True).host == "0.0.0.0"
+    assert ServeSettings(adapters_dir=tmp_path, auth_token="t" * 20).host == "0.0.0.0"
+    assert ServeSettings(adapters_dir=tmp_path).host == "127.0.0.1"
+    result = CliRunner().invoke(app, ["serve", "--adapters-dir", str(tmp_path), "--host", "::"])
+    assert result.exit_code == 2 and "refusing to listen" in result.output
