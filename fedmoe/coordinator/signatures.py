@@ -63,9 +63,9 @@ class SignatureBook:
         # where the first accepted signature fixes the dimension instead.
         self.hidden_size: int | None = None
         self._lock = threading.Lock()
-        self._by_worker: dict[str, dict[str, DomainSignature]] = {
-            name: self._load(name) for name in experts
-        }
+        self._by_worker: dict[str, dict[str, DomainSignature]] = {}
+        for name in experts:
+            self._by_worker[name] = self._load(name)
 
     def path(self, expert: str) -> Path:
         """The file of one expert's signatures."""
