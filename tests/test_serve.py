@@ -24,9 +24,10 @@ from fedmoe.client import CoordinatorClient
 from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
 from fedmoe.modeling import load_base_model
 from fedmoe.routing import router_from_payload
+from fedmoe.serve.router import BaseView
 from fedmoe.serve.settings import ServeSettings
 from fedmoe.serve.vllm import VLLM_RANKS, export_for_vllm
-from fedmoe.signature import DomainSignature
+from fedmoe.signature import DomainSignature, FeaturizerSettings, featurize
 from tests.serve_helpers import (
     EXPERTS,
     LiveServe,
@@ -208,6 +209,18 @@ def test_auto_routes_each_domain_to_its_expert(stack: dict[str, Any]) -> None:
     prompt, (_, served_by, text) = next(iter(routed.items()))
     direct = client.completions.create(model=served_by, prompt=prompt, max_tokens=4, temperature=0)
     assert direct.choices[0].text == text
+
+
+def test_router_features_come_from_the_base_model_alone(stack: dict[str, Any]) -> None:
+    service, settings = stack["serve"].service, FeaturizerSettings()
+    texts = ["SELECT id FROM t;", "def f(xs): return xs", "## Install"]
+    plain = load_base_model("tiny", device="cpu")
+    expected = featurize(plain.model, plain.tokenizer, texts, settings)
+    model = BaseView(service.registry.require_model())  # three experts and a gateway loaded
+    served = service.run_on_engine(
+        lambda: featurize(model, service.registry.tokenizer, texts, settings)
+    )
+    assert torch.allclose(served, expected, atol=1e-5)
 
 
 def test_concurrent_requests_share_one_mixed_adapter_batch(stack: dict[str, Any]) -> None:

@@ -74,7 +74,7 @@ class ModelRegistry:
         """Load (or replace) adapter ``name`` from PEFT-keyed tensors. Engine thread only."""
         self._prepare_slot(name, config)
         model = self.require_model()
-        result = set_peft_model_state_dict(model, dict(state), adapter_name=name)
+        result: Any = set_peft_model_state_dict(model, dict(state), adapter_name=name)
         missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
         if missing or result.unexpected_keys:
             raise ValueError(
@@ -101,7 +101,7 @@ class ModelRegistry:
         if self.model is None:
             self.model = get_peft_model(self.base.model, config, adapter_name=name).eval()
             return
-        current = self.model.peft_config.get(name)
+        current: Any = self.model.peft_config.get(name)
         if current is not None and (current.r, current.lora_alpha) == (
             config.r,
             config.lora_alpha,

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from fedmoe.client import CoordinatorClient
@@ -104,7 +105,7 @@ class Service:
             registry = ModelRegistry(base)
             service = cls(settings, registry)
             for name, path in directories.directories.items():
-                service.run_on_engine(lambda n=name, p=path: registry.install_dir(n, p))
+                service.run_on_engine(partial(registry.install_dir, name, path))
             service.set_router(_dir_router(settings.adapters_dir))
             return service
         client = CoordinatorClient(
@@ -144,11 +145,15 @@ class Service:
 
         changed = []
         for adapter in self.source.changed():
-            self.run_on_engine(
-                lambda a=adapter: self.registry.install(
-                    a.name, a.config, a.state, version=a.version, etag=a.etag
-                )
+            install = partial(
+                self.registry.install,
+                adapter.name,
+                adapter.config,
+                adapter.state,
+                version=adapter.version,
+                etag=adapter.etag,
             )
+            self.run_on_engine(install)
             self.source.installed(adapter)
             changed.append(f"{adapter.name} v{adapter.version}")
         if changed:
@@ -210,12 +215,11 @@ class Service:
             )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = GenerationJob(
-            prompt_ids,
-            decision.adapter,
-            sampling,
-            lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-        )
+
+        def emit(event: Event) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = GenerationJob(prompt_ids, decision.adapter, sampling, emit)
         version = self.registry.entries()[decision.adapter].version
         self.engine.submit(job)
         return Generation(decision, version, job, events)

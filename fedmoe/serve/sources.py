@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -75,10 +74,6 @@ class CoordinatorSource:
     def installed(self, adapter: FetchedAdapter) -> None:
         """Remember ``adapter``'s ETag once it is in the model (so a failed install retries)."""
         self._etags[adapter.name] = adapter.etag
-
-    def describe(self) -> dict[str, Any]:
-        """For logs and /v1/models: where the adapters come from."""
-        return {"coordinator": str(self.client._http.base_url), "base_model": self.base_model}
 
 
 class DirectorySource:
