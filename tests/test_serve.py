@@ -370,3 +370,19 @@ def test_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path) -> None:
     assert ServeSettings(adapters_dir=tmp_path).host == "127.0.0.1"
     result = CliRunner().invoke(app, ["serve", "--adapters-dir", str(tmp_path), "--host", "::"])
     assert result.exit_code == 2 and "refusing to listen" in result.output
+
+
+def test_sampling_with_a_seed_is_repeatable(stack: dict[str, Any]) -> None:
+    def sample(seed: int) -> str:
+        answer = stack["client"].completions.create(
+            model="sql_expert",
+            prompt="SELECT",
+            max_tokens=12,
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+        )
+        return answer.choices[0].text
+
+    assert sample(5) == sample(5)
+    assert len({sample(5), sample(6), sample(7)}) > 1

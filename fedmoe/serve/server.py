@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
-from fedmoe.api.server import listen_socket
+from fedmoe.api.server import _exit_on_sigterm, listen_socket
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.serve.app import create_serve_app
 from fedmoe.serve.service import Service
@@ -36,6 +37,9 @@ def serve(settings: ServeSettings) -> None:
         settings.port,
         "on" if registry.enabled else "off",
     )
+    # uvicorn re-raises SIGTERM after its graceful shutdown; as for the coordinator, that
+    # becomes a SystemExit(0) so the engine is closed and the exit status is clean.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         config = uvicorn.Config(
             app,
