@@ -367,6 +367,7 @@ def demo(
 ) -> None:
     """Three domains, a coordinator and three workers on loopback, then a loss table."""
     from fedmoe.demo import DemoRun, run_demo, verdicts
+    from fedmoe.views import print_routing_accuracy
 
     setup_logging("INFO")
     console.print(
@@ -382,6 +383,7 @@ def demo(
     )
     table, summaries = run_demo(run)
     print_loss_table(console, table)
+    print_routing_accuracy(console, run.routing_accuracy)
     print_worker_summaries(console, summaries)
     claims = verdicts(table)
     print_verdicts(console, claims)

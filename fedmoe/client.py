@@ -104,18 +104,22 @@ class CoordinatorClient:
 
     def signatures(self) -> dict[str, Any]:
         """``GET /v1/signatures``: featurizer, router settings and every expert's signature."""
-        return self._call("GET", "/v1/signatures").json()
+        answer: dict[str, Any] = self._call("GET", "/v1/signatures").json()
+        return answer
 
     def expert_signature(self, name: str) -> dict[str, Any]:
         """``GET /v1/experts/{name}/signature``."""
-        return self._call("GET", f"/v1/experts/{name}/signature").json()
+        answer: dict[str, Any] = self._call("GET", f"/v1/experts/{name}/signature").json()
+        return answer
 
     def submit_signature(
         self, expert: str, *, worker_id: str, signature: dict[str, Any]
     ) -> dict[str, Any]:
         """``POST /v1/experts/{expert}/signature`` with an aggregate domain signature."""
         body = {"worker_id": worker_id, "signature": signature}
-        return self._call("POST", f"/v1/experts/{expert}/signature", json=body).json()
+        path = f"/v1/experts/{expert}/signature"
+        answer: dict[str, Any] = self._call("POST", path, json=body).json()
+        return answer
 
     def download(self, path: str, etag: str | None = None) -> tuple[int, bytes | None, str]:
         """GET an adapter: (version, bytes or None when unchanged since ``etag``, etag)."""

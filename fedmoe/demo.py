@@ -22,6 +22,7 @@ import torch
 from peft import PeftModel
 
 from fedmoe.adapters import write_peft_dir
+from fedmoe.aggregate import AdapterState
 from fedmoe.batching import tokenize_examples
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
@@ -29,6 +30,8 @@ from fedmoe.data import load_examples
 from fedmoe.demo_data import DOMAINS, write_demo_datasets
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import load_base_model
+from fedmoe.routed_eval import accuracy, route_examples, routed_loss
+from fedmoe.routing import RouteDecision, Router, router_from_payload
 from fedmoe.strategy import MERGE_METHODS, GatewayMerge
 
 logger = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class DemoRun:
     train_count: int = 400
     validation_count: int = 60
     processes: list[subprocess.Popen] = field(default_factory=list)
+    routing_accuracy: dict[str, float] = field(default_factory=dict)
 
     def setup(self) -> None:
         """Generate the datasets and start the coordinator."""
@@ -171,6 +175,7 @@ class DemoRun:
             from fedmoe.export import fetch_adapter_dir
 
             fetch_adapter_dir(client, self.gateway_dir)
+            router = router_from_payload(client.signatures())
         lora = LoraSettings.from_dict(schema["lora_config"])
         adapters = {
             f"expert:{d}": self._export(d, state, lora, lora.rank, lora.alpha)
@@ -183,7 +188,47 @@ class DemoRun:
             adapters[f"gateway:{method}"] = self._export(
                 f"gateway-{method}", state, lora, rank, alpha
             )
-        return self._loss_table(adapters)
+        table = self._loss_table(adapters)
+        if router is not None:  # every worker had enough data to send a signature
+            table["gateway: routed"] = self._routed_row(router, adapters, experts, lora)
+        return table
+
+    def _routed_row(
+        self,
+        router: Router,
+        adapters: dict[str, Path],
+        experts: dict[str, AdapterState],
+        lora: LoraSettings,
+    ) -> dict[str, float]:
+        """Loss when each validation example is answered as the router decides; accuracy."""
+        base = load_base_model(self.base_model, device="cpu")
+        models: dict[str, PeftModel] = {}
+
+        def model_for(decision: RouteDecision) -> tuple[str, PeftModel]:
+            if decision.expert is not None:
+                key, directory = decision.expert, adapters[f"expert:{decision.expert}"]
+            elif decision.fallback == "merged":
+                key, directory = "merged", adapters[f"gateway:{self.merge_method}"]
+            else:  # a weighted cat mix of the top experts
+                key = "mix:" + ",".join(f"{n}={w:.3f}" for n, w in decision.weights.items())
+                merger = GatewayMerge(method="cat", lora=lora)
+                state = merger.merge(
+                    [experts[n] for n in decision.weights], [*decision.weights.values()]
+                )
+                rank, alpha = merger.gateway_rank_alpha(len(decision.weights))
+                directory = self._export(f"mix-{len(models)}", state, lora, rank, alpha)
+            if key not in models:
+                fresh = load_base_model(self.base_model, device="cpu").model
+                models[key] = PeftModel.from_pretrained(fresh, str(directory))
+            return key, models[key]
+
+        row, self.routing_accuracy = {}, {}
+        for domain in DOMAINS:
+            examples = load_examples(self.datasets[domain][1])
+            decisions = route_examples(router, base.model, base.tokenizer, examples)
+            row[domain] = routed_loss(decisions, examples, base.tokenizer, model_for)
+            self.routing_accuracy[domain] = accuracy(decisions, domain)
+        return row
 
     def _export(self, name: str, state: dict, lora: LoraSettings, rank: int, alpha: float) -> Path:
         return write_peft_dir(
@@ -238,6 +283,11 @@ def run_demo(run: DemoRun) -> tuple[dict[str, dict[str, float]], list[dict[str, 
         table = run.evaluate()
     finally:
         run.cleanup()
-    results = {"table": table, "workers": summaries, "claims": dict(verdicts(table))}
+    results = {
+        "table": table,
+        "workers": summaries,
+        "claims": dict(verdicts(table)),
+        "routing_accuracy": run.routing_accuracy,
+    }
     (run.output / "results.json").write_text(json.dumps(results, indent=2))
     return table, summaries

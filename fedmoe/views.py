@@ -105,3 +105,15 @@ def print_router(console: Console, router: dict[str, Any] | None) -> None:
     )
     if router.get("missing"):
         console.print(f"  no signature yet (always fallback): {', '.join(router['missing'])}")
+
+
+def print_routing_accuracy(console: Console, accuracy: dict[str, float]) -> None:
+    """The demo's routing line: share of held-out prompts sent to their own domain's expert."""
+    if not accuracy:
+        console.print("routing: no domain signatures, so no routed gateway row")
+        return
+    overall = sum(accuracy.values()) / len(accuracy)
+    parts = ", ".join(f"{name} {100 * share:.0f}%" for name, share in accuracy.items())
+    console.print(
+        f"routing accuracy (held-out prompts to their own expert): {100 * overall:.1f}% ({parts})"
+    )
