@@ -117,7 +117,7 @@ class _Row:
             self.finish_reason = "length"
         if self.finish_reason is None and self.job.cancelled.is_set():
             self.finish_reason = "cancelled"
-        self._emit_ready()
+        self.flush()
 
     def _check_stop(self) -> None:
         found = [i for i in (self.text.find(s) for s in self.job.sampling.stop) if i >= 0]
@@ -125,7 +125,8 @@ class _Row:
             self.text = self.text[: min(found)]
             self.finish_reason = "stop"
 
-    def _emit_ready(self) -> None:
+    def flush(self) -> None:
+        """Emit the text that is safe to send: all of it once the row is done."""
         end = len(self.text)
         if self.finish_reason is None:
             end -= self.holdback
@@ -233,7 +234,7 @@ class Engine:
         self.batches_run += 1
         for row in rows:
             row.finish_reason = row.finish_reason or "length"
-            row._emit_ready()
+            row.flush()
             row.job.emit(
                 Finished(row.finish_reason, len(row.job.prompt_ids), len(row.tokens), len(rows))
             )

@@ -7,11 +7,8 @@ Every answer names the adapter that generated it and the router's scores, in the
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -30,11 +27,10 @@ from fedmoe.serve.schemas import (
     ModelList,
     RoutingInfo,
     SamplingFields,
-    Usage,
-    chunk,
 )
 from fedmoe.serve.service import Generation, InvalidRequestError, Service
 from fedmoe.serve.settings import AUTO_MODEL
+from fedmoe.serve.streaming import ChunkKind, ChunkStream, new_id, usage_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -76,7 +72,7 @@ async def create_completion(body: CompletionRequest, service: ServiceDep) -> Any
         return _stream(generation, body, "text_completion")
     text, finished = await _collect(generation)
     answer = Completion(
-        id=_new_id("cmpl"),
+        id=new_id("cmpl"),
         created=int(time.time()),
         model=body.model,
         choices=[
@@ -84,7 +80,7 @@ async def create_completion(body: CompletionRequest, service: ServiceDep) -> Any
                 text=(prompt + text) if body.echo else text, finish_reason=finished.finish_reason
             )
         ],
-        usage=_usage(finished),
+        usage=usage_of(finished),
         fedmoe=_info(generation, body.model, finished),
     )
     return JSONResponse(answer.model_dump(), headers=_headers(generation))
@@ -100,13 +96,13 @@ async def create_chat_completion(body: ChatRequest, service: ServiceDep) -> Any:
         return _stream(generation, body, "chat.completion.chunk")
     text, finished = await _collect(generation)
     answer = ChatCompletion(
-        id=_new_id("chatcmpl"),
+        id=new_id("chatcmpl"),
         created=int(time.time()),
         model=body.model,
         choices=[
             ChatChoice(message=AssistantMessage(content=text), finish_reason=finished.finish_reason)
         ],
-        usage=_usage(finished),
+        usage=usage_of(finished),
         fedmoe=_info(generation, body.model, finished),
     )
     return JSONResponse(answer.model_dump(), headers=_headers(generation))
@@ -138,72 +134,15 @@ async def _collect(generation: Generation) -> tuple[str, Finished]:
     raise RuntimeError("generation ended without an answer")
 
 
-def _stream(
-    generation: Generation,
-    body: SamplingFields,
-    kind: Literal["text_completion", "chat.completion.chunk"],
-) -> StreamingResponse:
+def _stream(generation: Generation, body: SamplingFields, kind: ChunkKind) -> StreamingResponse:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-    request_id, created = (
-        _new_id("chatcmpl" if kind != "text_completion" else "cmpl"),
-        int(time.time()),
-    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def choice(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-        if kind == "text_completion":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        delta: dict[str, Any] = {"role": "assistant"} if first else {}
-        if text is not None:
-            delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-    async def events() -> AsyncIterator[str]:
-        info = _info(generation, body.model, None).model_dump()
-        if kind != "text_completion":
-            yield _sse(
-                chunk(kind, request_id, created, body.model, choice("", None, True), fedmoe=info)
-            )
-        try:
-            async for event in generation.stream():
-                if isinstance(event, Delta):
-                    yield _sse(
-                        chunk(
-                            kind,
-                            request_id,
-                            created,
-                            body.model,
-                            choice(event.text, None),
-                            fedmoe=info,
-                        )
-                    )
-                elif isinstance(event, Failed):
-                    yield _sse(
-                        {
-                            "error": {
-                                "message": event.message,
-                                "type": "server_error",
-                                "param": None,
-                                "code": None,
-                            }
-                        }
-                    )
-                else:
-                    info["batch_size"] = event.batch_size
-                    final = choice(None, event.finish_reason)
-                    yield _sse(chunk(kind, request_id, created, body.model, final, fedmoe=info))
-                    if include_usage:
-                        usage = _usage(event).model_dump()
-                        yield _sse(chunk(kind, request_id, created, body.model, None, usage=usage))
-            yield "data: [DONE]\n\n"
-        finally:
-            generation.job.cancelled.set()  # the client left: stop spending tokens on it
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(generation))
-
-
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data)}\n\n"
+    stream = ChunkStream(
+        kind, body.model, _info(generation, body.model, None), include_usage=include_usage
+    )
+    return StreamingResponse(
+        stream.events(generation), media_type="text/event-stream", headers=_headers(generation)
+    )
 
 
 def _info(generation: Generation, model: str, finished: Finished | None) -> RoutingInfo:
@@ -230,15 +169,3 @@ def _headers(generation: Generation) -> dict[str, str]:
     if decision.fallback:
         headers["X-FedMoE-Fallback"] = "true"
     return headers
-
-
-def _usage(finished: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
-    )
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
