@@ -459,6 +459,9 @@ def serve_command(
     max_batch_size: Annotated[int, typer.Option(help="Requests per generate() call.")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="Wait for requests to batch.")] = 5.0,
     reload_interval: Annotated[float, typer.Option(help="Seconds between reloads.")] = 5.0,
+    router_fallback: Annotated[
+        str | None, typer.Option(help="merged|mix (default: the coordinator's).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve every expert, the gateway and fedmoe-auto (routed) over an OpenAI-compatible API."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fedmoe.adapters import write_peft_dir
+from fedmoe.aggregate import merge_cat
 from fedmoe.cli import app
 from fedmoe.client import CoordinatorClient
+from fedmoe.config import LoraSettings
 from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
 from fedmoe.modeling import load_base_model
 from fedmoe.routing import router_from_payload
@@ -276,6 +279,13 @@ def test_new_expert_version_is_hot_reloaded_without_dropping_a_stream(
     assert after.choices[0].text != before.choices[0].text
 
 
+def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
 def _version(client: openai.OpenAI, model: str) -> int:
     return {m.id: m.model_extra["version"] for m in client.models.list().data}[model]
 
@@ -386,3 +396,36 @@ def test_sampling_with_a_seed_is_repeatable(stack: dict[str, Any]) -> None:
 
     assert sample(5) == sample(5)
     assert len({sample(5), sample(6), sample(7)}) > 1
+
+
+def test_mix_fallback_serves_the_weighted_cat_of_the_top_experts(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    service = stack["serve"].service
+    # as `fedmoe serve --router-fallback mix`, with no clear winner ever and a soft mix
+    service.router_options = {"fallback": "mix", "margin": 1e9, "temperature": 1.0}
+    try:
+        _wait_for(lambda: service.router is not None and service.router.router.fallback == "mix")
+        prompt = held_out_prompts("sql_expert", 1)[0]
+        answer = stack["client"].completions.create(
+            model="fedmoe-auto", prompt=prompt, max_tokens=8, temperature=0
+        )
+    finally:
+        service.router_options = {}
+        _wait_for(lambda: service.router is not None and service.router.router.fallback != "mix")
+    info = answer.model_extra["fedmoe"]
+    assert info["fallback"] is True and info["expert"].startswith("mix-")
+    parts = info["expert"].removeprefix("mix-").split("-")  # <expert>-<percent>-...
+    weights = {name: int(percent) / 100 for name, percent in zip(parts[::2], parts[1::2])}
+    assert len(weights) == 2 and set(weights) <= set(EXPERTS)  # top_k = 2
+    with CoordinatorClient(stack["live"].url) as client:
+        schema = client.schema()
+        shapes = {k: tuple(v) for k, v in schema["tensors"].items()}
+        states = [client.expert_adapter(name, shapes)[1] for name in weights]
+    lora = LoraSettings.from_dict(schema["lora_config"])
+    mixed = merge_cat(states, [w / sum(weights.values()) for w in weights.values()])
+    write_peft_dir(
+        mixed, lora, tmp_path / "mix", base_model="tiny", rank=2 * lora.rank, alpha=2 * lora.alpha
+    )
+    model, tokenizer = load_with_adapter("tiny", tmp_path / "mix", device="cpu")
+    assert answer.choices[0].text == generate(model, tokenizer, prompt, max_new_tokens=8)

@@ -223,7 +223,13 @@ class Engine:
 
     @torch.inference_mode()
     def _generate(self, jobs: list[GenerationJob]) -> None:
-        rows = [_Row(job, self.tokenizer) for job in jobs]
+        known = {"__base__", *self._model_getter().peft_config}
+        for job in [j for j in jobs if j.adapter not in known]:
+            # e.g. a router mix replaced by a newer expert version after routing: rare
+            job.emit(Failed(f"adapter {job.adapter} is no longer loaded; retry the request"))
+        rows = [_Row(job, self.tokenizer) for job in jobs if job.adapter in known]
+        if not rows:
+            return
         try:
             self._generate_rows(rows)
         except Exception as error:  # one bad batch must not kill the engine thread

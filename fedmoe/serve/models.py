@@ -25,6 +25,9 @@ from fedmoe.modeling import BaseModel
 from fedmoe.serve.settings import GATEWAY_MODEL
 
 logger = logging.getLogger(__name__)
+MIX_PREFIX = "mix-"
+MIX_PERCENT_STEP = 5  # mix weights are rounded to 5% so that similar requests share a mix
+MAX_MIXES = 8
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class ModelRegistry:
         self.base = base
         self.model: PeftModel | None = None
         self._entries: dict[str, AdapterEntry] = {}
+        self._mixes: dict[str, AdapterEntry] = {}  # insertion order = age
 
     @property
     def tokenizer(self) -> Any:
@@ -55,6 +59,10 @@ class ModelRegistry:
     def entries(self) -> Mapping[str, AdapterEntry]:
         """A snapshot of the loaded adapters (safe to read from any thread)."""
         return self._entries
+
+    def entry(self, name: str) -> AdapterEntry:
+        """A loaded adapter or router mix by name (KeyError if neither)."""
+        return self._entries[name] if name in self._entries else self._mixes[name]
 
     def require_model(self) -> PeftModel:
         """The peft model; RuntimeError when no adapter was loaded yet."""
@@ -81,7 +89,44 @@ class ModelRegistry:
                 f"adapter {name}: {len(missing)} LoRA tensors missing (e.g. {missing[:2]}), "
                 f"unexpected {list(result.unexpected_keys)[:2]}"
             )
+        self._drop_mixes_of(name)
         return self._record(name, config, version, etag)
+
+    def ensure_mix(self, weights: Mapping[str, float]) -> str:
+        """An adapter computing Σ w·B·A·scaling over loaded experts (peft ``cat``). Engine thread.
+
+        Weights are rounded to ``MIX_PERCENT_STEP`` percent; the few most recent mixes are
+        kept, and a mix is dropped when one of its experts gets a new version.
+        """
+        percents = {
+            n: round(w * 100 / MIX_PERCENT_STEP) * MIX_PERCENT_STEP for n, w in weights.items()
+        }
+        percents = {n: p for n, p in sorted(percents.items()) if p > 0}
+        if not percents:
+            raise ValueError("a mix needs at least one positive weight")
+        name = MIX_PREFIX + "-".join(f"{n}-{p}" for n, p in percents.items())
+        if name in self._mixes:
+            return name
+        model = self.require_model()
+        if len(self._mixes) >= MAX_MIXES:
+            self._delete_mix(next(iter(self._mixes)))
+        total = sum(percents.values())
+        model.add_weighted_adapter(
+            list(percents), [p / total for p in percents.values()], name, combination_type="cat"
+        )
+        model.eval()
+        rank = int(getattr(model.peft_config[name], "r", 0))
+        version = sum(self._entries[n].version for n in percents)
+        self._mixes[name] = AdapterEntry(name, "mix", version, rank, "", int(time.time()))
+        return name
+
+    def _drop_mixes_of(self, expert: str) -> None:
+        for name in [m for m in self._mixes if f"-{expert}-" in f"{m}-"]:
+            self._delete_mix(name)
+
+    def _delete_mix(self, name: str) -> None:
+        self.require_model().delete_adapter(name)
+        del self._mixes[name]
 
     def install_dir(self, name: str, directory: Path) -> AdapterEntry:
         """Load adapter ``name`` from a PEFT adapter directory. Engine thread only."""

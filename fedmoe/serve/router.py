@@ -36,7 +36,15 @@ class ServeRouter:
         """One decision per text (engine thread: featurizes with the base model)."""
         model = BaseView(self.registry.require_model())
         decisions = self.router.route_texts(model, self.registry.tokenizer, texts)
-        return [serve_decision(d, self.registry.entries()) for d in decisions]
+        return [self._serve(decision) for decision in decisions]
+
+    def _serve(self, decision: RouteDecision) -> RoutingDecision:
+        """A ``mix`` fallback gets its weighted mix of experts; the rest see ``serve_decision``."""
+        loaded = self.registry.entries()
+        if decision.fallback == "mix" and decision.weights and set(decision.weights) <= set(loaded):
+            mix = self.registry.ensure_mix(decision.weights)
+            return RoutingDecision(mix, decision.scores, fallback=True)
+        return serve_decision(decision, loaded)
 
 
 class BaseView:
@@ -81,9 +89,8 @@ class BaseView:
 def serve_decision(decision: RouteDecision, loaded: Mapping[str, AdapterEntry]) -> RoutingDecision:
     """The adapter to generate with for a router decision.
 
-    A routed expert answers alone. A fallback (``merged``, or ``mix``, whose per-request
-    weights no loaded adapter holds) goes to the merged gateway, or, without one, to the
-    best-scoring loaded expert.
+    A routed expert answers alone. A ``merged`` fallback (or a ``mix`` naming experts not
+    loaded) goes to the merged gateway, or, without one, to the best-scoring loaded expert.
     """
     if decision.expert is not None and decision.expert in loaded:
         return RoutingDecision(decision.expert, decision.scores)
@@ -94,18 +101,21 @@ def serve_decision(decision: RouteDecision, loaded: Mapping[str, AdapterEntry]) 
     return RoutingDecision(best, decision.scores, fallback=True)
 
 
-def router_from_dir(root: Path) -> Router | None:
+def router_from_dir(root: Path, **overrides: Any) -> Router | None:
     """The router saved in ``root/router.json`` (None when there is none)."""
     path = Path(root) / ROUTER_FILE
     if not path.exists():
         return None
-    return router_from_payload(json.loads(path.read_text()))
+    return router_from_payload(json.loads(path.read_text()), **overrides)
 
 
-def router_from_coordinator(client: CoordinatorClient) -> Router | None:
-    """The coordinator's router (None when it has no signatures or no such endpoint)."""
+def router_from_coordinator(client: CoordinatorClient, **overrides: Any) -> Router | None:
+    """The coordinator's router (None when it has no signatures or no such endpoint).
+
+    ``overrides`` replace the coordinator's decision settings (e.g. ``fallback="mix"``).
+    """
     payload = fetch_signatures(client)
-    return router_from_payload(payload) if payload else None
+    return router_from_payload(payload, **overrides) if payload else None
 
 
 def fetch_signatures(client: CoordinatorClient) -> dict[str, Any] | None:

@@ -92,6 +92,10 @@ class Service:
             batch_wait=settings.batch_wait_ms / 1000,
         )
         self.router: RequestRouter | None = None
+        # the serving side's choices over the coordinator's router settings
+        self.router_options: dict[str, Any] = (
+            {"fallback": settings.router_fallback} if settings.router_fallback else {}
+        )
         self.context_length = int(getattr(registry.base.model.config, "max_position_embeddings", 0))
 
     @classmethod
@@ -106,7 +110,7 @@ class Service:
             service = cls(settings, registry)
             for name, path in directories.directories.items():
                 service.run_on_engine(partial(registry.install_dir, name, path))
-            service.set_router(_dir_router(settings.adapters_dir))
+            service.set_router(_dir_router(settings.adapters_dir, service.router_options))
             return service
         client = CoordinatorClient(
             settings.coordinator_url or "",
@@ -158,7 +162,7 @@ class Service:
             changed.append(f"{adapter.name} v{adapter.version}")
         if changed:
             logger.info("reloaded %s", ", ".join(changed))
-        self.set_router(router_from_coordinator(self.source.client))
+        self.set_router(router_from_coordinator(self.source.client, **self.router_options))
         return changed
 
     async def reload_forever(self) -> None:
@@ -220,7 +224,7 @@ class Service:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = GenerationJob(prompt_ids, decision.adapter, sampling, emit)
-        version = self.registry.entries()[decision.adapter].version
+        version = self.registry.entry(decision.adapter).version
         self.engine.submit(job)
         return Generation(decision, version, job, events)
 
@@ -242,7 +246,7 @@ class Service:
             self.source.client.close()
 
 
-def _dir_router(root: Any) -> Any:
+def _dir_router(root: Any, options: dict[str, Any]) -> Any:
     from fedmoe.serve.router import router_from_dir
 
-    return router_from_dir(root)
+    return router_from_dir(root, **options)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -46,6 +47,11 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most requests in one generate() call.")
     batch_wait_ms: float = Field(
         5.0, ge=0, description="How long the first request waits for others to batch with."
+    )
+    router_fallback: Literal["merged", "mix"] | None = Field(
+        None,
+        description="fedmoe-auto without a clear winner: the merged gateway or a weighted mix "
+        "of the top experts (default: the coordinator's / router.json's setting).",
     )
     reload_interval: float = Field(
         5.0, gt=0, description="Seconds between checks for new expert versions (coordinator)."
