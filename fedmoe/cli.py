@@ -113,7 +113,7 @@ def coordinator(
     router_fallback: Annotated[str | None, typer.Option(help="merged|mix [merged].")] = None,
     router_margin: Annotated[float | None, typer.Option(help="Router margin [0.1].")] = None,
     router_max_distance: Annotated[
-        float | None, typer.Option(help="Router distance bound [4].")
+        float | None, typer.Option(help="Router distance bound [2.5].")
     ] = None,
     auth_token: TokenOpt = None,
     tokens_file: Annotated[Path | None, typer.Option(help="JSON tokens file.")] = None,

@@ -13,7 +13,19 @@ Public API (``fedmoe serve`` and the gateway CLI call exactly this)::
     decision.weights     # {expert: weight} to serve with: {chosen: 1.0}, top-k mix, or {}
     decision.scores      # {expert: score}, higher is closer
     decision.margin      # top score minus the runner-up's
+    decision.distance    # standardised distance to the top expert (about 1 in-domain)
+    decision.label       # the expert's name or "fallback:merged" / "fallback:mix"
+    decision.to_dict()   # JSON-ready, for a response header or an extra field
     router.describe()    # JSON-ready settings for ``GET /v1/gateway``
+    router.without(name) # the same router minus one expert
+
+    # from a coordinator: GET /v1/signatures (CoordinatorClient.signatures()) holds the
+    # signatures and the coordinator's decision settings; None while no expert has one
+    router = router_from_payload(client.signatures())
+
+A signature is built with ``fedmoe.signature.compute_signature`` (or
+``DomainSignature.from_features``); requests must be featurized by the same base model
+(``router.base_fingerprint``) with ``router.featurizer`` (``route_texts`` does this).
 
 Scoring (``method``): ``"cosine"`` is the cosine between the request's unit feature and each
 expert's mean, both centred on the count-weighted mean of all experts (what every domain
@@ -45,7 +57,7 @@ FALLBACKS = ("merged", "mix")
 # Defaults chosen by benchmarks/routing_bench.py (see benchmarks/RESULTS.md).
 DEFAULT_METHOD = "gaussian"
 DEFAULT_MARGIN = 0.1
-DEFAULT_MAX_DISTANCE = 4.0
+DEFAULT_MAX_DISTANCE = 2.5
 DEFAULT_FALLBACK = "merged"
 # Per-dimension variance floor, times 1/hidden (unit features spread ~1/hidden per dim):
 # a templated domain whose prefixes are all alike must not get a zero-width Gaussian.

@@ -45,6 +45,7 @@ class AdapterStore:
         self.gateway_file_interval = gateway_file_interval
         self.directory.mkdir(parents=True, exist_ok=True)
         self._gateway_pending: GatewaySource | None = None
+        self._gateway_latest: GatewaySource | None = None  # queued or written last
         self._gateway_event = threading.Condition()
         self._closed = False
         self._writer = threading.Thread(
@@ -86,6 +87,9 @@ class AdapterStore:
     def save_gateway_later(self, gateway: GatewaySource) -> None:
         """Queue the gateway for writing; only the newest queued version is written."""
         with self._gateway_event:
+            if gateway is self._gateway_latest:
+                return  # every download of one version asks; it is written once
+            self._gateway_latest = gateway
             self._gateway_pending = gateway
             self._gateway_event.notify()
 
