@@ -462,6 +462,7 @@ def serve_command(
     router_fallback: Annotated[
         str | None, typer.Option(help="merged|mix (default: the coordinator's).")
     ] = None,
+    gateway: Annotated[bool, typer.Option(help="Also serve the merged gateway.")] = True,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Serve every expert, the gateway and fedmoe-auto (routed) over an OpenAI-compatible API."""

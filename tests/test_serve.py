@@ -226,6 +226,25 @@ def test_router_features_come_from_the_base_model_alone(stack: dict[str, Any]) -
     assert torch.allclose(served, expected, atol=1e-5)
 
 
+def test_without_the_gateway_a_merged_fallback_goes_to_the_best_expert(
+    stack: dict[str, Any],
+) -> None:
+    serve = start_serve(coordinator_url=stack["live"].url, gateway=False, reload_interval=60)
+    try:
+        client = _openai(serve)
+        assert {m.id for m in client.models.list().data} == {*EXPERTS, "fedmoe-auto"}
+        serve.service.router_options = {"fallback": "merged", "margin": 1e9}
+        serve.service.reload()
+        answer = client.completions.create(
+            model="fedmoe-auto", prompt="SELECT id FROM t", max_tokens=2, temperature=0
+        )
+        info = answer.model_extra["fedmoe"]
+        assert info["fallback"] is True
+        assert info["expert"] == max(info["scores"], key=info["scores"].get)
+    finally:
+        serve.stop()
+
+
 def test_concurrent_requests_share_one_mixed_adapter_batch(stack: dict[str, Any]) -> None:
     client, engine = stack["client"], stack["serve"].service.engine
     models = [*EXPERTS, "gateway"]

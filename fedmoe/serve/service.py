@@ -109,6 +109,8 @@ class Service:
             registry = ModelRegistry(base)
             service = cls(settings, registry)
             for name, path in directories.directories.items():
+                if name == GATEWAY_MODEL and not settings.gateway:
+                    continue
                 service.run_on_engine(partial(registry.install_dir, name, path))
             service.set_router(_dir_router(settings.adapters_dir, service.router_options))
             return service
@@ -117,7 +119,7 @@ class Service:
             token=settings.coordinator_secret(),
             ca_cert=settings.ca_cert,
         )
-        source = CoordinatorSource(client)
+        source = CoordinatorSource(client, gateway=settings.gateway)
         base = load_base_model(settings.base_model or source.base_model, device=settings.device)
         if base.fingerprint != source.fingerprint:
             raise ValueError(

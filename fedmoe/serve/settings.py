@@ -48,6 +48,11 @@ class ServeSettings(BaseModel):
     batch_wait_ms: float = Field(
         5.0, ge=0, description="How long the first request waits for others to batch with."
     )
+    gateway: bool = Field(
+        True,
+        description="Also serve the merged gateway (from a coordinator, each new expert "
+        "version then makes it rebuild the gateway when the server polls).",
+    )
     router_fallback: Literal["merged", "mix"] | None = Field(
         None,
         description="fedmoe-auto without a clear winner: the merged gateway or a weighted mix "

@@ -36,8 +36,8 @@ class FetchedAdapter:
 class CoordinatorSource:
     """Downloads experts and the gateway from a coordinator, skipping unchanged ones (304)."""
 
-    def __init__(self, client: CoordinatorClient) -> None:
-        self.client = client
+    def __init__(self, client: CoordinatorClient, *, gateway: bool = True) -> None:
+        self.client, self.gateway = client, gateway
         schema = client.schema()
         self.base_model: str = schema["base_model"]
         self.fingerprint: str = schema["base_model_fingerprint"]
@@ -56,7 +56,7 @@ class CoordinatorSource:
             if body is not None:
                 state = decode_adapter(body, self.shapes)
                 fetched.append(FetchedAdapter(name, self.lora.to_peft(), state, version, etag))
-        gateway = self._changed_gateway()
+        gateway = self._changed_gateway() if self.gateway else None
         return [*fetched, gateway] if gateway else fetched
 
     def _changed_gateway(self) -> FetchedAdapter | None:
