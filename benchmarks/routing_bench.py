@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,9 @@ import torch
 from peft import ArrowConfig, PeftModel, create_arrow_model
 from safetensors.torch import load_file, save_file
 
-from benchmarks.common import fmt, load_average, mean, parser, setup_torch
-from benchmarks.report import markdown_table, publish
+from benchmarks.common import load_average, mean, parser, setup_torch
+from benchmarks.report import publish
+from benchmarks.routing_report import render
 from benchmarks.simulation import Workbench
 from fedmoe.adapters import write_peft_dir
 from fedmoe.aggregate import AdapterState
@@ -436,6 +439,7 @@ def main() -> None:
     args = cli.parse_args()
     if args.render:
         results = json.loads(JSON_PATH.read_text())
+        sys.argv[1:] = results.get("argv", [])  # RESULTS.md names the run that measured
         publish(
             "routing", "Routing: the routed gateway and the router", render(results), write=True
         )
@@ -517,6 +521,8 @@ def main() -> None:
         "load_before": load_before,
         "load_after": load_average(),
         "wall_seconds": time.monotonic() - started,
+        "argv": sys.argv[1:],
+        "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if args.write or not args.quick:
         JSON_PATH.write_text(json.dumps(results, indent=2) + "\n")
@@ -526,124 +532,6 @@ def main() -> None:
         render(results),
         write=args.write or not args.quick,
     )
-
-
-def render(r: dict[str, Any]) -> str:
-    """The RESULTS.md section from the JSON results."""
-    table, s = r["losses"], r["settings"]
-    rows = [[name, *(fmt(v[d]) for d in DOMAINS), fmt(mean(v))] for name, v in table.items()]
-    own, routed = table["own expert (oracle)"], table["gateway: routed (default)"]
-    ratios = {d: routed[d] / own[d] for d in DOMAINS}
-    conf = [[d, *(row[c] for c in [*DOMAINS, "fallback"])] for d, row in r["confusion"].items()]
-    sweep_rows = [
-        [
-            x["layer"],
-            x["prefix_tokens"],
-            x["method"],
-            f"{100 * x['accuracy_argmax']:.1f}%",
-            f"{100 * x['accuracy_default_rule']:.1f}%",
-        ]
-        for x in r["sweep"]
-    ]
-    loo = [
-        [d, f"{100 * v['fallback_share']:.0f}%", fmt(v["routed_loss"]), fmt(v["cat_loss"])]
-        for d, v in r["leave_one_out"].items()
-    ]
-    rules = [
-        [
-            x["margin"],
-            x["max_distance"],
-            x["fallback"],
-            fmt(x["routed_mean"]),
-            fmt(x["loo_mean"]),
-            fmt(x["loo_cat_mean"]),
-            f"{100 * x['loo_fallback_share']:.0f}%",
-        ]
-        for x in r["rules"]
-    ]
-    lat = r["latency"]
-    central = mean(table["centralised LoRA (pooled, 3x tokens)"])
-    below = "below" if mean(routed) < central else "NOT below"
-    met = "met" if max(ratios.values()) <= 1.03 else "NOT met"
-    rule_head = [
-        "margin",
-        "max distance",
-        "fallback",
-        "routed",
-        "LOO routed",
-        "LOO cat",
-        "fell back",
-    ]
-    return f"""
-**Method.** One process, real library pieces: `LocalTrainer` trains one expert per demo domain
-for {s["steps_per_expert"]} steps each (one worker per expert, the demo's layout, so FedMoE is
-plain local training) and a centralised LoRA for 3x the steps on the pooled data (equal tokens
-per domain); `GatewayMerge` builds the merges (uniform); peft's `create_arrow_model` is the
-data-free per-token Arrow router over the same experts. Routing uses `fedmoe.signature` /
-`fedmoe.routing.Router` exactly as the CLI does: signatures from each domain's 400 training
-examples, featurizer {s["featurizer"]}, router {s["router"]}; every held-out example is
-routed by what its request carries (its prompt, or the start of a `text` record) and its loss
-is taken under the adapter chosen (on fallback: the `cat` gateway, or a weighted `cat` mix of
-the top 2). {s["validation_per_domain"]} held-out examples per domain; `{s["base_model"]}` base.
-
-Validation loss (nats per target token, lower is better):
-
-{markdown_table(["model", *DOMAINS, "mean"], rows)}
-
-Routed / own expert: {", ".join(f"{d} {v:.3f}" for d, v in ratios.items())} (goal ≤ 1.03 on
-every domain: {met}). Routed mean {mean(routed):.3f} vs centralised LoRA {central:.3f}
-({below}).
-
-**Routing accuracy** at the default featurizer: {100 * r["accuracy"]:.1f}% of held-out requests
-(goal ≥ 95%). Confusion (rows: true domain; columns: where the router sent it):
-
-{markdown_table(["domain", *DOMAINS, "fallback"], conf)}
-
-Layer × prefix length × scoring (argmax: no margin, no distance bound; default rule: margin
-{s["router"]["margin"]}, max distance {s["router"]["max_distance"]}, fallback counted as a miss):
-
-{markdown_table(["layer", "P", "method", "argmax", "default rule"], sweep_rows)}
-
-Records routed by the start of their full text (no prompt split):
-{", ".join(f"{d} {100 * v:.0f}%" for d, v in r["text_only"].items())}. Prompts mixing two
-domains (A's prompt, then B's; 60 pairs): routed to A {r["mixed"]["first"]}, to B
-{r["mixed"]["second"]}, elsewhere {r["mixed"]["other"]}, fallback {r["mixed"]["fallback"]}
-(the router reads the first P tokens, so the domain that opens the request decides). Signature noise
-(`--signature-noise`, std per coordinate): accuracy
-{", ".join(f"σ={k} {100 * v:.1f}%" for k, v in r["noise"].items())}.
-
-**Leave one expert out** (that domain's requests with only the other two experts; the
-fallback should catch them and be no worse than `cat` of the remaining experts):
-
-{markdown_table(["left out", "fell back", "routed loss", "cat loss"], loo)}
-
-**Decision rule** (mean loss; in-domain routed, and leave-one-out routed vs `cat`):
-
-{markdown_table(rule_head, rules)}
-
-**Router latency** (featurize the first P tokens with the base model + score, one request,
-CPU, 1 thread): p50 {lat["router_p50_ms"]:.1f} ms, p99 {lat["router_p99_ms"]:.1f} ms; a 64-token
-greedy answer with one expert {lat["answer_64_ms"]:.0f} ms, so the router is
-{100 * lat["share_p50"]:.1f}% of it (goal ≤ 5%).
-
-**Defaults chosen from this.** Scoring `gaussian` (mean per-dimension log-likelihood under
-each expert's diagonal Gaussian): 100% at every layer and prefix length, where centred cosine
-dips to 94–96%. Layer -1 (the last hidden state; cosine is best there) and P = 32: every P
-routes 100% with `gaussian` on these generated prompts; 32 is kept because real requests share
-longer openings (a system prompt, a chat template) than these, and it costs
-{lat["router_p50_ms"]:.0f} ms. Margin
-{s["router"]["margin"]}: a larger one (0.5) sends correctly routed requests to the fallback
-(worse in-domain). Fallback `merged`: with an expert left out, `mix` puts nearly all weight on
-the wrong top expert, while `cat` is what the unknown domain is best served by. Max distance
-{s["router"]["max_distance"]}: the tightest bound that loses no in-domain request here; it
-catches the most left-out requests, and only the docs domain's (the others are confidently
-sent to the nearest remaining expert): leave-one-out remains the router's weak case.
-Signature noise must stay well below the per-dimension spread of the features (about
-1/hidden): σ = 1e-4 is harmless on `tiny` (hidden 64), 1e-3 is not.
-
-Figures taken on a loaded shared machine (2 cores, 6 engineers): load average before
-{r["load_before"]}, after {r["load_after"]}; wall time {r["wall_seconds"]:.0f} s.
-"""
 
 
 if __name__ == "__main__":

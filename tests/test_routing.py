@@ -224,3 +224,18 @@ def test_routes_held_out_demo_prompts_with_the_tiny_model(tiny) -> None:  # type
         correct += sum(decision.expert == domain for decision in decisions)
         total += len(decisions)
     assert correct / total >= 0.95
+
+
+def test_routed_loss_weights_each_group_by_its_tokens(tiny) -> None:  # type: ignore[no-untyped-def]
+    from fedmoe.batching import tokenize_example
+    from fedmoe.evaluation import validation_loss
+    from fedmoe.routed_eval import routed_loss
+    from fedmoe.routing import RouteDecision
+
+    examples = [parse_record(r) for r in generate_domain("sql_expert", 6, seed=4)]
+    tokens = [tokenize_example(e, tiny.tokenizer, max_length=256) for e in examples]
+    pad = tiny.tokenizer.pad_token_id
+    to = [RouteDecision(name, {}, 1.0) for name in ("a", "b", "a", "b", "a", "b")]
+    # both "experts" are the base model: the routed loss must equal its loss on all of them
+    loss = routed_loss(to, examples, tiny.tokenizer, lambda d: (str(d.expert), tiny.model))
+    assert math.isclose(loss, validation_loss(tiny.model, tokens, pad_token_id=pad), rel_tol=1e-5)
