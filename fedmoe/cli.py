@@ -296,6 +296,90 @@ def make_demo_data(
         console.print(f"{domain}: {train} {validation}")
 
 
+@app.command("serve")
+def serve_command(
+    coordinator_url: Annotated[
+        str | None,
+        typer.Option(
+            "--coordinator-url",
+            envvar="FEDMOE_COORDINATOR_URL",
+            help="Load experts from this coordinator (hot-reloads new versions).",
+        ),
+    ] = None,
+    adapters_dir: Annotated[
+        Path | None, typer.Option(help="Or load them offline from PEFT adapter directories.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address [127.0.0.1].")] = None,
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    base_model: Annotated[str | None, typer.Option(help="Override the base model.")] = None,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps.")] = "auto",
+    auth_token: TokenOpt = None,
+    tokens_file: Annotated[Path | None, typer.Option(help="JSON tokens file.")] = None,
+    coordinator_token: Annotated[
+        str | None, typer.Option(help="Token for the coordinator (default: --auth-token).")
+    ] = None,
+    ca_cert: CaOpt = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Allow no auth off loopback.")
+    ] = False,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS key.")] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens allowed.")] = 512,
+    default_max_tokens: Annotated[int, typer.Option(help="When a request omits it.")] = 64,
+    max_batch_size: Annotated[int, typer.Option(help="Requests per generate() call.")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="Wait for requests to batch.")] = 5.0,
+    reload_interval: Annotated[float, typer.Option(help="Seconds between reloads.")] = 5.0,
+    router_fallback: Annotated[
+        str | None, typer.Option(help="merged|mix (default: the coordinator's).")
+    ] = None,
+    gateway: Annotated[bool, typer.Option(help="Also serve the merged gateway.")] = True,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Serve every expert, the gateway and fedmoe-auto (routed) over an OpenAI-compatible API."""
+    given: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+    from pydantic import ValidationError
+
+    from fedmoe.serve.server import serve
+    from fedmoe.serve.settings import ServeSettings
+
+    given.pop("log_level")
+    setup_logging(log_level)
+    try:
+        serve(ServeSettings(**given))
+    except ValidationError as error:
+        fail("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors()))
+    except (ValueError, OSError, RuntimeError) as error:
+        fail(str(error))
+
+
+@app.command("export-vllm")
+def export_vllm_command(
+    directory: Annotated[Path, typer.Argument(help="Where to write the adapters and command.")],
+    coordinator_url: UrlOpt = DEFAULT_COORDINATOR_URL,
+    auth_token: TokenOpt = None,
+    ca_cert: CaOpt = None,
+    gateway: Annotated[bool, typer.Option(help="Also export the merged gateway.")] = True,
+) -> None:
+    """Write every expert (and the gateway) as PEFT adapters, the router, and a vLLM command."""
+    import httpx
+
+    from fedmoe.client import ApiError, CoordinatorClient
+    from fedmoe.serve.vllm import export_for_vllm
+
+    setup_logging("WARNING")
+    try:
+        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
+            manifest = export_for_vllm(client, directory, gateway=gateway)
+    except (httpx.HTTPError, ApiError) as error:
+        fail(f"{coordinator_url}: {error}", code=1)
+    for name, info in manifest["adapters"].items():
+        console.print(f"{name}: v{info['version']} rank {info['rank']} → {info['path']}")
+    for name, why in manifest["skipped"].items():
+        console.print(f"[yellow]{name} left out:[/] {why}")
+    console.print(f"router: {manifest['router'] or 'none (no signatures yet)'}")
+    console.print(f"[bold]{manifest['command']}[/]")
+
+
 def main() -> None:
     """Entry point for ``python -m fedmoe``."""
     app()

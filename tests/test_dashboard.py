@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image, ImageStat
-from fedmoe.procs import start_worker, stop
 
 from fedmoe.demo_data import write_demo_datasets
+from fedmoe.procs import start_worker, stop
 
 TOKEN = "dashboard-admin-token-0123456789"
 DOMAINS = ("python_expert", "sql_expert")
