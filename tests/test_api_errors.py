@@ -341,3 +341,10 @@ def test_etag_if_none_match_gives_304(checked, path: str) -> None:
         assert again.headers["ETag"] == etag and again.headers["X-FedMoE-Version"] == version
     other = checked.get(path, headers={"If-None-Match": '"stale-tag"'})
     assert other.status_code == 200 and other.content == first.content
+
+
+def test_405_lists_every_method_of_the_path(checked) -> None:
+    """A path served by two routes (GET and POST) names both in ``Allow``, as HTTP says."""
+    response = checked.request("OPTIONS", f"/v1/experts/{PY}/signature")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "GET, POST"
