@@ -2,7 +2,8 @@
 
 Run ``python -m benchmarks.render`` (``--check`` only compares, ``--results-dir`` and
 ``--output`` pick other files). Each ``<section>.json`` holds ``meta`` (command, machine,
-date; ``transcribed`` when the figures were copied from an earlier RESULTS.md) and
+date; ``transcribed`` when the figures were copied from an earlier RESULTS.md,
+``converted`` when they were moved from a benchmark's own earlier JSON file) and
 ``values`` (the measurements); ``benchmarks.templates.<module>.render(values)`` writes
 the section's text.
 """

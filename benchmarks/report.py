@@ -35,6 +35,8 @@ SECTIONS = {
     "worker-speed-qwen05b": "worker_speed",
     "concurrency": "concurrency",
     "coordinator-speed": "coordinator_speed",
+    "routing": "routing",
+    "serving": "serving",
 }
 
 

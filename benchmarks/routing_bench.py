@@ -1,25 +1,24 @@
 """Routing: the routed gateway vs experts and merges at equal token budgets, and the router.
 
-Run: ``.venv/bin/python -m benchmarks.routing_bench [--quick] [--write]``.
+Run: ``.venv/bin/python -m benchmarks.routing_bench [--quick] [--results-dir DIR]``.
 
 One process, real library pieces: ``LocalTrainer`` trains one expert per demo domain (one
 worker per expert: plain local training, the demo's layout) and a centralised LoRA on the
 pooled data with 3x the tokens; ``GatewayMerge`` builds the merges; ``fedmoe.signature`` and
 ``fedmoe.routing.Router`` route every held-out example by what its request carries. Trained
 adapters are cached (safetensors) in a temp dir, so a rerun only evaluates. Writes
-``benchmarks/routing.json`` and the ``routing`` section of ``RESULTS.md``.
+``benchmarks/results/routing.json`` (``publish``); its text is ``benchmarks/templates/routing``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,8 @@ import torch
 from peft import ArrowConfig, PeftModel, create_arrow_model
 from safetensors.torch import load_file, save_file
 
-from benchmarks.common import load_average, mean, parser, setup_torch
+from benchmarks.common import mean, parser, setup_torch
 from benchmarks.report import publish
-from benchmarks.routing_report import render
 from benchmarks.simulation import Workbench
 from fedmoe.adapters import write_peft_dir
 from fedmoe.aggregate import AdapterState
@@ -43,7 +41,6 @@ from fedmoe.routing import DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, Router
 from fedmoe.signature import DomainSignature, FeaturizerSettings, featurize, request_text
 from fedmoe.strategy import MERGE_METHODS, GatewayMerge
 
-JSON_PATH = Path(__file__).resolve().parent / "routing.json"
 CACHE = Path(tempfile.gettempdir()) / "fedmoe-routing-bench"
 PREFIXES = (8, 16, 32, 64)
 LAYERS = (0, 1, -1)
@@ -434,18 +431,9 @@ def noise_accuracy(
 
 def main() -> None:
     """Train (or load) the experts, evaluate every arm, measure the router, write results."""
-    cli = parser(__doc__.splitlines()[0])
-    cli.add_argument("--render", action="store_true", help="Rewrite RESULTS.md from the JSON.")
-    args = cli.parse_args()
-    if args.render:
-        results = json.loads(JSON_PATH.read_text())
-        sys.argv[1:] = results.get("argv", [])  # RESULTS.md names the run that measured
-        publish(
-            "routing", "Routing: the routed gateway and the router", render(results), write=True
-        )
-        return
+    args = parser(__doc__.splitlines()[0]).parse_args()
     setup_torch()
-    started, load_before = time.monotonic(), load_average()
+    started, load_before = time.monotonic(), list(os.getloadavg())
     steps = 40 if args.quick else 300
     lora, train = LoraSettings(), TrainSettings()
     bench = Workbench(args.base_model, lora, train)
@@ -519,19 +507,10 @@ def main() -> None:
         "noise": noise_accuracy(model, tokenizer, domains, fp, features),
         "latency": latency(router, model, tokenizer, prompts, expert_model),
         "load_before": load_before,
-        "load_after": load_average(),
+        "load_after": list(os.getloadavg()),
         "wall_seconds": time.monotonic() - started,
-        "argv": sys.argv[1:],
-        "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    if args.write or not args.quick:
-        JSON_PATH.write_text(json.dumps(results, indent=2) + "\n")
-    publish(
-        "routing",
-        "Routing: the routed gateway and the router",
-        render(results),
-        write=args.write or not args.quick,
-    )
+    publish("routing", "Routing: the routed gateway and the router", results, args)
 
 
 if __name__ == "__main__":

@@ -9,23 +9,23 @@ Measures, on the engine that ``fedmoe serve`` runs (no HTTP in the loop):
   the merged ``cat`` gateway, and the bare base model.
 
 Experts are set deterministically (seeded LoRA factors), as in the serving tests; the
-router's signatures are computed from the demo data. Raw figures go to
-``benchmarks/serve_bench.json``; ``--write`` records the table in RESULTS.md.
+router's signatures are computed from the demo data. The figures go to
+``benchmarks/results/serving.json`` (``publish``; ``--quick``: a temp dir); its text is
+``benchmarks/templates/serving``.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import load_average, parser, setup_torch
-from benchmarks.report import machine, markdown_table, publish
+from benchmarks.common import parser, setup_torch
+from benchmarks.report import publish
 from fedmoe.aggregate import merge_cat
 from fedmoe.config import LoraSettings
 from fedmoe.data import parse_record
@@ -37,7 +37,6 @@ from fedmoe.serve.models import ModelRegistry
 from fedmoe.serve.router import BaseView
 from fedmoe.signature import FeaturizerSettings, compute_signature, request_text
 
-RAW = Path(__file__).with_name("serve_bench.json")
 ANSWER_TOKENS = 64
 
 
@@ -134,7 +133,7 @@ def router_latency(registry: ModelRegistry, repeats: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Run the measurements, write the raw JSON and print (or record) the table."""
+    """Run the measurements and publish them (``benchmarks/results/serving.json``)."""
     args = parser(__doc__.splitlines()[0]).parse_args()
     setup_torch()
     repeats = 2 if args.quick else 5
@@ -149,9 +148,8 @@ def main() -> None:
     finally:
         engine.close()
     answer_ms = statistics.median(answer_times) * 1000
-    raw = {
-        "machine": machine(),
-        "load_average": load_average(),
+    values = {
+        "load_average": list(os.getloadavg()),
         "base_model": args.base_model,
         "quick": args.quick,
         "answer_tokens": ANSWER_TOKENS,
@@ -159,31 +157,7 @@ def main() -> None:
         "router": {**router, "share_of_answer": router["p50_ms"] / answer_ms},
         "generation": arms,
     }
-    RAW.write_text(json.dumps(raw, indent=2) + "\n")
-    publish(
-        "serve_bench",
-        "Serving: router latency and generation tokens/s",
-        _table(raw),
-        write=args.write,
-    )
-
-
-def _table(raw: dict[str, Any]) -> str:
-    router, single = raw["router"], raw["generation"]["one adapter, 1 request"]["tokens_per_s"]
-    rows = [
-        [arm, f"{v['tokens_per_s']:.0f}", f"{v['tokens_per_s'] / single:.2f}×"]
-        for arm, v in raw["generation"].items()
-    ]
-    return (
-        f"CPU, 1 torch thread, on a machine shared with other jobs (load {raw['load_average']}); "
-        f"base `{raw['base_model']}`, greedy, {raw['answer_tokens']}-token answers.\n\n"
-        f"Router (featurize a 32-token prefix + score, per request): p50 "
-        f"{router['p50_ms']:.1f} ms, p99 {router['p99_ms']:.1f} ms over {router['requests']} "
-        f"held-out demo prompts ({router['accuracy']:.0%} routed to their domain's expert); a "
-        f"64-token answer takes {raw['answer_64_tokens_ms']:.0f} ms, so routing is "
-        f"{router['share_of_answer']:.1%} of it.\n\n"
-        + markdown_table(["generation", "tokens/s", "vs one request"], rows)
-    )
+    publish("serving", "Serving: router latency and generation tokens/s", values, args)
 
 
 if __name__ == "__main__":

@@ -32,3 +32,27 @@ def test_a_changed_figure_changes_the_rendering(tmp_path: Path) -> None:
     assert main(["--results-dir", str(tmp_path), "--output", str(output), "--check"]) == 1
     assert main(["--results-dir", str(tmp_path), "--output", str(output)]) == 0
     assert "| 30 processes × 1 thread, 20 s | 3880 | 1.2 |" in output.read_text()
+
+
+def test_every_measured_section_is_rendered() -> None:
+    # every benchmark's section has its JSON (the Qwen-shaped worker speed needs a GPU)
+    gpu_only = {"worker-speed-qwen05b"}
+    assert {p.stem for p in RESULTS_DIR.glob("*.json")} == set(SECTIONS) - gpu_only
+    markers = [line for line in RESULTS.read_text().splitlines() if line.startswith("<!-- BEGIN")]
+    assert markers == [f"<!-- BEGIN {name} -->" for name in SECTIONS if name not in gpu_only]
+
+
+def test_no_raw_results_outside_the_results_dir() -> None:
+    # a benchmark writing its own JSON next to RESULTS.md would bypass the renderer
+    assert sorted(RESULTS.parent.glob("*.json")) == []
+
+
+def test_a_changed_serving_figure_changes_its_table(tmp_path: Path) -> None:
+    document = json.loads((RESULTS_DIR / "serving.json").read_text())
+    generation = document["values"]["generation"]
+    single = generation["one adapter, 1 request"]["tokens_per_s"]
+    generation["one adapter, batch of 3"]["tokens_per_s"] = 3 * single
+    (tmp_path / "serving.json").write_text(json.dumps(document))
+    text = render_results(tmp_path)
+    assert f"| one adapter, batch of 3 | {3 * single:.0f} | 3.00× |" in text
+    assert "<!-- BEGIN serving -->" in text and "<!-- BEGIN routing -->" not in text

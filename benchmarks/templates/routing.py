@@ -1,21 +1,27 @@
-"""The ``routing`` section of RESULTS.md, rendered from ``benchmarks/routing.json``."""
+"""``routing``: the routed gateway against experts, merges, Arrow and a centralised LoRA."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.common import fmt, mean
-from benchmarks.report import markdown_table
-from fedmoe.demo_data import DOMAINS
+from benchmarks.templates import fmt, loads, markdown_table
+
+
+def mean(values: dict[str, float] | Sequence[float]) -> float:
+    """The mean of a dict's values or a sequence."""
+    items = list(values.values()) if isinstance(values, dict) else list(values)
+    return sum(items) / len(items)
 
 
 def render(r: dict[str, Any]) -> str:
-    """The RESULTS.md section from the JSON results."""
+    """The section body."""
     table, s = r["losses"], r["settings"]
-    rows = [[name, *(fmt(v[d]) for d in DOMAINS), fmt(mean(v))] for name, v in table.items()]
+    domains = list(table["base"])  # the demo's domains, in the order measured
+    rows = [[name, *(fmt(v[d]) for d in domains), fmt(mean(v))] for name, v in table.items()]
     own, routed = table["own expert (oracle)"], table["gateway: routed (default)"]
-    ratios = {d: routed[d] / own[d] for d in DOMAINS}
-    conf = [[d, *(row[c] for c in [*DOMAINS, "fallback"])] for d, row in r["confusion"].items()]
+    ratios = {d: routed[d] / own[d] for d in domains}
+    conf = [[d, *(row[c] for c in [*domains, "fallback"])] for d, row in r["confusion"].items()]
     sweep_rows = [
         [
             x["layer"],
@@ -69,7 +75,7 @@ the top 2). {s["validation_per_domain"]} held-out examples per domain; `{s["base
 
 Validation loss (nats per target token, lower is better):
 
-{markdown_table(["model", *DOMAINS, "mean"], rows)}
+{markdown_table(["model", *domains, "mean"], rows)}
 
 Routed / own expert: {", ".join(f"{d} {v:.3f}" for d, v in ratios.items())} (goal ≤ 1.03 on
 every domain: {met}). Routed mean {mean(routed):.3f} vs centralised LoRA {central:.3f}
@@ -78,7 +84,7 @@ every domain: {met}). Routed mean {mean(routed):.3f} vs centralised LoRA {centra
 **Routing accuracy** at the default featurizer: {100 * r["accuracy"]:.1f}% of held-out requests
 (goal ≥ 95%). Confusion (rows: true domain; columns: where the router sent it):
 
-{markdown_table(["domain", *DOMAINS, "fallback"], conf)}
+{markdown_table(["domain", *domains, "fallback"], conf)}
 
 Layer × prefix length × scoring (argmax: no margin, no distance bound; default rule: margin
 {s["router"]["margin"]}, max distance {s["router"]["max_distance"]}, fallback counted as a miss):
@@ -122,7 +128,6 @@ sent to the nearest remaining expert): leave-one-out remains the router's weak c
 Signature noise must stay well below the per-dimension spread of the features (about
 1/hidden): σ = 1e-4 is harmless on `tiny` (hidden 64), 1e-3 is not.
 
-Measured {r.get("measured_at", "")}; figures taken on a loaded shared machine (2 cores, 6
-engineers): load average before
-{r["load_before"]}, after {r["load_after"]}; wall time {r["wall_seconds"]:.0f} s.
+Load average (1, 5, 15 min) before
+{loads(r["load_before"])}, after {loads(r["load_after"])}; wall time {r["wall_seconds"]:.0f} s.
 """
