@@ -7,6 +7,7 @@ ledger before ``submit_update`` returns, so an acknowledged update is never lost
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -19,10 +20,11 @@ from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors, restore
 from fedmoe.coordinator.evaluations import EvaluationLog
-from fedmoe.coordinator.ledger import Ledger, UpdateRecord
+from fedmoe.coordinator.ledger import Ledger, StrategyRow, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.signatures import SignatureBook
 from fedmoe.coordinator.store import AdapterStore
+from fedmoe.coordinator.strategies import StrategyBook
 from fedmoe.coordinator.versions import (
     GATEWAY_SAFE_BOUND,
     MAX_NUM_TOKENS,
@@ -46,6 +48,7 @@ from fedmoe.schemas import (
     UpdateAck,
     WorkerRegistration,
 )
+from fedmoe.server_strategy import AsyncStrategy, Outcome
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class CentralCoordinator:
             ledger, store, settings.experts, initial=initial, schema=self.schema
         )
         self.gateway = self._restore_gateway()
+        self.strategies = StrategyBook(settings, ledger)  # server aggregation and its state
         self.evaluations = EvaluationLog(ledger.path)  # federated evaluation reports
         self.signatures = SignatureBook(
             settings.state_dir,
@@ -259,15 +263,39 @@ class CentralCoordinator:
         self._enforce_policies(record)
         clip = self._clip_factor(norm)
         record.clipped = clip < 1.0
-        record.weight = self.settings.server_lr * self.decay(staleness) * clip
-        new_state = aggregate.apply_update(expert.state, delta, record.weight)
-        bound = self._overflow_guard(expert, new_state, record.weight * norm, request)
+        contribution = self.strategies.contribution(
+            update_id=request.update_id,
+            worker_id=request.worker_id,
+            expert=request.expert,
+            delta=delta,
+            decay=self.decay(staleness),
+            clip=clip,
+            num_tokens=request.num_tokens,
+        )
+        strategy = self.strategies.strategy
+        outcome = strategy.receive(
+            expert.state, contribution, self.strategies.states[request.expert]
+        )
+        record.weight = outcome.weight
+        if outcome.params is None:
+            return self._buffer(record, outcome)
+        new_state = outcome.params
+        # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
+        plain = isinstance(strategy, AsyncStrategy) and not strategy.stateful
+        step = record.weight * norm if plain else math.inf
+        bound = self._overflow_guard(expert, new_state, step, request)
         self._gateway_guard(request, new_state, bound)
         version = expert.version + 1
         payload = self.store.save_expert(request.expert, version, new_state)
         new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
         record.accepted, record.expert_version = True, version
-        self._commit(record, new_expert)
+        try:
+            row = self.strategies.prepare(request.expert, outcome.state, outcome.fill)
+        except BaseException:
+            self.store.expert_path(request.expert, version).unlink(missing_ok=True)
+            raise
+        self._commit(record, new_expert, row)
+        self.strategies.publish(request.expert, outcome.state, row)
         try:
             self.store.prune_expert(request.expert, new_expert.version)
         except OSError as error:  # committed already: a stale file is harmless, pruned later
@@ -275,7 +303,28 @@ class CentralCoordinator:
         assert record.response is not None
         return record.response
 
-    def _commit(self, record: UpdateRecord, new_expert: Versioned) -> None:
+    def _buffer(self, record: UpdateRecord, outcome: Outcome) -> UpdateAck:
+        """Durably keep an update in its expert's buffer (version unchanged); the ack says so."""
+        row = self.strategies.prepare(record.expert, outcome.state, outcome.fill)
+        assert row is not None, "a buffering strategy keeps state"
+        record.accepted, record.buffered, record.buffer_fill = True, True, outcome.fill
+        record.expert_version = self.experts[record.expert].version
+        with self._commit_lock:
+            try:
+                if self.ledger.accepted_update(record.update_id) is not None:
+                    raise _duplicate_id(record.update_id)
+                record.gateway_version = self.gateway.version
+                record.response = record.acknowledgement()
+                self.ledger.commit_buffered(record, row)
+            except BaseException:
+                self.strategies.discard(row)
+                raise
+        self.strategies.publish(record.expert, outcome.state, row)
+        return record.response
+
+    def _commit(
+        self, record: UpdateRecord, new_expert: Versioned, strategy: StrategyRow | None = None
+    ) -> None:
         """Commit an applied update to the ledger and publish the expert and a new gateway."""
         with self._commit_lock:
             try:
@@ -287,10 +336,11 @@ class CentralCoordinator:
                 gateway = self._gateway(self.gateway.version + 1, built_from, experts)
                 record.gateway_version = gateway.version
                 record.response = record.acknowledgement()
-                self.ledger.commit_accepted(record, built_from)
+                self.ledger.commit_accepted(record, built_from, strategy)
             except BaseException:
-                # not in the ledger, so not current: remove the file written for it
+                # not in the ledger, so not current: remove the files written for it
                 self.store.expert_path(record.expert, new_expert.version).unlink(missing_ok=True)
+                self.strategies.discard(strategy)
                 raise
             self.experts, self.gateway = experts, gateway
             if self.settings.eager_gateway:  # else merged only when downloaded
@@ -424,11 +474,12 @@ class CentralCoordinator:
                 updates_rejected=rows[name]["rejected"],
                 workers=[w for w, info in workers.items() if info.specialty == name],
                 worker_count=counts.get(name, 0),
+                strategy=self.strategies.status(name),
             )
             for name in self.settings.experts
         }
         staleness = self.decay.describe() | {
-            "server_lr": self.settings.server_lr,
+            "server_lr": self.settings.effective_server_lr,
             "max_staleness": self.settings.max_staleness,
         }
         return StatusInfo(
