@@ -3,6 +3,8 @@ kill -9 with a half-full buffer loses and repeats nothing, and momentum resumes 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from fedmoe.adapters import encode_adapter
@@ -114,3 +116,26 @@ def test_kill_nine_with_half_full_buffer_and_momentum_resumes_exactly(tmp_path) 
         expected, moments = optimizer.step(expected, grad, 0.7, moments)
     for key in theta:
         assert torch.equal(after[key], expected[key]), key
+
+
+def test_a_lone_update_is_applied_after_the_buffer_timeout(live_coordinator_factory) -> None:
+    live = live_coordinator_factory(strategy="fedbuff", buffer_size=4, buffer_timeout=0.2)
+    with live.client() as client:
+        register(client, PY_WORKER, PY)
+        shapes = shapes_of(client)
+        theta, delta = expert_state(client, PY), random_delta(shapes, 3)
+        ack = upload(client, PY, encode_adapter(delta), update_headers(PY_WORKER, 0, "x")).json()
+        assert ack["buffered"] and ack["version"] == 0
+        deadline = time.monotonic() + 30  # the timer ticks every 0.05 s; a loaded machine lags
+        while client.get("/v1/status").json()["experts"][PY]["version"] == 0:
+            assert time.monotonic() < deadline, "the timed-out buffer was never applied"
+            time.sleep(0.05)
+        status = client.get("/v1/status").json()["experts"][PY]
+        assert status["version"] == 1 and status["strategy"]["buffer_fill"] == 0
+        after = expert_state(client, PY)
+        for key in theta:  # a buffer of one: its mean is the delta itself
+            torch.testing.assert_close(after[key], theta[key] + delta[key], rtol=0, atol=1e-7)
+    live.stop()
+    reopened = live_coordinator_factory(live.state_dir, strategy="fedbuff", buffer_size=4)
+    assert reopened.coordinator.experts[PY].version == 1
+    assert reopened.coordinator.strategies.states[PY].update_ids == ()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -48,7 +49,7 @@ from fedmoe.schemas import (
     UpdateAck,
     WorkerRegistration,
 )
-from fedmoe.server_strategy import AsyncStrategy, Outcome
+from fedmoe.server_strategy import AsyncStrategy, FedBuffStrategy, Outcome, StrategyState
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,13 @@ class CentralCoordinator:
         )
         self.gateway = self._restore_gateway()
         self.strategies = StrategyBook(settings, ledger)  # server aggregation and its state
+        self._closing = threading.Event()
+        if isinstance(self.strategies.strategy, FedBuffStrategy):
+            # applies a buffer that waited --buffer-timeout even if no upload comes after it
+            period = min(5.0, settings.buffer_timeout / 4)
+            threading.Thread(
+                target=self._flush_loop, args=(period,), name="buffer-timer", daemon=True
+            ).start()
         self.evaluations = EvaluationLog(ledger.path)  # federated evaluation reports
         self.signatures = SignatureBook(
             settings.state_dir,
@@ -124,6 +132,7 @@ class CentralCoordinator:
 
     def close(self) -> None:
         """Flush background writes and close the ledger."""
+        self._closing.set()
         self.store.close()
         self.evaluations.close()
         self.ledger.close()
@@ -321,6 +330,59 @@ class CentralCoordinator:
                 raise
         self.strategies.publish(record.expert, outcome.state, row)
         return record.response
+
+    def _flush_loop(self, period: float) -> None:
+        while not self._closing.wait(period):
+            try:
+                self.flush_due_buffers()
+            except Exception:  # e.g. a full disk: the buffer stays, the next tick retries
+                logger.exception("could not apply a timed-out buffer")
+
+    def flush_due_buffers(self) -> list[str]:
+        """Apply every FedBuff buffer that has waited --buffer-timeout; the experts flushed."""
+        strategy = self.strategies.strategy
+        flushed: list[str] = []
+        if not isinstance(strategy, FedBuffStrategy):
+            return flushed
+        for name in self.settings.experts:
+            with self._expert_locks[name]:
+                state = self.strategies.states[name]
+                if strategy.due(state, time.time()) and not self._closing.is_set():
+                    lr = self.strategies.flush_lr(name, len(state.update_ids))
+                    params, emptied = strategy.apply(self.experts[name].state, state, lr)
+                    self._commit_flush(name, params, emptied)
+                    flushed.append(name)
+        return flushed
+
+    def _commit_flush(self, name: str, params: AdapterState, state: StrategyState) -> None:
+        """Durably publish an expert stepped by a timed-out buffer, as ``_commit`` does."""
+        bound = aggregate.max_abs(params)
+        names, current = self.settings.experts, self.experts
+        states = [params if n == name else current[n].state for n in names]
+        bounds = [bound if n == name else current[n].abs_bound for n in names]
+        if not math.isfinite(bound) or not self._merge_is_finite(states, bounds):
+            raise errors.InvalidUpdateError(f"the buffer of {name} would overflow float32")
+        version = current[name].version + 1
+        payload = self.store.save_expert(name, version, params)
+        row = None
+        with self._commit_lock:
+            try:
+                row = self.strategies.prepare(name, state, 0)
+                assert row is not None, "a buffering strategy keeps state"
+                experts = {**self.experts, name: Versioned.from_payload(version, payload, bound)}
+                built_from = self._built_from(experts)
+                gateway = self._gateway(self.gateway.version + 1, built_from, experts)
+                self.ledger.commit_flush(row, version, gateway.version, built_from)
+            except BaseException:
+                self.store.expert_path(name, version).unlink(missing_ok=True)
+                self.strategies.discard(row)
+                raise
+            self.experts, self.gateway = experts, gateway
+            if self.settings.eager_gateway:
+                self.store.save_gateway_later(gateway)
+        self.strategies.publish(name, state, row)
+        self.store.prune_expert(name, version)
+        logger.info("applied the timed-out buffer of %s: version %d", name, version)
 
     def _commit(
         self, record: UpdateRecord, new_expert: Versioned, strategy: StrategyRow | None = None

@@ -241,6 +241,18 @@ class Ledger:
             self._write_gateway(record.gateway_version, built_from)
             self._touch_worker(record)
 
+    def commit_flush(
+        self, strategy: StrategyRow, version: int, gateway_version: int, built_from: dict[str, Any]
+    ) -> None:
+        """Record a buffer applied by its timeout (no upload caused it): the expert's new
+        version, the emptied strategy state and the new gateway, atomically."""
+        with self._lock, self._transaction():
+            self._write_strategy(strategy)
+            self._db.execute(
+                "UPDATE experts SET version = ? WHERE name = ?", (version, strategy.expert)
+            )
+            self._write_gateway(gateway_version, built_from)
+
     def commit_rejected(self, record: UpdateRecord) -> None:
         """Record an update refused by policy (staleness, norm)."""
         with self._lock, self._transaction():

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 
-from fedmoe.aggregate import AdapterState, token_factor
+from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor
 from fedmoe.coordinator.ledger import Ledger, StrategyRow
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.strategy_store import StrategyStore, describe, restore_states
@@ -88,6 +88,15 @@ class StrategyBook:
             active_workers=len(workers | {worker_id}),
             now=now,
         )
+
+    def flush_lr(self, expert: str, contributions: int) -> float:
+        """η for applying a buffer of ``contributions`` updates without a new upload."""
+        server_lr = self.strategy.server_lr
+        if server_lr != "auto":
+            return float(server_lr)
+        since = time.time() - self.settings.activity_window
+        workers, _ = self.ledger.recent_activity(expert, since)
+        return auto_server_lr(len(workers), contributions)
 
     def prepare(self, expert: str, state: StrategyState, fill: int) -> StrategyRow | None:
         """Durably write ``state`` as the expert's next state file; the ledger row for it.
