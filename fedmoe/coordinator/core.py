@@ -94,12 +94,14 @@ class CentralCoordinator:
         self.gateway = self._restore_gateway()
         self.strategies = StrategyBook(settings, ledger)  # server aggregation and its state
         self._closing = threading.Event()
+        self._timer: threading.Thread | None = None
         if isinstance(self.strategies.strategy, FedBuffStrategy):
             # applies a buffer that waited --buffer-timeout even if no upload comes after it
             period = min(5.0, settings.buffer_timeout / 4)
-            threading.Thread(
+            self._timer = threading.Thread(
                 target=self._flush_loop, args=(period,), name="buffer-timer", daemon=True
-            ).start()
+            )
+            self._timer.start()
         self.evaluations = EvaluationLog(ledger.path)  # federated evaluation reports
         self.signatures = SignatureBook(
             settings.state_dir,
@@ -133,6 +135,8 @@ class CentralCoordinator:
     def close(self) -> None:
         """Flush background writes and close the ledger."""
         self._closing.set()
+        if self._timer is not None:
+            self._timer.join(timeout=30)  # a flush in progress finishes before the ledger closes
         self.store.close()
         self.evaluations.close()
         self.ledger.close()
