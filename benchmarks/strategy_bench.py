@@ -5,7 +5,7 @@ Run: ``.venv/bin/python -m benchmarks.strategy_bench [--quick] [--base-model tin
 The same simulation as ``benchmarks.quality_bench`` (real ``LocalTrainer`` steps, the
 real ``CentralCoordinator``): each arm trains 2 workers per expert on disjoint shards for
 the same tokens, then each expert is evaluated on its own domain. Synchronous FedAvg is
-the reference. Writes ``results/strategies.json`` (raw figures; not yet rendered into
+the reference. Writes ``benchmarks/strategies.json`` (raw figures; not yet rendered into
 RESULTS.md).
 """
 
@@ -85,7 +85,8 @@ def main() -> None:
     for label, losses in results.items():
         cells = " ".join(f"{losses[d]:12.3f}" for d in DOMAINS)
         print(f"{label:34s} {cells} {mean(list(losses.values())):11.3f}")
-    out = Path(__file__).parent / "results" / "strategies.json"
+    # next to RESULTS.md, not in results/: the renderer has no template for it yet
+    out = Path(__file__).parent / "strategies.json"
     document = {
         "section": "strategies",
         "values": {"steps": steps, "budget": budget, "per_expert": PER_EXPERT, "losses": results},
