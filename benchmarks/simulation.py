@@ -133,7 +133,8 @@ class Coordinator:
         *,
         staleness: str = "inverse",
         a: float | None = None,
-        server_lr: float = 1.0,
+        server_lr: float | str = 1.0,
+        **strategy: object,
     ):
         settings = CoordinatorSettings(
             state_dir=Path(tempfile.mkdtemp(prefix="fedmoe-bench-state-")),
@@ -145,6 +146,7 @@ class Coordinator:
             staleness=staleness,
             staleness_a=a,
             server_lr=server_lr,
+            **strategy,  # --strategy, --buffer-size, --server-optimizer, ... (strategy_bench)
         )
         self.core: CentralCoordinator = open_coordinator(settings)
         self.lora = bench.lora.to_dict()

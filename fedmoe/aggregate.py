@@ -142,3 +142,84 @@ def merge_svd(
         merged[key_b] = (u[:, :rank] * root).float().contiguous()
         merged[key_a] = (root[:, None] * vh[:rank]).float().contiguous()
     return merged
+
+
+# --- server strategies: learning rate, token weights, buffers, server optimizers ------------
+
+
+def auto_server_lr(active_workers: int, contributions: int = 1) -> float:
+    """η = min(1, c/K) for a step made of c updates while K workers are active on the expert.
+
+    One update at a time (async) gets 1/K, so K workers' deltas move the expert by their
+    mean, as a FedAvg round would; a full FedBuff buffer of K updates gets 1.
+    """
+    return min(1.0, contributions / max(1, active_workers))
+
+
+def token_factor(num_tokens: int, mean_tokens: float) -> float:
+    """n / n̄: an update's token count relative to the recent mean (1 when either is unknown)."""
+    if num_tokens <= 0 or mean_tokens <= 0:
+        return 1.0
+    return num_tokens / mean_tokens
+
+
+def accumulate(
+    buffer: Mapping[str, torch.Tensor] | None, delta: Mapping[str, torch.Tensor], coeff: float
+) -> AdapterState:
+    """buffer + coeff·Δ (a new dict; an empty buffer is ``None``)."""
+    if buffer is None:
+        return {key: coeff * value for key, value in delta.items()}
+    return {key: buffer[key] + coeff * delta[key] for key in buffer}
+
+
+def scale(state: Mapping[str, torch.Tensor], factor: float) -> AdapterState:
+    """factor·state, tensor by tensor."""
+    return {key: factor * value for key, value in state.items()}
+
+
+def sgd_step(
+    params: Mapping[str, torch.Tensor],
+    grad: Mapping[str, torch.Tensor],
+    lr: float,
+    velocity: Mapping[str, torch.Tensor] | None,
+    *,
+    momentum: float,
+    nesterov: bool,
+) -> tuple[AdapterState, AdapterState | None]:
+    """One server SGD step along the pseudo-gradient ``grad`` (a delta: θ moves *along* it).
+
+    v ← μ·v + g; θ ← θ + lr·(g + μ·v) with Nesterov (DiLoCo's outer step), else θ + lr·v.
+    Without momentum this is θ + lr·g and no velocity is kept.
+    """
+    if momentum == 0.0:
+        return apply_update(params, grad, lr), None
+    if velocity is None:
+        velocity = {key: torch.zeros_like(value) for key, value in grad.items()}
+    new_velocity = {key: momentum * velocity[key] + grad[key] for key in grad}
+    if nesterov:
+        step = {key: grad[key] + momentum * new_velocity[key] for key in grad}
+    else:
+        step = new_velocity
+    return apply_update(params, step, lr), new_velocity
+
+
+def adam_step(
+    params: Mapping[str, torch.Tensor],
+    grad: Mapping[str, torch.Tensor],
+    lr: float,
+    moments: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]] | None,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[AdapterState, tuple[AdapterState, AdapterState]]:
+    """FedAdam (Reddi et al. 2021): m ← β1·m + (1-β1)·g; v ← β2·v + (1-β2)·g²;
+    θ ← θ + lr·m / (√v + ε), without bias correction as in the paper."""
+    if moments is None:
+        zeros = {key: torch.zeros_like(value) for key, value in grad.items()}
+        moments = (zeros, dict(zeros))
+    m_old, v_old = moments
+    m = {key: beta1 * m_old[key] + (1.0 - beta1) * grad[key] for key in grad}
+    v = {key: beta2 * v_old[key] + (1.0 - beta2) * grad[key] * grad[key] for key in grad}
+    step = {key: m[key] / (v[key].sqrt() + eps) for key in grad}
+    return apply_update(params, step, lr), (m, v)

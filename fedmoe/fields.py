@@ -28,6 +28,12 @@ MergeMethod = Literal["cat", "linear", "svd"]
 NormPolicy = Literal["clip", "reject"]
 UploadDtype = Literal["float32", "bfloat16", "float16"]
 RouterFallback = Literal["merged", "mix"]
+#: Server-side aggregation: apply each update at once, or buffer K of them (FedBuff).
+StrategyKind = Literal["async", "fedbuff"]
+#: The server optimizer over the aggregated delta (a pseudo-gradient).
+ServerOptimizerKind = Literal["sgd", "nesterov", "adam"]
+#: ``--server-lr``: a number, or "auto" (η from the workers active on the expert).
+ServerLr = float | Literal["auto"]
 
 # Router defaults, chosen by benchmarks/routing_bench.py (see benchmarks/RESULTS.md); here so
 # that the settings (and the CLI) need not import torch to show them.
@@ -39,6 +45,12 @@ DEFAULT_SIGNATURE_MIN_COUNT = 100
 STALENESS_KINDS: tuple[StalenessKind, ...] = get_args(StalenessKind)
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
 UPLOAD_DTYPES: tuple[UploadDtype, ...] = get_args(UploadDtype)
+STRATEGY_KINDS: tuple[StrategyKind, ...] = get_args(StrategyKind)
+SERVER_OPTIMIZERS: tuple[ServerOptimizerKind, ...] = get_args(ServerOptimizerKind)
+#: η when --server-lr is not given, per server optimizer (nesterov: DiLoCo's outer step).
+DEFAULT_SERVER_LR: dict[str, float] = {"sgd": 1.0, "nesterov": 0.7, "adam": 0.01}
+#: Momentum when --server-momentum is not given (DiLoCo's 0.9 for nesterov, FedAdam's β1).
+DEFAULT_SERVER_MOMENTUM: dict[str, float] = {"sgd": 0.0, "nesterov": 0.9, "adam": 0.9}
 
 #: The parameters each staleness decay reads; any other one given would be ignored.
 STALENESS_PARAMETERS: dict[str, tuple[str, ...]] = {

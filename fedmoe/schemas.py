@@ -86,6 +86,12 @@ class UpdateAck(BaseModel):
     clipped: bool
     gateway_version: int
     replayed: bool
+    buffered: bool = Field(
+        False,
+        description="Held durably in the expert's FedBuff buffer; the version is unchanged "
+        "until the buffer is applied.",
+    )
+    buffer_fill: int = Field(0, description="Updates in the buffer after this one (fedbuff).")
 
 
 class ExpertSummary(BaseModel):
@@ -126,8 +132,24 @@ class StalenessInfo(BaseModel):
     kind: str
     a: float | None
     b: int | None
-    server_lr: float
+    server_lr: float | str
     max_staleness: int | None
+
+
+class StrategyStatus(BaseModel):
+    """An expert's server strategy and the state it keeps (durable, restored after a crash)."""
+
+    strategy: str = Field(description="'async' or 'fedbuff'.")
+    optimizer: str = Field(description="Server optimizer: 'sgd', 'nesterov' or 'adam'.")
+    server_lr: float | str = Field(description="η as configured (a number or 'auto').")
+    momentum: float
+    token_weighting: bool
+    buffer_size: int | None = Field(description="K of a fedbuff buffer (None for async).")
+    buffer_fill: int = Field(description="Updates waiting in the buffer.")
+    buffered_update_ids: list[str]
+    buffer_age: float | None = Field(description="Seconds since the buffer's first update.")
+    optimizer_steps: int = Field(description="Server optimizer steps taken (momentum, Adam).")
+    state_seq: int = Field(description="Version of the durable strategy state file (0: none).")
 
 
 class ExpertStatus(BaseModel):
@@ -138,6 +160,7 @@ class ExpertStatus(BaseModel):
     updates_rejected: int
     workers: list[str] = Field(description="Its workers on this page of the worker list.")
     worker_count: int = Field(description="All workers registered for it.")
+    strategy: StrategyStatus | None = None
 
 
 class WorkerInfo(BaseModel):
@@ -189,3 +212,4 @@ class LedgerRow(BaseModel):
     response: str | None = Field(description="The acknowledgement as sent (JSON), if accepted.")
     created_at: float
     body_sha256: str | None = Field(description="SHA-256 of the uploaded body.")
+    buffered: bool = Field(False, description="Held in a fedbuff buffer when acknowledged.")

@@ -49,7 +49,9 @@ def _value_type(field: FlatField) -> Any:
     """The field's type without ``None``: what one flag value is parsed into."""
     annotation = field.info.annotation
     if get_origin(annotation) in (Union, types.UnionType):
-        annotation = next(a for a in get_args(annotation) if a is not type(None))
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        # a number or a keyword (--server-lr 0.5 / auto): text, which pydantic then parses
+        annotation = options[0] if len(options) == 1 else str
     return annotation
 
 

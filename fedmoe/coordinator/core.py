@@ -7,7 +7,9 @@ ledger before ``submit_update`` returns, so an acknowledged update is never lost
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -19,10 +21,11 @@ from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors, restore
 from fedmoe.coordinator.evaluations import EvaluationLog
-from fedmoe.coordinator.ledger import Ledger, UpdateRecord
+from fedmoe.coordinator.ledger import Ledger, StrategyRow, UpdateRecord
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.signatures import SignatureBook
 from fedmoe.coordinator.store import AdapterStore
+from fedmoe.coordinator.strategies import StrategyBook
 from fedmoe.coordinator.versions import (
     GATEWAY_SAFE_BOUND,
     MAX_NUM_TOKENS,
@@ -46,6 +49,7 @@ from fedmoe.schemas import (
     UpdateAck,
     WorkerRegistration,
 )
+from fedmoe.server_strategy import AsyncStrategy, FedBuffStrategy, Outcome, StrategyState
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
@@ -88,6 +92,16 @@ class CentralCoordinator:
             ledger, store, settings.experts, initial=initial, schema=self.schema
         )
         self.gateway = self._restore_gateway()
+        self.strategies = StrategyBook(settings, ledger)  # server aggregation and its state
+        self._closing = threading.Event()
+        self._timer: threading.Thread | None = None
+        if isinstance(self.strategies.strategy, FedBuffStrategy):
+            # applies a buffer that waited --buffer-timeout even if no upload comes after it
+            period = min(5.0, settings.buffer_timeout / 4)
+            self._timer = threading.Thread(
+                target=self._flush_loop, args=(period,), name="buffer-timer", daemon=True
+            )
+            self._timer.start()
         self.evaluations = EvaluationLog(ledger.path)  # federated evaluation reports
         self.signatures = SignatureBook(
             settings.state_dir,
@@ -120,6 +134,9 @@ class CentralCoordinator:
 
     def close(self) -> None:
         """Flush background writes and close the ledger."""
+        self._closing.set()
+        if self._timer is not None:
+            self._timer.join(timeout=30)  # a flush in progress finishes before the ledger closes
         self.store.close()
         self.evaluations.close()
         self.ledger.close()
@@ -259,15 +276,39 @@ class CentralCoordinator:
         self._enforce_policies(record)
         clip = self._clip_factor(norm)
         record.clipped = clip < 1.0
-        record.weight = self.settings.server_lr * self.decay(staleness) * clip
-        new_state = aggregate.apply_update(expert.state, delta, record.weight)
-        bound = self._overflow_guard(expert, new_state, record.weight * norm, request)
+        contribution = self.strategies.contribution(
+            update_id=request.update_id,
+            worker_id=request.worker_id,
+            expert=request.expert,
+            delta=delta,
+            decay=self.decay(staleness),
+            clip=clip,
+            num_tokens=request.num_tokens,
+        )
+        strategy = self.strategies.strategy
+        outcome = strategy.receive(
+            expert.state, contribution, self.strategies.states[request.expert]
+        )
+        record.weight = outcome.weight
+        if outcome.params is None:
+            return self._buffer(record, outcome)
+        new_state = outcome.params
+        # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
+        plain = isinstance(strategy, AsyncStrategy) and not strategy.stateful
+        step = record.weight * norm if plain else math.inf
+        bound = self._overflow_guard(expert, new_state, step, request)
         self._gateway_guard(request, new_state, bound)
         version = expert.version + 1
         payload = self.store.save_expert(request.expert, version, new_state)
         new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
         record.accepted, record.expert_version = True, version
-        self._commit(record, new_expert)
+        try:
+            row = self.strategies.prepare(request.expert, outcome.state, outcome.fill)
+        except BaseException:
+            self.store.expert_path(request.expert, version).unlink(missing_ok=True)
+            raise
+        self._commit(record, new_expert, row)
+        self.strategies.publish(request.expert, outcome.state, row)
         try:
             self.store.prune_expert(request.expert, new_expert.version)
         except OSError as error:  # committed already: a stale file is harmless, pruned later
@@ -275,7 +316,81 @@ class CentralCoordinator:
         assert record.response is not None
         return record.response
 
-    def _commit(self, record: UpdateRecord, new_expert: Versioned) -> None:
+    def _buffer(self, record: UpdateRecord, outcome: Outcome) -> UpdateAck:
+        """Durably keep an update in its expert's buffer (version unchanged); the ack says so."""
+        row = self.strategies.prepare(record.expert, outcome.state, outcome.fill)
+        assert row is not None, "a buffering strategy keeps state"
+        record.accepted, record.buffered, record.buffer_fill = True, True, outcome.fill
+        record.expert_version = self.experts[record.expert].version
+        with self._commit_lock:
+            try:
+                if self.ledger.accepted_update(record.update_id) is not None:
+                    raise _duplicate_id(record.update_id)
+                record.gateway_version = self.gateway.version
+                record.response = record.acknowledgement()
+                self.ledger.commit_buffered(record, row)
+            except BaseException:
+                self.strategies.discard(row)
+                raise
+        self.strategies.publish(record.expert, outcome.state, row)
+        return record.response
+
+    def _flush_loop(self, period: float) -> None:
+        while not self._closing.wait(period):
+            try:
+                self.flush_due_buffers()
+            except Exception:  # e.g. a full disk: the buffer stays, the next tick retries
+                logger.exception("could not apply a timed-out buffer")
+
+    def flush_due_buffers(self) -> list[str]:
+        """Apply every FedBuff buffer that has waited --buffer-timeout; the experts flushed."""
+        strategy = self.strategies.strategy
+        flushed: list[str] = []
+        if not isinstance(strategy, FedBuffStrategy):
+            return flushed
+        for name in self.settings.experts:
+            with self._expert_locks[name]:
+                state = self.strategies.states[name]
+                if strategy.due(state, time.time()) and not self._closing.is_set():
+                    lr = self.strategies.flush_lr(name, len(state.update_ids))
+                    params, emptied = strategy.apply(self.experts[name].state, state, lr)
+                    self._commit_flush(name, params, emptied)
+                    flushed.append(name)
+        return flushed
+
+    def _commit_flush(self, name: str, params: AdapterState, state: StrategyState) -> None:
+        """Durably publish an expert stepped by a timed-out buffer, as ``_commit`` does."""
+        bound = aggregate.max_abs(params)
+        names, current = self.settings.experts, self.experts
+        states = [params if n == name else current[n].state for n in names]
+        bounds = [bound if n == name else current[n].abs_bound for n in names]
+        if not math.isfinite(bound) or not self._merge_is_finite(states, bounds):
+            raise errors.InvalidUpdateError(f"the buffer of {name} would overflow float32")
+        version = current[name].version + 1
+        payload = self.store.save_expert(name, version, params)
+        row = None
+        with self._commit_lock:
+            try:
+                row = self.strategies.prepare(name, state, 0)
+                assert row is not None, "a buffering strategy keeps state"
+                experts = {**self.experts, name: Versioned.from_payload(version, payload, bound)}
+                built_from = self._built_from(experts)
+                gateway = self._gateway(self.gateway.version + 1, built_from, experts)
+                self.ledger.commit_flush(row, version, gateway.version, built_from)
+            except BaseException:
+                self.store.expert_path(name, version).unlink(missing_ok=True)
+                self.strategies.discard(row)
+                raise
+            self.experts, self.gateway = experts, gateway
+            if self.settings.eager_gateway:
+                self.store.save_gateway_later(gateway)
+        self.strategies.publish(name, state, row)
+        self.store.prune_expert(name, version)
+        logger.info("applied the timed-out buffer of %s: version %d", name, version)
+
+    def _commit(
+        self, record: UpdateRecord, new_expert: Versioned, strategy: StrategyRow | None = None
+    ) -> None:
         """Commit an applied update to the ledger and publish the expert and a new gateway."""
         with self._commit_lock:
             try:
@@ -287,10 +402,11 @@ class CentralCoordinator:
                 gateway = self._gateway(self.gateway.version + 1, built_from, experts)
                 record.gateway_version = gateway.version
                 record.response = record.acknowledgement()
-                self.ledger.commit_accepted(record, built_from)
+                self.ledger.commit_accepted(record, built_from, strategy)
             except BaseException:
-                # not in the ledger, so not current: remove the file written for it
+                # not in the ledger, so not current: remove the files written for it
                 self.store.expert_path(record.expert, new_expert.version).unlink(missing_ok=True)
+                self.strategies.discard(strategy)
                 raise
             self.experts, self.gateway = experts, gateway
             if self.settings.eager_gateway:  # else merged only when downloaded
@@ -424,11 +540,12 @@ class CentralCoordinator:
                 updates_rejected=rows[name]["rejected"],
                 workers=[w for w, info in workers.items() if info.specialty == name],
                 worker_count=counts.get(name, 0),
+                strategy=self.strategies.status(name),
             )
             for name in self.settings.experts
         }
         staleness = self.decay.describe() | {
-            "server_lr": self.settings.server_lr,
+            "server_lr": self.settings.effective_server_lr,
             "max_staleness": self.settings.max_staleness,
         }
         return StatusInfo(

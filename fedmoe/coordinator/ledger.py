@@ -34,11 +34,16 @@ CREATE TABLE IF NOT EXISTS updates (
     train_loss REAL, num_tokens INTEGER NOT NULL, accepted INTEGER NOT NULL, reason TEXT,
     expert_version INTEGER, gateway_version INTEGER, response TEXT, created_at REAL NOT NULL,
     body_sha256 TEXT);
+CREATE TABLE IF NOT EXISTS strategy_state (
+    expert TEXT PRIMARY KEY, seq INTEGER NOT NULL, strategy TEXT NOT NULL,
+    buffer_fill INTEGER NOT NULL, steps INTEGER NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_accepted_id ON updates(update_id) WHERE accepted = 1;
 CREATE INDEX IF NOT EXISTS workers_last_seen ON workers(last_seen);
 """
 # Columns added after the first release: ledgers written before them get them on open.
-ADDED_COLUMNS = {"updates": {"body_sha256": "TEXT"}}
+ADDED_COLUMNS = {
+    "updates": {"body_sha256": "TEXT", "buffered": "INTEGER NOT NULL DEFAULT 0"},
+}
 WORKER_COLUMNS = (
     "specialty, registered_at, last_seen, updates, tokens, last_train_loss, last_staleness"
 )
@@ -64,6 +69,8 @@ class UpdateRecord:
     gateway_version: int | None = None
     response: UpdateAck | None = None
     body_sha256: str | None = None
+    buffered: bool = False
+    buffer_fill: int = 0
 
     def acknowledgement(self) -> UpdateAck:
         """The answer to the worker that sent this (accepted) update."""
@@ -78,7 +85,20 @@ class UpdateRecord:
             clipped=self.clipped,
             gateway_version=self.gateway_version,
             replayed=False,
+            buffered=self.buffered,
+            buffer_fill=self.buffer_fill,
         )
+
+
+@dataclass(frozen=True)
+class StrategyRow:
+    """Which strategy state file of an expert is current (``seq``) and what it holds."""
+
+    expert: str
+    seq: int
+    strategy: str  # JSON description of the strategy that wrote it
+    buffer_fill: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -170,10 +190,49 @@ class Ledger:
         worker_id, expert, response, digest = rows[0]
         return AcceptedUpdate(worker_id, expert, UpdateAck.model_validate_json(response), digest)
 
-    def commit_accepted(self, record: UpdateRecord, built_from: dict[str, Any]) -> None:
-        """Record an accepted update, the expert's new version and the gateway's, atomically."""
+    def strategy_rows(self) -> dict[str, StrategyRow]:
+        """Each expert's current strategy state row."""
+        rows = self._query("SELECT expert, seq, strategy, buffer_fill, steps FROM strategy_state")
+        return {row[0]: StrategyRow(*row) for row in rows}
+
+    def recent_activity(
+        self, expert: str, since: float, limit: int = 256
+    ) -> tuple[set[str], list[int]]:
+        """The workers with accepted updates to ``expert`` since ``since`` and the updates'
+        known (> 0) token counts, over at most the ``limit`` newest rows."""
+        rows = self._query(
+            "SELECT worker_id, num_tokens FROM (SELECT worker_id, num_tokens, created_at "
+            "FROM updates WHERE expert = ? AND accepted = 1 ORDER BY seq DESC LIMIT ?) "
+            "WHERE created_at >= ?",
+            (expert, limit, since),
+        )
+        return {w for w, _ in rows}, [n for _, n in rows if n > 0]
+
+    def _write_strategy(self, row: StrategyRow | None) -> None:
+        if row is not None:
+            self._db.execute(
+                "INSERT OR REPLACE INTO strategy_state VALUES (?, ?, ?, ?, ?)",
+                (row.expert, row.seq, row.strategy, row.buffer_fill, row.steps),
+            )
+
+    def commit_buffered(self, record: UpdateRecord, strategy: StrategyRow) -> None:
+        """Record an update held in a buffer and the buffer's new state file, atomically."""
         with self._lock, self._transaction():
             self._insert_update(record)
+            self._write_strategy(strategy)
+            self._touch_worker(record)
+
+    def commit_accepted(
+        self,
+        record: UpdateRecord,
+        built_from: dict[str, Any],
+        strategy: StrategyRow | None = None,
+    ) -> None:
+        """Record an accepted update, the expert's new version and the gateway's (and the
+        strategy's new state file), atomically."""
+        with self._lock, self._transaction():
+            self._insert_update(record)
+            self._write_strategy(strategy)
             self._db.execute(
                 "UPDATE experts SET version = ?, accepted = accepted + 1 WHERE name = ?",
                 (record.expert_version, record.expert),
@@ -181,6 +240,18 @@ class Ledger:
             assert record.gateway_version is not None, "an accepted update has a gateway version"
             self._write_gateway(record.gateway_version, built_from)
             self._touch_worker(record)
+
+    def commit_flush(
+        self, strategy: StrategyRow, version: int, gateway_version: int, built_from: dict[str, Any]
+    ) -> None:
+        """Record a buffer applied by its timeout (no upload caused it): the expert's new
+        version, the emptied strategy state and the new gateway, atomically."""
+        with self._lock, self._transaction():
+            self._write_strategy(strategy)
+            self._db.execute(
+                "UPDATE experts SET version = ? WHERE name = ?", (version, strategy.expert)
+            )
+            self._write_gateway(gateway_version, built_from)
 
     def commit_rejected(self, record: UpdateRecord) -> None:
         """Record an update refused by policy (staleness, norm)."""
@@ -196,6 +267,7 @@ class Ledger:
 
     def _insert_update(self, record: UpdateRecord) -> None:
         row = asdict(record)
+        del row["buffer_fill"]  # in the response; the strategy_state row has the current fill
         row["response"] = record.response.model_dump_json() if record.response else None
         row["created_at"] = time.time()
         columns = ", ".join(row)

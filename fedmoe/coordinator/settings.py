@@ -19,13 +19,18 @@ from fedmoe.fields import (
     DEFAULT_ROUTER_FALLBACK,
     DEFAULT_ROUTER_MARGIN,
     DEFAULT_ROUTER_MAX_DISTANCE,
+    DEFAULT_SERVER_LR,
+    DEFAULT_SERVER_MOMENTUM,
     DEFAULT_SIGNATURE_MIN_COUNT,
     EXPERT_NAME,
     FlatEnvSource,
     MergeMethod,
     NormPolicy,
     RouterFallback,
+    ServerLr,
+    ServerOptimizerKind,
     StalenessKind,
+    StrategyKind,
     check_staleness_parameters,
     nest_flat_names,
 )
@@ -56,7 +61,45 @@ class CoordinatorSettings(BaseSettings):
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="The LoRA adapter every expert shares."
     )
-    server_lr: float = Field(1.0, gt=0, description="η in θ ← θ + η·s(τ)·Δ.")
+    server_lr: ServerLr = Field(
+        1.0,
+        description="η in θ ← θ + η·s(τ)·Δ (> 0), or 'auto': 1/K for K workers active on "
+        "the expert (default 0.7 with --server-optimizer nesterov, 0.01 with adam).",
+    )
+    strategy: StrategyKind = Field(
+        "async",
+        description="Server aggregation: 'async' applies each update at once, 'fedbuff' "
+        "applies the mean of --buffer-size buffered updates.",
+    )
+    buffer_size: int = Field(2, ge=1, description="K: updates a 'fedbuff' buffer holds.")
+    buffer_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds after which a partly filled 'fedbuff' buffer is applied.",
+    )
+    server_optimizer: ServerOptimizerKind = Field(
+        "sgd",
+        description="Optimizer over the aggregated delta: 'sgd', 'nesterov' (DiLoCo's outer "
+        "step) or 'adam' (FedAdam).",
+    )
+    server_momentum: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="Momentum (β1 for adam); default 0 for sgd, 0.9 for nesterov and adam.",
+    )
+    server_eps: float = Field(1e-3, gt=0, description="ε of the 'adam' server optimizer.")
+    token_weighting: bool = Field(
+        False,
+        description="Weight each update by its token count (X-FedMoE-Num-Tokens) relative "
+        "to the expert's recent mean.",
+    )
+    activity_window: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds of uploads that count a worker as active (--server-lr auto, "
+        "token means).",
+    )
     staleness: StalenessKind = Field("inverse", description="The staleness decay s(τ).")
     staleness_a: float | None = Field(
         None, ge=0, description="Parameter a of s(τ) (not for 'constant')."
@@ -189,6 +232,7 @@ class CoordinatorSettings(BaseSettings):
         check_staleness_parameters(
             self.staleness, self.staleness_a, self.staleness_b, label="staleness_"
         )
+        self._check_strategy()
         if "norm_policy" in self.model_fields_set and self.max_update_norm is None:
             raise ValueError("norm_policy has no effect without max_update_norm")
         unknown = sorted(set(self.gateway_weights) - set(self.experts))
@@ -205,6 +249,29 @@ class CoordinatorSettings(BaseSettings):
                 "--auth-token / --tokens-file), or pass --insecure if the network is trusted."
             )
         return self
+
+    def _check_strategy(self) -> None:
+        if isinstance(self.server_lr, float) and not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0 or 'auto', got {self.server_lr}")
+        if self.server_optimizer == "nesterov" and self.server_momentum == 0:
+            raise ValueError("server_optimizer 'nesterov' needs server_momentum > 0")
+        fedbuff_only = {"buffer_size", "buffer_timeout"} & self.model_fields_set
+        if fedbuff_only and self.strategy != "fedbuff":
+            raise ValueError(f"{sorted(fedbuff_only)} have no effect without strategy 'fedbuff'")
+
+    @property
+    def effective_server_lr(self) -> ServerLr:
+        """η: as given, else the server optimizer's default (1, 0.7 nesterov, 0.01 adam)."""
+        if "server_lr" in self.model_fields_set:
+            return self.server_lr
+        return DEFAULT_SERVER_LR[self.server_optimizer]
+
+    @property
+    def effective_server_momentum(self) -> float:
+        """Momentum: as given, else the server optimizer's default."""
+        if self.server_momentum is not None:
+            return self.server_momentum
+        return DEFAULT_SERVER_MOMENTUM[self.server_optimizer]
 
     @property
     def is_loopback(self) -> bool:

@@ -1,0 +1,141 @@
+"""The coordinator's side of server strategies: which one, its per-expert state, and
+the durable write / commit / publish steps around each update.
+
+The state of an expert changes only under that expert's lock; the new state's file is
+written before the ledger commit that makes it current (see ``strategy_store``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor
+from fedmoe.coordinator.ledger import Ledger, StrategyRow
+from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.coordinator.strategy_store import StrategyStore, describe, restore_states
+from fedmoe.schemas import StrategyStatus
+from fedmoe.server_strategy import (
+    AsyncStrategy,
+    Contribution,
+    FedBuffStrategy,
+    ServerOptimizer,
+    Strategy,
+    StrategyState,
+)
+
+
+def build_strategy(settings: CoordinatorSettings) -> Strategy:
+    """The strategy the settings choose."""
+    optimizer = ServerOptimizer(
+        kind=settings.server_optimizer,
+        momentum=settings.effective_server_momentum,
+        eps=settings.server_eps,
+    )
+    if settings.strategy == "fedbuff":
+        return FedBuffStrategy(
+            optimizer=optimizer,
+            server_lr=settings.effective_server_lr,
+            buffer_size=settings.buffer_size,
+            timeout=settings.buffer_timeout,
+        )
+    return AsyncStrategy(optimizer=optimizer, server_lr=settings.effective_server_lr)
+
+
+class StrategyBook:
+    """The strategy and every expert's durable state of it."""
+
+    def __init__(self, settings: CoordinatorSettings, ledger: Ledger) -> None:
+        self.settings, self.ledger = settings, ledger
+        self.strategy = build_strategy(settings)
+        self.store = StrategyStore(settings.state_dir)
+        self.states, self.seqs = restore_states(
+            ledger, self.store, list(settings.experts), self.strategy
+        )
+        self._description = json.dumps(describe(self.strategy), sort_keys=True)
+        self._lock = threading.Lock()  # guards the swap of states / seqs
+
+    def contribution(
+        self,
+        *,
+        update_id: str,
+        worker_id: str,
+        expert: str,
+        delta: AdapterState,
+        decay: float,
+        clip: float,
+        num_tokens: int,
+    ) -> Contribution:
+        """One update with the weights the settings ask for (activity from the ledger)."""
+        now = time.time()
+        needs_activity = self.strategy.server_lr == "auto" or self.settings.token_weighting
+        workers, tokens = (
+            self.ledger.recent_activity(expert, now - self.settings.activity_window)
+            if needs_activity
+            else (set(), [])
+        )
+        factor = 1.0
+        if self.settings.token_weighting and num_tokens > 0:
+            # n / n̄ with this update in the mean: equal token counts give exactly 1
+            factor = token_factor(num_tokens, (sum(tokens) + num_tokens) / (len(tokens) + 1))
+        return Contribution(
+            update_id=update_id,
+            delta=delta,
+            decay=decay,
+            clip=clip,
+            token_factor=factor,
+            active_workers=len(workers | {worker_id}),
+            now=now,
+        )
+
+    def flush_lr(self, expert: str, contributions: int) -> float:
+        """η for applying a buffer of ``contributions`` updates without a new upload."""
+        server_lr = self.strategy.server_lr
+        if server_lr != "auto":
+            return float(server_lr)
+        since = time.time() - self.settings.activity_window
+        workers, _ = self.ledger.recent_activity(expert, since)
+        return auto_server_lr(len(workers), contributions)
+
+    def prepare(self, expert: str, state: StrategyState, fill: int) -> StrategyRow | None:
+        """Durably write ``state`` as the expert's next state file; the ledger row for it.
+
+        None when nothing needs keeping (today's rule: no file, no row).
+        """
+        if not self.strategy.stateful and state.empty:
+            return None
+        seq = self.seqs[expert] + 1
+        self.store.save(expert, seq, state)
+        return StrategyRow(expert, seq, self._description, fill, state.steps)
+
+    def discard(self, row: StrategyRow | None) -> None:
+        """Remove the file of a state whose ledger commit failed."""
+        if row is not None:
+            self.store.path(row.expert, row.seq).unlink(missing_ok=True)
+
+    def publish(self, expert: str, state: StrategyState, row: StrategyRow | None) -> None:
+        """Make a committed state current and remove the files it replaced."""
+        if row is None:
+            return
+        with self._lock:
+            self.states = {**self.states, expert: state}
+            self.seqs = {**self.seqs, expert: row.seq}
+        self.store.prune(expert, row.seq)
+
+    def status(self, expert: str) -> StrategyStatus:
+        """The expert's strategy and its state, for ``/v1/status``."""
+        state, strategy = self.states[expert], self.strategy
+        return StrategyStatus(
+            strategy=strategy.name,
+            optimizer=strategy.optimizer.kind,
+            server_lr=strategy.server_lr,
+            momentum=strategy.optimizer.momentum,
+            token_weighting=self.settings.token_weighting,
+            buffer_size=strategy.buffer_size,
+            buffer_fill=len(state.update_ids),
+            buffered_update_ids=list(state.update_ids),
+            buffer_age=None if state.opened_at is None else max(0.0, time.time() - state.opened_at),
+            optimizer_steps=state.steps,
+            state_seq=self.seqs[expert],
+        )
