@@ -37,6 +37,7 @@ SECTIONS = {
     "coordinator-speed": "coordinator_speed",
     "routing": "routing",
     "serving": "serving",
+    "strategies": "strategies",
 }
 
 

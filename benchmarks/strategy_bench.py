@@ -5,25 +5,24 @@ Run: ``.venv/bin/python -m benchmarks.strategy_bench [--quick] [--base-model tin
 The same simulation as ``benchmarks.quality_bench`` (real ``LocalTrainer`` steps, the
 real ``CentralCoordinator``): each arm trains 2 workers per expert on disjoint shards for
 the same tokens, then each expert is evaluated on its own domain. Synchronous FedAvg is
-the reference. Writes ``benchmarks/strategies.json`` (raw figures; not yet rendered into
-RESULTS.md).
+the reference. Writes ``benchmarks/results/strategies.json``, rendered into RESULTS.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Evaluator, demo_domains, mean, parser, setup_torch, target_tokens
 from benchmarks.quality_bench import NOMINAL_STEP, SYNC_INTERVAL, make_workers
+from benchmarks.report import publish
 from benchmarks.simulation import Coordinator, Workbench, run_async, run_sync, stop_rule
 from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.demo_data import DOMAINS
 
 PER_EXPERT = 2
+TITLE = "Server strategies: 2 workers per expert, equal tokens (issue 12)"
 ARMS: dict[str, dict[str, Any]] = {
     "async, server_lr 1 (default)": {},
     "async, server_lr auto": {"server_lr": "auto"},
@@ -85,15 +84,9 @@ def main() -> None:
     for label, losses in results.items():
         cells = " ".join(f"{losses[d]:12.3f}" for d in DOMAINS)
         print(f"{label:34s} {cells} {mean(list(losses.values())):11.3f}")
-    # next to RESULTS.md, not in results/: the renderer has no template for it yet
-    out = Path(__file__).parent / "strategies.json"
-    document = {
-        "section": "strategies",
-        "values": {"steps": steps, "budget": budget, "per_expert": PER_EXPERT, "losses": results},
-        "meta": {"seconds": time.monotonic() - started, "load_before": load, "quick": args.quick},
-    }
-    out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"(raw results: {out})")
+    values = {"steps": steps, "budget": budget, "per_expert": PER_EXPERT, "losses": results}
+    values |= {"seconds": time.monotonic() - started, "load_before": load, "quick": args.quick}
+    publish("strategies", TITLE, values, args)
 
 
 if __name__ == "__main__":
