@@ -15,7 +15,7 @@ def render(v: dict[str, Any]) -> str:
         [arm, *(f"{row[d]:.3f}" for d in domains), f"{sum(row.values()) / len(row):.3f}"]
         for arm, row in losses.items()
     ]
-    quick = "a `--quick` smoke run, one seed" if v["quick"] else "one seed"
+    quick = "A `--quick` smoke run, one seed" if v["quick"] else "One seed"
     return f"""
 {v["per_expert"]} workers per expert at equal speed, the same token budget for every arm ({v["budget"]:,} target tokens per expert, {v["steps"]} steps per worker); validation loss of each expert on its own domain (nats per target token, lower is better). {quick}, {v["seconds"]:.0f} s, on a machine shared with other jobs (load {loads(v["load_before"])} before). Too short to choose a default from: the default stays `--strategy async` with η = 1.
 
