@@ -86,6 +86,9 @@ class UpdateAck(BaseModel):
     clipped: bool
     gateway_version: int
     replayed: bool
+    # ``fedmoe.state_digest`` of the expert this update made (None from older coordinators):
+    # a worker that reproduces it (pulled + weight·Δ) needs no download.
+    state_sha256: str | None = None
 
 
 class ExpertSummary(BaseModel):

@@ -46,6 +46,7 @@ from fedmoe.schemas import (
     UpdateAck,
     WorkerRegistration,
 )
+from fedmoe.state_digest import state_digest
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ class CentralCoordinator:
         version = expert.version + 1
         payload = self.store.save_expert(request.expert, version, new_state)
         new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
+        digest = state_digest(new_expert.state)  # lets the sender skip its pull (first answer)
         record.accepted, record.expert_version = True, version
         self._commit(record, new_expert)
         try:
@@ -273,7 +275,7 @@ class CentralCoordinator:
         except OSError as error:  # committed already: a stale file is harmless, pruned later
             logger.warning("could not prune old files of %s: %r", request.expert, error)
         assert record.response is not None
-        return record.response
+        return record.response.model_copy(update={"state_sha256": digest})
 
     def _commit(self, record: UpdateRecord, new_expert: Versioned) -> None:
         """Commit an applied update to the ledger and publish the expert and a new gateway."""
