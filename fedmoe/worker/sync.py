@@ -268,9 +268,10 @@ class Syncer:
         self._settled.clear()
         since, self._rebase_since = self._rebase_since, None
         if since is not None:
-            local = self.adapter.state()
-            progress = {key: local[key] - since[key] for key in local}
-            self.adapter.load(apply_update(self.pulled, progress, 1.0))
+            local = self.adapter.state()  # our own copy: computed in place, no extra passes
+            for key, tensor in local.items():  # (local − since) + newest, the same bits as
+                tensor.sub_(since[key]).add_(self.pulled[key])  # newest + (local − since)
+            self.adapter.load(local)
 
     def exchange(self, capture: Capture) -> bool:
         """Upload and pull (never touching the adapter); False if it must be retried."""
