@@ -267,7 +267,8 @@ class CentralCoordinator:
         version = expert.version + 1
         payload = self.store.save_expert(request.expert, version, new_state)
         new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
-        digest = state_digest(new_expert.state)  # lets the sender skip its pull (first answer)
+        if staleness == 0:  # the sender's pull is all that came before: it can rebuild this
+            record.state_sha256 = state_digest(new_expert.state)
         record.accepted, record.expert_version = True, version
         self._commit(record, new_expert)
         try:
@@ -275,7 +276,7 @@ class CentralCoordinator:
         except OSError as error:  # committed already: a stale file is harmless, pruned later
             logger.warning("could not prune old files of %s: %r", request.expert, error)
         assert record.response is not None
-        return record.response.model_copy(update={"state_sha256": digest})
+        return record.response
 
     def _commit(self, record: UpdateRecord, new_expert: Versioned) -> None:
         """Commit an applied update to the ledger and publish the expert and a new gateway."""

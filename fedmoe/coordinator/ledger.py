@@ -38,7 +38,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS updates_accepted_id ON updates(update_id) WHER
 CREATE INDEX IF NOT EXISTS workers_last_seen ON workers(last_seen);
 """
 # Columns added after the first release: ledgers written before them get them on open.
-ADDED_COLUMNS = {"updates": {"body_sha256": "TEXT"}}
+ADDED_COLUMNS = {"updates": {"body_sha256": "TEXT", "state_sha256": "TEXT"}}
 WORKER_COLUMNS = (
     "specialty, registered_at, last_seen, updates, tokens, last_train_loss, last_staleness"
 )
@@ -64,6 +64,7 @@ class UpdateRecord:
     gateway_version: int | None = None
     response: UpdateAck | None = None
     body_sha256: str | None = None
+    state_sha256: str | None = None  # the new expert's digest, when its sender can use it
 
     def acknowledgement(self) -> UpdateAck:
         """The answer to the worker that sent this (accepted) update."""
@@ -78,6 +79,7 @@ class UpdateRecord:
             clipped=self.clipped,
             gateway_version=self.gateway_version,
             replayed=False,
+            state_sha256=self.state_sha256,
         )
 
 
