@@ -38,6 +38,7 @@ SECTIONS = {
     "routing": "routing",
     "serving": "serving",
     "strategies": "strategies",
+    "sync": "sync",
 }
 
 

@@ -92,6 +92,9 @@ class UpdateAck(BaseModel):
         "until the buffer is applied.",
     )
     buffer_fill: int = Field(0, description="Updates in the buffer after this one (fedbuff).")
+    # ``fedmoe.state_digest`` of the expert this update made (None from older coordinators):
+    # a worker that reproduces it (pulled + weight·Δ) needs no download.
+    state_sha256: str | None = None
 
 
 class ExpertSummary(BaseModel):

@@ -20,6 +20,7 @@ from fedmoe.adapters import AdapterSchema, decode_adapter, schema_of
 from fedmoe.aggregate import AdapterState, apply_update
 from fedmoe.client import ApiError
 from fedmoe.schemas import RegistrationAck, UpdateAck
+from fedmoe.state_digest import state_digest
 from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import WorkerStats
@@ -77,6 +78,10 @@ class FakeCoordinator:
         self.received: list[tuple[str, AdapterState]] = []  # (update id, delta) per attempt
         self.faults: list[str] = []
         self.closed = False
+        self.pulls = 0
+        self.weight = 1.0  # server_lr · decay: what our updates are applied with
+        self.wrong_digest = False  # acknowledge with a digest that matches nothing
+        self.gate: threading.Event | None = None  # when set up, uploads wait for it
 
     def schema(self) -> dict[str, Any]:
         """Base model and tensor shapes."""
@@ -97,6 +102,7 @@ class FakeCoordinator:
 
     def expert_adapter(self, name: str, schema: AdapterSchema) -> tuple[int, AdapterState]:
         """The newest version."""
+        self.pulls += 1
         return self.version, clone(self.state)
 
     def push(self, delta: AdapterState) -> None:
@@ -105,6 +111,8 @@ class FakeCoordinator:
 
     def upload(self, expert: str, body: bytes, *, worker_id: str, update_id: str, **_: Any):
         """Apply Δ once per update id; a fault may refuse the connection or lose the answer."""
+        if self.gate is not None:
+            assert self.gate.wait(10), "the test never opened the gate"
         fault = self.faults.pop(0) if self.faults else None
         if fault == "refused":
             raise httpx.ConnectError("[Errno 111] Connection refused")
@@ -117,17 +125,20 @@ class FakeCoordinator:
         delta = decode_adapter(body, SHAPES)
         self.received.append((update_id, delta))
         if update_id not in self.acks:
-            self.push(delta)
+            self.state = apply_update(self.state, delta, self.weight)
+            self.version += 1
+            digest = "0" * 64 if self.wrong_digest else state_digest(self.state)
             self.acks[update_id] = UpdateAck(
                 update_id=update_id,
                 expert=expert,
                 version=self.version,
                 staleness=0,
-                weight=1.0,
+                weight=self.weight,
                 update_norm=0.0,
                 clipped=False,
                 gateway_version=self.version,
                 replayed=False,
+                state_sha256=digest,
             )
         if fault == "lost_answer":
             raise httpx.ReadTimeout("timed out")
@@ -136,6 +147,13 @@ class FakeCoordinator:
     def close(self) -> None:
         """Nothing to release."""
         self.closed = True
+
+
+def syncer_body(coordinator: FakeCoordinator) -> bytes:
+    """The bytes of the last upload, re-encoded as the worker sent them (float32 here)."""
+    from fedmoe.adapters import encode_adapter
+
+    return encode_adapter(coordinator.received[-1][1])
 
 
 class FakeAdapter:
@@ -193,6 +211,9 @@ def test_upload_is_the_delta_and_the_expert_equals_the_snapshot(world) -> None:
     assert_state(adapter.tensors, snapshot)  # nothing trained in flight: local == expert
     assert (syncer.base_version, syncer.stats.uploads, syncer.stats.window_tokens) == (1, 1, 0)
     assert syncer.next_sync_at == clock.now() + 10.0
+    # ours was the only change: rebuilt from the acknowledgement, no download
+    assert coordinator.pulls == 1 and syncer.stats.skipped_pulls == 1
+    assert syncer.stats.bytes_down == 0 and syncer.stats.bytes_up == len(syncer_body(coordinator))
 
 
 def test_connection_refused_drops_and_remakes_a_bigger_delta(world) -> None:
@@ -369,3 +390,157 @@ def test_job_has_every_attribute_after_init_and_closes_its_client(tmp_path: Path
     summary = job.cleanup()  # nothing set up: no upload, no evaluation, client closed
     assert coordinator.closed and summary["expert_version"] is None
     assert summary["steps"] == 0 and summary["seconds"] == 0.0 and coordinator.received == []
+
+
+# --- incremental pulls -----------------------------------------------------------------------
+
+
+def test_a_sole_worker_rebuilds_a_weighted_update_bit_for_bit(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    coordinator.weight = 0.375  # server_lr · decay · clip: the expert moves by 0.375·Δ
+    adapter.train(0.5, 10, syncer.stats)
+    snapshot = adapter.state()
+    assert syncer.sync()
+    assert coordinator.pulls == 1 and syncer.stats.skipped_pulls == 1
+    assert_state(syncer.pulled, coordinator.state)
+    assert_state(adapter.tensors, coordinator.state)  # newest + (local − snapshot), nothing new
+    assert_state(coordinator.state, plus(INITIAL, 0.1875))
+    assert not torch.equal(snapshot[A], coordinator.state[A])
+
+
+def test_another_update_in_between_means_a_full_pull(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    other = {A: torch.full((2, 2), 0.25), B: torch.full((2, 2), -1.0)}
+    coordinator.push(other)  # another worker's update lands before ours
+    assert syncer.sync()
+    assert coordinator.pulls == 2 and syncer.stats.skipped_pulls == 0
+    assert syncer.stats.full_pulls == 1 and syncer.stats.bytes_down == 2 * 4 * 4
+    assert_state(adapter.tensors, coordinator.state) and syncer.base_version == 2
+
+
+def test_a_digest_mismatch_falls_back_to_a_full_pull(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    coordinator.wrong_digest = True
+    adapter.train(0.5, 10, syncer.stats)
+    assert syncer.sync()
+    assert syncer.stats.digest_mismatches == 1 and coordinator.pulls == 2
+    assert_state(adapter.tensors, coordinator.state)
+
+
+def test_an_acknowledgement_without_a_digest_means_a_full_pull(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    original = coordinator.upload
+
+    def old_coordinator(*args: Any, **kwargs: Any) -> UpdateAck:
+        return original(*args, **kwargs).model_copy(update={"state_sha256": None})
+
+    coordinator.upload = old_coordinator  # type: ignore[method-assign]
+    adapter.train(0.5, 10, syncer.stats)
+    assert syncer.sync() and coordinator.pulls == 2 and syncer.stats.skipped_pulls == 0
+
+
+def test_bfloat16_upload_rounding_is_carried_into_the_next_delta(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    syncer.identity = SyncIdentity("w1", "python_expert", "fp", {}, SHAPES, torch.bfloat16)
+    adapter.train(1.0 / 3.0, 10, syncer.stats)  # not representable in bfloat16
+    local = adapter.state()
+    assert syncer.sync() and syncer.stats.skipped_pulls == 1
+    assert_state(syncer.pulled, coordinator.state)  # the coordinator holds pulled + bf16(Δ)
+    residual = {key: local[key] - coordinator.state[key] for key in local}
+    assert any(bool(t.abs().sum() > 0) for t in residual.values())
+    assert_state(adapter.tensors, {k: coordinator.state[k] + residual[k] for k in local})
+
+
+# --- the background thread -------------------------------------------------------------------
+
+
+def wait_done(syncer: Syncer) -> bool | None:
+    """Poll until the background exchange is collected (as the training loop does)."""
+    for _ in range(2000):
+        result = syncer.poll()
+        if result is not None:
+            return result
+        threading.Event().wait(0.005)
+    raise AssertionError("the background sync never finished")
+
+
+def test_training_goes_on_while_a_background_sync_is_in_flight(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    coordinator.gate = threading.Event()
+    adapter.train(0.5, 10, syncer.stats)
+    snapshot = adapter.state()
+    syncer.start()
+    assert syncer.in_flight() and not syncer.due() and syncer.poll() is None
+    with pytest.raises(RuntimeError, match="in flight"):
+        syncer.start()  # at most one sync in flight
+    adapter.train(0.25, 7, syncer.stats)  # the training thread goes on meanwhile
+    assert syncer.poll() is None and syncer.has_unsent()
+    coordinator.gate.set()
+    assert wait_done(syncer) is True
+    assert_state(coordinator.state, snapshot)  # the upload is the delta at capture time
+    assert_state(adapter.tensors, plus(snapshot, 0.25))  # the in-flight step survived
+    assert syncer.stats.window_tokens == 7 and syncer.stats.uploads == 1
+    assert not syncer.in_flight() and coordinator.pulls == 1
+
+
+def test_background_unknown_fate_resends_the_same_id(world) -> None:
+    syncer, coordinator, adapter, clock = world
+    adapter.train(0.5, 10, syncer.stats)
+    snapshot = adapter.state()
+    coordinator.faults = ["lost_answer"]
+    syncer.start()
+    assert wait_done(syncer) is False
+    adapter.train(0.25, 3, syncer.stats)
+    assert not syncer.due()  # backoff
+    clock.advance(1.0)
+    syncer.start()
+    assert wait_done(syncer) is True
+    (first_id, _), (second_id, _) = coordinator.received
+    assert first_id == second_id and coordinator.version == 1
+    assert_state(adapter.tensors, plus(snapshot, 0.25))
+
+
+def test_background_connection_refused_remakes_the_delta_and_fatal_errors_surface(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.faults = ["refused"]
+    syncer.start()
+    assert wait_done(syncer) is False and syncer.pending is None
+    adapter.train(0.25, 5, syncer.stats)
+    syncer.start()
+    assert wait_done(syncer) is True
+    assert_state(coordinator.received[-1][1], plus({k: v * 0 for k, v in INITIAL.items()}, 0.75))
+
+    def forbidden(*args: Any, **kwargs: Any) -> UpdateAck:
+        raise ApiError(403, "forbidden", "not your worker id")
+
+    coordinator.upload = forbidden  # type: ignore[method-assign]
+    adapter.train(0.25, 5, syncer.stats)
+    syncer.start()
+    with pytest.raises(FatalSyncError):
+        wait_done(syncer)
+    assert not syncer.in_flight()
+
+
+def test_background_unknown_worker_registers_again(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    coordinator.known.clear()
+    syncer.start()
+    assert wait_done(syncer) is True and coordinator.registrations == 2
+    syncer.start()
+    assert wait_done(syncer) is True and coordinator.version == 1
+    assert_state(coordinator.state, adapter.tensors)
+
+
+def test_flush_and_close_wait_for_the_sync_in_flight(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    adapter.train(0.5, 10, syncer.stats)
+    syncer.start()
+    adapter.train(0.25, 5, syncer.stats)  # trained after the capture: the final upload sends it
+    syncer.flush(attempts=5)  # waits for the one in flight first, then uploads inline
+    syncer.close()
+    assert not syncer.has_unsent() and coordinator.version == 2
+    assert_state(coordinator.state, adapter.tensors)
+    assert_state(adapter.tensors, plus(INITIAL, 0.75))

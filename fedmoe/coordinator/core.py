@@ -50,6 +50,7 @@ from fedmoe.schemas import (
     WorkerRegistration,
 )
 from fedmoe.server_strategy import AsyncStrategy, FedBuffStrategy, Outcome, StrategyState
+from fedmoe.state_digest import state_digest
 from fedmoe.strategy import GatewayMerge
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,8 @@ class CentralCoordinator:
         version = expert.version + 1
         payload = self.store.save_expert(request.expert, version, new_state)
         new_expert = Versioned.from_payload(version, payload, abs_bound=bound)
+        if staleness == 0:  # the sender's pull is all that came before: it can rebuild this
+            record.state_sha256 = state_digest(new_expert.state)
         record.accepted, record.expert_version = True, version
         try:
             row = self.strategies.prepare(request.expert, outcome.state, outcome.fill)

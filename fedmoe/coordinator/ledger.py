@@ -42,7 +42,11 @@ CREATE INDEX IF NOT EXISTS workers_last_seen ON workers(last_seen);
 """
 # Columns added after the first release: ledgers written before them get them on open.
 ADDED_COLUMNS = {
-    "updates": {"body_sha256": "TEXT", "buffered": "INTEGER NOT NULL DEFAULT 0"},
+    "updates": {
+        "body_sha256": "TEXT",
+        "buffered": "INTEGER NOT NULL DEFAULT 0",
+        "state_sha256": "TEXT",
+    },
 }
 WORKER_COLUMNS = (
     "specialty, registered_at, last_seen, updates, tokens, last_train_loss, last_staleness"
@@ -71,6 +75,7 @@ class UpdateRecord:
     body_sha256: str | None = None
     buffered: bool = False
     buffer_fill: int = 0
+    state_sha256: str | None = None  # the new expert's digest, when its sender can use it
 
     def acknowledgement(self) -> UpdateAck:
         """The answer to the worker that sent this (accepted) update."""
@@ -87,6 +92,7 @@ class UpdateRecord:
             replayed=False,
             buffered=self.buffered,
             buffer_fill=self.buffer_fill,
+            state_sha256=self.state_sha256,
         )
 
 

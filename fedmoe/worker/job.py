@@ -246,7 +246,18 @@ class WorkerJob:
             self.stats.tokens += result.tokens
             self.stats.window_tokens += result.tokens
             self.stats.window_losses.append(result.loss)
-            if self.syncer.due():
+            self._sync_at_step_boundary(self.syncer)
+
+    def _sync_at_step_boundary(self, syncer: Syncer) -> None:
+        """Collect (and rebase onto) a finished background sync, or start one when due."""
+        if syncer.in_flight():
+            synced = syncer.poll()
+            if synced:
+                self._after_sync(syncer)
+        elif syncer.due():
+            if self.options.sync_mode == "background":
+                syncer.start()
+            else:
                 self.sync()
 
     def _should_stop(self) -> bool:
@@ -263,16 +274,22 @@ class WorkerJob:
         if self.syncer is None:
             raise RuntimeError("setup() must run before sync()")
         synced = self.syncer.sync()
-        if synced and self.fed_eval is not None:
-            self.fed_eval.after_sync(self.syncer.base_version, self.syncer.pulled)
+        if synced:
+            self._after_sync(self.syncer)
         return synced
+
+    def _after_sync(self, syncer: Syncer) -> None:
+        if self.fed_eval is not None:
+            self.fed_eval.after_sync(syncer.base_version, syncer.pulled)
 
     # --- cleanup ---------------------------------------------------------------------------
 
     def cleanup(self, *, final_attempts: int = 5) -> dict[str, Any]:
         """Upload what is left (bounded retries), evaluate, and close the client."""
+        if self.syncer is not None:
+            self._finish_background_sync(self.syncer)
         if self.syncer is not None and self.stats.steps > 0:
-            self.syncer.flush(attempts=final_attempts)
+            self.syncer.flush(attempts=final_attempts)  # inline: nothing runs after us
         if self.fed_eval is not None and self.syncer is not None:
             self.fed_eval.finish(self.syncer.base_version, self.syncer.pulled)
         self.summary = self._summary()
@@ -282,9 +299,20 @@ class WorkerJob:
         self.client.close()
         return self.summary
 
+    def _finish_background_sync(self, syncer: Syncer) -> None:
+        """Wait for the sync in flight (it is rebased) and stop the background thread."""
+        try:
+            if syncer.wait():
+                self._after_sync(syncer)
+        except FatalSyncError as error:
+            logger.error("background sync failed: %s", error)
+        finally:
+            syncer.close()
+
     def _summary(self) -> dict[str, Any]:
         stats = self.stats
         elapsed = max(self.clock.now() - stats.started, 1e-9)
+        syncs = stats.uploads + stats.failed_syncs
         summary: dict[str, Any] = {
             "worker_id": self.options.worker_id,
             "steps": stats.steps,
@@ -295,6 +323,13 @@ class WorkerJob:
             "uploads": stats.uploads,
             "failed_syncs": stats.failed_syncs,
             "blocked_share": stats.blocked_seconds / elapsed,
+            "blocked_seconds_per_sync": stats.blocked_seconds / max(syncs, 1),
+            "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+            "bytes_up_per_sync": stats.bytes_up / max(syncs, 1),
+            "bytes_down_per_sync": stats.bytes_down / max(syncs, 1),
+            "skipped_pulls": stats.skipped_pulls,
+            "sync_mode": self.options.sync_mode,
             "expert_version": self.syncer.base_version if self.syncer else None,
             "unsent_tokens": stats.window_tokens,
         }

@@ -7,7 +7,7 @@ from these fields (``fedmoe.settings_cli``): a new field is a new flag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,7 +21,9 @@ from fedmoe.fields import (
     WorkerId,
 )
 
-__all__ = ["UPLOAD_DTYPES", "WorkerOptions"]
+__all__ = ["UPLOAD_DTYPES", "SyncMode", "WorkerOptions"]
+
+SyncMode = Literal["background", "inline"]
 
 
 class WorkerOptions(BaseModel):
@@ -55,7 +57,15 @@ class WorkerOptions(BaseModel):
     max_seconds: float | None = Field(
         None, gt=0, description="Stop after training this many seconds."
     )
-    upload_dtype: UploadDtype = Field("float32", description="dtype of uploaded deltas.")
+    upload_dtype: UploadDtype = Field(
+        "bfloat16",
+        description="dtype of uploaded deltas (the rounding is carried into the next delta).",
+    )
+    sync_mode: SyncMode = Field(
+        "background",
+        description="background: upload and pull on a thread while training goes on; "
+        "inline: the training loop waits for each sync.",
+    )
     auth_token: str | None = Field(None, description="Bearer token.")
     ca_cert: Path | None = Field(None, description="CA bundle to verify the coordinator's TLS.")
     signature_noise: float = Field(

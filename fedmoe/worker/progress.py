@@ -32,7 +32,12 @@ class WorkerStats:
     tokens: int = 0
     window_tokens: int = 0
     window_losses: list[float] = field(default_factory=list)
-    blocked_seconds: float = 0.0
+    blocked_seconds: float = 0.0  # the training thread waiting on sync (capture, rebase, I/O)
+    bytes_up: int = 0  # upload bodies sent, every attempt counted
+    bytes_down: int = 0  # float32 tensor bytes of expert pulls after the first
+    full_pulls: int = 0  # downloads of the expert after an upload (or to rebase)
+    skipped_pulls: int = 0  # new experts rebuilt from the acknowledgement, digest checked
+    digest_mismatches: int = 0  # rebuilt expert differed: pulled instead
     uploads: int = 0
     failed_syncs: int = 0
     last_staleness: int | None = None

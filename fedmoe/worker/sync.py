@@ -6,145 +6,69 @@ flight (local ← newest + (local − snapshot)). An upload that never reached t
 (connection refused) is dropped and re-made, bigger, next time; an upload whose fate is
 unknown is retried with the same update id, which the coordinator applies at most once.
 
+A sync has three phases: ``capture`` (training thread: copy the adapter and the window),
+``exchange`` (any thread: encode, upload, pull; never touches the adapter) and ``finish``
+(training thread: settle the window and rebase the adapter). ``sync()`` runs them inline;
+``start()``/``poll()``/``wait()`` run the exchange on one background thread, so training
+goes on while the network works (at most one sync in flight).
+
+A sole worker's new expert is pulled + weight·Δ: the worker rebuilds it from the
+acknowledgement (weight, version, ``state_sha256``) and downloads only when the digest
+differs or another update came in between.
+
 ``Syncer`` talks to the coordinator through ``SyncClient`` (what it uses of
 ``CoordinatorClient``), reads and writes the adapter through ``AdapterSlot`` and tells time
-through ``Clock``; tests pass in-memory fakes of all three.
+through ``Clock`` (those Protocols live in ``fedmoe.worker.sync_seams`` and are re-exported
+here); tests pass in-memory fakes of all three.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
-import torch
 
-from fedmoe.adapters import AdapterSchema, encode_adapter
+from fedmoe.adapters import decode_adapter, encode_adapter
 from fedmoe.aggregate import AdapterState, apply_update
 from fedmoe.client import ApiError
-from fedmoe.schemas import RegistrationAck, SchemaInfo, UpdateAck
+from fedmoe.schemas import UpdateAck
+from fedmoe.state_digest import state_digest
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
+from fedmoe.worker.sync_seams import (
+    AdapterSlot,
+    Capture,
+    Clock,
+    FatalSyncError,
+    SyncClient,
+    SyncIdentity,
+    SystemClock,
+    wait_for,
+)
+
+__all__ = [
+    "AdapterSlot",
+    "Capture",
+    "Clock",
+    "FatalSyncError",
+    "SyncClient",
+    "SyncIdentity",
+    "Syncer",
+    "SystemClock",
+    "wait_for",
+]
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-
-class FatalSyncError(RuntimeError):
-    """The coordinator refused us in a way retrying cannot fix (auth, incompatibility)."""
-
-
-class SyncClient(Protocol):
-    """What a worker uses of ``fedmoe.client.CoordinatorClient``."""
-
-    def schema(self) -> SchemaInfo:
-        """``GET /v1/schema``."""
-        ...
-
-    def register(
-        self, *, worker_id: str, specialty: str, fingerprint: str, lora_config: dict[str, Any]
-    ) -> RegistrationAck:
-        """``POST /v1/workers``."""
-        ...
-
-    def expert_adapter(self, name: str, schema: AdapterSchema) -> tuple[int, AdapterState]:
-        """The expert's current version and float32 tensors."""
-        ...
-
-    def upload(
-        self,
-        expert: str,
-        body: bytes,
-        *,
-        worker_id: str,
-        update_id: str,
-        base_version: int,
-        num_tokens: int,
-        train_loss: float | None,
-    ) -> UpdateAck:
-        """``POST /v1/experts/{expert}/updates``."""
-        ...
-
-    def close(self) -> None:
-        """Release connections."""
-        ...
-
-
-class Clock(Protocol):
-    """Monotonic time and waiting; ``stop`` cuts a wait short when it is set."""
-
-    def now(self) -> float:
-        """Seconds on a monotonic clock."""
-        ...
-
-    def sleep(self, seconds: float, stop: threading.Event | None = None) -> None:
-        """Wait ``seconds`` (less when ``stop`` gets set)."""
-        ...
-
-
-class SystemClock:
-    """The real clock: ``time.monotonic`` and real waits."""
-
-    def now(self) -> float:
-        """``time.monotonic()``."""
-        return time.monotonic()
-
-    def sleep(self, seconds: float, stop: threading.Event | None = None) -> None:
-        """``stop.wait(seconds)``, or ``time.sleep`` when there is nothing to wake us."""
-        if stop is None:
-            time.sleep(seconds)
-        else:
-            stop.wait(seconds)
-
-
-class AdapterSlot(Protocol):
-    """The adapter being trained: read a float32 copy, or overwrite it in place."""
-
-    def state(self) -> AdapterState:
-        """A float32 copy of the current LoRA tensors under PEFT names."""
-        ...
-
-    def load(self, state: AdapterState) -> None:
-        """Overwrite the LoRA tensors (optimizer state survives)."""
-        ...
-
-
-@dataclass(frozen=True)
-class SyncIdentity:
-    """Who this worker is to the coordinator and how its uploads are shaped."""
-
-    worker_id: str
-    specialty: str
-    fingerprint: str
-    lora_config: dict[str, Any]
-    tensor_shapes: AdapterSchema
-    upload_dtype: torch.dtype = torch.float32
-
-
-def wait_for(
-    call: Callable[[], T], *, clock: Clock, stop: threading.Event, max_backoff: float
-) -> T:
-    """Retry ``call`` with backoff while the coordinator is unreachable or answers 5xx."""
-    delay = 1.0
-    while True:
-        try:
-            return call()
-        except (httpx.TransportError, ApiError) as error:
-            refused = isinstance(error, ApiError) and not error.transient
-            if refused or stop.is_set():
-                raise
-            logger.warning("coordinator unavailable (%s); retrying in %.0fs", error, delay)
-            clock.sleep(delay, stop)
-            delay = min(delay * 2, max_backoff)
-
 
 class Syncer:
-    """Upload, acknowledge and rebase for one worker; all sync state lives here."""
+    """Upload, acknowledge and rebase for one worker; all sync state lives here.
+
+    Only the training thread calls ``capture``, ``finish``, ``start``, ``poll`` and
+    ``wait``; while an exchange is in flight the training thread touches nothing here
+    but ``in_flight``/``poll``, so the background thread needs no locks.
+    """
 
     def __init__(
         self,
@@ -167,6 +91,10 @@ class Syncer:
         self.run_id: str | None = None
         self.backoff = 1.0
         self.next_sync_at = 0.0
+        self._settled: list[PendingUpdate] = []  # acknowledged or refused, window not settled
+        self._rebase_since: AdapterState | None = None  # rebase onto ``pulled`` at finish()
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future[bool] | None = None
 
     # --- registration and pulls ------------------------------------------------------------
 
@@ -191,7 +119,7 @@ class Syncer:
                 answer.run_id,
             )
             self.pending = None
-            self.pull_and_rebase(since=self.pulled)
+            self._fetch(since=self.pulled)
         self.run_id = answer.run_id
 
     def _pull(self) -> tuple[int, AdapterState]:
@@ -203,34 +131,49 @@ class Syncer:
         self.adapter.load(self.pulled)
 
     def pull_and_rebase(self, since: AdapterState) -> None:
-        """Move onto the newest expert, keeping what was trained after ``since``."""
+        """Move onto the newest expert now, keeping what was trained after ``since``."""
+        self._fetch(since)
+        self.finish()
+
+    def _fetch(self, since: AdapterState) -> None:
+        """Pull the newest expert; ``finish()`` rebases the adapter onto it."""
         version, newest = self._pull()
-        local = self.adapter.state()
-        progress = {key: local[key] - since[key] for key in local}
-        self.adapter.load(apply_update(newest, progress, 1.0))
-        self.base_version, self.pulled = version, newest
+        self.stats.full_pulls += 1
+        self.stats.bytes_down += sum(t.numel() * 4 for t in newest.values())  # float32 tensors
+        self._adopt(version, newest, since)
 
-    # --- one sync --------------------------------------------------------------------------
+    def _adopt(self, version: int, newest: AdapterState, since: AdapterState) -> None:
+        self.base_version, self.pulled, self._rebase_since = version, newest, since
 
-    def due(self) -> bool:
-        """True when the schedule (or a retry's backoff) says it is time to sync."""
-        return self.clock.now() >= self.next_sync_at
+    # --- the three phases of a sync --------------------------------------------------------
 
-    def schedule_first(self) -> None:
-        """The first sync comes one interval after training starts."""
-        self.next_sync_at = self.clock.now() + self.sync_interval
-
-    def has_unsent(self) -> bool:
-        """Anything trained, in flight or acknowledged-but-not-rebased is left."""
-        return (
-            bool(self.stats.window_tokens) or self.pending is not None or self.unrebased is not None
+    def capture(self) -> Capture:
+        """Training thread: copy the adapter (only if a new delta is due) and the window."""
+        needs_delta = self.pending is None and self.unrebased is None
+        stats = self.stats
+        return Capture(
+            local=self.adapter.state() if needs_delta else None,
+            tokens=stats.window_tokens,
+            loss_count=len(stats.window_losses),
+            train_loss=stats.window_loss(),
         )
 
-    def sync(self) -> bool:
-        """Upload the delta and rebase onto the newest expert; False if it must be retried."""
-        began = self.clock.now()
+    def finish(self) -> None:
+        """Training thread: settle acknowledged windows; rebase (local ← newest + progress)."""
+        for pending in self._settled:
+            self.stats.settle(pending)
+        self._settled.clear()
+        since, self._rebase_since = self._rebase_since, None
+        if since is not None:
+            local = self.adapter.state()  # our own copy: computed in place, no extra passes
+            for key, tensor in local.items():  # (local − since) + newest, the same bits as
+                tensor.sub_(since[key]).add_(self.pulled[key])  # newest + (local − since)
+            self.adapter.load(local)
+
+    def exchange(self, capture: Capture) -> bool:
+        """Upload and pull (never touching the adapter); False if it must be retried."""
         try:
-            self._sync_once()
+            self._sync_once(capture)
         except httpx.ConnectError as error:
             if self.pending is not None and not self.pending.maybe_delivered:
                 self.pending = None  # it never arrived: next time we send the bigger delta
@@ -246,11 +189,83 @@ class Syncer:
                 raise FatalSyncError(f"coordinator refused us: {error}") from None
             self._schedule_retry(f"coordinator error ({error})")
             return False
-        finally:
-            self.stats.blocked_seconds += self.clock.now() - began
         self.backoff = 1.0
         self.next_sync_at = self.clock.now() + self.sync_interval
         return True
+
+    # --- inline and background drivers -----------------------------------------------------
+
+    def due(self) -> bool:
+        """True when the schedule (or a retry's backoff) says it is time to sync."""
+        return self._future is None and self.clock.now() >= self.next_sync_at
+
+    def schedule_first(self) -> None:
+        """The first sync comes one interval after training starts."""
+        self.next_sync_at = self.clock.now() + self.sync_interval
+
+    def has_unsent(self) -> bool:
+        """Anything trained, in flight or acknowledged-but-not-rebased is left."""
+        return (
+            bool(self.stats.window_tokens)
+            or self.pending is not None
+            or self.unrebased is not None
+            or self._future is not None
+        )
+
+    def sync(self) -> bool:
+        """Upload the delta and rebase onto the newest expert, blocking; False: retry later."""
+        self.wait()  # never two exchanges at once
+        began = self.clock.now()
+        try:
+            return self.exchange(self.capture())
+        finally:
+            self.finish()
+            self.stats.blocked_seconds += self.clock.now() - began
+
+    def start(self) -> None:
+        """Capture now and run the exchange on the background thread (one at a time)."""
+        if self._future is not None:
+            raise RuntimeError("a sync is already in flight")
+        began = self.clock.now()
+        capture = self.capture()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-sync")
+        self._future = self._executor.submit(self.exchange, capture)
+        self.stats.blocked_seconds += self.clock.now() - began
+
+    def in_flight(self) -> bool:
+        """A background exchange has been started and not collected yet."""
+        return self._future is not None
+
+    def poll(self) -> bool | None:
+        """At a step boundary: None while in flight (or idle), else finish and its result."""
+        if self._future is None or not self._future.done():
+            return None
+        return self._collect(self._future)
+
+    def wait(self) -> bool | None:
+        """Block until the exchange in flight is done and finish it (None if none)."""
+        return None if self._future is None else self._collect(self._future)
+
+    def _collect(self, future: Future[bool]) -> bool:
+        began = self.clock.now()
+        try:
+            return future.result()  # re-raises FatalSyncError from the exchange
+        finally:
+            self._future = None
+            self.finish()
+            self.stats.blocked_seconds += self.clock.now() - began
+
+    def close(self) -> None:
+        """Wait for the exchange in flight (if any) and stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    # --- one exchange ----------------------------------------------------------------------
 
     def _schedule_retry(self, reason: str) -> None:
         self.stats.failed_syncs += 1
@@ -258,28 +273,48 @@ class Syncer:
         self.next_sync_at = self.clock.now() + self.backoff
         self.backoff = min(self.backoff * 2, self.max_backoff)
 
-    def _sync_once(self) -> None:
+    def _sync_once(self, capture: Capture) -> None:
         if self.unrebased is not None:  # an acknowledged upload whose pull failed
-            self.pull_and_rebase(since=self.unrebased)
+            self._fetch(since=self.unrebased)
             self.unrebased = None
             return
         if self.pending is None:
-            self.pending = self._make_pending()
+            if capture.local is None:  # cannot happen: capture() saw pending or unrebased
+                raise RuntimeError("no adapter captured for a new delta")
+            self.pending = self._make_pending(capture.local, capture)
         pending = self.pending
         try:
             ack = self._send(pending)
         except ApiError as error:
             if error.transient:
-                raise  # not a refusal: sync() retries the same update id later
+                raise  # not a refusal: exchange() retries the same update id later
             self._handle_refusal(error, pending)
             return
         self.pending, self.unrebased = None, pending.snapshot
-        self.stats.settle(pending)
+        self._settled.append(pending)
         self._report(ack, pending)
-        self.pull_and_rebase(since=pending.snapshot)
+        if not self._reproduce(ack, pending):
+            self._fetch(since=pending.snapshot)
         self.unrebased = None
 
+    def _reproduce(self, ack: UpdateAck, pending: PendingUpdate) -> bool:
+        """If ours was the only update since our pull, rebuild the new expert without a
+        download (pulled + weight·Δ, the coordinator's rule) and check its digest."""
+        sole = ack.version == pending.base_version + 1 == self.base_version + 1
+        if ack.state_sha256 is None or not sole:
+            return False
+        delta = decode_adapter(pending.body, self.identity.tensor_shapes)  # float32, as there
+        newest = apply_update(self.pulled, delta, ack.weight)
+        if state_digest(newest) != ack.state_sha256:
+            self.stats.digest_mismatches += 1
+            logger.warning("expert v%d differs from our reconstruction; pulling it", ack.version)
+            return False
+        self.stats.skipped_pulls += 1
+        self._adopt(ack.version, newest, since=pending.snapshot)
+        return True
+
     def _send(self, pending: PendingUpdate) -> UpdateAck:
+        self.stats.bytes_up += len(pending.body)
         return self.client.upload(
             self.identity.specialty,
             pending.body,
@@ -290,8 +325,7 @@ class Syncer:
             train_loss=pending.train_loss,
         )
 
-    def _make_pending(self) -> PendingUpdate:
-        local = self.adapter.state()
+    def _make_pending(self, local: AdapterState, capture: Capture) -> PendingUpdate:
         dtype = self.identity.upload_dtype
         delta = {key: (local[key] - self.pulled[key]).to(dtype) for key in local}
         # The snapshot is what the coordinator makes of this upload at weight 1 (staleness 0):
@@ -302,9 +336,9 @@ class Syncer:
             update_id=f"{self.identity.worker_id}:{uuid.uuid4().hex}",
             body=encode_adapter(delta),
             base_version=self.base_version,
-            tokens=self.stats.window_tokens,
-            loss_count=len(self.stats.window_losses),
-            train_loss=self.stats.window_loss(),
+            tokens=capture.tokens,
+            loss_count=capture.loss_count,
+            train_loss=capture.train_loss,
             snapshot=snapshot,
         )
 
@@ -321,8 +355,8 @@ class Syncer:
             error,
         )
         self.pending = None
-        self.stats.settle(pending)
-        self.pull_and_rebase(since=pending.snapshot)
+        self._settled.append(pending)
+        self._fetch(since=pending.snapshot)
 
     def _report(self, ack: UpdateAck, pending: PendingUpdate) -> None:
         stats = self.stats
@@ -344,7 +378,7 @@ class Syncer:
         )
 
     def flush(self, *, attempts: int) -> None:
-        """Final upload: at most ``attempts`` syncs (with backoff) until nothing is left."""
+        """Final upload, inline: at most ``attempts`` syncs (with backoff) until nothing is left."""
         for _ in range(attempts):
             if not self.has_unsent():
                 return
