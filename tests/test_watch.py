@@ -17,6 +17,7 @@ from fedmoe.watch import read_snapshot, render, watch
 from tests.api_helpers import (
     PY,
     PY_WORKER,
+    eval_report,
     random_delta,
     register,
     shapes_of,
@@ -35,16 +36,7 @@ def _federation(live) -> None:
             == 200
         )
         upload(client, PY, b"junk", update_headers(base_version=1))
-        report = {
-            "worker_id": PY_WORKER,
-            "expert": PY,
-            "expert_version": 1,
-            "gateway_version": 1,
-            "results": [
-                {"kind": "expert", "loss": 1.25, "tokens": 10, "examples": 1},
-                {"kind": "gateway", "loss": 2.5, "tokens": 10, "examples": 1},
-            ],
-        }
+        report = eval_report(1.25, 2.5, tokens=10, examples=1, expert_version=1, gateway_version=1)
         assert client.post("/v1/metrics/evaluations", json=report).status_code == 200
 
 
