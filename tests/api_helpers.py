@@ -13,7 +13,7 @@ import httpx
 import torch
 from safetensors.torch import load as load_safetensors
 
-from fedmoe.adapters import read_header
+from fedmoe.adapters import encode_adapter, read_header
 
 PY, SQL = "python_expert", "sql_expert"
 PY_WORKER, SQL_WORKER = "py-worker", "sql-worker"
@@ -41,6 +41,11 @@ def registration_body(client: httpx.Client, worker_id: str, specialty: str = PY)
         "base_model_fingerprint": info["base_model_fingerprint"],
         "lora_config": info["lora_config"],
     }
+
+
+def delta_body(client: httpx.Client, seed: int) -> bytes:
+    """A random float32 delta of the server's adapter shapes, as a safetensors body."""
+    return encode_adapter(random_delta(shapes_of(client), seed))
 
 
 def register(client: httpx.Client, worker_id: str, specialty: str) -> dict[str, Any]:

@@ -299,11 +299,11 @@ def broken_disk(adapters: Path) -> Iterator[None]:
 
 def test_a_failing_disk_is_503_and_the_retry_applies_once(live_coordinator) -> None:
     """A write that fails (disk full, gone) changes nothing; the same id applies once later."""
-    from tests.api_helpers import PY, PY_WORKER, random_delta, register, shapes_of, update_headers
+    from tests.api_helpers import PY, PY_WORKER, delta_body, register, update_headers
 
     client = live_coordinator.client()
     register(client, PY_WORKER, PY)
-    body = encode_adapter(random_delta(shapes_of(client), seed=3))
+    body = delta_body(client, 3)
     headers = update_headers(PY_WORKER, base_version=0)
     with broken_disk(live_coordinator.adapters_dir):
         response = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)

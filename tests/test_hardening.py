@@ -24,6 +24,7 @@ from tests.api_helpers import (
     SQL,
     assert_error,
     assert_unchanged,
+    delta_body,
     random_delta,
     register,
     registration_body,
@@ -204,7 +205,7 @@ def test_an_update_looks_up_one_worker_not_the_table(live_coordinator) -> None:
         for index in range(5):
             register(client, f"other-{index}", SQL)
         register(client, PY_WORKER, PY)
-        body = encode_adapter(random_delta(shapes_of(client), 1))
+        body = delta_body(client, 1)
         live_coordinator.coordinator.ledger._db.set_trace_callback(statements.append)
         try:
             assert upload(client, PY, body, update_headers()).status_code == 200
