@@ -28,7 +28,6 @@ from fedmoe.adapters import atomic_write, encode_adapter
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator.versions import UpdateRequest
-from fedmoe.schemas import LoraConfigBody, WorkerRegistration
 from fedmoe.strategy import GatewayMerge
 
 
@@ -135,14 +134,9 @@ def phase_breakdown(shape: str, repeat: int) -> dict[str, float]:
 
 def _timed_updates(coordinator: Any, timer: PhaseTimer, repeat: int) -> dict[str, float]:
     """``repeat`` real updates in a worker thread (as the server runs them); phase medians."""
-    coordinator.register_worker(
-        WorkerRegistration(
-            worker_id="w",
-            specialty="e0",
-            base_model_fingerprint=coordinator.fingerprint,
-            lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
-        )
-    )
+    from fedmoe.coordinator.bootstrap import register_in_process
+
+    register_in_process(coordinator, "w", "e0")
     body = encode_adapter(random_delta(coordinator.schema), dtype=torch.bfloat16)
 
     def run() -> dict[str, float]:

@@ -29,17 +29,22 @@ EXPERTS = 3
 LEDGER_API_LIMIT = 10000
 
 
-def write_body(schema: dict[str, Any], path: Path, seed: int = 1) -> int:
-    """Write a random bf16 safetensors delta of ``schema``'s shapes to ``path``; its size."""
+def write_body(url: str, directory: Path, seed: int = 1) -> tuple[dict[str, Any], Path, int]:
+    """A random bf16 safetensors delta of the server's shapes, written to ``directory``.
+
+    Returns the server's ``/v1/schema``, the file and its size.
+    """
     import torch
 
     from benchmarks._coordinator_server import random_delta
     from fedmoe.adapters import encode_adapter
 
+    schema: dict[str, Any] = httpx.get(url + "/v1/schema", timeout=30).json()
     shapes = {key: tuple(shape) for key, shape in schema["tensors"].items()}
     body = encode_adapter(random_delta(shapes, seed), dtype=torch.bfloat16)
+    path = directory / "delta.safetensors"
     path.write_bytes(body)
-    return len(body)
+    return schema, path, len(body)
 
 
 def ledger_ids(url: str, state_dir: Path, total: int) -> tuple[set[str], int, str]:
@@ -94,9 +99,7 @@ def one_run(directory: Path, seconds: float, procs: int) -> dict[str, Any]:
     """One 30-client run on a fresh state dir; returns figures and check results."""
     progress(f"concurrency: {CLIENTS} clients in {procs} process(es) for {seconds:g} s")
     with server(directory, shape="tiny", experts=EXPERTS) as srv:
-        schema = httpx.get(srv.url + "/v1/schema", timeout=30).json()
-        body_file = directory / "delta.safetensors"
-        size = write_body(schema, body_file)
+        schema, body_file, size = write_body(srv.url, directory)
         workers = [(f"w{i:02d}", f"e{i % EXPERTS}") for i in range(CLIENTS)]
         result = run_load(
             srv.url,

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from benchmarks._concurrency import write_body
 from benchmarks._harness import (
     LoadResult,
@@ -38,9 +36,7 @@ def measure_shape(
         server(directory / "coordinator", shape=shape, experts=EXPERTS) as coord,
         server(directory / "floor", floor=True) as floor,
     ):
-        schema = httpx.get(coord.url + "/v1/schema", timeout=30).json()
-        body_file = directory / "delta.safetensors"
-        out["body_bytes"] = write_body(schema, body_file)
+        schema, body_file, out["body_bytes"] = write_body(coord.url, directory)
         out["params"] = sum(_numel(shape) for shape in schema["tensors"].values())
         out["tensors"] = len(schema["tensors"])
 

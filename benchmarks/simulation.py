@@ -26,13 +26,13 @@ from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState
 from fedmoe.batching import TokenizedExample
 from fedmoe.config import LoraSettings, TrainSettings
-from fedmoe.coordinator.bootstrap import open_coordinator
+from fedmoe.coordinator.bootstrap import open_coordinator, register_in_process
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
 from fedmoe.demo_data import DOMAINS
 from fedmoe.modeling import adapter_state, attach_lora, load_adapter_state, load_base_model
-from fedmoe.schemas import LoraConfigBody, UpdateAck, WorkerRegistration
+from fedmoe.schemas import UpdateAck
 from fedmoe.worker.trainer import LocalTrainer, StepResult
 
 # --- workers on a shared model ---------------------------------------------------------------
@@ -149,18 +149,10 @@ class Coordinator:
             **strategy,  # --strategy, --buffer-size, --server-optimizer, ... (strategy_bench)
         )
         self.core: CentralCoordinator = open_coordinator(settings)
-        self.lora = bench.lora.to_dict()
 
     def register(self, worker: SimWorker) -> None:
         """Register the worker and give it the expert's current version."""
-        self.core.register_worker(
-            WorkerRegistration(
-                worker_id=worker.name,
-                specialty=worker.expert,
-                base_model_fingerprint=self.core.fingerprint,
-                lora_config=LoraConfigBody.model_validate(self.lora),
-            )
-        )
+        register_in_process(self.core, worker.name, worker.expert)
         worker.base_version, worker.pulled = self.pull(worker.expert)
 
     def pull(self, expert: str) -> tuple[int, AdapterState]:

@@ -81,17 +81,21 @@ def _loss(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def _table(title: str, *, names: tuple[str, ...], numbers: tuple[str, ...]) -> Table:
+    """Name columns (long ids fold) followed by right-aligned number columns."""
+    return Table(
+        *(Column(name, overflow="fold") for name in names),
+        *(Column(number, justify="right") for number in numbers),
+        title=title,
+    )
+
+
 def _experts(snapshot: Snapshot) -> Table:
     status, now = snapshot.status, snapshot.taken_at
-    table = Table(
-        Column("expert", overflow="fold"),
-        Column("version", justify="right"),
-        Column("upd/min", justify="right"),
-        Column("rejected", justify="right"),
-        Column("workers", justify="right"),
-        Column("eval expert", justify="right"),
-        Column("eval gateway", justify="right"),
-        title="experts (federated validation loss: lower is better)",
+    table = _table(
+        "experts (federated validation loss: lower is better)",
+        names=("expert",),
+        numbers=("version", "upd/min", "rejected", "workers", "eval expert", "eval gateway"),
     )
     first = min((u["created_at"] for u in snapshot.updates), default=now)
     minutes = max(min(RATE_WINDOW_S, now - first), 10.0) / 60
@@ -112,15 +116,10 @@ def _experts(snapshot: Snapshot) -> Table:
 
 
 def _workers(status: StatusInfo, now: float) -> Table:
-    table = Table(
-        Column("worker", overflow="fold"),
-        Column("expert", overflow="fold"),
-        Column("last seen", justify="right"),
-        Column("updates", justify="right"),
-        Column("tokens", justify="right"),
-        Column("loss", justify="right"),
-        Column("τ", justify="right"),
-        title="workers",
+    table = _table(
+        "workers",
+        names=("worker", "expert"),
+        numbers=("last seen", "updates", "tokens", "loss", "τ"),
     )
     for worker_id, w in sorted(status.workers.items(), key=lambda i: (i[1].specialty, i[0])):
         seen = now - w.last_seen

@@ -13,7 +13,7 @@ import httpx
 import torch
 from safetensors.torch import load as load_safetensors
 
-from fedmoe.adapters import read_header
+from fedmoe.adapters import encode_adapter, read_header
 
 PY, SQL = "python_expert", "sql_expert"
 PY_WORKER, SQL_WORKER = "py-worker", "sql-worker"
@@ -32,19 +32,47 @@ def random_delta(shapes: dict[str, list[int]], seed: int, scale: float = 1e-3) -
     return {k: torch.randn(s, generator=generator) * scale for k, s in shapes.items()}
 
 
-def register(client: httpx.Client, worker_id: str, specialty: str) -> dict[str, Any]:
+def registration_body(client: httpx.Client, worker_id: str, specialty: str = PY) -> dict:
+    """A ``POST /v1/workers`` body that matches the server's base model and LoRA config."""
     info = client.get("/v1/schema").json()
-    response = client.post(
-        "/v1/workers",
-        json={
-            "worker_id": worker_id,
-            "specialty": specialty,
-            "base_model_fingerprint": info["base_model_fingerprint"],
-            "lora_config": info["lora_config"],
-        },
-    )
+    return {
+        "worker_id": worker_id,
+        "specialty": specialty,
+        "base_model_fingerprint": info["base_model_fingerprint"],
+        "lora_config": info["lora_config"],
+    }
+
+
+def delta_body(client: httpx.Client, seed: int) -> bytes:
+    """A random float32 delta of the server's adapter shapes, as a safetensors body."""
+    return encode_adapter(random_delta(shapes_of(client), seed))
+
+
+def register(client: httpx.Client, worker_id: str, specialty: str) -> dict[str, Any]:
+    response = client.post("/v1/workers", json=registration_body(client, worker_id, specialty))
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def eval_report(
+    expert_loss: float = 2.0,
+    gateway_loss: float = 3.0,
+    tokens: int = 100,
+    examples: int = 4,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A ``POST /v1/metrics/evaluations`` body: PY_WORKER's expert and gateway losses on PY."""
+    report = {
+        "worker_id": PY_WORKER,
+        "expert": PY,
+        "expert_version": 0,
+        "gateway_version": 0,
+        "results": [
+            {"kind": "expert", "loss": expert_loss, "tokens": tokens, "examples": examples},
+            {"kind": "gateway", "loss": gateway_loss, "tokens": tokens, "examples": examples},
+        ],
+    }
+    return report | overrides
 
 
 def update_headers(

@@ -20,6 +20,7 @@ import torch
 from fedmoe.adapters import encode_adapter
 from fedmoe.client import ApiError, CoordinatorClient
 from fedmoe.coordinator.settings import CoordinatorSettings
+from tests.api_helpers import registration_body
 
 TOKEN = "shared-admin-token-0123456789"
 ADMIN_TOKEN = "admin-token-abcdefghijklmnop"
@@ -27,16 +28,6 @@ W1_TOKEN = "worker-one-token-0123456789"
 W2_TOKEN = "worker-two-token-9876543210"
 PY = "python_expert"
 FEDMOE_ROOT = Path(__file__).resolve().parents[1] / "fedmoe"
-
-
-def _registration(client: httpx.Client, worker_id: str, specialty: str = PY) -> dict:
-    info = client.get("/v1/schema").json()
-    return {
-        "worker_id": worker_id,
-        "specialty": specialty,
-        "base_model_fingerprint": info["base_model_fingerprint"],
-        "lora_config": info["lora_config"],
-    }
 
 
 def _update(client: httpx.Client, worker_id: str, base_version: int = 0) -> httpx.Response:
@@ -107,7 +98,7 @@ def test_correct_token_works(shared) -> None:
     with shared.client() as client:
         assert client.get("/v1/status").status_code == 200
         assert client.get("/v1/ledger").status_code == 200
-        response = client.post("/v1/workers", json=_registration(client, "token-worker"))
+        response = client.post("/v1/workers", json=registration_body(client, "token-worker"))
         assert response.status_code == 200, response.text
         response = _update(client, "token-worker")
         assert response.status_code == 200, response.text
@@ -167,20 +158,20 @@ def per_worker(module_coordinator_factory, tmp_path_factory):
     )
     live = module_coordinator_factory(tokens_file=tokens)
     with live.client(ADMIN_TOKEN) as admin:
-        response = admin.post("/v1/workers", json=_registration(admin, "w2"))  # admin: anyone
+        response = admin.post("/v1/workers", json=registration_body(admin, "w2"))  # admin: anyone
         assert response.status_code == 200, response.text
     return live
 
 
 def test_worker_token_acts_only_as_its_worker(per_worker) -> None:
     with per_worker.client(W1_TOKEN) as w1:
-        response = w1.post("/v1/workers", json=_registration(w1, "w2"))
+        response = w1.post("/v1/workers", json=registration_body(w1, "w2"))
         assert response.status_code == 403
         assert response.json() == {
             "error": "forbidden",
             "detail": "this token belongs to worker 'w1', not 'w2'",
         }
-        response = w1.post("/v1/workers", json=_registration(w1, "w1"))
+        response = w1.post("/v1/workers", json=registration_body(w1, "w1"))
         assert response.status_code == 200, response.text
         version = w1.get("/v1/status").json()["experts"][PY]["version"]
         response = _update(w1, "w2", base_version=version)  # w2 is registered for PY

@@ -14,11 +14,11 @@ import torch
 
 from fedmoe import aggregate
 from fedmoe.adapters import encode_adapter, read_header, view_adapter
-from fedmoe.coordinator.bootstrap import open_coordinator
+from fedmoe.coordinator.bootstrap import open_coordinator, register_in_process
 from fedmoe.coordinator.errors import StateDirError
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
-from fedmoe.schemas import LoraConfigBody, UpdateAck, WorkerRegistration
+from fedmoe.schemas import UpdateAck
 
 EXPERTS = ["a", "a.v2", "b"]  # "a.v2" also checks that pruning "a" leaves it alone
 
@@ -40,14 +40,7 @@ def _delta(coordinator, seed: int) -> dict[str, torch.Tensor]:
 def test_parallel_updates_to_several_experts_lose_nothing(tmp_path: Path) -> None:
     coordinator = open_coordinator(_settings(tmp_path))
     for name in EXPERTS:
-        coordinator.register_worker(
-            WorkerRegistration(
-                worker_id=f"w-{name}",
-                specialty=name,
-                base_model_fingerprint=coordinator.fingerprint,
-                lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
-            )
-        )
+        register_in_process(coordinator, f"w-{name}", name)
     initial = {name: dict(coordinator.experts[name].state) for name in EXPERTS}
     jobs = [(name, seed) for seed in range(8) for name in EXPERTS]
 
@@ -117,14 +110,7 @@ def test_gateway_file_is_written_at_most_once_per_interval_and_on_close(tmp_path
     coordinator = open_coordinator(
         _settings(tmp_path, gateway_file_interval=60.0, eager_gateway=True)
     )
-    coordinator.register_worker(
-        WorkerRegistration(
-            worker_id="w",
-            specialty="b",
-            base_model_fingerprint=coordinator.fingerprint,
-            lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
-        )
-    )
+    register_in_process(coordinator, "w", "b")
     gateway_file = tmp_path / "adapters" / "gateway.safetensors"
 
     def saved_version() -> int:

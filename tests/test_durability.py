@@ -21,6 +21,7 @@ from fedmoe.adapters import encode_adapter
 from fedmoe.client import ApiError, CoordinatorClient
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.procs import start_coordinator, start_worker, stop
+from fedmoe.schemas import UpdateAck
 
 EXPERTS = ("python_expert", "sql_expert")
 
@@ -170,6 +171,21 @@ def check_worker_carried_on(url, worker) -> None:
         assert docs.version == docs.updates_applied
 
 
+def _upload_as_w(
+    client: CoordinatorClient, body: bytes, update_id: str = "same-id", base_version: int = 0
+) -> UpdateAck:
+    """Worker ``w``'s upload of ``body`` to sql_expert (5 tokens, loss 2.0)."""
+    return client.upload(
+        "sql_expert",
+        body,
+        worker_id="w",
+        update_id=update_id,
+        base_version=base_version,
+        num_tokens=5,
+        train_loss=2.0,
+    )
+
+
 def test_idempotent_replay_survives_restart(tmp_path) -> None:
     state, log = tmp_path / "state", tmp_path / "coordinator.log"
     coordinator, url = start_coordinator(state, log)
@@ -185,40 +201,16 @@ def test_idempotent_replay_survives_restart(tmp_path) -> None:
                 lora_config=schema.lora_config,
             )
             body = encode_adapter({k: torch.full(s, 0.01) for k, s in shapes.items()})
-            first = client.upload(
-                "sql_expert",
-                body,
-                worker_id="w",
-                update_id="same-id",
-                base_version=0,
-                num_tokens=5,
-                train_loss=2.0,
-            )
+            first = _upload_as_w(client, body)
         coordinator.kill()
         coordinator.wait()
         coordinator, _ = start_coordinator(state, log, port=port)
         with CoordinatorClient(url) as client:
-            again = client.upload(
-                "sql_expert",
-                body,
-                worker_id="w",
-                update_id="same-id",
-                base_version=0,
-                num_tokens=5,
-                train_loss=2.0,
-            )
+            again = _upload_as_w(client, body)
             assert again == first.model_copy(update={"replayed": True})
             assert client.status().experts["sql_expert"].version == 1
             with pytest.raises(ApiError) as refused:
-                client.upload(
-                    "sql_expert",
-                    body,
-                    worker_id="w",
-                    update_id="other-id",
-                    base_version=5,
-                    num_tokens=5,
-                    train_loss=2.0,
-                )
+                _upload_as_w(client, body, update_id="other-id", base_version=5)
             assert refused.value.status_code == 422
             rows = [r for r in client.ledger() if r.update_id == "same-id"]
             assert len(rows) == 1 and json.loads(rows[0].response or "")["version"] == 1
@@ -307,11 +299,11 @@ def broken_disk(adapters: Path) -> Iterator[None]:
 
 def test_a_failing_disk_is_503_and_the_retry_applies_once(live_coordinator) -> None:
     """A write that fails (disk full, gone) changes nothing; the same id applies once later."""
-    from tests.api_helpers import PY, PY_WORKER, random_delta, register, shapes_of, update_headers
+    from tests.api_helpers import PY, PY_WORKER, delta_body, register, update_headers
 
     client = live_coordinator.client()
     register(client, PY_WORKER, PY)
-    body = encode_adapter(random_delta(shapes_of(client), seed=3))
+    body = delta_body(client, 3)
     headers = update_headers(PY_WORKER, base_version=0)
     with broken_disk(live_coordinator.adapters_dir):
         response = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)

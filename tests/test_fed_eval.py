@@ -21,24 +21,10 @@ from fedmoe.modeling import adapter_state, attach_lora, load_base_model
 from fedmoe.worker.fed_eval import default_eval_every, swapped_lora
 from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
-from tests.api_helpers import PY, PY_WORKER, SQL, assert_error, register
+from tests.api_helpers import PY, PY_WORKER, SQL, assert_error, eval_report, register
 
 TOKEN = "observe-admin-token-0123456789"
 W_TOKEN = "observe-worker-token-0123456789"
-
-
-def _report(**overrides):
-    report = {
-        "worker_id": PY_WORKER,
-        "expert": PY,
-        "expert_version": 0,
-        "gateway_version": 0,
-        "results": [
-            {"kind": "expert", "loss": 2.0, "tokens": 100, "examples": 4},
-            {"kind": "gateway", "loss": 3.0, "tokens": 100, "examples": 4},
-        ],
-    }
-    return report | overrides
 
 
 @pytest.fixture
@@ -61,10 +47,10 @@ def test_reports_are_validated_stored_and_filtered(live) -> None:
     with live.client(TOKEN) as admin, live.client(W_TOKEN) as worker:
         register(admin, PY_WORKER, PY)
         register(admin, "sql-w", SQL)
-        stored = worker.post("/v1/metrics/evaluations", json=_report())
+        stored = worker.post("/v1/metrics/evaluations", json=eval_report())
         assert stored.status_code == 200, stored.text
         assert [row["kind"] for row in stored.json()] == ["expert", "gateway"]
-        sql = _report(worker_id="sql-w", expert=SQL)
+        sql = eval_report(worker_id="sql-w", expert=SQL)
         sql["results"] = [{"kind": "gateway", "loss": 5.0, "tokens": 300, "examples": 9}]
         assert admin.post("/v1/metrics/evaluations", json=sql).status_code == 200
 
@@ -117,7 +103,7 @@ def test_reports_are_validated_stored_and_filtered(live) -> None:
 def test_bad_reports_are_refused_and_change_nothing(live, change, status, code, phrase) -> None:
     with live.client(TOKEN) as admin:
         register(admin, PY_WORKER, PY)
-        response = admin.post("/v1/metrics/evaluations", json=_report(**change))
+        response = admin.post("/v1/metrics/evaluations", json=eval_report(**change))
         assert_error(response, status, code, phrase)
         assert admin.get("/v1/metrics/history").json() == []
 
@@ -126,19 +112,19 @@ def test_non_finite_loss_and_foreign_worker_are_refused(live) -> None:
     with live.client(TOKEN) as admin, live.client(W_TOKEN) as worker:
         register(admin, PY_WORKER, PY)
         register(admin, "other", PY)
-        body = json.dumps(_report()).replace("2.0", "NaN")
+        body = json.dumps(eval_report()).replace("2.0", "NaN")
         response = admin.post(
             "/v1/metrics/evaluations", content=body, headers={"Content-Type": "application/json"}
         )
         assert_error(response, 422, "invalid_request", "finite")
         assert_error(
-            worker.post("/v1/metrics/evaluations", json=_report(worker_id="other")),
+            worker.post("/v1/metrics/evaluations", json=eval_report(worker_id="other")),
             403,
             "forbidden",
             "other",
         )
         assert_error(
-            live.client("").post("/v1/metrics/evaluations", json=_report()), 401, "unauthorized"
+            live.client("").post("/v1/metrics/evaluations", json=eval_report()), 401, "unauthorized"
         )
         assert admin.get("/v1/metrics/history").json() == []
 
@@ -147,7 +133,7 @@ def test_reports_survive_a_restart(live_coordinator_factory, tmp_path) -> None:
     first = live_coordinator_factory(state_dir=tmp_path / "state")
     with first.client() as client:
         register(client, PY_WORKER, PY)
-        assert client.post("/v1/metrics/evaluations", json=_report()).status_code == 200
+        assert client.post("/v1/metrics/evaluations", json=eval_report()).status_code == 200
     first.stop()
     second = live_coordinator_factory(state_dir=tmp_path / "state")
     with second.client() as client:

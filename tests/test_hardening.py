@@ -24,8 +24,10 @@ from tests.api_helpers import (
     SQL,
     assert_error,
     assert_unchanged,
+    delta_body,
     random_delta,
     register,
+    registration_body,
     shapes_of,
     snapshot,
     update_headers,
@@ -203,7 +205,7 @@ def test_an_update_looks_up_one_worker_not_the_table(live_coordinator) -> None:
         for index in range(5):
             register(client, f"other-{index}", SQL)
         register(client, PY_WORKER, PY)
-        body = encode_adapter(random_delta(shapes_of(client), 1))
+        body = delta_body(client, 1)
         live_coordinator.coordinator.ledger._db.set_trace_callback(statements.append)
         try:
             assert upload(client, PY, body, update_headers()).status_code == 200
@@ -220,7 +222,7 @@ def test_registrations_are_bounded_and_idle_workers_forgotten(live_coordinator_f
         register(client, "a", PY)
         register(client, "b", PY)
         register(client, "a", PY)  # an existing worker may always re-register
-        refused = client.post("/v1/workers", json=_registration_body(client, "c"))
+        refused = client.post("/v1/workers", json=registration_body(client, "c"))
         assert_error(refused, 429, "too_many_workers", "2 workers", "max_workers")
         time.sleep(1.2)
         register(client, "c", PY)  # a and b were forgotten after worker_ttl
@@ -271,25 +273,15 @@ def test_a_worker_token_may_not_move_its_worker_to_another_expert(guarded) -> No
     """Item 6: tokens-file ``experts`` bind a worker; re-registering elsewhere needs an admin."""
     with guarded.client(W1_TOKEN) as w1:
         register(w1, "w1", PY)
-        response = w1.post("/v1/workers", json=_registration_body(w1, "w1", SQL))
+        response = w1.post("/v1/workers", json=registration_body(w1, "w1", SQL))
         assert_error(response, 403, "forbidden", "w1", "may train only", PY)
     with guarded.client(W2_TOKEN) as w2:
         register(w2, "w2", PY)
-        response = w2.post("/v1/workers", json=_registration_body(w2, "w2", SQL))
+        response = w2.post("/v1/workers", json=registration_body(w2, "w2", SQL))
         assert_error(response, 403, "forbidden", "registered for 'python_expert'", "admin token")
         assert w2.get("/v1/status").json()["workers"]["w2"]["specialty"] == PY
     with guarded.client(TOKEN) as admin:
         register(admin, "w2", SQL)  # an admin may move it
-
-
-def _registration_body(client: httpx.Client, worker_id: str, specialty: str = PY) -> dict:
-    info = client.get("/v1/schema").json()
-    return {
-        "worker_id": worker_id,
-        "specialty": specialty,
-        "base_model_fingerprint": info["base_model_fingerprint"],
-        "lora_config": info["lora_config"],
-    }
 
 
 # --- 7. an update id reused with another body ---------------------------------------------------
@@ -326,7 +318,7 @@ def test_a_reused_update_id_with_another_body_is_409(live_coordinator) -> None:
 def test_registrations_are_validated_by_a_typed_schema(guarded, lora_change, phrases) -> None:
     """Item 8: ``{}`` and loose types are refused by name, never with a Python TypeError."""
     with guarded.client(TOKEN) as admin:
-        body = _registration_body(admin, "typed-worker")
+        body = registration_body(admin, "typed-worker")
         lora = body["lora_config"]
         changed = {
             "empty": {},

@@ -7,14 +7,12 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedmoe.adapters import encode_adapter
 from tests.api_helpers import (
     PY,
     PY_WORKER,
     assert_error,
-    random_delta,
+    delta_body,
     register,
-    shapes_of,
     update_headers,
     upload,
 )
@@ -69,7 +67,7 @@ def test_every_metric_is_present_and_moves_when_an_update_arrives(live) -> None:
         before = scrape(client)
         assert families(before) >= FAMILIES, FAMILIES - families(before)
 
-        body = encode_adapter(random_delta(shapes_of(client), seed=1))
+        body = delta_body(client, 1)
         assert upload(client, PY, body, update_headers()).status_code == 200
         client.get("/v1/gateway/adapter")  # builds the gateway
         assert_error(upload(client, PY, b"junk", update_headers()), 422, "invalid_update")
@@ -162,7 +160,7 @@ def test_two_coordinators_in_one_process_have_their_own_registries(
     first, second = live_coordinator_factory(), live_coordinator_factory()
     with first.client() as a, second.client() as b:
         register(a, PY_WORKER, PY)
-        body = encode_adapter(random_delta(shapes_of(a), seed=2))
+        body = delta_body(a, 2)
         assert upload(a, PY, body, update_headers()).status_code == 200
         assert value(scrape(a), "fedmoe_updates_accepted_total", expert=PY) == 1
         assert value(scrape(b), "fedmoe_updates_accepted_total", expert=PY) == 0

@@ -18,6 +18,7 @@ from tests.api_helpers import (
     SQL_WORKER,
     assert_error,
     assert_unchanged,
+    delta_body,
     expert_state,
     random_delta,
     register,
@@ -37,7 +38,7 @@ def test_etag_changes_with_the_version(live_coordinator) -> None:
             p: client.get(p).headers["ETag"]
             for p in (f"/v1/experts/{PY}/adapter", "/v1/gateway/adapter")
         }
-        body = encode_adapter(random_delta(shapes_of(client), 1))
+        body = delta_body(client, 1)
         assert upload(client, PY, body, update_headers()).status_code == 200
         for path, old in tags.items():
             response = client.get(path, headers={"If-None-Match": old})

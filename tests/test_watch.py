@@ -11,15 +11,14 @@ import time
 
 from rich.console import Console
 
-from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
 from fedmoe.watch import read_snapshot, render, watch
 from tests.api_helpers import (
     PY,
     PY_WORKER,
-    random_delta,
+    delta_body,
+    eval_report,
     register,
-    shapes_of,
     update_headers,
     upload,
 )
@@ -28,23 +27,9 @@ from tests.api_helpers import (
 def _federation(live) -> None:
     with live.client() as client:
         register(client, PY_WORKER, PY)
-        assert (
-            upload(
-                client, PY, encode_adapter(random_delta(shapes_of(client), 3)), update_headers()
-            ).status_code
-            == 200
-        )
+        assert upload(client, PY, delta_body(client, 3), update_headers()).status_code == 200
         upload(client, PY, b"junk", update_headers(base_version=1))
-        report = {
-            "worker_id": PY_WORKER,
-            "expert": PY,
-            "expert_version": 1,
-            "gateway_version": 1,
-            "results": [
-                {"kind": "expert", "loss": 1.25, "tokens": 10, "examples": 1},
-                {"kind": "gateway", "loss": 2.5, "tokens": 10, "examples": 1},
-            ],
-        }
+        report = eval_report(1.25, 2.5, tokens=10, examples=1, expert_version=1, gateway_version=1)
         assert client.post("/v1/metrics/evaluations", json=report).status_code == 200
 
 

@@ -20,26 +20,25 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fedmoe.api.asgi import HttpMiddleware
+
 logger = logging.getLogger(__name__)
 
 CLOSE = {"Connection": "close"}
 
 
-class BodyGuardMiddleware:
+class BodyGuardMiddleware(HttpMiddleware):
     """Per-route body limits (413), a stalled-body timeout (408) and close-after-refusal."""
 
     def __init__(
         self, app: ASGIApp, *, limit_for: Callable[[Scope], int], body_timeout: Callable[[], float]
     ) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit_for = limit_for
         self.body_timeout = body_timeout
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse a declared oversized body at once; otherwise guard reads and answers."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         limit = self.limit_for(scope)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedmoe import aggregate
+from fedmoe.api.asgi import HttpMiddleware
 from fedmoe.strategy import GatewayMerge
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class Exchange:
         return ""
 
 
-class MetricsMiddleware:
+class MetricsMiddleware(HttpMiddleware):
     """Observes every request; serves ``/metrics`` to loopback clients when allowed.
 
     It must be the outermost middleware, so that it also sees requests that the
@@ -219,15 +220,12 @@ class MetricsMiddleware:
         metrics: CoordinatorMetrics,
         loopback_open: bool,
     ) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
         self.loopback_open = loopback_open
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on, counting what goes in and out."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         if scope["path"] == "/metrics" and self.loopback_open and _from_loopback(scope):
             await _send_metrics(send, self.metrics.exposition())
             return

@@ -6,6 +6,7 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fedmoe.api.asgi import HttpMiddleware
 from fedmoe.coordinator.auth import Principal, TokenRegistry
 
 OPEN_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/", "/ui"}
@@ -18,18 +19,15 @@ UNAUTHORIZED_DETAIL = (
 )
 
 
-class BearerAuthMiddleware:
+class BearerAuthMiddleware(HttpMiddleware):
     """Puts the caller's ``Principal`` in ``scope["state"]``, or answers 401 at once."""
 
     def __init__(self, app: ASGIApp, *, registry: TokenRegistry) -> None:
-        self.app = app
+        super().__init__(app)
         self.registry = registry
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Authenticate HTTP requests before their body is read; pass others through."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate the request before its body is read."""
         principal = self._principal(scope)
         if principal is None:
             await _unauthorized(send)

@@ -16,6 +16,7 @@ from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.modeling import initial_adapter, load_base_model
+from fedmoe.schemas import LoraConfigBody, RegistrationAck, WorkerRegistration
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,18 @@ def lock_state_dir(state_dir: Path) -> TextIO:
     handle.write(f"coordinator pid {os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def register_in_process(
+    coordinator: CentralCoordinator, worker_id: str, specialty: str
+) -> RegistrationAck:
+    """Register a worker on an in-process coordinator with the coordinator's own base-model
+    fingerprint and LoRA config (simulations and tests that drive the core without HTTP)."""
+    return coordinator.register_worker(
+        WorkerRegistration(
+            worker_id=worker_id,
+            specialty=specialty,
+            base_model_fingerprint=coordinator.fingerprint,
+            lora_config=LoraConfigBody.model_validate(coordinator.lora.to_dict()),
+        )
+    )

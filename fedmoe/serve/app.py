@@ -38,9 +38,9 @@ UNAUTHORIZED = (
 class OpenAIBearerAuth(BearerAuthMiddleware):
     """The coordinator's token check, answering 401 in OpenAI's error shape."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Refuse unauthenticated HTTP requests before their body is read."""
-        if scope["type"] == "http" and self._principal(scope) is None:
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse an unauthenticated request before its body is read."""
+        if self._principal(scope) is None:
             body = _error_body(UNAUTHORIZED, "authentication_error", None, "invalid_api_key")
             payload = json.dumps(body).encode()
             headers = [
@@ -51,7 +51,7 @@ class OpenAIBearerAuth(BearerAuthMiddleware):
             await send({"type": "http.response.start", "status": 401, "headers": headers})
             await send({"type": "http.response.body", "body": payload})
             return
-        await super().__call__(scope, receive, send)
+        await super().http(scope, receive, send)
 
 
 def create_serve_app(service: Service, registry: TokenRegistry, *, reload: bool = True) -> FastAPI:

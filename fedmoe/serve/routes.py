@@ -8,10 +8,12 @@ Every answer names the adapter that generated it and the router's scores, in the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from fedmoe.serve.engine import Delta, Failed, Finished, Sampling
 from fedmoe.serve.schemas import (
@@ -67,44 +69,57 @@ async def create_completion(body: CompletionRequest, service: ServiceDep) -> Any
         prompt = body.prompt_text()
     except ValueError as error:
         raise InvalidRequestError(str(error), param="prompt") from None
-    generation = await service.start_generation(body.model, prompt, _sampling(body, service))
-    if body.stream:
-        return _stream(generation, body, "text_completion")
-    text, finished = await _collect(generation)
-    answer = Completion(
-        id=new_id("cmpl"),
-        created=int(time.time()),
-        model=body.model,
-        choices=[
-            CompletionChoice(
-                text=(prompt + text) if body.echo else text, finish_reason=finished.finish_reason
-            )
-        ],
-        usage=usage_of(finished),
-        fedmoe=_info(generation, body.model, finished),
-    )
-    return JSONResponse(answer.model_dump(), headers=_headers(generation))
+
+    def completion(text: str, finished: Finished, info: RoutingInfo) -> Completion:
+        text = (prompt + text) if body.echo else text
+        choice = CompletionChoice(text=text, finish_reason=finished.finish_reason)
+        return Completion(
+            id=new_id("cmpl"),
+            created=int(time.time()),
+            model=body.model,
+            choices=[choice],
+            usage=usage_of(finished),
+            fedmoe=info,
+        )
+
+    sampling = _sampling(body, service)
+    return await _answer(service, body, prompt, sampling, "text_completion", completion)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def create_chat_completion(body: ChatRequest, service: ServiceDep) -> Any:
     """The assistant's next message, the tokenizer's chat template applied to ``messages``."""
     prompt = service.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+
+    def chat_completion(text: str, finished: Finished, info: RoutingInfo) -> ChatCompletion:
+        message = AssistantMessage(content=text)
+        return ChatCompletion(
+            id=new_id("chatcmpl"),
+            created=int(time.time()),
+            model=body.model,
+            choices=[ChatChoice(message=message, finish_reason=finished.finish_reason)],
+            usage=usage_of(finished),
+            fedmoe=info,
+        )
+
     sampling = _sampling(body, service, body.requested_max_tokens())
+    return await _answer(service, body, prompt, sampling, "chat.completion.chunk", chat_completion)
+
+
+async def _answer(
+    service: Service,
+    body: SamplingFields,
+    prompt: str,
+    sampling: Sampling,
+    kind: ChunkKind,
+    build: Callable[[str, Finished, RoutingInfo], BaseModel],
+) -> Response:
+    """Generate; stream ``kind`` chunks, or collect the text and answer with ``build``'s body."""
     generation = await service.start_generation(body.model, prompt, sampling)
     if body.stream:
-        return _stream(generation, body, "chat.completion.chunk")
+        return _stream(generation, body, kind)
     text, finished = await _collect(generation)
-    answer = ChatCompletion(
-        id=new_id("chatcmpl"),
-        created=int(time.time()),
-        model=body.model,
-        choices=[
-            ChatChoice(message=AssistantMessage(content=text), finish_reason=finished.finish_reason)
-        ],
-        usage=usage_of(finished),
-        fedmoe=_info(generation, body.model, finished),
-    )
+    answer = build(text, finished, _info(generation, body.model, finished))
     return JSONResponse(answer.model_dump(), headers=_headers(generation))
 
 
