@@ -11,14 +11,13 @@ from starlette.concurrency import run_in_threadpool
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.metrics import CoordinatorMetrics
 from fedmoe.api.observe_schemas import EvalKind, EvalReportBody, EvalRow, Rejection, UpdateRow
-from fedmoe.api.schemas import ErrorBody
+from fedmoe.api.schemas import error_responses
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.evaluations import EvalReport, check_report
 
 router = APIRouter(tags=["observability"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (403, 404, 409, 422)
-}
+# 400: a body that is not JSON at all; 503: the state dir could not be written
+ERRORS = error_responses(400, 403, 404, 409, 422, 503)
 Limit = Annotated[int, Query(ge=1, le=10000)]
 
 

@@ -9,13 +9,12 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
-from fedmoe.api.schemas import ID_PATTERN, ErrorBody
+from fedmoe.api.schemas import ID_PATTERN, error_responses
 from fedmoe.coordinator import signatures
 
 router = APIRouter(tags=["signatures"])
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (403, 404, 409, 422)
-}
+# 400: a body that is not JSON at all; 503: the state dir could not be written
+ERRORS = error_responses(400, 403, 404, 409, 422, 503)
 
 
 class SignatureBody(BaseModel):
