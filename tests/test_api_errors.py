@@ -31,6 +31,7 @@ from tests.api_helpers import (
     SQL_WORKER,
     assert_error,
     assert_unchanged,
+    eval_report,
     random_delta,
     register,
     snapshot,
@@ -348,3 +349,19 @@ def test_405_lists_every_method_of_the_path(checked) -> None:
     response = checked.request("OPTIONS", f"/v1/experts/{PY}/signature")
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["allow"] == "GET, POST"
+
+
+# integers past what SQLite (and a float) can hold: schemathesis found the first one as a 500
+HUGE = 36825181930308069272584192
+
+
+def test_integers_beyond_storage_range_are_422(prepared: Prepared, checked) -> None:
+    response = checked.get("/v1/metrics/updates", params={"after": HUGE})
+    assert_error(response, 422, "invalid_request", "after")
+    report = eval_report(expert_version=HUGE)
+    response = checked.post("/v1/metrics/evaluations", json=report)
+    assert_error(response, 422, "invalid_request", "expert_version")
+    signature = {"mean": [0.0], "var": [0.0], "count": HUGE, "featurizer": {}}
+    body = {"worker_id": PY_WORKER, "signature": signature | {"base_fingerprint": "x"}}
+    response = checked.post(f"/v1/experts/{PY}/signature", json=body)
+    assert_error(response, 422, "invalid_request", "count")

@@ -22,6 +22,7 @@ checks that the server publishes exactly that document.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import uuid
 
@@ -40,8 +41,9 @@ from fedmoe.coordinator.auth import TokenRegistry
 WORKER, EXPERT = "fuzz-worker", "python_expert"
 TOKEN = "fuzz-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# FEDMOE_FUZZ_EXAMPLES=500 for a longer hunt than CI's
 FUZZ_SETTINGS = settings(
-    max_examples=20,
+    max_examples=int(os.environ.get("FEDMOE_FUZZ_EXAMPLES", "20")),
     deadline=None,
     suppress_health_check=list(HealthCheck),
     database=None,

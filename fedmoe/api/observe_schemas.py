@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedmoe.api.schemas import ID_PATTERN, FiniteLoss
+from fedmoe.api.schemas import ID_PATTERN, SQLITE_MAX_INT, FiniteLoss
 from fedmoe.coordinator.evaluations import EvalReport, EvalResult
 from fedmoe.coordinator.versions import MAX_NUM_TOKENS
 
@@ -34,8 +34,12 @@ class EvalReportBody(BaseModel):
 
     worker_id: str = Field(pattern=ID_PATTERN)
     expert: str = Field(min_length=1, max_length=64, description="The worker's specialty.")
-    expert_version: int = Field(ge=0, description="Version of the expert evaluated.")
-    gateway_version: int = Field(ge=0, description="Version of the gateway evaluated.")
+    expert_version: int = Field(
+        ge=0, le=SQLITE_MAX_INT, description="Version of the expert evaluated."
+    )
+    gateway_version: int = Field(
+        ge=0, le=SQLITE_MAX_INT, description="Version of the gateway evaluated."
+    )
     final: bool = Field(False, description="Sent when the worker stops.")
     results: list[EvalResultBody] = Field(min_length=1, max_length=8)
 

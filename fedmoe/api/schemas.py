@@ -50,6 +50,8 @@ def _finite_non_negative(value: float) -> float:
     return value
 
 
+# the largest integer SQLite stores; a query bound beyond it would overflow the driver
+SQLITE_MAX_INT = 2**63 - 1
 DecimalInt = Annotated[int, BeforeValidator(_plain_decimal)]
 # "minimum: 0" in the OpenAPI document says what the header accepts; the check itself is
 # _finite_non_negative's, whose message also covers nan and inf

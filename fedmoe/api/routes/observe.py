@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.metrics import CoordinatorMetrics
 from fedmoe.api.observe_schemas import EvalKind, EvalReportBody, EvalRow, Rejection, UpdateRow
-from fedmoe.api.schemas import error_responses
+from fedmoe.api.schemas import SQLITE_MAX_INT, error_responses
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.evaluations import EvalReport, check_report
 
@@ -71,7 +71,9 @@ async def history(
 async def updates(
     coordinator: CoordinatorDep,
     _: PrincipalDep,
-    after: Annotated[int, Query(ge=0, description="Only rows with a larger seq.")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=SQLITE_MAX_INT, description="Only rows with a larger seq.")
+    ] = 0,
     limit: Limit = 2000,
 ) -> list[UpdateRow]:
     """Ledger rows for charts (train loss, staleness, weight), newest first."""

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.schemas import ID_PATTERN, error_responses
 from fedmoe.coordinator import signatures
+from fedmoe.coordinator.versions import MAX_NUM_TOKENS
 
 router = APIRouter(tags=["signatures"])
 # 400: a body that is not JSON at all; 503: the state dir could not be written
@@ -22,7 +23,7 @@ class SignatureBody(BaseModel):
 
     mean: list[float] = Field(description="Mean of the unit feature vectors.")
     var: list[float] = Field(description="Per-dimension variance of the unit feature vectors.")
-    count: int = Field(description="How many examples the aggregate is over.")
+    count: int = Field(le=MAX_NUM_TOKENS, description="How many examples the aggregate is over.")
     featurizer: dict[str, Any] = Field(description="Featurizer version and settings.")
     base_fingerprint: str = Field(description="Fingerprint of the base model used.")
 
