@@ -185,7 +185,10 @@ def test_worker_reports_expert_and_gateway_losses_that_match_an_independent_eval
         specialty=PY,
         dataset=train,
         eval_dataset=validation,
-        sync_interval=0.3,
+        # inline syncs at every step boundary, whatever the machine's load: a background
+        # sync still in flight when 6 fast steps end would leave only the final evaluation
+        sync_mode="inline",
+        sync_interval=0.001,
         max_steps=6,
         eval_every=1,
         eval_max_examples=5,
