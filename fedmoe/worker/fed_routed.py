@@ -74,6 +74,8 @@ class RoutedEvaluation:
     @classmethod
     def for_job(cls, job: WorkerJob) -> RoutedEvaluation:
         """The routed evaluation of a set-up worker job (its first ``eval_max_examples``)."""
+        if job.lora is None:
+            raise RuntimeError("the worker job is not set up yet (no LoRA settings)")
         return cls(
             client=job.client,
             tokenizer=job.tokenizer,
