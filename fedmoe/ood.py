@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+# Signature formats: 1 = mean, var, count; 2 = also the out-of-domain subspace.
+SIGNATURE_FORMAT = 2
 # Principal directions kept; enough for the demo's domains (measured: 8 is not, 16 is),
 # small beside the mean for real hidden sizes (16 x 896 floats for Qwen2.5-0.5B).
 DEFAULT_RANK = 16
@@ -225,6 +227,33 @@ class Subspace:
         except KeyError as missing:
             raise SubspaceError(f"subspace lacks {missing}") from None
         return cls(basis, eigenvalues, residual, values)
+
+
+def parse_subspace(data: Mapping[str, Any]) -> Subspace | None:
+    """The subspace of a signature's JSON: None for format 1 (absent, or null)."""
+    found = data.get("subspace")
+    declared = data.get("format")
+    if declared is not None and declared not in (1, SIGNATURE_FORMAT):
+        raise SubspaceError(f"unknown signature format {declared!r}")
+    if found is None:
+        if declared == SIGNATURE_FORMAT:
+            raise SubspaceError("a format 2 signature needs its subspace")
+        return None
+    if not isinstance(found, dict):
+        raise SubspaceError("subspace must be an object")
+    return Subspace.from_dict(found)
+
+
+def pool_subspaces(
+    parts: Sequence[tuple[int, torch.Tensor, Subspace | None]], mean: torch.Tensor
+) -> Subspace | None:
+    """The pooled subspace of (count, mean, subspace) parts; None if any part has none."""
+    present = [(count, m, sub) for count, m, sub in parts if sub is not None]
+    if not present or len(present) < len(parts):
+        return None  # a format 1 part: nothing to pool it with
+    if len(present) == 1:
+        return present[0][2]
+    return Subspace.combine(present, mean)
 
 
 def _noised(

@@ -34,10 +34,8 @@ from safetensors.torch import save as save_safetensors
 from fedmoe.batching import example_segments
 from fedmoe.data import Example
 from fedmoe.fields import DEFAULT_SIGNATURE_MIN_COUNT
-from fedmoe.ood import DEFAULT_RANK, Subspace
+from fedmoe.ood import DEFAULT_RANK, Subspace, parse_subspace, pool_subspaces
 
-# Signature formats: 1 = mean, var, count; 2 = also the out-of-domain subspace.
-SIGNATURE_FORMAT = 2
 # Bump whenever the features a given (model, settings, text) produce would change.
 FEATURIZER_VERSION = "fedmoe-featurizer/1"
 DEFAULT_MIN_COUNT = DEFAULT_SIGNATURE_MIN_COUNT
@@ -281,7 +279,7 @@ class DomainSignature:
         second = (counts * (variances + means * means)).sum(0) / total
         var = (second - mean * mean).clamp_min(0.0)
         first = items[0]
-        subspace = _combined_subspace(items, mean.float())
+        subspace = pool_subspaces([(s.count, s.mean, s.subspace) for s in items], mean.float())
         return DomainSignature(
             mean.float(), var.float(), total, first.featurizer, first.base_fingerprint, subspace
         )
@@ -341,7 +339,7 @@ class DomainSignature:
                 raise SignatureError(f"count must be an integer, got {count!r}")
             featurizer = FeaturizerSettings.from_dict(dict(data["featurizer"]))
             fingerprint = str(data["base_fingerprint"])
-            subspace = _subspace(data)
+            subspace = parse_subspace(data)
         except KeyError as missing:
             raise SignatureError(f"signature lacks {missing}") from None
         except (TypeError, ValueError) as error:
@@ -371,31 +369,6 @@ class DomainSignature:
             return cls.from_parts(meta, tensors)
         except KeyError as missing:
             raise SignatureError(f"signature file lacks {missing}") from None
-
-
-def _subspace(data: dict[str, Any]) -> Subspace | None:
-    """The subspace of a signature's JSON: None for format 1 (absent, or null)."""
-    found = data.get("subspace")
-    declared = data.get("format")
-    if declared is not None and declared not in (1, SIGNATURE_FORMAT):
-        raise SignatureError(f"unknown signature format {declared!r}")
-    if found is None:
-        if declared == SIGNATURE_FORMAT:
-            raise SignatureError("a format 2 signature needs its subspace")
-        return None
-    if not isinstance(found, dict):
-        raise SignatureError("subspace must be an object")
-    return Subspace.from_dict(found)
-
-
-def _combined_subspace(items: list[DomainSignature], mean: torch.Tensor) -> Subspace | None:
-    """The pooled subspace; None unless every part has one (a format 1 part among them)."""
-    parts = [(s.count, s.mean, s.subspace) for s in items if s.subspace is not None]
-    if len(parts) < len(items):
-        return None
-    if len(parts) == 1:
-        return parts[0][2]
-    return Subspace.combine(parts, mean)
 
 
 def _vector(value: Any, name: str) -> torch.Tensor:
