@@ -278,7 +278,7 @@ def router_description(coordinator: Any) -> dict[str, Any]:
         **router_options(coordinator.settings),
         "featurizer": book.featurizer.to_dict(),
         "experts": {
-            name: {"count": sig.count, "workers": book.workers(name)}
+            name: {"count": sig.count, "format": sig.format, "workers": book.workers(name)}
             for name, sig in combined.items()
         },
         "missing": [name for name in coordinator.settings.experts if name not in combined],
