@@ -383,6 +383,7 @@ RULES: list[tuple[float, float | None, str, float]] = [
     (DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "merged", 0.0),
     (DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "mix", 0.0),
     (0.0, None, "merged", 0.0),
+    (0.5, DEFAULT_MAX_DISTANCE, "merged", 0.0),
     *((DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "merged", f) for f in (1.5, 2.0, 3.0, 5.0, 10.0)),
     (DEFAULT_MARGIN, None, "merged", DEFAULT_OOD_FACTOR),
     (DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "mix", DEFAULT_OOD_FACTOR),

@@ -184,11 +184,14 @@ Out-of-domain factor {s["router"].get("ood_factor", 0)} (subspace of rank
 {s.get("signature_rank", "-")}): the diagonal distance cannot tell a missing domain apart
 (at the factors that keep in-domain accuracy ≥ 99% it catches at most {diag_best} of the
 left-out prompts, averaged over the three: the docs domain's broad diagonal Gaussian holds
-the python prompts as closely as its own), the margin neither (a left-out domain's margins
-are as large as the in-domain ones, and a larger margin costs in-domain loss); a `mix`
-fallback leans on the wrong expert. The subspace distance keeps in-domain accuracy ≥ 99% and
-catches ≥ 95% of every left-out domain at factors {sub_range}; the default sits inside that
-range with room on both sides, so the missing domain is served at `cat`'s loss.
+the python prompts as closely as its own), nor the margin (0.5 costs in-domain accuracy
+and catches no more left-out prompts than 0.1: the decision rule table); a `mix` fallback
+leans on the wrong expert. The subspace distance keeps in-domain accuracy ≥ 99% and catches
+≥ 95% of every left-out domain at factors {sub_range}; the default sits inside that range
+with room on both sides, so the missing domain is served at `cat`'s loss. It needs enough
+examples per signature to fit 16 directions: with 30 it is overfit and sends in-domain
+requests to the fallback too (the signature size table); the coordinator's minimum of 100
+is above where that stops.
 Signature noise must stay well below the per-dimension spread of the features (about
 1/hidden): σ = 1e-4 is harmless on `tiny` (hidden 64), 1e-3 is not.
 
