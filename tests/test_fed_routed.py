@@ -4,20 +4,25 @@ HTTP (loss and routing accuracy on its own prompts), the coordinator keeps it, a
 
 from __future__ import annotations
 
+import logging
 import math
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 from peft import PeftModel
 from rich.console import Console
 
 from fedmoe.batching import tokenize_examples
-from fedmoe.client import CoordinatorClient
-from fedmoe.data import load_examples
-from fedmoe.demo_data import write_demo_datasets
+from fedmoe.client import ApiError, CoordinatorClient
+from fedmoe.config import LoraSettings
+from fedmoe.data import load_examples, parse_record
+from fedmoe.demo_data import generate_domain, write_demo_datasets
 from fedmoe.evaluation import validation_loss
 from fedmoe.export import fetch_adapter_dir
 from fedmoe.modeling import load_base_model
 from fedmoe.signature import FeaturizerSettings, compute_signature
+from fedmoe.tiny import build_tiny_tokenizer
 from fedmoe.watch import read_snapshot, render
 from fedmoe.worker.fed_routed import RoutedEvaluation
 from fedmoe.worker.job import WorkerJob
@@ -103,3 +108,39 @@ def test_worker_reports_the_routed_gateway_over_http(live_coordinator_factory, t
     items = tokenize_examples(sql_examples, base.tokenizer, max_length=256)
     expected = validation_loss(model, items, pad_token_id=base.tokenizer.pad_token_id)
     assert math.isclose(result["loss"], expected, rel_tol=1e-4)
+
+
+class _Unavailable:
+    """A coordinator that answers 503 to everything (a fake client in a unit test)."""
+
+    def signatures(self) -> dict[str, Any]:
+        raise ApiError(503, "unavailable", "state dir not writable")
+
+    def download(self, path: str, etag: str | None = None) -> tuple[int, bytes | None, str]:
+        raise AssertionError("nothing to download without signatures")
+
+
+class _NoSignatures(_Unavailable):
+    def signatures(self) -> dict[str, Any]:
+        return {"signatures": {}, "router": {}}
+
+
+def test_routed_evaluation_is_skipped_without_signatures_and_never_raises(caplog) -> None:  # type: ignore[no-untyped-def]
+    examples = [parse_record(r) for r in generate_domain(PY, 3, seed=1)]
+    evaluator = SimpleNamespace(worker_id=PY_WORKER, expert=PY)
+
+    def make(client: Any) -> RoutedEvaluation:
+        return RoutedEvaluation(
+            client=client,
+            tokenizer=build_tiny_tokenizer(),
+            examples=examples,
+            max_length=256,
+            shapes={},
+            lora=LoraSettings(),
+            fingerprint="fp",
+        )
+
+    assert make(_NoSignatures())(evaluator) is None  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="fedmoe.worker.fed_routed"):
+        assert make(_Unavailable())(evaluator) is None  # type: ignore[arg-type]
+    assert "routed evaluation failed" in caplog.text and "503" in caplog.text

@@ -87,7 +87,19 @@ class RoutedEvaluation:
         )
 
     def __call__(self, evaluator: FederatedEvaluator) -> dict[str, Any] | None:
-        """The ``routed`` result, or None while there is no router to evaluate."""
+        """The ``routed`` result, or None while there is no router to evaluate.
+
+        A failure is logged and leaves the kind out, so the expert's and the gateway's
+        numbers are still reported.
+        """
+        try:
+            return self.measure(evaluator)
+        except Exception as error:  # best effort, like the rest of federated evaluation
+            logger.warning("%s: routed evaluation failed: %r", evaluator.worker_id, error)
+            return None
+
+    def measure(self, evaluator: FederatedEvaluator) -> dict[str, Any] | None:
+        """Route, evaluate each group under its adapter, and aggregate."""
         decisions = self.route(evaluator)
         if decisions is None:
             return None
