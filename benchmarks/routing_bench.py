@@ -26,6 +26,7 @@ import torch
 from peft import ArrowConfig, PeftModel, create_arrow_model
 from safetensors.torch import load_file, save_file
 
+from benchmarks._routing_ood import by_signature_size, statistic_comparison
 from benchmarks.common import mean, parser, setup_torch
 from benchmarks.report import publish
 from benchmarks.simulation import Workbench
@@ -37,7 +38,8 @@ from fedmoe.data import Example, load_examples
 from fedmoe.demo_data import DOMAINS, write_demo_datasets
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import attach_lora, load_adapter_state, load_base_model
-from fedmoe.routing import DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, Router
+from fedmoe.ood import DEFAULT_RANK
+from fedmoe.routing import DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, DEFAULT_OOD_FACTOR, Router
 from fedmoe.signature import DomainSignature, FeaturizerSettings, featurize, request_text
 from fedmoe.strategy import MERGE_METHODS, GatewayMerge
 
@@ -361,14 +363,32 @@ def leave_one_out(
         loss, where = routed_loss(
             losses, lora, without, rest, features[domain], domains[domain].validation_tokens
         )
-        cat_state, rank = merged(lora, list(rest.values()), "cat")
+        if domain not in CAT_LOSSES:
+            cat_state, rank = merged(lora, list(rest.values()), "cat")
+            CAT_LOSSES[domain] = losses.loss(cat_state, domains[domain].validation_tokens, rank)
+        ratios = [d.ood for d in decisions if d.ood is not None]
         result[domain] = {
             "fallback_share": sum(d.expert is None for d in decisions) / len(decisions),
             "routed_loss": loss,
-            "cat_loss": losses.loss(cat_state, domains[domain].validation_tokens, rank),
+            "cat_loss": CAT_LOSSES[domain],
             "where": where,
+            "ood_median": statistics.median(ratios) if ratios else None,
         }
     return result
+
+
+CAT_LOSSES: dict[str, float] = {}  # cat of the other experts, per left-out domain
+# (margin, max distance, fallback, ood factor): the old default, argmax, and around the new one
+RULES: list[tuple[float, float | None, str, float]] = [
+    (DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "merged", 0.0),
+    (DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "mix", 0.0),
+    (0.0, None, "merged", 0.0),
+    (0.5, DEFAULT_MAX_DISTANCE, "merged", 0.0),
+    *((DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "merged", f) for f in (1.5, 2.0, 3.0, 5.0, 10.0)),
+    (DEFAULT_MARGIN, None, "merged", DEFAULT_OOD_FACTOR),
+    (DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, "mix", DEFAULT_OOD_FACTOR),
+    (0.5, DEFAULT_MAX_DISTANCE, "merged", DEFAULT_OOD_FACTOR),
+]
 
 
 def rule_grid(
@@ -381,28 +401,30 @@ def rule_grid(
 ) -> list[dict[str, Any]]:
     """Routed loss in-domain and with each expert left out, per decision rule."""
     rows = []
-    for margin in (0.0, DEFAULT_MARGIN, 0.5):
-        for distance in [*sorted({DEFAULT_MAX_DISTANCE, 4.0}), None]:
-            for fallback in ("merged", "mix"):
-                router = Router(signatures, margin=margin, max_distance=distance, fallback=fallback)
-                own = {
-                    d: routed_loss(
-                        losses, lora, router, experts, features[d], domains[d].validation_tokens
-                    )[0]
-                    for d in DOMAINS
-                }
-                loo = leave_one_out(losses, lora, router, experts, features, domains)
-                rows.append(
-                    {
-                        "margin": margin,
-                        "max_distance": distance,
-                        "fallback": fallback,
-                        "routed_mean": mean(own),
-                        "loo_mean": mean([v["routed_loss"] for v in loo.values()]),
-                        "loo_cat_mean": mean([v["cat_loss"] for v in loo.values()]),
-                        "loo_fallback_share": mean([v["fallback_share"] for v in loo.values()]),
-                    }
-                )
+    for margin, distance, fallback, factor in RULES:
+        router = Router(
+            signatures, margin=margin, max_distance=distance, fallback=fallback, ood_factor=factor
+        )
+        own = {
+            d: routed_loss(
+                losses, lora, router, experts, features[d], domains[d].validation_tokens
+            )[0]
+            for d in DOMAINS
+        }
+        loo = leave_one_out(losses, lora, router, experts, features, domains)
+        rows.append(
+            {
+                "margin": margin,
+                "max_distance": distance,
+                "fallback": fallback,
+                "ood_factor": factor,
+                "accuracy": accuracy(router, features),
+                "routed_mean": mean(own),
+                "loo_mean": mean([v["routed_loss"] for v in loo.values()]),
+                "loo_cat_mean": mean([v["cat_loss"] for v in loo.values()]),
+                "loo_fallback_share": mean([v["fallback_share"] for v in loo.values()]),
+            }
+        )
     return rows
 
 
@@ -448,7 +470,16 @@ def main() -> None:
     losses = Losses(args.base_model, lora, tokenizer.pad_token_id)
     valid = {d: domains[d].validation_tokens for d in DOMAINS}
 
-    signatures = signatures_for(model, tokenizer, domains, FeaturizerSettings(), fp)
+    train_features = {
+        d: featurize(
+            model, tokenizer, [request_text(e, tokenizer) for e in s.train], FeaturizerSettings()
+        )
+        for d, s in domains.items()
+    }
+    signatures = {
+        d: DomainSignature.from_features(f, FeaturizerSettings(), fp)
+        for d, f in train_features.items()
+    }
     features = validation_features(model, tokenizer, domains, FeaturizerSettings())
     router = Router(signatures)
     table: dict[str, dict[str, float]] = {"base": {d: losses.loss(None, valid[d]) for d in DOMAINS}}
@@ -494,6 +525,7 @@ def main() -> None:
             "steps_per_expert": steps,
             "featurizer": FeaturizerSettings().to_dict(),
             "router": router.options(),
+            "signature_rank": DEFAULT_RANK,
             "validation_per_domain": len(valid[DOMAINS[0]]),
         },
         "losses": table,
@@ -504,6 +536,8 @@ def main() -> None:
         "mixed": mixed_prompts(router, model, tokenizer, domains),
         "leave_one_out": leave_one_out(losses, lora, router, experts, features, domains),
         "rules": rule_grid(losses, lora, signatures, experts, features, domains),
+        "statistics": statistic_comparison(router, train_features, features),
+        "signature_size": by_signature_size(train_features, features, fp),
         "noise": noise_accuracy(model, tokenizer, domains, fp, features),
         "latency": latency(router, model, tokenizer, prompts, expert_model),
         "load_before": load_before,

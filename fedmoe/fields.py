@@ -40,6 +40,7 @@ ServerLr = float | Literal["auto"]
 DEFAULT_ROUTER_MARGIN = 0.1
 DEFAULT_ROUTER_MAX_DISTANCE = 2.5
 DEFAULT_ROUTER_FALLBACK: RouterFallback = "merged"
+DEFAULT_ROUTER_OOD_FACTOR = 3.0
 DEFAULT_SIGNATURE_MIN_COUNT = 100
 
 STALENESS_KINDS: tuple[StalenessKind, ...] = get_args(StalenessKind)

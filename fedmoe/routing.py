@@ -14,6 +14,8 @@ Public API (``fedmoe serve`` and the gateway CLI call exactly this)::
     decision.scores      # {expert: score}, higher is closer
     decision.margin      # top score minus the runner-up's
     decision.distance    # standardised distance to the top expert (about 1 in-domain)
+    decision.ood         # subspace distance / the top expert's threshold (> 1: outside);
+                         # None when its signature has no subspace (format 1) or the test is off
     decision.label       # the expert's name or "fallback:merged" / "fallback:mix"
     decision.to_dict()   # JSON-ready, for a response header or an extra field
     router.describe()    # JSON-ready settings for ``GET /v1/gateway``
@@ -34,8 +36,13 @@ per-dimension log-likelihood under each expert's diagonal Gaussian.
 
 Decision: the top expert answers when it leads the runner-up by at least ``margin`` and the
 request lies within its domain: the mean squared standardised distance to that expert's
-mean (about 1 for the domain's own requests) is at most ``max_distance``, so a request far
-from every domain, e.g. one no expert has, falls back. The fallback is the merged gateway
+mean (about 1 for the domain's own requests) is at most ``max_distance`` and, for a format 2
+signature, its subspace distance (``fedmoe.ood``: a low-rank Mahalanobis distance that sees
+the shape of the domain's spread, not only its width) is at most ``ood_factor`` times the
+99th percentile of the domain's own distances, which the worker measured on its data and
+sent with the signature. So a request far from every domain, e.g. one no expert has, falls
+back. A format 1 signature (an older worker's) has only the diagonal bound, and the router
+logs that once. The fallback is the merged gateway
 (``"merged"``) or a weighted mix of the ``top_k`` best experts (``"mix"``, weights a
 softmax of scores / ``temperature``).
 ``route`` is pure: no I/O, no model; ``route_texts`` featurizes with the base model first.
@@ -43,6 +50,7 @@ softmax of scores / ``temperature``).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,9 +62,13 @@ from fedmoe.fields import (
     DEFAULT_ROUTER_FALLBACK,
     DEFAULT_ROUTER_MARGIN,
     DEFAULT_ROUTER_MAX_DISTANCE,
+    DEFAULT_ROUTER_OOD_FACTOR,
     RouterFallback,
 )
+from fedmoe.ood import VAR_FLOOR
 from fedmoe.signature import DomainSignature, FeaturizerSettings, SignatureError, featurize
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("cosine", "gaussian")
 FALLBACKS: tuple[str, ...] = get_args(RouterFallback)
@@ -65,9 +77,16 @@ DEFAULT_METHOD = "gaussian"
 DEFAULT_MARGIN = DEFAULT_ROUTER_MARGIN
 DEFAULT_MAX_DISTANCE = DEFAULT_ROUTER_MAX_DISTANCE
 DEFAULT_FALLBACK = DEFAULT_ROUTER_FALLBACK
-# Per-dimension variance floor, times 1/hidden (unit features spread ~1/hidden per dim):
-# a templated domain whose prefixes are all alike must not get a zero-width Gaussian.
-VAR_FLOOR = 0.01
+DEFAULT_OOD_FACTOR = DEFAULT_ROUTER_OOD_FACTOR
+OPTION_NAMES = (
+    "method",
+    "margin",
+    "max_distance",
+    "fallback",
+    "top_k",
+    "temperature",
+    "ood_factor",
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,7 @@ class RouteDecision:
     fallback: str | None = None
     weights: dict[str, float] = field(default_factory=dict)
     distance: float = 0.0
+    ood: float | None = None
 
     @property
     def routed(self) -> bool:
@@ -100,6 +120,7 @@ class RouteDecision:
             "scores": self.scores,
             "weights": self.weights,
             "distance": self.distance,
+            "ood": self.ood,
         }
 
 
@@ -116,6 +137,7 @@ class Router:
         fallback: str = DEFAULT_FALLBACK,
         top_k: int = 2,
         temperature: float = 0.1,
+        ood_factor: float = DEFAULT_OOD_FACTOR,
     ) -> None:
         if not signatures:
             raise ValueError("a router needs at least one expert signature")
@@ -123,8 +145,8 @@ class Router:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-        if margin < 0 or top_k < 1 or temperature <= 0:
-            raise ValueError("margin must be >= 0, top_k >= 1 and temperature > 0")
+        if margin < 0 or top_k < 1 or temperature <= 0 or ood_factor < 0:
+            raise ValueError("margin must be >= 0, top_k >= 1, temperature > 0 and ood_factor >= 0")
         self.names = sorted(signatures)
         first = signatures[self.names[0]]
         for name in self.names[1:]:
@@ -134,6 +156,7 @@ class Router:
         self.signatures = dict(signatures)
         self.method, self.margin, self.max_distance = method, margin, max_distance
         self.fallback, self.top_k, self.temperature = fallback, top_k, temperature
+        self.ood_factor = ood_factor
         self.featurizer: FeaturizerSettings = first.featurizer
         self.base_fingerprint = first.base_fingerprint
         self._prepare()
@@ -153,6 +176,28 @@ class Router:
         self._vars = torch.stack([self.signatures[n].var.double() for n in self.names]).clamp_min(
             floor
         )
+        old = [n for n in self.names if self.signatures[n].subspace is None]
+        if old and self.ood_factor > 0:
+            logger.warning(
+                "signature(s) of %s are format 1 (sent by an older worker, no subspace): "
+                "out-of-domain requests near them are caught only by max_distance %s",
+                ", ".join(old),
+                self.max_distance,
+            )
+
+    def ood_ratios(self, features: torch.Tensor) -> torch.Tensor:
+        """Subspace distance over each expert's threshold ``[n, experts]`` (NaN: no test)."""
+        x = torch.nn.functional.normalize(_rows(features).double(), dim=-1)
+        columns = []
+        for name in self.names:
+            signature = self.signatures[name]
+            sub = signature.subspace
+            if sub is None or self.ood_factor == 0:
+                columns.append(torch.full((x.shape[0],), math.nan, dtype=torch.float64))
+                continue
+            threshold = max(self.ood_factor * sub.threshold, 1e-12)
+            columns.append(sub.distance(x, signature.mean) / threshold)
+        return torch.stack(columns, dim=1)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """Scores ``[n, experts]`` (columns in ``self.names`` order) of ``[n, hidden]``."""
@@ -180,23 +225,30 @@ class Router:
     def route_batch(self, features: torch.Tensor) -> list[RouteDecision]:
         """One decision per row of ``features``."""
         scores, distances = self.scores(features), self.distances(features)
-        return [self._decide(row, dist) for row, dist in zip(scores, distances)]
+        ratios = self.ood_ratios(features)
+        return [self._decide(*rows) for rows in zip(scores, distances, ratios)]
 
-    def _decide(self, row: torch.Tensor, distance_row: torch.Tensor) -> RouteDecision:
+    def _decide(
+        self, row: torch.Tensor, distance_row: torch.Tensor, ratio_row: torch.Tensor
+    ) -> RouteDecision:
         scores = {name: float(row[i]) for i, name in enumerate(self.names)}
         ranked = sorted(scores, key=lambda name: -scores[name])
         best = scores[ranked[0]]
         margin = best - scores[ranked[1]] if len(ranked) > 1 else math.inf
-        distance = float(distance_row[self.names.index(ranked[0])])
-        inside = self.max_distance is None or distance <= self.max_distance
+        index = self.names.index(ranked[0])
+        distance, ratio = float(distance_row[index]), float(ratio_row[index])
+        ood = None if math.isnan(ratio) else ratio
+        inside = (self.max_distance is None or distance <= self.max_distance) and (
+            ood is None or ood <= 1.0
+        )
         if margin >= self.margin and inside:
-            return RouteDecision(ranked[0], scores, margin, None, {ranked[0]: 1.0}, distance)
+            return RouteDecision(ranked[0], scores, margin, None, {ranked[0]: 1.0}, distance, ood)
         if self.fallback == "merged":
-            return RouteDecision(None, scores, margin, "merged", {}, distance)
+            return RouteDecision(None, scores, margin, "merged", {}, distance, ood)
         top = ranked[: self.top_k]
         logits = torch.tensor([scores[n] for n in top], dtype=torch.float64) / self.temperature
         weights = torch.softmax(logits, dim=0).tolist()
-        return RouteDecision(None, scores, margin, "mix", dict(zip(top, weights)), distance)
+        return RouteDecision(None, scores, margin, "mix", dict(zip(top, weights)), distance, ood)
 
     def route_texts(
         self, model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32
@@ -219,6 +271,7 @@ class Router:
             "fallback": self.fallback,
             "top_k": self.top_k,
             "temperature": self.temperature,
+            "ood_factor": self.ood_factor,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -227,7 +280,10 @@ class Router:
             **self.options(),
             "featurizer": self.featurizer.to_dict(),
             "base_fingerprint": self.base_fingerprint,
-            "experts": {n: {"count": self.signatures[n].count} for n in self.names},
+            "experts": {
+                n: {"count": self.signatures[n].count, "format": self.signatures[n].format}
+                for n in self.names
+            },
         }
 
 
@@ -248,5 +304,4 @@ def router_from_payload(payload: Mapping[str, Any], **overrides: Any) -> Router 
     if not signatures:
         return None
     options = {**dict(payload.get("router") or {}), **overrides}
-    allowed = {"method", "margin", "max_distance", "fallback", "top_k", "temperature"}
-    return Router(signatures, **{k: v for k, v in options.items() if k in allowed})
+    return Router(signatures, **{k: v for k, v in options.items() if k in OPTION_NAMES})

@@ -8,9 +8,15 @@ unit features over at least ``min_count`` examples of one domain: their mean, th
 per-dimension variance and their count, stamped with the featurizer version and settings
 and the base model's fingerprint. Per-example features never leave this module's caller.
 
+Format 2 signatures also carry a :class:`fedmoe.ood.Subspace` (the top principal
+directions of the features, their variances and the domain's own distance quantiles), from
+which the router tells a request no expert knows from one it does. Format 1 signatures
+(older workers) lack it and still load: the router then bounds their domain by the
+diagonal distance only, and says so in its log.
+
 Signatures combine exactly (:meth:`DomainSignature.combine`, count-weighted mean and
-pooled variance) and travel as JSON (:meth:`to_dict`) or safetensors
-(:meth:`to_safetensors`).
+pooled variance; the subspaces up to truncation) and travel as JSON (:meth:`to_dict`) or
+safetensors (:meth:`to_safetensors`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from safetensors.torch import save as save_safetensors
 from fedmoe.batching import example_segments
 from fedmoe.data import Example
 from fedmoe.fields import DEFAULT_SIGNATURE_MIN_COUNT
+from fedmoe.ood import DEFAULT_RANK, Subspace, parse_subspace, pool_subspaces
 
 # Bump whenever the features a given (model, settings, text) produce would change.
 FEATURIZER_VERSION = "fedmoe-featurizer/1"
@@ -165,6 +172,7 @@ class DomainSignature:
     count: int
     featurizer: FeaturizerSettings
     base_fingerprint: str
+    subspace: Subspace | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -184,6 +192,13 @@ class DomainSignature:
             raise SignatureError("var holds negative values")
         if self.count < 1:
             raise SignatureError(f"count must be >= 1, got {self.count}")
+        if self.subspace is not None and self.subspace.dim != self.dim:
+            raise SignatureError(f"subspace has dimension {self.subspace.dim}, the mean {self.dim}")
+
+    @property
+    def format(self) -> int:
+        """1 without out-of-domain statistics (an older worker's), 2 with them."""
+        return 1 if self.subspace is None else 2
 
     def shape_of(self) -> tuple[int, ...]:
         """The mean's shape (for messages)."""
@@ -204,11 +219,13 @@ class DomainSignature:
         min_count: int = DEFAULT_MIN_COUNT,
         noise: float = 0.0,
         generator: torch.Generator | None = None,
+        rank: int = DEFAULT_RANK,
     ) -> DomainSignature:
         """Aggregate unit features (refusing fewer than ``min_count``), optionally noised.
 
         ``noise`` is the standard deviation of Gaussian noise added to each coordinate of
-        the mean (and of the second moment) before anything is shared.
+        the mean (and of the second moment, and of the subspace) before anything is shared.
+        ``rank`` 0 leaves out the subspace (a format 1 signature, as older workers send).
         """
         count = int(features.shape[0])
         if count < min_count:
@@ -222,7 +239,12 @@ class DomainSignature:
             mean = mean + noise * torch.randn(mean.shape, generator=generator, dtype=x.dtype)
             second = second + noise * torch.randn(mean.shape, generator=generator, dtype=x.dtype)
         var = (second - mean * mean).clamp_min(0.0)
-        return cls(mean.float(), var.float(), count, featurizer, base_fingerprint)
+        subspace = (
+            Subspace.fit(features, mean.float(), rank=rank, noise=noise, generator=generator)
+            if rank > 0
+            else None
+        )
+        return cls(mean.float(), var.float(), count, featurizer, base_fingerprint, subspace)
 
     def compatible_with(self, other: DomainSignature) -> list[str]:
         """What differs between two signatures' featurizer, base and shape (empty if none)."""
@@ -257,23 +279,54 @@ class DomainSignature:
         second = (counts * (variances + means * means)).sum(0) / total
         var = (second - mean * mean).clamp_min(0.0)
         first = items[0]
+        subspace = pool_subspaces([(s.count, s.mean, s.subspace) for s in items], mean.float())
         return DomainSignature(
-            mean.float(), var.float(), total, first.featurizer, first.base_fingerprint
+            mean.float(), var.float(), total, first.featurizer, first.base_fingerprint, subspace
         )
 
     # --- serialisation -----------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensors."""
-        return {
+        meta: dict[str, Any] = {
+            "format": self.format,
             "count": self.count,
             "featurizer": self.featurizer.to_dict(),
             "base_fingerprint": self.base_fingerprint,
         }
+        if self.subspace is not None:
+            meta["subspace"] = {
+                "residual": self.subspace.residual,
+                "quantiles": list(self.subspace.quantiles),
+            }
+        return meta
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors (for safetensors files): mean, var and the subspace's, if any."""
+        found = {"mean": self.mean.contiguous(), "var": self.var.contiguous()}
+        if self.subspace is not None:
+            found["basis"] = self.subspace.basis.contiguous()
+            found["eigenvalues"] = self.subspace.eigenvalues.contiguous()
+        return found
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DomainSignature:
+        """Inverse of (:meth:`metadata`, :meth:`tensors`)."""
+        data = {**meta, "mean": tensors["mean"], "var": tensors["var"]}
+        if "subspace" in meta:
+            data["subspace"] = {
+                **meta["subspace"],
+                "basis": tensors["basis"],
+                "eigenvalues": tensors["eigenvalues"],
+            }
+        return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (floats in full precision)."""
-        return {**self.metadata(), "mean": self.mean.tolist(), "var": self.var.tolist()}
+        data = {**self.metadata(), "mean": self.mean.tolist(), "var": self.var.tolist()}
+        if self.subspace is not None:
+            data["subspace"] = self.subspace.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DomainSignature:
@@ -286,18 +339,19 @@ class DomainSignature:
                 raise SignatureError(f"count must be an integer, got {count!r}")
             featurizer = FeaturizerSettings.from_dict(dict(data["featurizer"]))
             fingerprint = str(data["base_fingerprint"])
+            subspace = parse_subspace(data)
         except KeyError as missing:
             raise SignatureError(f"signature lacks {missing}") from None
         except (TypeError, ValueError) as error:
             if isinstance(error, SignatureError):
                 raise
             raise SignatureError(f"invalid signature: {error}") from None
-        return cls(mean, var, count, featurizer, fingerprint)
+        return cls(mean, var, count, featurizer, fingerprint, subspace)
 
     def to_safetensors(self) -> bytes:
         """Safetensors bytes: tensors ``mean``, ``var``; the rest as JSON metadata."""
         return save_safetensors(
-            {"mean": self.mean.contiguous(), "var": self.var.contiguous()},
+            self.tensors(),
             metadata={"fedmoe_signature": json.dumps(self.metadata(), sort_keys=True)},
         )
 
@@ -311,7 +365,10 @@ class DomainSignature:
             meta = json.loads(header["__metadata__"]["fedmoe_signature"])
         except Exception as error:  # safetensors raises its own types
             raise SignatureError(f"not a signature file: {error}") from None
-        return cls.from_dict({**meta, "mean": tensors["mean"], "var": tensors["var"]})
+        try:
+            return cls.from_parts(meta, tensors)
+        except KeyError as missing:
+            raise SignatureError(f"signature file lacks {missing}") from None
 
 
 def _vector(value: Any, name: str) -> torch.Tensor:
@@ -336,6 +393,7 @@ def compute_signature(
     min_count: int = DEFAULT_MIN_COUNT,
     noise: float = 0.0,
     seed: int | None = None,
+    rank: int = DEFAULT_RANK,
 ) -> DomainSignature:
     """A domain's signature from its examples (the request text of each, base model only)."""
     if len(examples) < min_count:
@@ -352,4 +410,5 @@ def compute_signature(
         min_count=min_count,
         noise=noise,
         generator=generator,
+        rank=rank,
     )

@@ -107,6 +107,11 @@ def print_router(console: Console, router: dict[str, Any] | None) -> None:
         f"router: {router['method']}, margin {router['margin']}, fallback "
         f"{router['fallback']}; signatures: {covered}"
     )
+    old = [name for name, info in experts.items() if info.get("format", 1) < 2]
+    if old and router.get("ood_factor"):
+        console.print(
+            f"  format 1 signatures (older workers; no out-of-domain test): {', '.join(old)}"
+        )
     if router.get("missing"):
         console.print(f"  no signature yet (always fallback): {', '.join(router['missing'])}")
 

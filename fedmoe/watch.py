@@ -1,6 +1,8 @@
 """``fedmoe status --watch``: the dashboard's picture in the terminal (rich Live).
 
-Experts (version, update rate, active workers, latest federated evaluation losses),
+Experts (version, update rate, active workers, latest federated evaluation losses of
+the expert, the merged and the routed gateway, and the share of the expert's own
+prompts the router sends to it),
 workers with liveness, and the most recent refused uploads, refreshed every few
 seconds until Ctrl-C.
 """
@@ -61,6 +63,19 @@ def federated_loss(evaluations: list[dict[str, Any]], expert: str, kind: str) ->
     return total / tokens
 
 
+def federated_accuracy(evaluations: list[dict[str, Any]], expert: str) -> float | None:
+    """Example-weighted routing accuracy of each worker's latest ``routed`` evaluation."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in evaluations:  # newest first
+        if row["expert"] == expert and row["kind"] == "routed":
+            latest.setdefault(row["worker_id"], row)
+    rows = [r for r in latest.values() if r.get("routing_accuracy") is not None]
+    examples: int = sum(r["examples"] for r in rows)
+    if not examples:
+        return None
+    return float(sum(r["routing_accuracy"] * r["examples"] for r in rows)) / examples
+
+
 def render(snapshot: Snapshot) -> RenderableType:
     """The whole screen for one snapshot."""
     status, now = snapshot.status, snapshot.taken_at
@@ -75,6 +90,10 @@ def render(snapshot: Snapshot) -> RenderableType:
     if snapshot.rejections:
         parts.append(_rejections(snapshot.rejections, now))
     return Group(*parts)
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"
 
 
 def _loss(value: float | None) -> str:
@@ -95,7 +114,16 @@ def _experts(snapshot: Snapshot) -> Table:
     table = _table(
         "experts (federated validation loss: lower is better)",
         names=("expert",),
-        numbers=("version", "upd/min", "rejected", "workers", "eval expert", "eval gateway"),
+        numbers=(
+            "version",
+            "upd/min",
+            "rejected",
+            "workers",
+            "eval expert",
+            "eval gateway",
+            "eval routed",
+            "routed here",
+        ),
     )
     first = min((u["created_at"] for u in snapshot.updates), default=now)
     minutes = max(min(RATE_WINDOW_S, now - first), 10.0) / 60
@@ -111,6 +139,8 @@ def _experts(snapshot: Snapshot) -> Table:
             f"{active}/{len(workers)}",
             _loss(federated_loss(snapshot.evaluations, name, "expert")),
             _loss(federated_loss(snapshot.evaluations, name, "gateway")),
+            _loss(federated_loss(snapshot.evaluations, name, "routed")),
+            _share(federated_accuracy(snapshot.evaluations, name)),
         )
     return table
 

@@ -163,7 +163,10 @@ def test_leaving_an_expert_out_and_describing() -> None:
     router = three_domain_router().without("c")
     assert router.names == ["a", "b"]
     description = router.describe()
-    assert description["experts"] == {"a": {"count": 50}, "b": {"count": 50}}
+    assert description["experts"] == {
+        "a": {"count": 50, "format": 2},
+        "b": {"count": 50, "format": 2},
+    }
     assert description["featurizer"] == SETTINGS.to_dict()
     assert description["method"] == router.method
 

@@ -33,7 +33,13 @@ def render(r: dict[str, Any]) -> str:
         for x in r["sweep"]
     ]
     loo = [
-        [d, f"{100 * v['fallback_share']:.0f}%", fmt(v["routed_loss"]), fmt(v["cat_loss"])]
+        [
+            d,
+            f"{100 * v['fallback_share']:.0f}%",
+            fmt(v["routed_loss"]),
+            fmt(v["cat_loss"]),
+            "-" if v.get("ood_median") is None else f"{v['ood_median']:.1f}",
+        ]
         for d, v in r["leave_one_out"].items()
     ]
     rules = [
@@ -41,6 +47,8 @@ def render(r: dict[str, Any]) -> str:
             x["margin"],
             x["max_distance"],
             x["fallback"],
+            x.get("ood_factor", 0.0),
+            f"{100 * x.get('accuracy', float('nan')):.1f}%",
             fmt(x["routed_mean"]),
             fmt(x["loo_mean"]),
             fmt(x["loo_cat_mean"]),
@@ -48,7 +56,38 @@ def render(r: dict[str, Any]) -> str:
         ]
         for x in r["rules"]
     ]
+    stats = [
+        [
+            x["statistic"],
+            x["factor"],
+            f"{100 * x['accuracy']:.1f}%",
+            *(f"{100 * x['loo_fallback'][d]:.0f}%" for d in domains),
+        ]
+        for x in r.get("statistics", [])
+    ]
+    sizes = [
+        [
+            x["examples"],
+            f"{100 * x['accuracy']:.1f}%",
+            *(f"{100 * x['loo_fallback'][d]:.0f}%" for d in domains),
+        ]
+        for x in r.get("signature_size", [])
+    ]
     lat = r["latency"]
+    diag = [
+        mean(x["loo_fallback"])
+        for x in r.get("statistics", [])
+        if x["statistic"] == "diagonal" and x["accuracy"] >= 0.99
+    ]
+    diag_best = f"{100 * max(diag):.0f}%" if diag else "none"
+    good = [
+        x["factor"]
+        for x in r.get("statistics", [])
+        if x["statistic"] == "subspace"
+        and x["accuracy"] >= 0.99
+        and min(x["loo_fallback"].values()) >= 0.95
+    ]
+    sub_range = f"{min(good)}–{max(good)}" if good else "none"
     central = mean(table["centralised LoRA (pooled, 3x tokens)"])
     below = "below" if mean(routed) < central else "NOT below"
     met = "met" if max(ratios.values()) <= 1.03 else "NOT met"
@@ -56,6 +95,8 @@ def render(r: dict[str, Any]) -> str:
         "margin",
         "max distance",
         "fallback",
+        "ood factor",
+        "accuracy",
         "routed",
         "LOO routed",
         "LOO cat",
@@ -100,13 +141,29 @@ domains (A's prompt, then B's; 60 pairs): routed to A {r["mixed"]["first"]}, to 
 {", ".join(f"σ={k} {100 * v:.1f}%" for k, v in r["noise"].items())}.
 
 **Leave one expert out** (that domain's requests with only the other two experts; the
-fallback should catch them and be no worse than `cat` of the remaining experts):
+fallback should catch them and be no worse than `cat` of the remaining experts; "median ood"
+is the subspace distance to the top remaining expert over that expert's threshold, > 1 falls
+back):
 
-{markdown_table(["left out", "fell back", "routed loss", "cat loss"], loo)}
+{markdown_table(["left out", "fell back", "routed loss", "cat loss", "median ood"], loo)}
 
-**Decision rule** (mean loss; in-domain routed, and leave-one-out routed vs `cat`):
+**Which statistic tells a missing domain apart.** Each expert's threshold is factor × the
+99th percentile of the statistic over its own training features (what a worker measures on
+its data and sends; for the subspace it is in the signature); margin 0, no other bound.
+Accuracy counts a fallback as a miss; LOO is the share of a left-out domain's held-out
+prompts that fall back:
+
+{markdown_table(["statistic", "factor", "accuracy", *(f"LOO {d}" for d in domains)], stats)}
+
+**Decision rule** (ood factor 0 is the rule before out-of-domain detection; accuracy and
+routed mean loss in-domain, then leave-one-out routed vs `cat`, mean over the left-out domains):
 
 {markdown_table(rule_head, rules)}
+
+**Signature size** (the default rule with signatures over the first n training examples of
+each domain; the coordinator refuses fewer than {s.get("min_count", 100)}):
+
+{markdown_table(["examples", "accuracy", *(f"LOO {d}" for d in domains)], sizes)}
 
 **Router latency** (featurize the first P tokens with the base model + score, one request,
 CPU, 1 thread): p50 {lat["router_p50_ms"]:.1f} ms, p99 {lat["router_p99_ms"]:.1f} ms; a 64-token
@@ -122,9 +179,19 @@ longer openings (a system prompt, a chat template) than these, and it costs
 {s["router"]["margin"]}: a larger one (0.5) sends correctly routed requests to the fallback
 (worse in-domain). Fallback `merged`: with an expert left out, `mix` puts nearly all weight on
 the wrong top expert, while `cat` is what the unknown domain is best served by. Max distance
-{s["router"]["max_distance"]}: the tightest bound that loses no in-domain request here; it
-catches the most left-out requests, and only the docs domain's (the others are confidently
-sent to the nearest remaining expert): leave-one-out remains the router's weak case.
+{s["router"]["max_distance"]}: the tightest diagonal bound that loses no in-domain request here.
+Out-of-domain factor {s["router"].get("ood_factor", 0)} (subspace of rank
+{s.get("signature_rank", "-")}): the diagonal distance cannot tell a missing domain apart
+(at the factors that keep in-domain accuracy ≥ 99% it catches at most {diag_best} of the
+left-out prompts, averaged over the three: the docs domain's broad diagonal Gaussian holds
+the python prompts as closely as its own), nor the margin (0.5 costs in-domain accuracy
+and catches no more left-out prompts than 0.1: the decision rule table); a `mix` fallback
+leans on the wrong expert. The subspace distance keeps in-domain accuracy ≥ 99% and catches
+≥ 95% of every left-out domain at factors {sub_range}; the default sits inside that range
+with room on both sides, so the missing domain is served at `cat`'s loss. It needs enough
+examples per signature to fit 16 directions: with 30 it is overfit and sends in-domain
+requests to the fallback too (the signature size table); the coordinator's minimum of 100
+is above where that stops.
 Signature noise must stay well below the per-dimension spread of the features (about
 1/hidden): σ = 1e-4 is harmless on `tiny` (hidden 64), 1e-3 is not.
 

@@ -54,6 +54,7 @@ CODE_OF_STATUS = {
     422: "invalid_request",
 }
 UPLOAD_PATH = re.compile(r"/v1/experts/[^/]+/updates")
+SIGNATURE_PATH = re.compile(r"/v1/experts/[^/]+/signature")
 
 
 def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> FastAPI:
@@ -67,6 +68,11 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
     def limit_for(scope: Scope) -> int:
         if scope["method"] == "POST" and UPLOAD_PATH.fullmatch(scope["path"]):
             return coordinator.max_body_bytes
+        if scope["method"] == "POST" and SIGNATURE_PATH.fullmatch(scope["path"]):
+            # a signature's JSON grows with the hidden size (mean, var, subspace)
+            return max(
+                coordinator.signatures.body_limit(), coordinator.settings.max_registration_bytes
+            )
         return coordinator.settings.max_registration_bytes
 
     # Added last, so outermost: the token is checked before the body's size is looked at.

@@ -19,6 +19,7 @@ from fedmoe.fields import (
     DEFAULT_ROUTER_FALLBACK,
     DEFAULT_ROUTER_MARGIN,
     DEFAULT_ROUTER_MAX_DISTANCE,
+    DEFAULT_ROUTER_OOD_FACTOR,
     DEFAULT_SERVER_LR,
     DEFAULT_SERVER_MOMENTUM,
     DEFAULT_SIGNATURE_MIN_COUNT,
@@ -141,6 +142,13 @@ class CoordinatorSettings(BaseSettings):
     )
     router_max_distance: float = Field(
         DEFAULT_ROUTER_MAX_DISTANCE, gt=0, description="Distance beyond which a request falls back."
+    )
+    router_ood_factor: float = Field(
+        DEFAULT_ROUTER_OOD_FACTOR,
+        ge=0,
+        le=1000,
+        description="A request falls back when its subspace distance to the top expert exceeds "
+        "this times that domain's own 99th percentile (0: off; format 1 signatures: no test).",
     )
     max_update_norm: float | None = Field(None, gt=0, description="Bound on an update's L2 norm.")
     norm_policy: NormPolicy = Field(

@@ -7,9 +7,11 @@ signature is written to ``<state_dir>/signatures/<expert>.safetensors`` (temp fi
 rename: ``fedmoe.adapters.atomic_write``) before it is acknowledged, so it survives a
 kill -9 and a restart like the experts do.
 
-File format: tensors ``<worker_id>/mean`` and ``<worker_id>/var`` for each contributing
-worker; metadata ``fedmoe_signatures`` = JSON ``{worker_id: {count, featurizer,
-base_fingerprint}}``.
+File format: tensors ``<worker_id>/mean`` and ``<worker_id>/var`` (format 2 signatures
+also ``<worker_id>/basis`` and ``<worker_id>/eigenvalues``) for each contributing worker;
+metadata ``fedmoe_signatures`` = JSON ``{worker_id: {format, count, featurizer,
+base_fingerprint[, subspace: {residual, quantiles}]}}``. Files written before format 2
+(no ``format`` key, no subspace) load as format 1 signatures.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from safetensors.torch import save as save_safetensors
 
 from fedmoe.adapters import atomic_write, read_header
 from fedmoe.coordinator import errors
+from fedmoe.ood import MAX_RANK
 from fedmoe.routing import DEFAULT_METHOD
 from fedmoe.signature import DomainSignature, FeaturizerSettings, SignatureError
 
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "fedmoe_signatures"
+# Hidden size assumed for the body limit before the base model's is known (bare unit setups).
+FALLBACK_HIDDEN = 4096
 
 
 class InvalidSignatureError(errors.CoordinatorError):
@@ -66,6 +71,14 @@ class SignatureBook:
         self._by_worker: dict[str, dict[str, DomainSignature]] = {}
         for name in experts:
             self._by_worker[name] = self._load(name)
+
+    def body_limit(self) -> int:
+        """Largest upload body a valid signature needs: mean, var and a full-rank subspace.
+
+        JSON numbers take at most ~24 characters each; 32 leaves room for the separators.
+        """
+        hidden = self.hidden_size or self._known_dim() or FALLBACK_HIDDEN
+        return 65536 + 32 * (2 + 2 * MAX_RANK) * hidden
 
     def path(self, expert: str) -> Path:
         """The file of one expert's signatures."""
@@ -178,8 +191,8 @@ def encode_book(signatures: Mapping[str, DomainSignature]) -> bytes:
     """One safetensors file of several workers' signatures."""
     tensors = {}
     for worker, signature in signatures.items():
-        tensors[f"{worker}/mean"] = signature.mean.contiguous()
-        tensors[f"{worker}/var"] = signature.var.contiguous()
+        for key, tensor in signature.tensors().items():
+            tensors[f"{worker}/{key}"] = tensor
     meta = {worker: signature.metadata() for worker, signature in signatures.items()}
     return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
@@ -189,8 +202,13 @@ def decode_book(payload: bytes) -> dict[str, DomainSignature]:
     meta = json.loads(read_header(payload)["__metadata__"][METADATA_KEY])
     tensors = load_safetensors(payload)
     return {
-        worker: DomainSignature.from_dict(
-            {**info, "mean": tensors[f"{worker}/mean"], "var": tensors[f"{worker}/var"]}
+        worker: DomainSignature.from_parts(
+            info,
+            {
+                key.split("/", 1)[1]: tensor
+                for key, tensor in tensors.items()
+                if key.split("/", 1)[0] == worker
+            },
         )
         for worker, info in meta.items()
     }
@@ -216,6 +234,7 @@ def router_options(settings: Any) -> dict[str, Any]:
         "margin": settings.router_margin,
         "max_distance": settings.router_max_distance,
         "fallback": settings.router_fallback,
+        "ood_factor": settings.router_ood_factor,
     }
 
 
@@ -259,7 +278,7 @@ def router_description(coordinator: Any) -> dict[str, Any]:
         **router_options(coordinator.settings),
         "featurizer": book.featurizer.to_dict(),
         "experts": {
-            name: {"count": sig.count, "workers": book.workers(name)}
+            name: {"count": sig.count, "format": sig.format, "workers": book.workers(name)}
             for name, sig in combined.items()
         },
         "missing": [name for name in coordinator.settings.experts if name not in combined],

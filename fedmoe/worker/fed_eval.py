@@ -5,7 +5,8 @@ evaluates on (at most ``eval_max_examples`` of) its own validation set:
 
 - ``expert``: its expert exactly as last pulled from the coordinator (version known);
 - ``gateway``: the merged gateway as the coordinator serves it now;
-- further kinds through ``extra_kinds`` (the routed gateway plugs in there).
+- further kinds through ``extra_kinds``: ``routed``, the routed gateway
+  (``fedmoe.worker.fed_routed``), with its routing accuracy on the worker's own prompts.
 
 Only aggregate numbers leave the machine: the loss per target token, the token and
 example counts, and the versions measured. Both models are evaluated *in place* on
@@ -88,6 +89,8 @@ class FederatedEvaluator:
         self.reports: list[dict[str, Any]] = []  # what was sent, for the worker's summary
         self.seconds = 0.0  # time spent evaluating
         self.extra_kinds: list[ExtraKind] = []
+        # The gateway as fetched by the evaluation in progress (extra kinds may use it).
+        self.gateway_state: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def for_job(cls, job: WorkerJob) -> FederatedEvaluator:
@@ -163,7 +166,8 @@ class FederatedEvaluator:
         """The report body: each model's loss on the local validation examples."""
         with swapped_lora(self.model, expert_state):
             results = [self._result("expert", self.loss())]
-        gateway_version, gateway_state = self._gateway()
+        gateway_version, gateway_state = self.gateway()
+        self.gateway_state = gateway_state
         with swapped_lora(self.model, gateway_state):
             results.append(self._result("gateway", self.loss()))
         for extra in self.extra_kinds:
@@ -192,7 +196,7 @@ class FederatedEvaluator:
             result["routing_accuracy"] = routing_accuracy
         return result
 
-    def _gateway(self) -> tuple[int, dict[str, torch.Tensor]]:
+    def gateway(self) -> tuple[int, dict[str, torch.Tensor]]:
         """The gateway's version and tensors, rescaled to our adapter's alpha/r."""
         info = self.client.gateway_info()
         version, body, _ = self.client.download("/v1/gateway/adapter")

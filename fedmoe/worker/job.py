@@ -32,6 +32,7 @@ from fedmoe.modeling import (
 )
 from fedmoe.schemas import SchemaInfo
 from fedmoe.worker.fed_eval import EvaluationClient, FederatedEvaluator
+from fedmoe.worker.fed_routed import RoutedEvaluation
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.signing import SignatureClient, share_signature
@@ -196,6 +197,7 @@ class WorkerJob:
             )
         )
         self.fed_eval = FederatedEvaluator.for_job(self)
+        self.fed_eval.extra_kinds.append(RoutedEvaluation.for_job(self))
         logger.info(
             "%s: %d training and %d validation examples, expert %s v%d on %s",
             opts.worker_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
@@ -12,10 +12,34 @@ from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.schemas import ID_PATTERN, error_responses
 from fedmoe.coordinator import signatures
 from fedmoe.coordinator.versions import MAX_NUM_TOKENS
+from fedmoe.ood import MAX_QUANTILE, MAX_RANK, MAX_VARIANCE, QUANTILE_LEVELS
 
 router = APIRouter(tags=["signatures"])
 # 400: a body that is not JSON at all; 503: the state dir could not be written
 ERRORS = error_responses(400, 403, 404, 409, 422, 503)
+
+
+Variance = Annotated[float, Field(ge=0, le=MAX_VARIANCE, allow_inf_nan=False)]
+# Rows of an orthonormal basis: entries within [-1, 1] (a little slack for float rounding).
+Direction = list[Annotated[float, Field(ge=-1.001, le=1.001, allow_inf_nan=False)]]
+Quantile = Annotated[float, Field(ge=0, le=MAX_QUANTILE, allow_inf_nan=False)]
+
+
+class SubspaceBody(BaseModel):
+    """Out-of-domain statistics (format 2): top principal directions and distance quantiles."""
+
+    basis: list[Direction] = Field(
+        min_length=1, max_length=MAX_RANK, description="Orthonormal principal directions."
+    )
+    eigenvalues: list[Variance] = Field(
+        min_length=1, max_length=MAX_RANK, description="Variance along each direction."
+    )
+    residual: Variance = Field(description="Mean variance per dimension off the directions.")
+    quantiles: list[Quantile] = Field(
+        min_length=len(QUANTILE_LEVELS),
+        max_length=len(QUANTILE_LEVELS),
+        description=f"The domain's own subspace distances at quantiles {QUANTILE_LEVELS}.",
+    )
 
 
 class SignatureBody(BaseModel):
@@ -26,6 +50,12 @@ class SignatureBody(BaseModel):
     count: int = Field(le=MAX_NUM_TOKENS, description="How many examples the aggregate is over.")
     featurizer: dict[str, Any] = Field(description="Featurizer version and settings.")
     base_fingerprint: str = Field(description="Fingerprint of the base model used.")
+    format: int | None = Field(
+        None, ge=1, le=2, description="1: mean, var, count (older workers); 2: with subspace."
+    )
+    subspace: SubspaceBody | None = Field(
+        None, description="Out-of-domain statistics (format 2; absent in format 1)."
+    )
 
 
 class SignatureUpload(BaseModel):
