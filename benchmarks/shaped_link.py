@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import concurrent.futures
+import contextlib
 import threading
 import time
 from types import TracebackType
@@ -188,7 +188,10 @@ class ShapedLink:
         return self.start()
 
     def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
