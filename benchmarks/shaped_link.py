@@ -157,6 +157,8 @@ class ShapedLink:
             # done when both EOFs are delivered; an error on either side (a reset, a closed
             # socket) closes both, as a broken link would
             await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            pass  # stop(): this connection ends here (asyncio logs a cancelled handler)
         finally:
             for pump in pumps:
                 pump.cancel()

@@ -1,0 +1,223 @@
+"""``realsize``: Qwen2.5-0.5B/1.5B/7B-shaped adapters, shaped link, memory, 30 workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.templates import loads, markdown_table, ms
+
+MB = 1e6
+BLOCKED_GOAL = 0.01  # of training time, 7B at a 10 s interval
+ACK_GOAL = 1.5  # × the FLOOR, for the 0.5B (17.6 MB) and 7B (80.8 MB) bodies
+ACK_GOAL_SIZES = ("0.5B", "7B")
+MEMORY_GOAL_MIB = 2048.0  # 30 experts of 0.5B size
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _bytes_ok(size: dict[str, Any]) -> bool:
+    sync = size["sync"]
+    up_ok = bool(sync["payload_bytes_up_per_sync"] <= size["bf16_body_bytes"])
+    return up_ok and sync["payload_bytes_down_per_sync"] == 0
+
+
+def _sync_table(sizes: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            s["model"],
+            f"{s['params'] / 1e6:.2f} M",
+            f"{s['float32_bytes'] / MB:.1f}",
+            f"{s['bf16_body_bytes'] / MB:.1f}",
+            s["sync"]["syncs"],
+            f"{s['sync']['wire_bytes_up_per_sync'] / MB:.2f}",
+            f"{s['sync']['wire_bytes_down_per_sync'] / MB:.4f}",
+            f"{s['sync']['skipped_pulls']} / {s['sync']['full_pulls']}",
+            f"{s['sync']['in_flight_seconds_mean']:.2f}",
+            ms(1e3 * s["sync"]["blocked_seconds_per_sync"]),
+            ms(1e3 * s["sync"]["blocked_cpu_seconds_per_sync"]),
+            f"{s['sync']['blocked_share']:.2%}",
+        ]
+        for s in sizes
+    ]
+    headers = [
+        "adapter (r=16, 7 projections)",
+        "params",
+        "float32 MB",
+        "bf16 delta MB",
+        "syncs",
+        "MB up / sync (wire)",
+        "MB down / sync (wire)",
+        "pulls skipped / done",
+        "sync in flight s",
+        "blocked ms / sync",
+        "of which CPU ms",
+        "blocked share",
+    ]
+    return markdown_table(headers, rows)
+
+
+def _ack_table(sizes: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            s["model"],
+            f"{s['ack']['body_bytes'] / MB:.1f}",
+            s["ack"]["uploads"],
+            ms(s["ack"]["coordinator_p50_ms"]),
+            ms(s["ack"]["floor_p50_ms"]),
+            f"{s['ack']['ratio']:.2f}x",
+            f"{s['coordinator_peak_rss_mib']:,.0f}",
+        ]
+        for s in sizes
+    ]
+    headers = [
+        "adapter",
+        "bf16 body MB",
+        "uploads",
+        "coordinator ack p50 ms",
+        "FLOOR p50 ms",
+        "coordinator / FLOOR",
+        "coordinator peak RSS MiB",
+    ]
+    return markdown_table(headers, rows)
+
+
+def _memory_table(memory: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            m["experts"],
+            f"{m['rss_idle_mib']:,.0f}",
+            f"{m['rss_after_mib']:,.0f}",
+            f"{m['peak_rss_mib']:,.0f}",
+        ]
+        for m in memory
+    ]
+    headers = ["experts", "RSS idle MiB", "RSS after one update each MiB", "peak RSS MiB"]
+    return markdown_table(headers, rows)
+
+
+def _crowd_table(c: dict[str, Any]) -> str:
+    row = [
+        f"{c['workers']} on {c['experts']} experts",
+        f"{c['seconds']:g} s",
+        f"one per {c['interval']:g} s each ({c['offered_rate']:.1f}/s)",
+        c["acks"],
+        f"{c['rate']:.2f}",
+        ms(c["p50_ms"]),
+        ms(c["p99_ms"]),
+        ms(c["max_ms"]),
+        c["errors"],
+        f"{c['ledger']['accepted_rows']} / {c['ledger']['missing']}",
+        "PASS" if c["ok"] else "FAIL",
+    ]
+    headers = [
+        "workers",
+        "for",
+        "uploads",
+        "acks",
+        "acks/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "ledger rows / acks missing",
+        "no lost update",
+    ]
+    return markdown_table(headers, [row])
+
+
+def _goals(v: dict[str, Any]) -> str:
+    sizes = {s["size"]: s for s in v["sizes"]}
+    big = sizes["7B"]["sync"]
+    thirty = [m for m in v["memory"] if m["experts"] == 30]
+    memory = (
+        f"{thirty[0]['peak_rss_mib']:,.0f} MiB peak"
+        if thirty
+        else "not measured (fewer experts in this run)"
+    )
+    memory_ok = bool(thirty) and thirty[0]["peak_rss_mib"] <= MEMORY_GOAL_MIB
+    acks = ", ".join(f"{sizes[s]['ack']['ratio']:.2f}x ({s})" for s in ACK_GOAL_SIZES if s in sizes)
+    ack_ok = all(sizes[s]["ack"]["ratio"] <= ACK_GOAL for s in ACK_GOAL_SIZES if s in sizes)
+    bytes_text = "; ".join(
+        f"{s['size']}: {s['sync']['payload_bytes_up_per_sync'] / MB:.1f} MB up "
+        f"(delta {s['bf16_body_bytes'] / MB:.1f}), {s['sync']['payload_bytes_down_per_sync']:.0f} B down"
+        for s in v["sizes"]
+    )
+    rows: list[list[object]] = [
+        [
+            f"time blocked ≤ {BLOCKED_GOAL:.0%} of training, 7B, {v['plan']['interval']:g} s interval",
+            f"{big['blocked_share']:.2%} ({1e3 * big['blocked_seconds_per_sync']:.0f} ms / sync, "
+            f"{1e3 * big['blocked_cpu_seconds_per_sync']:.0f} ms of it CPU)",
+            _met(big["blocked_share"] <= BLOCKED_GOAL),
+        ],
+        [
+            "bytes per sync ≤ one bf16 delta up, nothing down (sole worker)",
+            bytes_text,
+            _met(all(_bytes_ok(s) for s in v["sizes"])),
+        ],
+        [f"acknowledgement ≤ {ACK_GOAL:g}× the FLOOR (17.6 MB, 80.8 MB)", acks, _met(ack_ok)],
+        [
+            f"coordinator memory, 30 experts of 0.5B size ≤ {MEMORY_GOAL_MIB / 1024:g} GB",
+            memory,
+            _met(memory_ok),
+        ],
+    ]
+    return markdown_table(["goal (issue 13)", "measured", ""], rows)
+
+
+def render(v: dict[str, Any]) -> str:
+    """The goals, then each part's table."""
+    plan, link, crowd = v["plan"], v["link"], v["crowd"]
+    return f"""
+Adapters with the exact LoRA shapes of Qwen2.5-0.5B, 1.5B and 7B (r={v["rank"]} on q, k, v,
+o, gate, up and down_proj; shapes from the published configs; random values, no model)
+on a real coordinator process (`open_coordinator` with a synthetic initial adapter). A
+shared, loaded machine ({v["cpu_count"]} cores, other engineers' jobs; this run under `nice
+{v["niceness"]}`, load average {loads(v["load_before"])} before and
+{loads(v["load_after"])} after), so wall times are inflated by waiting for a CPU; the
+CPU column says how much of the blocked time was the training thread's own work. The
+coordinator's write path is being replaced by a write-ahead log (issue 13 part 3): rerun
+`python -m benchmarks.realsize_bench` after it lands.
+
+{_goals(v)}
+
+### Sync over a shaped 1 Gbit/s link, 20 ms round trip
+
+The worker's real `Syncer` (background mode, bf16 uploads) and `CoordinatorClient`, through
+`benchmarks.shaped_link` ({8 * link["rate_bytes"] / 1e9:g} Gbit/s each way by token bucket,
+{1e3 * link["rtt_seconds"]:g} ms round trip) to the coordinator, one sole worker per size.
+A training step sleeps {plan["step"]:g} s (the accelerator's share) and then moves every
+tensor; a sync is due every {plan["interval"]:g} s. Wire bytes are what crossed the link
+(HTTP headers and the acknowledgement's JSON included). Blocked = `WorkerStats.blocked_seconds`:
+the snapshot copy when a sync starts and the rebase at the step that collects it (the
+adapter is in host memory here; on a GPU both are device copies). "In flight" is from the
+start of a sync to the step boundary that collected it.
+
+{_sync_table(v["sizes"])}
+
+### Acknowledgement latency against the FLOOR
+
+Sequential uploads of each size's bf16 delta straight to the coordinator on loopback (no
+shaping), each followed by the same bytes to the FLOOR: the same FastAPI + uvicorn stack
+reading the body and appending it to one file with a single `fsync`.
+
+{_ack_table(v["sizes"])}
+
+### Coordinator memory (0.5B-sized experts)
+
+A coordinator process with N experts, after one bf16 update to each; nobody downloads the
+merged gateway, which is built only on request (`--eager-gateway` off, the default).
+
+{_memory_table(v["memory"])}
+
+### 30 workers, 0.5B-sized adapters
+
+{crowd["workers"]} workers in {crowd["procs"]} `benchmarks._load` processes, each uploading a
+0.5B-sized bf16 delta once per {crowd["interval"]:g} s (first upload at a random point of the
+first interval) for {crowd["seconds"]:g} s, on loopback; then every acknowledgement is looked
+up in the ledger and each expert's version must equal its accepted count with versions
+1..n acknowledged exactly once.
+
+{_crowd_table(crowd)}
+"""
