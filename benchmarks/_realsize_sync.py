@@ -8,10 +8,15 @@ time (the accelerator's share of a step) and then moves every tensor in place, s
 sync carries a real delta. Blocked time is ``WorkerStats.blocked_seconds``: what the
 training thread spends in ``start`` (the snapshot) and at the step boundary that collects
 the result (the rebase), i.e. everything the training loop waits for.
+
+With a ``Peer``, a second worker uploads to the same expert (straight to the coordinator,
+from its own thread) halfway between the syncs, so the worker's update is never the only
+change since its pull and it must download the new expert: the bytes of the general case.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +53,58 @@ class TensorAdapter:
             tensor.add_(amount)
 
 
+class Peer:
+    """Another worker on the same expert: one bf16 upload per interval on its own thread."""
+
+    def __init__(self, url: str, body: bytes, interval: float) -> None:
+        self.client = CoordinatorClient(url, timeout=600.0)
+        self.body, self.interval = body, interval
+        schema = self.client.schema()
+        self.version = self.client.register(
+            worker_id="peer",
+            specialty=EXPERT,
+            fingerprint=schema.base_model_fingerprint,
+            lora_config=schema.lora_config,
+        ).expert_version
+        self.uploads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer", daemon=True)
+
+    def start(self) -> None:
+        """Begin uploading (the first one half an interval from now)."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_at = time.monotonic() + self.interval / 2
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+            ack = self.client.upload(
+                EXPERT,
+                self.body,
+                worker_id="peer",
+                update_id=f"peer-{self.uploads}",
+                base_version=self.version,
+                num_tokens=1000,
+                train_loss=1.0,
+            )
+            self.version, self.uploads = ack.version, self.uploads + 1
+            next_at += self.interval
+
+    def close(self) -> None:
+        """Stop after the upload in progress, if any."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.client.close()
+
+
 def sync_run(
-    link: ShapedLink, worker_id: str, *, syncs: int, interval: float, step: float
+    link: ShapedLink,
+    worker_id: str,
+    *,
+    syncs: int,
+    interval: float,
+    step: float,
+    peer: Peer | None = None,
 ) -> dict[str, Any]:
     """Train with fixed-time steps until ``syncs`` background syncs are done; the figures."""
     client = CoordinatorClient(link.url, timeout=600.0)
@@ -68,13 +123,18 @@ def sync_run(
         syncer.register()
         syncer.pull_and_reset()  # the worker's start-up, not a sync: its bytes are not counted
         up, down = link.bytes_up, link.bytes_down
+        if peer is not None:
+            peer.start()
         timings = _train(syncer, adapter, stats, syncs=syncs, step=step)
+        wall = time.monotonic() - stats.started  # before closing: that waits for the peer
     finally:
+        if peer is not None:
+            peer.close()
         syncer.close()
         client.close()
-    wall = time.monotonic() - stats.started
     count = max(stats.uploads, 1)
     return {
+        "peer_uploads": 0 if peer is None else peer.uploads,
         "syncs": stats.uploads,
         "failed_syncs": stats.failed_syncs,
         "steps": stats.steps,

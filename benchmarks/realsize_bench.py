@@ -8,7 +8,8 @@ no model: ``benchmarks._realsize_server``):
 1. a worker's real background sync (``Syncer``, bf16 uploads, ``CoordinatorClient``)
    through ``benchmarks.shaped_link`` (1 Gbit/s each way, 10 ms each way), a fixed-time
    training step and a sync every 10 s: bytes per sync each way, time the training loop
-   is blocked per sync and as a share of training time (``benchmarks._realsize_sync``);
+   is blocked per sync and as a share of training time (``benchmarks._realsize_sync``),
+   as the expert's sole worker and again with a peer uploading between its syncs;
 2. the coordinator's acknowledgement latency for that size's bf16 body on loopback,
    against the FLOOR: the same bytes over the same HTTP stack and one ``fsync``;
 
@@ -31,7 +32,7 @@ from typing import Any
 from benchmarks import _realsize_coordinator as coord
 from benchmarks._harness import proc_memory, progress
 from benchmarks._realsize_server import RANK, SHAPES, parameters
-from benchmarks._realsize_sync import sync_run
+from benchmarks._realsize_sync import Peer, sync_run
 from benchmarks.common import parser, setup_torch
 from benchmarks.report import publish
 from benchmarks.shaped_link import GBIT, ShapedLink
@@ -79,17 +80,26 @@ QUICK = Plan(
 
 
 def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, Any]:
-    """Sync through the shaped link, then acknowledgement latency, on one fresh coordinator."""
+    """Sync through the shaped link (sole worker, then with a peer), then acknowledgement
+    latency, on one fresh coordinator."""
     model = SHAPES[size]
+    body = coord.delta_body(size)
     with coord.realsize_server(root / f"coordinator-{size}", size) as server:
         port = int(server.url.rsplit(":", 1)[1])
-        progress(f"{size}: {plan.syncs} background syncs through the shaped link")
-        with ShapedLink(port, rate_bytes=GBIT, one_way_delay=RTT / 2) as link:
-            sync = sync_run(
-                link, f"rs-{size}", syncs=plan.syncs, interval=plan.interval, step=plan.step
-            )
+        sync = {}
+        for arm in ("sole", "peer"):
+            progress(f"{size}: {plan.syncs} background syncs through the shaped link ({arm})")
+            peer = Peer(server.url, body, plan.interval) if arm == "peer" else None
+            with ShapedLink(port, rate_bytes=GBIT, one_way_delay=RTT / 2) as link:
+                sync[arm] = sync_run(
+                    link,
+                    f"rs-{size}-{arm}",
+                    syncs=plan.syncs,
+                    interval=plan.interval,
+                    step=plan.step,
+                    peer=peer,
+                )
         progress(f"{size}: {plan.ack_uploads} acknowledgements vs the FLOOR")
-        body = coord.delta_body(size)
         ack = coord.ack_latency(server.url, floor_url, body, uploads=plan.ack_uploads)
         peak = proc_memory(server.pid)["VmHWM"]
     return {
@@ -99,7 +109,8 @@ def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, 
         "params": parameters(model),
         "float32_bytes": 4 * parameters(model),
         "bf16_body_bytes": len(body),
-        "sync": sync,
+        "sync": sync["sole"],
+        "sync_with_peer": sync["peer"],
         "ack": ack,
         "coordinator_peak_rss_mib": peak,
     }

@@ -13,36 +13,53 @@ ACK_GOAL_SIZES = ("0.5B", "7B")
 MEMORY_GOAL_MIB = 2048.0  # 30 experts of 0.5B size
 
 
+def _mb(count: float) -> str:
+    return f"{count / MB:.1f} MB"
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
 def _bytes_ok(size: dict[str, Any]) -> bool:
-    sync = size["sync"]
-    up_ok = bool(sync["payload_bytes_up_per_sync"] <= size["bf16_body_bytes"])
-    return up_ok and sync["payload_bytes_down_per_sync"] == 0
+    """Up ≤ one bf16 delta; down: nothing when sole, ≤ one bf16 delta with a peer."""
+    sole, peer, delta = size["sync"], size.get("sync_with_peer"), size["bf16_body_bytes"]
+    ok = bool(sole["payload_bytes_up_per_sync"] <= delta)
+    ok = ok and sole["payload_bytes_down_per_sync"] == 0
+    if peer is not None:
+        ok = ok and peer["payload_bytes_up_per_sync"] <= delta
+        ok = ok and peer["payload_bytes_down_per_sync"] <= delta
+    return ok
+
+
+def _sync_row(s: dict[str, Any], arm: str, sync: dict[str, Any]) -> list[object]:
+    return [
+        s["model"],
+        arm,
+        f"{s['params'] / 1e6:.2f} M",
+        f"{s['float32_bytes'] / MB:.1f}",
+        f"{s['bf16_body_bytes'] / MB:.1f}",
+        sync["syncs"],
+        f"{sync['wire_bytes_up_per_sync'] / MB:.2f}",
+        f"{sync['wire_bytes_down_per_sync'] / MB:.2f}",
+        f"{sync['skipped_pulls']} / {sync['full_pulls']}",
+        f"{sync['in_flight_seconds_mean']:.2f}",
+        ms(1e3 * sync["blocked_seconds_per_sync"]),
+        ms(1e3 * sync["blocked_cpu_seconds_per_sync"]),
+        f"{sync['blocked_share']:.2%}",
+    ]
 
 
 def _sync_table(sizes: list[dict[str, Any]]) -> str:
-    rows = [
-        [
-            s["model"],
-            f"{s['params'] / 1e6:.2f} M",
-            f"{s['float32_bytes'] / MB:.1f}",
-            f"{s['bf16_body_bytes'] / MB:.1f}",
-            s["sync"]["syncs"],
-            f"{s['sync']['wire_bytes_up_per_sync'] / MB:.2f}",
-            f"{s['sync']['wire_bytes_down_per_sync'] / MB:.4f}",
-            f"{s['sync']['skipped_pulls']} / {s['sync']['full_pulls']}",
-            f"{s['sync']['in_flight_seconds_mean']:.2f}",
-            ms(1e3 * s["sync"]["blocked_seconds_per_sync"]),
-            ms(1e3 * s["sync"]["blocked_cpu_seconds_per_sync"]),
-            f"{s['sync']['blocked_share']:.2%}",
-        ]
-        for s in sizes
-    ]
+    rows = []
+    for s in sizes:
+        rows.append(_sync_row(s, "sole worker", s["sync"]))
+        if "sync_with_peer" in s:
+            peer = s["sync_with_peer"]
+            rows.append(_sync_row(s, f"with a peer ({peer['peer_uploads']} uploads)", peer))
     headers = [
         "adapter (r=16, 7 projections)",
+        "worker",
         "params",
         "float32 MB",
         "bf16 delta MB",
@@ -127,6 +144,17 @@ def _crowd_table(c: dict[str, Any]) -> str:
     return markdown_table(headers, [row])
 
 
+def _bytes_text(s: dict[str, Any]) -> str:
+    sole, peer = s["sync"], s.get("sync_with_peer")
+    text = (
+        f"{s['size']}: {_mb(sole['payload_bytes_up_per_sync'])} up "
+        f"(delta {_mb(s['bf16_body_bytes'])}), {_mb(sole['payload_bytes_down_per_sync'])} down"
+    )
+    if peer is not None:
+        text += f" sole, {_mb(peer['payload_bytes_down_per_sync'])} with a peer"
+    return text
+
+
 def _goals(v: dict[str, Any]) -> str:
     sizes = {s["size"]: s for s in v["sizes"]}
     big = sizes["7B"]["sync"]
@@ -139,11 +167,7 @@ def _goals(v: dict[str, Any]) -> str:
     memory_ok = bool(thirty) and thirty[0]["peak_rss_mib"] <= MEMORY_GOAL_MIB
     acks = ", ".join(f"{sizes[s]['ack']['ratio']:.2f}x ({s})" for s in ACK_GOAL_SIZES if s in sizes)
     ack_ok = all(sizes[s]["ack"]["ratio"] <= ACK_GOAL for s in ACK_GOAL_SIZES if s in sizes)
-    bytes_text = "; ".join(
-        f"{s['size']}: {s['sync']['payload_bytes_up_per_sync'] / MB:.1f} MB up "
-        f"(delta {s['bf16_body_bytes'] / MB:.1f}), {s['sync']['payload_bytes_down_per_sync']:.0f} B down"
-        for s in v["sizes"]
-    )
+    bytes_text = "; ".join(_bytes_text(s) for s in v["sizes"])
     rows: list[list[object]] = [
         [
             f"time blocked ≤ {BLOCKED_GOAL:.0%} of training, 7B, {v['plan']['interval']:g} s interval",
@@ -152,7 +176,7 @@ def _goals(v: dict[str, Any]) -> str:
             _met(big["blocked_share"] <= BLOCKED_GOAL),
         ],
         [
-            "bytes per sync ≤ one bf16 delta up, nothing down (sole worker)",
+            "bytes per sync ≤ one bf16 delta up and one down, nothing down for a sole worker (payload)",
             bytes_text,
             _met(all(_bytes_ok(s) for s in v["sizes"])),
         ],
@@ -186,7 +210,9 @@ coordinator's write path is being replaced by a write-ahead log (issue 13 part 3
 
 The worker's real `Syncer` (background mode, bf16 uploads) and `CoordinatorClient`, through
 `benchmarks.shaped_link` ({8 * link["rate_bytes"] / 1e9:g} Gbit/s each way by token bucket,
-{1e3 * link["rtt_seconds"]:g} ms round trip) to the coordinator, one sole worker per size.
+{1e3 * link["rtt_seconds"]:g} ms round trip) to the coordinator: first as the expert's sole
+worker, then with a peer that uploads to the same expert (straight to the coordinator)
+halfway between its syncs, so that every sync must also bring the peer's update down.
 A training step sleeps {plan["step"]:g} s (the accelerator's share) and then moves every
 tensor; a sync is due every {plan["interval"]:g} s. Wire bytes are what crossed the link
 (HTTP headers and the acknowledgement's JSON included). Blocked = `WorkerStats.blocked_seconds`:
