@@ -1,9 +1,9 @@
 """Real sizes: Qwen2.5-0.5B, 1.5B and 7B-shaped adapters on a shaped 1 Gbit/s, 20 ms link.
 
 Run: ``nice -n 10 .venv/bin/python -m benchmarks.realsize_bench [--quick]`` (``--quick``:
-about 4 minutes, two syncs per size, JSON to a temp dir unless ``--write``; the full run:
-about 8 minutes). It measures, per size (LoRA r=16 on q,k,v,o,gate,up,down, random values,
-no model: ``benchmarks._realsize_server``):
+5-8 minutes on a loaded 2-core machine, two syncs per size, JSON to a temp dir unless
+``--write``; the full run: about 12 minutes). It measures, per size (LoRA r=16 on
+q,k,v,o,gate,up,down, random values, no model: ``benchmarks._realsize_server``):
 
 1. a worker's real background sync (``Syncer``, bf16 uploads, ``CoordinatorClient``)
    through ``benchmarks.shaped_link`` (1 Gbit/s each way, 10 ms each way), a fixed-time
@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ RTT = 0.020  # seconds, 10 ms each way
 class Plan:
     """How long each measurement runs."""
 
-    syncs: int  # background syncs per size
+    syncs: int  # background syncs per size, sole worker
+    peer_syncs: int  # the same with a peer
     interval: float  # seconds between syncs
     step: float  # seconds of one fake training step
     ack_uploads: int  # sequential uploads per size, coordinator and FLOOR each
@@ -57,6 +59,7 @@ class Plan:
 
 FULL = Plan(
     syncs=6,
+    peer_syncs=4,
     interval=10.0,
     step=0.5,
     ack_uploads=8,
@@ -68,6 +71,7 @@ FULL = Plan(
 )
 QUICK = Plan(
     syncs=2,
+    peer_syncs=1,
     interval=10.0,
     step=0.5,
     ack_uploads=3,
@@ -87,14 +91,14 @@ def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, 
     with coord.realsize_server(root / f"coordinator-{size}", size) as server:
         port = int(server.url.rsplit(":", 1)[1])
         sync = {}
-        for arm in ("sole", "peer"):
-            progress(f"{size}: {plan.syncs} background syncs through the shaped link ({arm})")
+        for arm, syncs in (("sole", plan.syncs), ("peer", plan.peer_syncs)):
+            progress(f"{size}: {syncs} background syncs through the shaped link ({arm})")
             peer = Peer(server.url, body, plan.interval) if arm == "peer" else None
             with ShapedLink(port, rate_bytes=GBIT, one_way_delay=RTT / 2) as link:
                 sync[arm] = sync_run(
                     link,
                     f"rs-{size}-{arm}",
-                    syncs=plan.syncs,
+                    syncs=syncs,
                     interval=plan.interval,
                     step=plan.step,
                     peer=peer,
@@ -118,7 +122,7 @@ def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, 
 
 def measure(root: Path, plan: Plan) -> dict[str, Any]:
     """Every part of the benchmark; the section's values."""
-    load_before = list(os.getloadavg())
+    load_before, started = list(os.getloadavg()), time.monotonic()
     with coord.realsize_server(root / "floor", floor=True) as floor:
         sizes = [size_values(root, size, floor.url, plan) for size in SHAPES]
     body = coord.delta_body("0.5B")
@@ -139,6 +143,7 @@ def measure(root: Path, plan: Plan) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "load_before": load_before,
         "load_after": list(os.getloadavg()),
+        "elapsed_seconds": time.monotonic() - started,
         "sizes": sizes,
         "memory": memory,
         "crowd": crowd,

@@ -190,6 +190,16 @@ def _goals(v: dict[str, Any]) -> str:
     return markdown_table(["goal (issue 13)", "measured", ""], rows)
 
 
+def _crowd_note(c: dict[str, Any]) -> str:
+    if c["rate"] >= 0.9 * c["offered_rate"]:
+        return "The coordinator kept up with the offered load."
+    return (
+        f"The coordinator acknowledged {c['rate']:.2f} updates/s of the {c['offered_rate']:.1f}/s "
+        "offered: on this machine it is saturated, so these latencies are mostly queueing "
+        "(uploads wait for the expert's lock and for a CPU)."
+    )
+
+
 def render(v: dict[str, Any]) -> str:
     """The goals, then each part's table."""
     plan, link, crowd = v["plan"], v["link"], v["crowd"]
@@ -202,7 +212,8 @@ shared, loaded machine ({v["cpu_count"]} cores, other engineers' jobs; this run 
 {loads(v["load_after"])} after), so wall times are inflated by waiting for a CPU; the
 CPU column says how much of the blocked time was the training thread's own work. The
 coordinator's write path is being replaced by a write-ahead log (issue 13 part 3): rerun
-`python -m benchmarks.realsize_bench` after it lands.
+`python -m benchmarks.realsize_bench` after it lands (this run took
+{v.get("elapsed_seconds", 0) / 60:.1f} minutes).
 
 {_goals(v)}
 
@@ -246,4 +257,6 @@ up in the ledger and each expert's version must equal its accepted count with ve
 1..n acknowledged exactly once.
 
 {_crowd_table(crowd)}
+
+{_crowd_note(crowd)}
 """
