@@ -34,7 +34,11 @@ EXPERT = "e0"
 
 
 class TensorAdapter:
-    """``AdapterSlot`` over float32 tensors in memory; ``step`` moves all of them."""
+    """``AdapterSlot`` over float32 tensors in host memory; ``step`` moves all of them.
+
+    It does what the worker's ``PeftAdapterSlot`` does, less the host-device copies of a
+    GPU: ``state`` is a float32 copy, ``load`` copies into the tensors in place.
+    """
 
     def __init__(self) -> None:
         self.tensors: AdapterState = {}
@@ -44,8 +48,12 @@ class TensorAdapter:
         return {key: tensor.clone() for key, tensor in self.tensors.items()}
 
     def load(self, state: AdapterState) -> None:
-        """Overwrite the tensors with a copy of ``state``."""
-        self.tensors = {key: tensor.clone() for key, tensor in state.items()}
+        """Copy ``state`` into the tensors in place (the first load allocates them)."""
+        if not self.tensors:
+            self.tensors = {key: tensor.clone() for key, tensor in state.items()}
+            return
+        for key, tensor in self.tensors.items():
+            tensor.copy_(state[key])
 
     def step(self, amount: float) -> None:
         """The arithmetic part of a fake training step: every parameter moves."""

@@ -227,9 +227,10 @@ halfway between its syncs, so that every sync must also bring the peer's update 
 A training step sleeps {plan["step"]:g} s (the accelerator's share) and then moves every
 tensor; a sync is due every {plan["interval"]:g} s. Wire bytes are what crossed the link
 (HTTP headers and the acknowledgement's JSON included). Blocked = `WorkerStats.blocked_seconds`:
-the snapshot copy when a sync starts and the rebase at the step that collects it (the
-adapter is in host memory here; on a GPU both are device copies). "In flight" is from the
-start of a sync to the step boundary that collected it.
+the snapshot copy when a sync starts and the rebase at the step that collects it (host
+memory here; the worker's `PeftAdapterSlot` does the same host work plus a device-to-host
+copy for each snapshot and a host-to-device copy for the rebase on a GPU). "In flight" is
+from the start of a sync to the step boundary that collected it.
 
 {_sync_table(v["sizes"])}
 
