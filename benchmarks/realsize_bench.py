@@ -1,9 +1,10 @@
 """Real sizes: Qwen2.5-0.5B, 1.5B and 7B-shaped adapters on a shaped 1 Gbit/s, 20 ms link.
 
 Run: ``nice -n 10 .venv/bin/python -m benchmarks.realsize_bench [--quick]`` (``--quick``:
-5-8 minutes on a loaded 2-core machine, two syncs per size, JSON to a temp dir unless
-``--write``; the full run: about 12 minutes). It measures, per size (LoRA r=16 on
-q,k,v,o,gate,up,down, random values, no model: ``benchmarks._realsize_server``):
+two syncs per size, about 9 minutes on the loaded 2-core machine of RESULTS.md, most of it
+starting server processes; JSON to a temp dir unless ``--write``; the full run: longer).
+It measures, per size (LoRA r=16 on q,k,v,o,gate,up,down, random values, no model:
+``benchmarks._realsize_server``):
 
 1. a worker's real background sync (``Syncer``, bf16 uploads, ``CoordinatorClient``)
    through ``benchmarks.shaped_link`` (1 Gbit/s each way, 10 ms each way), a fixed-time

@@ -56,7 +56,7 @@ def _sync_table(sizes: list[dict[str, Any]]) -> str:
         rows.append(_sync_row(s, "sole worker", s["sync"]))
         if "sync_with_peer" in s:
             peer = s["sync_with_peer"]
-            rows.append(_sync_row(s, f"with a peer ({peer['peer_uploads']} uploads)", peer))
+            rows.append(_sync_row(s, f"with a peer (peer uploads: {peer['peer_uploads']})", peer))
     headers = [
         "adapter (r=16, 7 projections)",
         "worker",
