@@ -94,8 +94,10 @@ def run_load(
     min_count: int = 0,
     schema: dict[str, Any] | None = None,
     write: int = 1,
+    interval: float = 0.0,
 ) -> LoadResult:
-    """Run ``len(workers)`` clients spread over ``procs`` ``benchmarks._load`` processes."""
+    """Run ``len(workers)`` clients spread over ``procs`` ``benchmarks._load`` processes
+    (back to back, or with ``interval`` > 0 one upload per client per ``interval`` seconds)."""
     directory.mkdir(parents=True, exist_ok=True)
     procs = max(1, min(procs, len(workers)))
     processes: list[subprocess.Popen] = []
@@ -110,6 +112,7 @@ def run_load(
                 "min_count": min_count,
                 "body_file": str(body_file),
                 "write": write,
+                "interval": interval,
                 "fingerprint": (schema or {}).get("base_model_fingerprint"),
                 "lora_config": (schema or {}).get("lora_config"),
                 "out": str(directory / f"load{index}.json"),

@@ -8,6 +8,10 @@ so that many of these processes start quickly. Protocol with the parent:
    and each thread has made at least ``min_count`` uploads;
 3. it writes its records to ``spec["out"]`` as JSON and exits.
 
+With ``interval`` > 0 in the spec each thread uploads once per ``interval`` seconds (the
+first at a random point of the first interval, so the threads are spread out) instead of
+back to back.
+
 Each upload uses ``base_version`` = the version the thread last saw (the version of its
 own last acknowledgement, or the expert's version at registration), so staleness is
 whatever the other clients' updates make it.
@@ -16,6 +20,7 @@ whatever the other clients' updates make it.
 from __future__ import annotations
 
 import json
+import random
 import sys
 import threading
 import time
@@ -77,7 +82,14 @@ class Pusher(threading.Thread):
         """Push uploads until the deadline and the minimum count are both reached."""
         self.go.wait()
         count, minimum = 0, int(self.spec.get("min_count", 0))
+        interval = float(self.spec.get("interval", 0.0))
+        next_at = time.perf_counter() + random.Random(self.worker).uniform(0.0, interval)
         while time.perf_counter() < self.deadline or count < minimum:
+            if interval:  # paced: wait for this thread's next slot
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at += interval
+                if time.perf_counter() >= self.deadline and count >= minimum:
+                    break
             uid = f"{self.worker}-u{count}"
             start = time.perf_counter()
             try:
