@@ -34,6 +34,8 @@ StrategyKind = Literal["async", "fedbuff"]
 ServerOptimizerKind = Literal["sgd", "nesterov", "adam"]
 #: ``--server-lr``: a number, or "auto" (η from the workers active on the expert).
 ServerLr = float | Literal["auto"]
+# what happens to write-ahead log segments a snapshot covers: archived, or deleted
+DeltaRetention = Literal["keep", "drop"]
 
 # Router defaults, chosen by benchmarks/routing_bench.py (see benchmarks/RESULTS.md); here so
 # that the settings (and the CLI) need not import torch to show them.

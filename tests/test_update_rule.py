@@ -130,10 +130,11 @@ def test_stale_update_is_weighted_by_inverse_decay(live_coordinator) -> None:
         weight = 1.0 / (1.0 + 0.1 * 2)  # s(τ) = 1/(1 + 0.1τ) at τ = 2, η = 1
         assert ack["weight"] == pytest.approx(1 / 1.2, abs=1e-12)
         _assert_applied(theta, expert_state(client, PY), delta, weight)
-        on_disk = load_safetensors(
-            (live_coordinator.adapters_dir / f"{PY}.v{3:010d}.safetensors").read_bytes()
-        )
-        _assert_applied(theta, dict(on_disk), delta, weight)
+    live_coordinator.stop()  # a clean stop writes every expert's snapshot
+    on_disk = load_safetensors(
+        (live_coordinator.adapters_dir / f"{PY}.v{3:010d}.safetensors").read_bytes()
+    )
+    _assert_applied(theta, dict(on_disk), delta, weight)
 
 
 def test_clip_policy_scales_the_update_to_the_bound(live_coordinator_factory) -> None:

@@ -37,6 +37,9 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS strategy_state (
     expert TEXT PRIMARY KEY, seq INTEGER NOT NULL, strategy TEXT NOT NULL,
     buffer_fill INTEGER NOT NULL, steps INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots (
+    expert TEXT PRIMARY KEY, lsn INTEGER NOT NULL, version INTEGER NOT NULL,
+    strategy TEXT NOT NULL, has_state INTEGER NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_accepted_id ON updates(update_id) WHERE accepted = 1;
 CREATE INDEX IF NOT EXISTS workers_last_seen ON workers(last_seen);
 """
@@ -108,6 +111,18 @@ class StrategyRow:
 
 
 @dataclass(frozen=True)
+class SnapshotRow:
+    """An expert's newest durable snapshot: the version of its adapter file, the last log
+    record it includes (``lsn``), the strategy that wrote its state and whether it has one."""
+
+    expert: str
+    lsn: int
+    version: int
+    strategy: str
+    has_state: bool
+
+
+@dataclass(frozen=True)
 class AcceptedUpdate:
     """Who sent an accepted update id, the answer they got and the digest of its body."""
 
@@ -155,8 +170,42 @@ class Ledger:
         with self._lock, self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _transaction(self, *, logged: bool = False) -> _Transaction:
+        return _Transaction(self._db, logged=logged)
+
+    def snapshot_rows(self) -> dict[str, SnapshotRow]:
+        """Each expert's newest durable snapshot."""
+        rows = self._query("SELECT expert, lsn, version, strategy, has_state FROM snapshots")
+        return {row[0]: SnapshotRow(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows}
+
+    def set_snapshot(self, row: SnapshotRow) -> None:
+        """Make a snapshot current (fsynced: the log before it may then be retired)."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)",
+                (row.expert, row.lsn, row.version, row.strategy, int(row.has_state)),
+            )
+
+    def restore_logged(self, records: list[UpdateRecord], expert: str, version: int) -> int:
+        """Insert the logged rows a crash kept out of SQLite, set the expert's version; how
+        many rows were missing."""
+        missing = 0
+        with self._lock, self._transaction():
+            for record in records:
+                found = self._db.execute(
+                    "SELECT 1 FROM updates WHERE update_id = ? AND accepted = 1",
+                    (record.update_id,),
+                ).fetchall()
+                if not found:
+                    self._insert_update(record)
+                    self._touch_worker(record)
+                    if not record.buffered:
+                        self._db.execute(
+                            "UPDATE experts SET accepted = accepted + 1 WHERE name = ?", (expert,)
+                        )
+                    missing += 1
+            self._db.execute("UPDATE experts SET version = ? WHERE name = ?", (version, expert))
+        return missing
 
     def expert_rows(self) -> dict[str, dict[str, int]]:
         """Each expert's version and accepted/rejected counts."""
@@ -221,9 +270,9 @@ class Ledger:
                 (row.expert, row.seq, row.strategy, row.buffer_fill, row.steps),
             )
 
-    def commit_buffered(self, record: UpdateRecord, strategy: StrategyRow) -> None:
+    def commit_buffered(self, record: UpdateRecord, strategy: StrategyRow | None = None) -> None:
         """Record an update held in a buffer and the buffer's new state file, atomically."""
-        with self._lock, self._transaction():
+        with self._lock, self._transaction(logged=True):
             self._insert_update(record)
             self._write_strategy(strategy)
             self._touch_worker(record)
@@ -236,7 +285,7 @@ class Ledger:
     ) -> None:
         """Record an accepted update, the expert's new version and the gateway's (and the
         strategy's new state file), atomically."""
-        with self._lock, self._transaction():
+        with self._lock, self._transaction(logged=True):
             self._insert_update(record)
             self._write_strategy(strategy)
             self._db.execute(
@@ -248,15 +297,12 @@ class Ledger:
             self._touch_worker(record)
 
     def commit_flush(
-        self, strategy: StrategyRow, version: int, gateway_version: int, built_from: dict[str, Any]
+        self, expert: str, version: int, gateway_version: int, built_from: dict[str, Any]
     ) -> None:
         """Record a buffer applied by its timeout (no upload caused it): the expert's new
-        version, the emptied strategy state and the new gateway, atomically."""
-        with self._lock, self._transaction():
-            self._write_strategy(strategy)
-            self._db.execute(
-                "UPDATE experts SET version = ? WHERE name = ?", (version, strategy.expert)
-            )
+        version and the new gateway, atomically."""
+        with self._lock, self._transaction(logged=True):
+            self._db.execute("UPDATE experts SET version = ? WHERE name = ?", (version, expert))
             self._write_gateway(gateway_version, built_from)
 
     def commit_rejected(self, record: UpdateRecord) -> None:
@@ -339,14 +385,25 @@ def _worker_info(row: tuple[Any, ...]) -> WorkerInfo:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
+    A ``logged`` transaction commits without its own fsync (synchronous=NORMAL): it
+    records an update whose log record was fsynced already, and start-up restores any
+    row a power cut took from SQLite out of that record. Everything else is FULL.
+    """
+
+    def __init__(self, db: sqlite3.Connection, *, logged: bool = False) -> None:
+        self._db, self._logged = db, logged
 
     def __enter__(self) -> sqlite3.Connection:
+        if self._logged:
+            self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            if self._logged:
+                self._db.execute("PRAGMA synchronous=FULL")

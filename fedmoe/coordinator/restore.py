@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedmoe.adapters import AdapterSchema, schema_of
-from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.ledger import Ledger
@@ -37,26 +36,9 @@ def check_identity(ledger: Ledger, state_dir: Path, *, fingerprint: str, lora: L
     return ledger.get_meta("run_id") or ""
 
 
-def restore_experts(
-    ledger: Ledger,
-    store: AdapterStore,
-    names: Sequence[str],
-    *,
-    initial: AdapterState,
-    schema: AdapterSchema,
-) -> dict[str, Versioned]:
-    """Every expert at the version the ledger records (new experts start from ``initial``)."""
+def warn_unserved(ledger: Ledger, names: Sequence[str]) -> None:
+    """Warn about experts the state dir holds but the settings do not serve."""
     rows = ledger.expert_rows()
-    experts = {}
-    for name in names:
-        if name not in rows:
-            store.save_expert(name, 0, initial)
-            ledger.add_expert(name)
-            rows[name] = {"version": 0}
-        version = rows[name]["version"]
-        experts[name] = load_expert(store, name, version, schema)
-        store.prune_expert(name, version)
-        logger.info("expert %s at version %d", name, version)
     for name in sorted(set(rows) - set(names)):
         logger.warning(
             "state dir holds expert %s (v%d), not in --experts: kept on disk, not served "
@@ -64,14 +46,13 @@ def restore_experts(
             name,
             rows[name]["version"],
         )
-    return experts
 
 
 def load_expert(store: AdapterStore, name: str, version: int, schema: AdapterSchema) -> Versioned:
     """One expert version from its file, which must be intact and match ``schema``."""
     path = store.expert_path(name, version)
     try:
-        expert = Versioned.from_payload(version, store.read_expert(name, version))
+        expert = Versioned.from_payload(version, store.read_expert(name, version), name=name)
         if schema_of(expert.state) != schema:
             raise ValueError("its tensor names or shapes differ from this LoRA config")
     except (OSError, ValueError) as error:

@@ -24,6 +24,7 @@ from fedmoe.fields import (
     DEFAULT_SERVER_MOMENTUM,
     DEFAULT_SIGNATURE_MIN_COUNT,
     EXPERT_NAME,
+    DeltaRetention,
     FlatEnvSource,
     MergeMethod,
     NormPolicy,
@@ -125,6 +126,24 @@ class CoordinatorSettings(BaseSettings):
         False,
         description="Rebuild the merged gateway file after every update (default: only when "
         "the gateway is downloaded; the router serves each request from one expert).",
+    )
+    snapshot_every_updates: int = Field(
+        100,
+        ge=1,
+        le=10**9,
+        description="Write an expert's full snapshot (in the background) after this many "
+        "logged updates; an update itself is durable by its log record.",
+    )
+    snapshot_every_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="...or this many seconds after its first update not yet in a snapshot.",
+    )
+    delta_retention: DeltaRetention = Field(
+        "keep",
+        description="Log segments a snapshot covers: 'keep' moves them to wal/<expert>/"
+        "archive (every accepted delta stays readable), 'drop' deletes them.",
     )
     signature_min_count: int = Field(
         DEFAULT_SIGNATURE_MIN_COUNT,

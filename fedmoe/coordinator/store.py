@@ -1,7 +1,8 @@
-"""Adapter files in the state directory: one safetensors file per expert version.
+"""Adapter files in the state directory: expert snapshots and the gateway.
 
-Files are written by temp-file, fsync and rename. The ledger says which version
-is current; files of other versions are leftovers of a crash and are removed.
+Files are written by temp-file, fsync and rename. The ledger's ``snapshots`` table says
+which version of an expert is its current snapshot (``fedmoe.coordinator.journal``);
+files of other versions are leftovers and are removed.
 The gateway is a pure function of the experts, so its file is written in the
 background and recomputed at start-up rather than trusted.
 """
@@ -59,6 +60,10 @@ class AdapterStore:
         payload = encode_adapter(state, {"name": name, "version": str(version)})
         atomic_write(self.expert_path(name, version), payload)
         return payload
+
+    def save_payload(self, name: str, version: int, payload: bytes) -> None:
+        """Durably write an expert version's float32 safetensors bytes (a snapshot)."""
+        atomic_write(self.expert_path(name, version), payload)
 
     def read_expert(self, name: str, version: int) -> bytes:
         """The safetensors bytes of one expert version (our own file, never unpickled)."""

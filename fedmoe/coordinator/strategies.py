@@ -1,20 +1,18 @@
 """The coordinator's side of server strategies: which one, its per-expert state, and
-the durable write / commit / publish steps around each update.
+the weights of each update.
 
-The state of an expert changes only under that expert's lock; the new state's file is
-written before the ledger commit that makes it current (see ``strategy_store``).
+The state of an expert changes only under that expert's lock. It is durable through
+the write-ahead log (a replay recomputes it) and the snapshots (``journal``).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor
-from fedmoe.coordinator.ledger import Ledger, StrategyRow
+from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.settings import CoordinatorSettings
-from fedmoe.coordinator.strategy_store import StrategyStore, describe, restore_states
 from fedmoe.schemas import StrategyStatus
 from fedmoe.server_strategy import (
     AsyncStrategy,
@@ -46,14 +44,18 @@ def build_strategy(settings: CoordinatorSettings) -> Strategy:
 class StrategyBook:
     """The strategy and every expert's durable state of it."""
 
-    def __init__(self, settings: CoordinatorSettings, ledger: Ledger) -> None:
-        self.settings, self.ledger = settings, ledger
-        self.strategy = build_strategy(settings)
-        self.store = StrategyStore(settings.state_dir)
-        self.states, self.seqs = restore_states(
-            ledger, self.store, list(settings.experts), self.strategy
-        )
-        self._description = json.dumps(describe(self.strategy), sort_keys=True)
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        ledger: Ledger,
+        strategy: Strategy,
+        states: dict[str, StrategyState],
+        lsns: dict[str, int],
+    ) -> None:
+        self.settings, self.ledger, self.strategy = settings, ledger, strategy
+        self.states = dict(states)
+        # the log record that last changed each state (0: none kept)
+        self.seqs = {name: lsns[name] if not states[name].empty else 0 for name in states}
         self._lock = threading.Lock()  # guards the swap of states / seqs
 
     def contribution(
@@ -98,30 +100,13 @@ class StrategyBook:
         workers, _ = self.ledger.recent_activity(expert, since)
         return auto_server_lr(len(workers), contributions)
 
-    def prepare(self, expert: str, state: StrategyState, fill: int) -> StrategyRow | None:
-        """Durably write ``state`` as the expert's next state file; the ledger row for it.
-
-        None when nothing needs keeping (today's rule: no file, no row).
-        """
+    def publish(self, expert: str, state: StrategyState, lsn: int) -> None:
+        """Make a committed state current (``lsn``: the log record that made it)."""
         if not self.strategy.stateful and state.empty:
-            return None
-        seq = self.seqs[expert] + 1
-        self.store.save(expert, seq, state)
-        return StrategyRow(expert, seq, self._description, fill, state.steps)
-
-    def discard(self, row: StrategyRow | None) -> None:
-        """Remove the file of a state whose ledger commit failed."""
-        if row is not None:
-            self.store.path(row.expert, row.seq).unlink(missing_ok=True)
-
-    def publish(self, expert: str, state: StrategyState, row: StrategyRow | None) -> None:
-        """Make a committed state current and remove the files it replaced."""
-        if row is None:
             return
         with self._lock:
             self.states = {**self.states, expert: state}
-            self.seqs = {**self.seqs, expert: row.seq}
-        self.store.prune(expert, row.seq)
+            self.seqs = {**self.seqs, expert: lsn}
 
     def status(self, expert: str) -> StrategyStatus:
         """The expert's strategy and its state, for ``/v1/status``."""

@@ -12,6 +12,7 @@ from typing import Any
 from fedmoe import aggregate
 from fedmoe.adapters import encode_adapter, view_adapter
 from fedmoe.aggregate import AdapterState
+from fedmoe.state_digest import state_digest
 
 # The ledger sums token counts in SQLite INTEGERs (signed 64-bit); a trillion tokens per
 # update is far beyond any sync interval yet leaves room for millions of updates in a sum.
@@ -27,28 +28,56 @@ SAFE_ABS_BOUND = 1.7e38
 GATEWAY_SAFE_BOUND = 1e30
 
 
-@dataclass(frozen=True)
 class Versioned:
-    """An expert at a version: its safetensors bytes, and float32 tensors viewing them.
+    """An expert at a version: float32 tensors, and their safetensors bytes made on demand.
 
-    One copy of each expert is held; downloads send ``payload`` as it is.
+    An update's acknowledgement waits only for the log (``fedmoe.coordinator.wal``), not
+    for encoding the new expert: the bytes are encoded when first downloaded or snapshotted,
+    and the tensors then become views of them, so one copy of each expert is held.
     """
 
-    version: int
-    payload: bytes
-    state: AdapterState
-    # An upper bound of max|θ|: while it stays far below the float32 limit no update
-    # can overflow, so the full finiteness scan of the new state is skipped.
-    abs_bound: float
+    def __init__(
+        self,
+        version: int,
+        state: AdapterState,
+        abs_bound: float,
+        payload: bytes | None = None,
+        name: str = "",
+    ) -> None:
+        self.version, self.state, self.name = version, state, name
+        # An upper bound of max|θ|: while it stays far below the float32 limit no update
+        # can overflow, so the full finiteness scan of the new state is skipped.
+        self.abs_bound = abs_bound
+        self._payload = payload
+        self._digest: str | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_payload(
-        cls, version: int, payload: bytes, abs_bound: float | None = None
+        cls, version: int, payload: bytes, abs_bound: float | None = None, name: str = ""
     ) -> Versioned:
         """Wrap our own float32 safetensors bytes (``abs_bound`` computed when not given)."""
         state = view_adapter(payload)
         bound = aggregate.max_abs(state) if abs_bound is None else abs_bound
-        return cls(version, payload, state, bound)
+        return cls(version, state, bound, payload, name)
+
+    @property
+    def payload(self) -> bytes:
+        """The float32 safetensors bytes (encoded once; the tensors then view them)."""
+        with self._lock:
+            if self._payload is None:
+                metadata = {"name": self.name, "version": str(self.version)}
+                self._payload = encode_adapter(self.state, metadata)
+                self.state = view_adapter(self._payload)
+            return self._payload
+
+    @property
+    def digest(self) -> str:
+        """``state_digest`` of the tensors (computed once)."""
+        with self._lock:
+            if self._digest is None:
+                self._digest = state_digest(self.state)
+            return self._digest
 
 
 class LazyGateway:

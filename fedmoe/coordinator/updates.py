@@ -1,0 +1,356 @@
+"""The update path of the coordinator: validate, weigh, apply, log, commit, acknowledge.
+
+An accepted update is durable when its write-ahead log record is fsynced
+(``Journal.append_update``, one fsync); its SQLite row follows without an fsync of its
+own, then the acknowledgement. The full expert is written later, in the background
+(snapshots). ``UpdatePath`` is a mixin of ``CentralCoordinator``: the attributes
+declared below are the coordinator's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fedmoe import aggregate
+from fedmoe.adapters import AdapterSchema, decode_adapter
+from fedmoe.aggregate import AdapterState
+from fedmoe.coordinator import errors
+from fedmoe.coordinator.journal import Journal
+from fedmoe.coordinator.ledger import Ledger, UpdateRecord
+from fedmoe.coordinator.replay import Head
+from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.coordinator.store import AdapterStore
+from fedmoe.coordinator.strategies import StrategyBook
+from fedmoe.coordinator.versions import (
+    GATEWAY_SAFE_BOUND,
+    MAX_NUM_TOKENS,
+    SAFE_ABS_BOUND,
+    LazyGateway,
+    UpdateRequest,
+    Versioned,
+)
+from fedmoe.coordinator.workers import WorkerRegistry
+from fedmoe.schemas import UpdateAck
+from fedmoe.server_strategy import AsyncStrategy, Contribution, FedBuffStrategy, Outcome
+from fedmoe.strategy import GatewayMerge, StalenessDecay
+
+logger = logging.getLogger(__name__)
+
+
+class UpdatePath:
+    """Submitting updates and flushing timed-out buffers (mixed into the coordinator)."""
+
+    settings: CoordinatorSettings
+    schema: AdapterSchema
+    decay: StalenessDecay
+    merger: GatewayMerge
+    ledger: Ledger
+    store: AdapterStore
+    journal: Journal
+    strategies: StrategyBook
+    workers: WorkerRegistry
+    experts: dict[str, Versioned]
+    gateway: LazyGateway
+    _expert_locks: dict[str, threading.Lock]
+    _commit_lock: threading.Lock
+    _hasher: ThreadPoolExecutor
+    _closing: threading.Event
+    _expert: Callable[[str], Versioned]
+    _built_from: Callable[[dict[str, Versioned] | None], dict[str, Any]]
+    _gateway: Callable[[int, dict[str, Any], dict[str, Versioned]], LazyGateway]
+
+    def submit_update(self, request: UpdateRequest) -> UpdateAck:
+        """Validate, weight and apply one update; return the acknowledgement.
+
+        A retried ``update_id`` gets its first answer back and is not applied again.
+        Any error leaves experts, gateway, ledger and files exactly as they were
+        (policy rejections are recorded in the ledger, nothing else changes).
+        """
+        self._expert(request.expert)
+        self.workers.check(request.worker_id, request.expert)
+        replay = self._replay(request)
+        if replay is not None:
+            return replay
+        self._check_base_version(request)
+        delta = self._decode(request.body)
+        with self._expert_locks[request.expert]:
+            return self._replay(request) or self._apply(request, delta)
+
+    def _replay(self, request: UpdateRequest) -> UpdateAck | None:
+        """The first answer to an already applied update id (only to the worker that sent it,
+        only for the same body)."""
+        first = self.ledger.accepted_update(request.update_id)
+        if first is None:
+            return None
+        if (first.worker_id, first.expert) != (request.worker_id, request.expert):
+            raise _duplicate_id(request.update_id)
+        if first.body_sha256 is not None and first.body_sha256 != request.body_sha256:
+            raise errors.DuplicateUpdateIdError(
+                f"update id {request.update_id!r} was already applied with a different body "
+                f"(sha256 {first.body_sha256[:16]}…, this one {request.body_sha256[:16]}…); "
+                "a retry must resend the same bytes, a new update needs a new id"
+            )
+        return first.response.model_copy(update={"replayed": True})
+
+    def _check_base_version(self, request: UpdateRequest) -> None:
+        current = self.experts[request.expert].version
+        if request.base_version < 0 or request.base_version > current:
+            raise errors.InvalidUpdateError(
+                f"base version {request.base_version} is invalid: expert {request.expert} "
+                f"is at version {current} (must be 0..{current})"
+            )
+        if not 0 <= request.num_tokens <= MAX_NUM_TOKENS:
+            raise errors.InvalidUpdateError(
+                f"num_tokens must be in 0..{MAX_NUM_TOKENS}, got {request.num_tokens}"
+            )
+
+    def _decode(self, body: bytes) -> AdapterState:
+        try:
+            return decode_adapter(body, self.schema)
+        except ValueError as error:
+            raise errors.InvalidUpdateError(str(error)) from None
+
+    def _record(self, request: UpdateRequest, staleness: int, norm: float) -> UpdateRecord:
+        return UpdateRecord(
+            update_id=request.update_id,
+            worker_id=request.worker_id,
+            expert=request.expert,
+            base_version=request.base_version,
+            staleness=staleness,
+            weight=0.0,
+            update_norm=norm,
+            clipped=False,
+            train_loss=request.train_loss,
+            num_tokens=request.num_tokens,
+            accepted=False,
+            body_sha256=request.body_sha256,
+        )
+
+    def _apply(self, request: UpdateRequest, delta: AdapterState) -> UpdateAck:
+        expert = self.experts[request.expert]
+        staleness = expert.version - request.base_version
+        norm = aggregate.global_norm(delta)
+        record = self._record(request, staleness, norm)
+        self._enforce_policies(record)
+        clip = self._clip_factor(norm)
+        record.clipped = clip < 1.0
+        contribution = self.strategies.contribution(
+            update_id=request.update_id,
+            worker_id=request.worker_id,
+            expert=request.expert,
+            delta=delta,
+            decay=self.decay(staleness),
+            clip=clip,
+            num_tokens=request.num_tokens,
+        )
+        strategy = self.strategies.strategy
+        outcome = strategy.receive(
+            expert.state, contribution, self.strategies.states[request.expert]
+        )
+        record.weight = outcome.weight
+        if outcome.params is None:
+            return self._buffer(record, outcome, contribution, request.body)
+        new_state = outcome.params
+        # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
+        plain = isinstance(strategy, AsyncStrategy) and not strategy.stateful
+        step = record.weight * norm if plain else math.inf
+        bound = self._overflow_guard(expert, new_state, step, request)
+        self._gateway_guard(request, new_state, bound)
+        version = expert.version + 1
+        new_expert = Versioned(version, new_state, bound, name=request.expert)
+        record.accepted, record.expert_version = True, version
+        self._commit(record, new_expert, contribution, request.body)
+        self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
+        assert record.response is not None
+        return record.response
+
+    def _buffer(
+        self, record: UpdateRecord, outcome: Outcome, contribution: Contribution, body: bytes
+    ) -> UpdateAck:
+        """Durably keep an update in its expert's buffer (version unchanged); the ack says so."""
+        record.accepted, record.buffered, record.buffer_fill = True, True, outcome.fill
+        record.expert_version = self.experts[record.expert].version
+        with self._commit_lock:
+            if self.ledger.accepted_update(record.update_id) is not None:
+                raise _duplicate_id(record.update_id)
+            record.gateway_version = self.gateway.version
+            record.response = record.acknowledgement()
+            appended = self.journal.append_update(record, contribution, applied=False, body=body)
+            try:
+                self.ledger.commit_buffered(record, None)
+            except BaseException:
+                self.journal.undo(record.expert, appended)
+                raise
+            self.journal.committed(record.expert)
+        self.strategies.publish(record.expert, outcome.state, self.journal.lsns[record.expert])
+        return record.response
+
+    def _flush_loop(self, period: float) -> None:
+        while not self._closing.wait(period):
+            try:
+                self.flush_due_buffers()
+            except Exception:  # e.g. a full disk: the buffer stays, the next tick retries
+                logger.exception("could not apply a timed-out buffer")
+
+    def flush_due_buffers(self) -> list[str]:
+        """Apply every FedBuff buffer that has waited --buffer-timeout; the experts flushed."""
+        strategy = self.strategies.strategy
+        flushed: list[str] = []
+        if not isinstance(strategy, FedBuffStrategy):
+            return flushed
+        for name in self.settings.experts:
+            with self._expert_locks[name]:
+                state = self.strategies.states[name]
+                if strategy.due(state, time.time()) and not self._closing.is_set():
+                    lr = self.strategies.flush_lr(name, len(state.update_ids))
+                    params, emptied = strategy.apply(self.experts[name].state, state, lr)
+                    self._commit_flush(name, params, lr)
+                    self.strategies.publish(name, emptied, self.journal.lsns[name])
+                    flushed.append(name)
+        return flushed
+
+    def _commit_flush(self, name: str, params: AdapterState, lr: float) -> None:
+        """Durably publish an expert stepped by a timed-out buffer, as ``_commit`` does."""
+        bound = aggregate.max_abs(params)
+        names, current = self.settings.experts, self.experts
+        states = [params if n == name else current[n].state for n in names]
+        bounds = [bound if n == name else current[n].abs_bound for n in names]
+        if not math.isfinite(bound) or not self._merge_is_finite(states, bounds):
+            raise errors.InvalidUpdateError(f"the buffer of {name} would overflow float32")
+        version = current[name].version + 1
+        with self._commit_lock:
+            experts = {**self.experts, name: Versioned(version, params, bound, name=name)}
+            built_from = self._built_from(experts)
+            gateway = self._gateway(self.gateway.version + 1, built_from, experts)
+            appended = self.journal.append_flush(name, version, lr)
+            try:
+                self.ledger.commit_flush(name, version, gateway.version, built_from)
+            except BaseException:
+                self.journal.undo(name, appended)
+                raise
+            self.journal.committed(name)
+            self.experts, self.gateway = experts, gateway
+            if self.settings.eager_gateway:
+                self.store.save_gateway_later(gateway)
+        logger.info("applied the timed-out buffer of %s: version %d", name, version)
+
+    def _commit(
+        self,
+        record: UpdateRecord,
+        new_expert: Versioned,
+        contribution: Contribution,
+        body: bytes,
+    ) -> None:
+        """Log (one fsync) and commit an applied update; publish the expert and a gateway."""
+        with self._commit_lock:
+            if self.ledger.accepted_update(record.update_id) is not None:
+                # the same id raced in for another expert and committed first
+                raise _duplicate_id(record.update_id)
+            experts = {**self.experts, record.expert: new_expert}
+            built_from = self._built_from(experts)
+            gateway = self._gateway(self.gateway.version + 1, built_from, experts)
+            record.gateway_version = gateway.version
+            # at staleness 0 the sender's pull is all that came before: it can rebuild the
+            # new expert from the acknowledgement and check this digest. It is hashed while
+            # the log record is written and fsynced (both release the GIL); replay makes it
+            # again for a row the log has to restore.
+            digest = (
+                self._hasher.submit(lambda: new_expert.digest) if record.staleness == 0 else None
+            )
+            appended = self.journal.append_update(record, contribution, applied=True, body=body)
+            try:
+                record.state_sha256 = digest.result() if digest is not None else None
+                record.response = record.acknowledgement()
+                self.ledger.commit_accepted(record, built_from)
+            except BaseException:
+                self.journal.undo(record.expert, appended)  # never acknowledged: not applied
+                raise
+            self.journal.committed(record.expert)
+            self.experts, self.gateway = experts, gateway
+            if self.settings.eager_gateway:  # else merged only when downloaded
+                self.store.save_gateway_later(gateway)
+
+    def capture(self, name: str) -> Head:
+        """The expert's state, strategy state and lsn, taken together under its lock; the
+        log rolls to a new segment so that a snapshot of this head can retire the old one."""
+        with self._expert_locks[name]:
+            head = Head(self.experts[name], self.strategies.states[name], self.journal.lsns[name])
+            self.journal.logs[name].roll()
+            return head
+
+    def _overflow_guard(
+        self, expert: Versioned, new_state: AdapterState, step: float, request: UpdateRequest
+    ) -> float:
+        """A bound of max|θ| after the update; scans for Inf only where overflow is possible.
+
+        A finite delta can still overflow float32 when applied, and Inf/NaN must never be
+        stored. max|θ + w·Δ| <= max|θ| + w·‖Δ‖, so while that bound is far from the float32
+        limit the new state is finite without looking at it.
+        """
+        bound = expert.abs_bound + step
+        if bound < SAFE_ABS_BOUND:
+            return bound
+        self._check_finite(new_state, request)
+        return aggregate.max_abs(new_state)
+
+    def _gateway_guard(self, request: UpdateRequest, new_state: AdapterState, bound: float) -> None:
+        """Refuse an update after which the gateway merge would not be finite."""
+        names = self.settings.experts
+        states = [new_state if n == request.expert else self.experts[n].state for n in names]
+        bounds = [bound if n == request.expert else self.experts[n].abs_bound for n in names]
+        if not self._merge_is_finite(states, bounds):
+            raise errors.InvalidUpdateError(
+                f"applying update {request.update_id} would make the {self.merger.method} "
+                f"gateway non-finite (float32 overflow in the merge); send a smaller delta"
+            )
+
+    def _merge_is_finite(self, states: list[AdapterState], bounds: Sequence[float]) -> bool:
+        """Whether merging ``states`` gives finite tensors; merges only near float32's limit."""
+        if max(bounds) < GATEWAY_SAFE_BOUND:
+            return True
+        merged = self.merger.merge(states, self.settings.expert_weights())
+        return all(bool(torch.isfinite(tensor).all()) for tensor in merged.values())
+
+    @staticmethod
+    def _check_finite(state: AdapterState, request: UpdateRequest) -> None:
+        for key, tensor in state.items():
+            if not torch.isfinite(tensor).all():
+                raise errors.InvalidUpdateError(
+                    f"applying update {request.update_id} would make {key} of expert "
+                    f"{request.expert} non-finite (float32 overflow); send a smaller delta"
+                )
+
+    def _enforce_policies(self, record: UpdateRecord) -> None:
+        bound = self.settings.max_staleness
+        if bound is not None and record.staleness > bound:
+            record.reason = f"staleness {record.staleness} exceeds max_staleness {bound}"
+            self.ledger.commit_rejected(record)
+            raise errors.StaleUpdateError(record.reason)
+        limit = self.settings.max_update_norm
+        if (
+            limit is not None
+            and record.update_norm > limit
+            and self.settings.norm_policy == "reject"
+        ):
+            record.reason = f"update norm {record.update_norm:.4g} exceeds max_update_norm {limit}"
+            self.ledger.commit_rejected(record)
+            raise errors.RejectedUpdateError(record.reason)
+
+    def _clip_factor(self, norm: float) -> float:
+        limit = self.settings.max_update_norm
+        return limit / norm if limit is not None and norm > limit else 1.0
+
+
+def _duplicate_id(update_id: str) -> errors.DuplicateUpdateIdError:
+    return errors.DuplicateUpdateIdError(
+        f"update id {update_id!r} was already used by another worker or expert; "
+        "every upload needs a new unique id"
+    )

@@ -1,0 +1,224 @@
+"""The write-ahead log of deltas: one append-only log per expert, in segment files.
+
+An accepted update is durable once its record (a JSON header with the ledger row and
+what replay needs, then the upload's safetensors body exactly as received) is appended
+to ``<state_dir>/wal/<expert>/<first lsn>.log`` and fsynced: one fsync per update.
+Records carry a log sequence number (lsn), 1, 2, 3… per expert. A record is
+
+    b"FMW1" | u32 header length | u64 body length | u32 crc32(header) | header | body
+
+and the header holds the body's sha256, so a torn tail (a crash mid-append) is told
+from a whole record and cut off at start-up. After a snapshot covers every record of a
+segment, the segment is *retired*: moved to ``archive/`` (``delta_retention=keep``) or
+deleted (``drop``), each by one rename or unlink, so a crash mid-compaction leaves every
+segment either live or retired, never torn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from fedmoe.coordinator import crashpoints, errors
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"FMW1"
+PREFIX = struct.Struct("<4sIQI")
+MAX_HEADER = 1 << 20
+SEGMENT = "{:012d}.log"
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One whole record: its header (``lsn``, ``kind``…), body and place in its segment."""
+
+    header: dict[str, Any]
+    body: bytes
+    segment: str
+    offset: int  # of the record's first byte
+
+    @property
+    def lsn(self) -> int:
+        """The record's log sequence number."""
+        return int(self.header["lsn"])
+
+
+@dataclass(frozen=True)
+class Appended:
+    """Where a record went: enough to undo it or to read its body back."""
+
+    segment: str
+    offset: int
+    body_offset: int
+    body_len: int
+
+
+def encode_prefix(header: dict[str, Any], body: bytes) -> bytes:
+    """The prefix and JSON header of a record whose body is ``body``."""
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return PREFIX.pack(MAGIC, len(raw), len(body), zlib.crc32(raw)) + raw
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries (a new, renamed or removed file) durable."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+class ExpertLog:
+    """The log of one expert: appends (under the expert's lock), replay, retirement."""
+
+    def __init__(self, directory: Path, *, keep: bool) -> None:
+        self.directory = Path(directory)
+        self.archive = self.directory / "archive"
+        self.keep = keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._current: str | None = None  # the segment appends go to
+        self._roll = False
+
+    def segments(self) -> list[str]:
+        """The live segment names, oldest first."""
+        names = [p.name for p in self.directory.glob("*.log") if p.name[:-4].isdigit()]
+        return sorted(names)
+
+    def path_of(self, segment: str) -> Path:
+        """Where a segment is now: live, else archived."""
+        live = self.directory / segment
+        return live if live.exists() else self.archive / segment
+
+    def append(self, header: dict[str, Any], body: bytes) -> Appended:
+        """Append one record and fsync it; a new segment starts after ``roll()``."""
+        if self._current is None or self._roll:
+            self._current, self._roll = SEGMENT.format(int(header["lsn"])), False
+        path = self.directory / self._current
+        created = not path.exists()
+        prefix = encode_prefix(header, body)
+        with open(path, "ab") as handle:
+            offset = handle.tell()
+            handle.write(prefix)
+            if crashpoints.armed("mid-append"):
+                handle.write(body[: len(body) // 2])
+                handle.flush()
+                crashpoints.die()
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if created:
+            fsync_directory(self.directory)
+        return Appended(self._current, offset, offset + len(prefix), len(body))
+
+    def undo(self, appended: Appended) -> None:
+        """Cut the log back to before ``appended`` (its commit failed: never acknowledged)."""
+        path = self.directory / appended.segment
+        with open(path, "r+b") as handle:
+            handle.truncate(appended.offset)
+            os.fsync(handle.fileno())
+
+    def roll(self) -> None:
+        """The next append starts a new segment (so that a snapshot can retire this one)."""
+        self._roll = True
+
+    def read_body(self, segment: str, offset: int, length: int) -> bytes:
+        """The body of a record, from its segment (live or archived)."""
+        with open(self.path_of(segment), "rb") as handle:
+            handle.seek(offset)
+            body = handle.read(length)
+        if len(body) != length:
+            raise OSError(f"log segment {segment} is shorter than its index says")
+        return body
+
+    def records(self, *, repair: bool = True) -> Iterator[LogRecord]:
+        """Every whole live record in order; a torn tail of the last segment is cut off
+        (``repair``) — a bad record anywhere else is a damaged state dir."""
+        segments = self.segments()
+        for index, segment in enumerate(segments):
+            end = yield from _read_segment(self.directory / segment, segment)
+            size = (self.directory / segment).stat().st_size
+            if end == size:
+                continue
+            if index != len(segments) - 1:
+                raise errors.StateDirError(
+                    f"log segment {self.directory / segment} is damaged at byte {end} and is "
+                    "not the last one; restore the state dir from a backup"
+                )
+            if repair:
+                logger.warning("cutting a torn record (crash mid-append) off %s", segment)
+                with open(self.directory / segment, "r+b") as handle:
+                    handle.truncate(end)
+                    os.fsync(handle.fileno())
+        self._current = segments[-1] if segments else None
+
+    def retire(self, upto_lsn: int) -> int:
+        """Retire every segment that starts at or before ``upto_lsn``; how many.
+
+        Only after ``roll()`` was called when the snapshot at ``upto_lsn`` was taken: then
+        every record after it went to a later segment.
+        """
+        retired = [name for name in self.segments() if int(name[:-4]) <= upto_lsn]
+        for index, segment in enumerate(retired):
+            self._retire_one(segment)
+            if index == 0:
+                crashpoints.reached("mid-compaction")
+        return len(retired)
+
+    def _retire_one(self, segment: str) -> None:
+        source = self.directory / segment
+        if self.keep:
+            self.archive.mkdir(exist_ok=True)
+            os.replace(source, self.archive / segment)
+            fsync_directory(self.archive)
+        else:
+            source.unlink()
+        fsync_directory(self.directory)
+        if segment == self._current:
+            self._current = None
+
+    def all_records(self) -> Iterator[LogRecord]:
+        """Archived then live records, in lsn order (read only; nothing is repaired)."""
+        archived = self.archive.glob("*.log") if self.archive.exists() else []
+        for segment in sorted(path.name for path in archived):
+            yield from _read_segment(self.archive / segment, segment)
+        yield from self.records(repair=False)
+
+
+def _read_record(handle: BinaryIO, segment: str) -> LogRecord | None:
+    offset = handle.tell()
+    prefix = handle.read(PREFIX.size)
+    if len(prefix) < PREFIX.size:
+        return None
+    magic, header_len, body_len, crc = PREFIX.unpack(prefix)
+    if magic != MAGIC or header_len > MAX_HEADER:
+        return None
+    raw = handle.read(header_len)
+    if len(raw) < header_len or zlib.crc32(raw) != crc:
+        return None
+    header = json.loads(raw)
+    body = handle.read(body_len)
+    if len(body) < body_len:
+        return None
+    digest = header.get("body_sha256")
+    if digest is not None and hashlib.sha256(body).hexdigest() != digest:
+        return None
+    return LogRecord(header, body, segment, offset)
+
+
+def _read_segment(path: Path, segment: str) -> Generator[LogRecord, None, int]:
+    """Yield the whole records of a segment; return the offset where they end."""
+    with open(path, "rb") as handle:
+        end = 0
+        while (record := _read_record(handle, segment)) is not None:
+            end = handle.tell()
+            yield record
+        return end
