@@ -273,6 +273,7 @@ class CentralCoordinator:
             num_tokens=request.num_tokens,
             accepted=False,
             body_sha256=request.body_sha256,
+            dp_epsilon=request.dp_epsilon,
         )
         self._enforce_policies(record)
         clip = self._clip_factor(norm)

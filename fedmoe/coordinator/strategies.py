@@ -15,6 +15,7 @@ from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor
 from fedmoe.coordinator.ledger import Ledger, StrategyRow
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.strategy_store import StrategyStore, describe, restore_states
+from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
 from fedmoe.schemas import StrategyStatus
 from fedmoe.server_strategy import (
     AsyncStrategy,
@@ -33,6 +34,20 @@ def build_strategy(settings: CoordinatorSettings) -> Strategy:
         momentum=settings.effective_server_momentum,
         eps=settings.server_eps,
     )
+    robust = RobustOptions(
+        aggregation=settings.robust_aggregation,
+        trim_fraction=settings.trim_fraction,
+        outlier_test=settings.outlier_test,
+        outlier_norm_factor=settings.outlier_norm_factor,
+    )
+    if settings.strategy == "fedbuff" and robust.active:
+        return RobustBuffStrategy(
+            optimizer=optimizer,
+            robust=robust,
+            server_lr=settings.effective_server_lr,
+            buffer_size=settings.buffer_size,
+            timeout=settings.buffer_timeout,
+        )
     if settings.strategy == "fedbuff":
         return FedBuffStrategy(
             optimizer=optimizer,
@@ -55,6 +70,8 @@ class StrategyBook:
         )
         self._description = json.dumps(describe(self.strategy), sort_keys=True)
         self._lock = threading.Lock()  # guards the swap of states / seqs
+        for state in self.states.values():  # verdicts of a crash before they were noted
+            ledger.record_verdicts(state.verdicts)
 
     def contribution(
         self,
@@ -121,6 +138,9 @@ class StrategyBook:
         with self._lock:
             self.states = {**self.states, expert: state}
             self.seqs = {**self.seqs, expert: row.seq}
+        # after the commit, not in it (core.py is not ours to restructure); a crash in
+        # between is caught up at start-up from the state file, which keeps the verdicts
+        self.ledger.record_verdicts(state.verdicts)
         self.store.prune(expert, row.seq)
 
     def status(self, expert: str) -> StrategyStatus:
@@ -138,4 +158,7 @@ class StrategyBook:
             buffer_age=None if state.opened_at is None else max(0.0, time.time() - state.opened_at),
             optimizer_steps=state.steps,
             state_seq=self.seqs[expert],
+            robust_aggregation=self.settings.robust_aggregation,
+            outlier_test=self.settings.outlier_test,
+            last_verdicts=[list(v) for v in state.verdicts],
         )
