@@ -25,8 +25,9 @@ from fedmoe.server_strategy import (
     _lr,
 )
 
-# A member left out of more than this share of coordinates counts as down-weighted (a
-# median of 4 leaves each member out of about half; an outlier nearly everywhere).
+# A member is down-weighted when left out of more coordinates than a typical member (2t/n
+# for a trim of t of n) plus this share of the rest: a median of 3 leaves a typical
+# member out of 2/3 of the coordinates, so only one left out of more than 92% counts.
 DOWN_WEIGHTED_SHARE = 0.75
 
 Verdicts = tuple[tuple[str, str, str], ...]  # (update id, 'rejected' | 'down-weighted', reason)
@@ -122,19 +123,17 @@ class RobustBuffStrategy(FedBuffStrategy):
         if options.aggregation == "none":
             weights = aggregate.normalize_weights([state.member_weights[i] for i in kept])
             return aggregate.weighted_average(chosen, weights), tuple(verdicts)
-        if options.aggregation == "median":
-            grad, shares = aggregate.coordinate_median(chosen)
-        else:
-            trim = min(math.floor(options.trim_fraction * len(chosen)), (len(chosen) - 1) // 2)
-            grad, shares = aggregate.trimmed_mean(chosen, trim)
+        count = len(chosen)
+        trim = (count - 1) // 2  # the median: trim all but the middle one or two
+        if options.aggregation == "trimmed_mean":
+            trim = min(math.floor(options.trim_fraction * count), trim)
+        grad, shares = aggregate.trimmed_mean(chosen, trim)
+        expected = 2 * trim / count  # the share a typical member is left out of
+        threshold = expected + DOWN_WEIGHTED_SHARE * (1.0 - expected)
+        name = options.aggregation.replace("_", " ")
         verdicts += [
-            (
-                ids[i],
-                "down-weighted",
-                f"{share:.0%} of its coordinates left out by the "
-                f"{options.aggregation.replace('_', ' ')}",
-            )
+            (ids[i], "down-weighted", f"{share:.0%} of its coordinates left out by the {name}")
             for i, share in zip(kept, shares)
-            if share > DOWN_WEIGHTED_SHARE
+            if share > threshold
         ]
         return grad, tuple(verdicts)
