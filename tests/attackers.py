@@ -84,7 +84,8 @@ def run_worker(
         "max_length": 160,
         "upload_dtype": "float32",
     } | options
-    names = ("batch_size", "max_length", "seed", "learning_rate")
+    names = ("batch_size", "max_length", "seed", "learning_rate", "dp_epsilon", "dp_delta")
+    names += ("dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant")
     train = {k: settings.pop(k) for k in names if k in settings}
     opts = WorkerOptions(
         coordinator_url=url,
