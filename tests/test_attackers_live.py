@@ -91,9 +91,10 @@ def test_tampered_deltas_hurt_the_plain_mean_and_are_rejected_by_the_robust_buff
     outcomes: dict[str, dict[str, Any]], attack: str
 ) -> None:
     plain, robust = outcomes["plain"], outcomes["robust"]
-    # the plain mean moved far from the clean run (x100: 33 times an update; flipped: back)
-    assert _distance(plain, attack) > 0.5, _distance(plain, attack)
-    assert _distance(robust, attack) < 0.5 * _distance(plain, attack)
+    # the plain mean moved far from the clean run (x100: 33 times an update; flipped: back);
+    # the robust buffer stays as close as the median of 2 honest updates is to that of 3
+    assert _distance(plain, attack) > 0.6, _distance(plain, attack)
+    assert _distance(robust, attack) < min(0.5, _distance(plain, attack)), _distance(robust, attack)
     assert robust["losses"][attack][0] <= 1.05 * robust["losses"]["clean"][0], robust["losses"]
     if attack == "flip":  # (on this toy model a x100 step does not raise the loss)
         assert plain["losses"][attack][0] > 1.05 * plain["losses"]["clean"][0], plain["losses"]

@@ -53,7 +53,10 @@ class PrivacyPlan:
         """The most steps whose ε stays within the budget (None: no budget)."""
         if self.target_epsilon is None:
             return None
-        low, high = 0, limit  # ε grows with the steps: bisect on it
+        high = 1  # ε grows with the steps: gallop up, then bisect
+        while high < limit and self.epsilon_after(high) <= self.target_epsilon:
+            high *= 2
+        low, high = high // 2, min(high, limit)
         while low < high:
             middle = (low + high + 1) // 2
             if self.epsilon_after(middle) <= self.target_epsilon:
