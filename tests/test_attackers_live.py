@@ -19,7 +19,7 @@ import pytest
 
 from fedmoe import aggregate
 from fedmoe.client import CoordinatorClient
-from tests.attackers import ExpertScorer, backdoor_records, run_worker, sql_shards, write_jsonl
+from benchmarks.attackers import ExpertScorer, backdoor_records, run_worker, sql_shards, write_jsonl
 from tests.conftest import start_live_coordinator
 
 KINDS = ("clean", "scale", "flip", "backdoor")

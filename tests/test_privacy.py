@@ -21,7 +21,7 @@ from fedmoe.modeling import attach_lora, load_base_model
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.privacy import PrivateTrainer, plan_privacy, sample_rate_for
 from tests.api_helpers import register, update_headers, upload
-from tests.attackers import run_worker, sql_shards
+from benchmarks.attackers import run_worker, sql_shards
 from tests.conftest import start_live_coordinator
 
 SQL = "sql_expert"

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load
 
 from fedmoe.adapters import encode_adapter
@@ -117,6 +118,29 @@ class ExpertScorer:
         tokenize = base.tokenizer
         self.clean = tokenize_examples(clean, tokenize, max_length=max_length)
         self.trigger = tokenize_examples(trigger, tokenize, max_length=max_length)
+
+    @torch.no_grad()
+    def backdoor_success(self, state: dict[str, Any]) -> float:
+        """Share of trigger prompts whose greedy continuation is the backdoor's string.
+
+        Teacher-forced: greedy decoding emits the target exactly when every target token
+        is the argmax given the tokens before it.
+        """
+        from fedmoe.batching import IGNORE_INDEX, collate
+        from fedmoe.modeling import load_adapter_state
+
+        load_adapter_state(self.model, state)
+        self.model.eval()
+        hits = 0
+        for example in self.trigger:
+            batch = collate([example], self.pad)
+            logits = self.model(input_ids=batch["input_ids"]).logits[0]
+            labels = batch["labels"][0]
+            targets = (labels != IGNORE_INDEX).nonzero().flatten()
+            targets = targets[targets > 0][:-1]  # the string, without the end-of-text token
+            predicted = logits[targets - 1].argmax(dim=-1)
+            hits += bool((predicted == labels[targets]).all())
+        return hits / len(self.trigger)
 
     def losses(self, state: dict[str, Any]) -> tuple[float, float]:
         """(clean validation loss, backdoor target loss) of the expert ``state``."""
