@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from benchmarks.attackers import ExpertScorer, backdoor_records, run_worker, sql_shards, write_jsonl
 from fedmoe import aggregate
 from fedmoe.client import CoordinatorClient
-from benchmarks.attackers import ExpertScorer, backdoor_records, run_worker, sql_shards, write_jsonl
 from tests.conftest import start_live_coordinator
 
 KINDS = ("clean", "scale", "flip", "backdoor")

@@ -13,6 +13,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from pydantic import ValidationError
 
+from benchmarks.attackers import run_worker, sql_shards
 from fedmoe.batching import tokenize_examples
 from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.data import parse_record
@@ -21,7 +22,6 @@ from fedmoe.modeling import attach_lora, load_base_model
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.privacy import PrivateTrainer, plan_privacy, sample_rate_for
 from tests.api_helpers import register, update_headers, upload
-from benchmarks.attackers import run_worker, sql_shards
 from tests.conftest import start_live_coordinator
 
 SQL = "sql_expert"
