@@ -98,3 +98,26 @@ def test_robust_state_round_trips_through_safetensors_parts() -> None:
     assert StrategyState.from_parts(done.tensors(), done.scalars()).verdicts == done.verdicts
     with pytest.raises(ValueError, match="trim fraction"):
         RobustOptions(trim_fraction=0.5)
+
+
+def test_robust_settings_are_validated_and_choose_the_strategy(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from fedmoe.coordinator.settings import CoordinatorSettings
+    from fedmoe.coordinator.strategies import build_strategy
+    from fedmoe.coordinator.strategy_store import describe
+
+    with pytest.raises(ValidationError, match="without strategy 'fedbuff'"):
+        CoordinatorSettings(state_dir=tmp_path, robust_aggregation="median")
+    with pytest.raises(ValidationError, match="trim_fraction has no effect"):
+        CoordinatorSettings(state_dir=tmp_path, strategy="fedbuff", trim_fraction=0.1)
+    with pytest.raises(ValidationError, match="outlier_norm_factor has no effect"):
+        CoordinatorSettings(state_dir=tmp_path, strategy="fedbuff", outlier_norm_factor=5)
+    settings = CoordinatorSettings(
+        state_dir=tmp_path, strategy="fedbuff", buffer_size=4, outlier_test=True
+    )
+    strategy = build_strategy(settings)
+    assert isinstance(strategy, RobustBuffStrategy) and strategy.robust.outlier_test
+    assert describe(strategy)["robust"]["aggregation"] == "none"
+    plain = build_strategy(CoordinatorSettings(state_dir=tmp_path, strategy="fedbuff"))
+    assert not isinstance(plain, RobustBuffStrategy) and "robust" not in describe(plain)
