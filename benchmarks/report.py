@@ -41,6 +41,7 @@ SECTIONS = {
     "strategies": "strategies",
     "sync": "sync",
     "realsize": "realsize",
+    "trust": "trust",
 }
 
 

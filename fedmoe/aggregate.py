@@ -223,3 +223,80 @@ def adam_step(
     v = {key: beta2 * v_old[key] + (1.0 - beta2) * grad[key] * grad[key] for key in grad}
     step = {key: m[key] / (v[key].sqrt() + eps) for key in grad}
     return apply_update(params, step, lr), (m, v)
+
+
+# --- robust aggregation over a buffer (Byzantine-robust FedBuff) ------------------------------
+
+
+def trimmed_mean(
+    members: Sequence[Mapping[str, torch.Tensor]], trim: int
+) -> tuple[AdapterState, list[float]]:
+    """Coordinate-wise trimmed mean: drop the ``trim`` smallest and largest values of every
+    coordinate and average the rest (Yin et al. 2018).
+
+    Also returns, per member, the share of its coordinates that were dropped: how much a
+    member was down-weighted (an outlier is dropped almost everywhere).
+    """
+    count = len(members)
+    if not members or not 0 <= 2 * trim < count:
+        raise ValueError(f"cannot trim {trim} from each end of {count} updates")
+    result: AdapterState = {}
+    dropped = torch.zeros(count, dtype=torch.float64)
+    total = 0
+    for key in members[0]:
+        stacked = torch.stack([m[key] for m in members])
+        ordered, order = stacked.sort(dim=0)
+        result[key] = ordered[trim : count - trim].mean(dim=0)
+        if trim:
+            outside = torch.cat([order[:trim], order[count - trim :]]).flatten()
+            dropped += torch.bincount(outside, minlength=count).double()
+        total += stacked[0].numel()
+    return result, (dropped / max(total, 1)).tolist()
+
+
+def coordinate_median(
+    members: Sequence[Mapping[str, torch.Tensor]],
+) -> tuple[AdapterState, list[float]]:
+    """Coordinate-wise median (the mean of the two middle values for an even count), and
+    each member's share of coordinates left out (see ``trimmed_mean``)."""
+    return trimmed_mean(members, (len(members) - 1) // 2)
+
+
+def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """cos(a, b) over all tensors taken together (0 when either is zero)."""
+    dot = sum(float(torch.sum(a[key].double() * b[key].double())) for key in a)
+    norms = global_norm(a) * global_norm(b)
+    return dot / norms if norms > 0 else 0.0
+
+
+def outlier_reasons(
+    members: Sequence[Mapping[str, torch.Tensor]], *, norm_factor: float, min_cosine: float = 0.0
+) -> list[str | None]:
+    """Why each member is an outlier of the buffer, or None to keep it.
+
+    A member whose norm exceeds ``norm_factor`` × the buffer's median norm is rejected
+    (a scaled attack); then one whose cosine to the coordinate-wise median of the members kept so
+    far is below ``min_cosine`` (a flipped sign). Fewer than 3 members: no majority, all kept.
+    """
+    if len(members) < 3:
+        return [None] * len(members)
+    norms = [global_norm(m) for m in members]
+    median_norm = float(torch.tensor(norms).median())
+    reasons: list[str | None] = [
+        f"norm {n:.4g} > {norm_factor:g} x the buffer's median norm {median_norm:.4g}"
+        if n > norm_factor * median_norm
+        else None
+        for n in norms
+    ]
+    kept = [m for m, r in zip(members, reasons) if r is None]
+    if len(kept) < 3:
+        return reasons
+    reference, _ = coordinate_median(kept)
+    for index, member in enumerate(members):
+        if reasons[index] is None:
+            value = cosine(member, reference)
+            if value < min_cosine:
+                reasons[index] = (
+                    f"cosine {value:.3f} to the buffer's coordinate-wise median < {min_cosine:g}"
+                )
+    return reasons

@@ -217,8 +217,10 @@ class CoordinatorClient:
         base_version: int,
         num_tokens: int,
         train_loss: float | None,
+        dp_epsilon: float | None = None,
     ) -> UpdateAck:
-        """``POST /v1/experts/{expert}/updates`` with a safetensors delta."""
+        """``POST /v1/experts/{expert}/updates`` with a safetensors delta (and the spent ε
+        of a worker training with DP-SGD)."""
         headers = {
             "Content-Type": "application/octet-stream",
             "X-FedMoE-Worker-Id": worker_id,
@@ -228,6 +230,8 @@ class CoordinatorClient:
         }
         if train_loss is not None:
             headers["X-FedMoE-Train-Loss"] = repr(float(train_loss))
+        if dp_epsilon is not None:
+            headers["X-FedMoE-DP-Epsilon"] = repr(float(dp_epsilon))
         answer = self._call("POST", f"/v1/experts/{expert}/updates", content=body, headers=headers)
         return UpdateAck.model_validate(answer.json())
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedmoe.fields import Flag
+from fedmoe.fields import DpAccountant, Flag
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -104,6 +104,52 @@ class TrainSettings(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
     seed: int = Field(0, description="Seed of data order and dropout.")
+    dp_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Example-level DP-SGD (Opacus) with this privacy budget ε: without "
+        "--dp-noise-multiplier the noise is derived from it, the sample rate and --max-steps; "
+        "training and uploads stop when it is spent.",
+    )
+    dp_delta: float | None = Field(
+        None, gt=0, lt=1, description="δ of the DP guarantee; default 1/n for n training examples."
+    )
+    dp_noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="DP-SGD with this noise multiplier σ (noise std σ·C per step); the spent ε "
+        "is reported; with --dp-epsilon, a budget that stops training.",
+    )
+    dp_max_grad_norm: float = Field(
+        1.0, gt=0, description="C: DP-SGD clips each example's gradient to this L2 norm."
+    )
+    dp_accountant: DpAccountant = Field(
+        "rdp", description="Opacus' privacy accountant: 'rdp' (Rényi DP) or 'prv'."
+    )
+
+    @model_validator(mode="after")
+    def _check_privacy(self) -> TrainSettings:
+        given = self.model_fields_set
+        if not self.private:
+            idle = {"dp_delta", "dp_max_grad_norm", "dp_accountant"} & given
+            if idle:
+                raise ValueError(
+                    f"{sorted(idle)} have no effect without dp_epsilon or dp_noise_multiplier"
+                )
+            return self
+        if self.grad_accum != 1:
+            raise ValueError("DP-SGD takes one Poisson batch per step: grad_accum must be 1")
+        if "max_grad_norm" in given:
+            raise ValueError(
+                "max_grad_norm has no effect with DP-SGD, which clips each example's "
+                "gradient to dp_max_grad_norm instead"
+            )
+        return self
+
+    @property
+    def private(self) -> bool:
+        """Whether local training is DP-SGD."""
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
 
     def learning_rate_for(self, base_model: str) -> float:
         """The learning rate to use: the explicit one, else the preset's default."""

@@ -32,6 +32,8 @@ RouterFallback = Literal["merged", "mix"]
 StrategyKind = Literal["async", "fedbuff"]
 #: The server optimizer over the aggregated delta (a pseudo-gradient).
 ServerOptimizerKind = Literal["sgd", "nesterov", "adam"]
+RobustAggregation = Literal["none", "median", "trimmed_mean"]
+DpAccountant = Literal["rdp", "prv"]
 #: ``--server-lr``: a number, or "auto" (η from the workers active on the expert).
 ServerLr = float | Literal["auto"]
 # what happens to write-ahead log segments a snapshot covers: archived, or deleted

@@ -153,6 +153,13 @@ class StrategyStatus(BaseModel):
     buffer_age: float | None = Field(description="Seconds since the buffer's first update.")
     optimizer_steps: int = Field(description="Server optimizer steps taken (momentum, Adam).")
     state_seq: int = Field(description="Version of the durable strategy state file (0: none).")
+    robust_aggregation: str = Field("none", description="'none', 'median' or 'trimmed_mean'.")
+    outlier_test: bool = False
+    last_verdicts: list[list[str]] = Field(
+        default_factory=list,
+        description="[update id, 'rejected' or 'down-weighted', reason] of the last buffer "
+        "applied (all of them are in the ledger's verdict column).",
+    )
 
 
 class ExpertStatus(BaseModel):
@@ -176,6 +183,9 @@ class WorkerInfo(BaseModel):
     tokens: int
     last_train_loss: float | None
     last_staleness: int | None
+    dp_epsilon: float | None = Field(
+        None, description="Privacy spent (ε of example-level DP) its last upload reported."
+    )
 
 
 class StatusInfo(BaseModel):
@@ -216,3 +226,7 @@ class LedgerRow(BaseModel):
     created_at: float
     body_sha256: str | None = Field(description="SHA-256 of the uploaded body.")
     buffered: bool = Field(False, description="Held in a fedbuff buffer when acknowledged.")
+    verdict: str | None = Field(
+        None, description="Robust aggregation: 'rejected' or 'down-weighted' (see reason)."
+    )
+    dp_epsilon: float | None = Field(None, description="The worker's spent ε, as reported.")

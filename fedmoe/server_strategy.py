@@ -18,6 +18,7 @@ from fedmoe.aggregate import AdapterState
 from fedmoe.fields import SERVER_OPTIMIZERS, ServerLr, ServerOptimizerKind
 
 BUFFER, FIRST, SECOND = "buffer.", "m.", "v."
+MEMBER = "member.{:04d}."  # one buffered update, kept apart for robust aggregation
 ADAM_BETA2 = 0.99  # FedAdam's second-moment decay
 
 
@@ -32,6 +33,11 @@ class StrategyState:
     first: AdapterState | None = None  # momentum velocity, or Adam's m
     second: AdapterState | None = None  # Adam's v
     steps: int = 0
+    # robust aggregation: each buffered s(τ)·clip·Δ apart, with its token factor
+    members: tuple[AdapterState, ...] = ()
+    member_weights: tuple[float, ...] = ()
+    # what robust aggregation decided at the last application: (update id, verdict, reason)
+    verdicts: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -43,12 +49,18 @@ class StrategyState:
         out: dict[str, torch.Tensor] = {}
         for prefix, state in ((BUFFER, self.buffer), (FIRST, self.first), (SECOND, self.second)):
             out.update({prefix + key: value.contiguous() for key, value in (state or {}).items()})
+        for index, member in enumerate(self.members):
+            prefix = MEMBER.format(index)
+            out.update({prefix + key: value.contiguous() for key, value in member.items()})
         return out
 
     def scalars(self) -> dict[str, str]:
         """The scalars as safetensors metadata (JSON floats round-trip exactly)."""
         values = {"mass": self.mass, "update_ids": list(self.update_ids)}
         values |= {"opened_at": self.opened_at, "steps": self.steps}
+        if self.members or self.verdicts:
+            values |= {"member_weights": list(self.member_weights)}
+            values |= {"verdicts": [list(v) for v in self.verdicts]}
         return {"fedmoe_strategy_state": json.dumps(values)}
 
     @classmethod
@@ -61,7 +73,19 @@ class StrategyState:
             prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             for prefix in (BUFFER, FIRST, SECOND)
         }
+        weights = tuple(float(w) for w in values.get("member_weights", ()))
+        members = tuple(
+            {
+                k[len(MEMBER.format(i)) :]: v
+                for k, v in tensors.items()
+                if k.startswith(MEMBER.format(i))
+            }
+            for i in range(len(weights))
+        )
         return cls(
+            members=members,
+            member_weights=weights,
+            verdicts=tuple((str(a), str(b), str(c)) for a, b, c in values.get("verdicts", ())),
             buffer=parts[BUFFER] or None,
             mass=float(values["mass"]),
             update_ids=tuple(values["update_ids"]),

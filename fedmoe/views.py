@@ -48,8 +48,9 @@ def print_status(console: Console, data: StatusInfo) -> None:
         "tokens",
         "loss",
         "τ",
+        "ε",
         "seen",
-        title=f"workers (loss and staleness τ of the last update{page})",
+        title=f"workers (loss, staleness τ and spent DP ε of the last update{page})",
     )
     for wid, w in data.workers.items():
         loss = "" if w.last_train_loss is None else f"{w.last_train_loss:.4f}"
@@ -60,6 +61,7 @@ def print_status(console: Console, data: StatusInfo) -> None:
             str(w.tokens),
             loss,
             str(w.last_staleness if w.last_staleness is not None else ""),
+            "" if w.dp_epsilon is None else f"{w.dp_epsilon:.3g}",
             f"{time.time() - w.last_seen:.0f}s ago",
         )
     console.print(workers)

@@ -86,6 +86,8 @@ class UpdateRow(BaseModel):
     train_loss: float | None
     num_tokens: int
     expert_version: int | None
+    verdict: str | None = None  # robust aggregation: 'rejected' or 'down-weighted'
+    dp_epsilon: float | None = None  # the worker's spent ε, as reported
 
 
 class Rejection(BaseModel):

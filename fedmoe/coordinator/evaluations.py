@@ -60,6 +60,8 @@ UPDATE_COLUMNS = (
     "train_loss",
     "num_tokens",
     "expert_version",
+    "verdict",
+    "dp_epsilon",
 )
 
 

@@ -49,10 +49,14 @@ ADDED_COLUMNS = {
         "body_sha256": "TEXT",
         "buffered": "INTEGER NOT NULL DEFAULT 0",
         "state_sha256": "TEXT",
+        "verdict": "TEXT",  # robust aggregation: rejected / down-weighted (reason in reason)
+        "dp_epsilon": "REAL",  # the sender's spent ε (example-level DP), as it reported
     },
+    "workers": {"dp_epsilon": "REAL"},
 }
 WORKER_COLUMNS = (
-    "specialty, registered_at, last_seen, updates, tokens, last_train_loss, last_staleness"
+    "specialty, registered_at, last_seen, updates, tokens, last_train_loss, last_staleness, "
+    "dp_epsilon"
 )
 
 
@@ -79,6 +83,7 @@ class UpdateRecord:
     buffered: bool = False
     buffer_fill: int = 0
     state_sha256: str | None = None  # the new expert's digest, when its sender can use it
+    dp_epsilon: float | None = None  # the sender's spent ε, as reported
 
     def acknowledgement(self) -> UpdateAck:
         """The answer to the worker that sent this (accepted) update."""
@@ -329,9 +334,28 @@ class Ledger:
     def _touch_worker(self, record: UpdateRecord) -> None:
         self._db.execute(
             "UPDATE workers SET last_seen = ?, updates = updates + 1, tokens = tokens + ?, "
-            "last_train_loss = ?, last_staleness = ? WHERE worker_id = ?",
-            (time.time(), record.num_tokens, record.train_loss, record.staleness, record.worker_id),
+            "last_train_loss = ?, last_staleness = ?, dp_epsilon = COALESCE(?, dp_epsilon) "
+            "WHERE worker_id = ?",
+            (
+                time.time(),
+                record.num_tokens,
+                record.train_loss,
+                record.staleness,
+                record.dp_epsilon,
+                record.worker_id,
+            ),
         )
+
+    def record_verdicts(self, verdicts: tuple[tuple[str, str, str], ...]) -> None:
+        """Note robust aggregation's verdicts on accepted (buffered) updates: the update's
+        row gets ``verdict`` and ``reason`` (idempotent)."""
+        if not verdicts:
+            return
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "UPDATE updates SET verdict = ?, reason = ? WHERE update_id = ? AND accepted = 1",
+                [(verdict, reason, update_id) for update_id, verdict, reason in verdicts],
+            )
 
     def upsert_worker(self, worker_id: str, specialty: str) -> None:
         """Register (or re-register) a worker; its counters survive re-registration."""

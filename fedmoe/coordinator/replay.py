@@ -23,6 +23,7 @@ from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator.ledger import UpdateRecord
 from fedmoe.coordinator.versions import Versioned
 from fedmoe.coordinator.wal import ExpertLog, LogRecord
+from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
 from fedmoe.server_strategy import (
     AsyncStrategy,
     Contribution,
@@ -47,6 +48,8 @@ def replay_description(strategy: Strategy) -> dict[str, Any]:
     }
     if isinstance(strategy, FedBuffStrategy):
         description |= {"buffer_size": strategy.buffer_size, "timeout": strategy.timeout}
+    if isinstance(strategy, RobustBuffStrategy):
+        description["robust"] = asdict(strategy.robust)
     return description
 
 
@@ -55,6 +58,14 @@ def strategy_from(description: dict[str, Any]) -> Strategy:
     optimizer = ServerOptimizer(
         kind=description["optimizer"], momentum=description["momentum"], eps=description["eps"]
     )
+    if "robust" in description:
+        return RobustBuffStrategy(
+            optimizer=optimizer,
+            robust=RobustOptions(**description["robust"]),
+            server_lr=description["server_lr"],
+            buffer_size=description["buffer_size"],
+            timeout=description["timeout"],
+        )
     if description["strategy"] == "fedbuff":
         return FedBuffStrategy(
             optimizer=optimizer,

@@ -28,6 +28,7 @@ from fedmoe.fields import (
     FlatEnvSource,
     MergeMethod,
     NormPolicy,
+    RobustAggregation,
     RouterFallback,
     ServerLr,
     ServerOptimizerKind,
@@ -91,6 +92,26 @@ class CoordinatorSettings(BaseSettings):
         description="Momentum (β1 for adam); default 0 for sgd, 0.9 for nesterov and adam.",
     )
     server_eps: float = Field(1e-3, gt=0, description="ε of the 'adam' server optimizer.")
+    robust_aggregation: RobustAggregation = Field(
+        "none",
+        description="How a 'fedbuff' buffer is combined: 'none' (its mean), 'median' "
+        "(coordinate-wise) or 'trimmed_mean' (see --trim-fraction).",
+    )
+    trim_fraction: float = Field(
+        0.25,
+        ge=0,
+        lt=0.5,
+        description="Share of a buffer's updates dropped at each end of every coordinate by "
+        "--robust-aggregation trimmed_mean.",
+    )
+    outlier_test: bool = Field(
+        False,
+        description="Reject a buffered update whose norm is over --outlier-norm-factor x the "
+        "buffer's median norm, or whose cosine to the buffer's coordinate-wise median is < 0.",
+    )
+    outlier_norm_factor: float = Field(
+        3.0, gt=1, description="k of --outlier-test's norm bound (k x the median norm)."
+    )
     token_weighting: bool = Field(
         False,
         description="Weight each update by its token count (X-FedMoE-Num-Tokens) relative "
@@ -285,6 +306,16 @@ class CoordinatorSettings(BaseSettings):
         fedbuff_only = {"buffer_size", "buffer_timeout"} & self.model_fields_set
         if fedbuff_only and self.strategy != "fedbuff":
             raise ValueError(f"{sorted(fedbuff_only)} have no effect without strategy 'fedbuff'")
+        robust = {"robust_aggregation", "trim_fraction", "outlier_test", "outlier_norm_factor"}
+        robust &= self.model_fields_set
+        if robust and self.strategy != "fedbuff":
+            raise ValueError(f"{sorted(robust)} have no effect without strategy 'fedbuff'")
+        if "trim_fraction" in robust and self.robust_aggregation != "trimmed_mean":
+            raise ValueError(
+                "trim_fraction has no effect without robust_aggregation 'trimmed_mean'"
+            )
+        if "outlier_norm_factor" in robust and not self.outlier_test:
+            raise ValueError("outlier_norm_factor has no effect without outlier_test")
 
     @property
     def effective_server_lr(self) -> ServerLr:

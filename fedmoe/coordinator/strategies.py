@@ -13,6 +13,7 @@ import time
 from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
 from fedmoe.schemas import StrategyStatus
 from fedmoe.server_strategy import (
     AsyncStrategy,
@@ -31,6 +32,20 @@ def build_strategy(settings: CoordinatorSettings) -> Strategy:
         momentum=settings.effective_server_momentum,
         eps=settings.server_eps,
     )
+    robust = RobustOptions(
+        aggregation=settings.robust_aggregation,
+        trim_fraction=settings.trim_fraction,
+        outlier_test=settings.outlier_test,
+        outlier_norm_factor=settings.outlier_norm_factor,
+    )
+    if settings.strategy == "fedbuff" and robust.active:
+        return RobustBuffStrategy(
+            optimizer=optimizer,
+            robust=robust,
+            server_lr=settings.effective_server_lr,
+            buffer_size=settings.buffer_size,
+            timeout=settings.buffer_timeout,
+        )
     if settings.strategy == "fedbuff":
         return FedBuffStrategy(
             optimizer=optimizer,
@@ -57,6 +72,8 @@ class StrategyBook:
         # the log record that last changed each state (0: none kept)
         self.seqs = {name: lsns[name] if not states[name].empty else 0 for name in states}
         self._lock = threading.Lock()  # guards the swap of states / seqs
+        for state in self.states.values():  # verdicts of a crash before they were noted
+            ledger.record_verdicts(state.verdicts)
 
     def contribution(
         self,
@@ -107,6 +124,9 @@ class StrategyBook:
         with self._lock:
             self.states = {**self.states, expert: state}
             self.seqs = {**self.seqs, expert: lsn}
+        # after the commit, not in it; a crash in between is caught up at start-up
+        # from the state, which keeps the verdicts
+        self.ledger.record_verdicts(state.verdicts)
 
     def status(self, expert: str) -> StrategyStatus:
         """The expert's strategy and its state, for ``/v1/status``."""
@@ -123,4 +143,7 @@ class StrategyBook:
             buffer_age=None if state.opened_at is None else max(0.0, time.time() - state.opened_at),
             optimizer_steps=state.steps,
             state_seq=self.seqs[expert],
+            robust_aggregation=self.settings.robust_aggregation,
+            outlier_test=self.settings.outlier_test,
+            last_verdicts=[list(v) for v in state.verdicts],
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from safetensors.torch import save
 from fedmoe.adapters import atomic_write
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.ledger import Ledger, StrategyRow
+from fedmoe.robust_strategy import RobustBuffStrategy
 from fedmoe.server_strategy import Strategy, StrategyState
 
 logger = logging.getLogger(__name__)
@@ -29,12 +31,15 @@ logger = logging.getLogger(__name__)
 def describe(strategy: Strategy) -> dict[str, Any]:
     """What identifies a strategy's state: a buffer or moments of another one do not fit."""
     optimizer = strategy.optimizer
-    return {
+    described: dict[str, Any] = {
         "strategy": strategy.name,
         "optimizer": optimizer.kind,
         "momentum": optimizer.momentum,
         "buffer_size": strategy.buffer_size,
     }
+    if isinstance(strategy, RobustBuffStrategy):  # its buffer keeps each update apart
+        described["robust"] = asdict(strategy.robust)
+    return described
 
 
 class StrategyStore:

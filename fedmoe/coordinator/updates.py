@@ -132,6 +132,7 @@ class UpdatePath:
             num_tokens=request.num_tokens,
             accepted=False,
             body_sha256=request.body_sha256,
+            dp_epsilon=request.dp_epsilon,
         )
 
     def _apply(self, request: UpdateRequest, delta: AdapterState) -> UpdateAck:

@@ -18,6 +18,9 @@ from fedmoe.state_digest import state_digest
 # update is far beyond any sync interval yet leaves room for millions of updates in a sum.
 MAX_NUM_TOKENS = 10**12
 
+# The largest ε a worker may report: beyond it a DP guarantee means nothing anyway.
+MAX_DP_EPSILON = 1e6
+
 # Below this bound on |θ| + |w·Δ| a float32 sum cannot overflow (half the float32 max).
 SAFE_ABS_BOUND = 1.7e38
 
@@ -123,6 +126,7 @@ class UpdateRequest:
     num_tokens: int
     train_loss: float | None
     body: bytes
+    dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
 
     @cached_property
     def body_sha256(self) -> str:

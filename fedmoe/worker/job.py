@@ -34,6 +34,7 @@ from fedmoe.schemas import SchemaInfo
 from fedmoe.worker.fed_eval import EvaluationClient, FederatedEvaluator
 from fedmoe.worker.fed_routed import RoutedEvaluation
 from fedmoe.worker.options import WorkerOptions
+from fedmoe.worker.privacy import PrivateTrainer, build_trainer
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.signing import SignatureClient, share_signature
 from fedmoe.worker.sync import (
@@ -150,10 +151,11 @@ class WorkerJob:
             self.examples, self.tokenizer, max_length=max_length, source=opts.dataset
         )
         self.eval_set = tokenize_examples(self.eval_examples, self.tokenizer, max_length=max_length)
-        self.trainer = LocalTrainer(
+        self.trainer = build_trainer(
             self.model,
             self.train_set,
             opts.train,
+            planned_steps=opts.max_steps,
             pad_token_id=self.pad_id,
             device=self.device,
             learning_rate=opts.train.learning_rate_for(base_name),
@@ -247,7 +249,8 @@ class WorkerJob:
             self.stats.steps += 1
             self.stats.tokens += result.tokens
             self.stats.window_tokens += result.tokens
-            self.stats.window_losses.append(result.loss)
+            if result.tokens:  # a DP step on an empty Poisson batch has no loss
+                self.stats.window_losses.append(result.loss)
             self._sync_at_step_boundary(self.syncer)
 
     def _sync_at_step_boundary(self, syncer: Syncer) -> None:
@@ -257,13 +260,31 @@ class WorkerJob:
             if synced:
                 self._after_sync(syncer)
         elif syncer.due():
+            self._note_privacy()
             if self.options.sync_mode == "background":
                 syncer.start()
             else:
                 self.sync()
 
+    def _note_privacy(self) -> None:
+        """Put the spent ε in the stats, whence the next upload reports it."""
+        if isinstance(self.trainer, PrivateTrainer):
+            self.stats.dp_epsilon = self.trainer.spent_epsilon()
+
     def _should_stop(self) -> bool:
         opts = self.options
+        if isinstance(self.trainer, PrivateTrainer) and self.trainer.budget_spent:
+            plan = self.trainer.plan  # (checked once: the training loop ends here)
+            logger.warning(
+                "%s: privacy budget spent (ε %.4g of %s at δ %.3g after %d DP-SGD steps); "
+                "no more training: uploading what is left, then stopping",
+                opts.worker_id,
+                self.trainer.spent_epsilon(),
+                plan.target_epsilon,
+                plan.delta,
+                self.trainer.steps,
+            )
+            return True
         if opts.max_steps is not None and self.stats.steps >= opts.max_steps:
             return True
         elapsed = self.clock.now() - self.stats.started
@@ -291,6 +312,7 @@ class WorkerJob:
         if self.syncer is not None:
             self._finish_background_sync(self.syncer)
         if self.syncer is not None and self.stats.steps > 0:
+            self._note_privacy()
             self.syncer.flush(attempts=final_attempts)  # inline: nothing runs after us
         if self.fed_eval is not None and self.syncer is not None:
             self.fed_eval.finish(self.syncer.base_version, self.syncer.pulled)
@@ -334,6 +356,7 @@ class WorkerJob:
             "sync_mode": self.options.sync_mode,
             "expert_version": self.syncer.base_version if self.syncer else None,
             "unsent_tokens": stats.window_tokens,
+            "dp_epsilon": stats.dp_epsilon,
         }
         if self.model is not None and self.eval_set:
             summary["validation_loss"] = validation_loss(

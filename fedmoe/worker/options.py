@@ -95,4 +95,11 @@ class WorkerOptions(BaseModel):
             self.eval_dataset is not None
         ):
             raise ValueError("validation_fraction has no effect when eval_dataset is given")
+        train = self.train
+        derived = train.dp_epsilon is not None and train.dp_noise_multiplier is None
+        if derived and self.max_steps is None:
+            raise ValueError(
+                "dp_epsilon without dp_noise_multiplier needs max_steps: the noise is "
+                "derived from the budget over the planned steps"
+            )
         return self

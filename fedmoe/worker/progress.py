@@ -19,6 +19,7 @@ class PendingUpdate:
     train_loss: float | None
     snapshot: AdapterState
     loss_count: int = 0
+    dp_epsilon: float | None = None  # privacy spent by the training in it (DP-SGD)
     maybe_delivered: bool = False  # an earlier attempt may have reached the coordinator
 
 
@@ -43,6 +44,7 @@ class WorkerStats:
     failed_syncs: int = 0
     last_staleness: int | None = None
     last_version: int = 0
+    dp_epsilon: float | None = None  # ε spent so far (DP-SGD workers), as of the last sync
 
     def window_loss(self) -> float | None:
         """Mean train loss since the last successful upload."""

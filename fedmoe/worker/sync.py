@@ -158,6 +158,7 @@ class Syncer:
             tokens=stats.window_tokens,
             loss_count=len(stats.window_losses),
             train_loss=stats.window_loss(),
+            dp_epsilon=stats.dp_epsilon,
         )
 
     def finish(self) -> None:
@@ -348,6 +349,7 @@ class Syncer:
             base_version=pending.base_version,
             num_tokens=pending.tokens,
             train_loss=pending.train_loss,
+            dp_epsilon=pending.dp_epsilon,
         )
 
     def _make_pending(self, local: AdapterState, capture: Capture) -> PendingUpdate:
@@ -365,6 +367,7 @@ class Syncer:
             loss_count=capture.loss_count,
             train_loss=capture.train_loss,
             snapshot=snapshot,
+            dp_epsilon=capture.dp_epsilon,
         )
 
     def _handle_refusal(self, error: ApiError, pending: PendingUpdate) -> None:

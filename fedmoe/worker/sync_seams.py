@@ -65,6 +65,7 @@ class SyncClient(Protocol):
         base_version: int,
         num_tokens: int,
         train_loss: float | None,
+        dp_epsilon: float | None = None,
     ) -> UpdateAck:
         """``POST /v1/experts/{expert}/updates``."""
         ...
@@ -133,6 +134,7 @@ class Capture:
     tokens: int
     loss_count: int
     train_loss: float | None
+    dp_epsilon: float | None = None
 
 
 def wait_for(

@@ -18,7 +18,7 @@ from fedmoe.api.schemas import (
     UpdateAck,
     error_responses,
 )
-from fedmoe.coordinator.versions import MAX_NUM_TOKENS, UpdateRequest
+from fedmoe.coordinator.versions import MAX_DP_EPSILON, MAX_NUM_TOKENS, UpdateRequest
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
 
@@ -152,6 +152,14 @@ async def submit_update(
         FiniteLoss | None,
         Header(alias="X-FedMoE-Train-Loss", description="Mean training loss (finite, >= 0)."),
     ] = None,
+    dp_epsilon: Annotated[
+        FiniteLoss | None,
+        Header(
+            alias="X-FedMoE-DP-Epsilon",
+            le=MAX_DP_EPSILON,
+            description="The worker's spent ε (example-level DP-SGD), recorded in the ledger.",
+        ),
+    ] = None,
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
     ensure_may_act_as(principal, worker_id, name)
@@ -164,6 +172,7 @@ async def submit_update(
         num_tokens=num_tokens,
         train_loss=train_loss,
         body=body,
+        dp_epsilon=dp_epsilon,
     )
     return await run_in_threadpool(coordinator.submit_update, update)
 

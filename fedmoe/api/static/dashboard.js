@@ -153,7 +153,8 @@ function renderWorkers(status, now) {
     const cls = seen < ACTIVE_S ? "live" : seen < 5 * ACTIVE_S ? "idle" : "gone";
     return [id, w.specialty, { text: ago(seen), cls }, { text: fmt(rate, 0), cls: "num" },
       { text: fmt(w.last_train_loss), cls: "num" }, { text: w.last_staleness ?? "", cls: "num" },
-      { text: w.updates, cls: "num" }, { text: w.tokens, cls: "num" }];
+      { text: w.updates, cls: "num" }, { text: w.tokens, cls: "num" },
+      { text: w.dp_epsilon == null ? "no DP" : fmt(w.dp_epsilon), cls: "num" }];
   });
   rows.sort((a, b) => (a[1] + a[0]).localeCompare(b[1] + b[0]));
   fillTable("workers", rows);
