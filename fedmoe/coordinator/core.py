@@ -16,6 +16,7 @@ from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import errors, restore
 from fedmoe.coordinator.evaluations import EvaluationLog
+from fedmoe.coordinator.forget import Forgetter
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.settings import CoordinatorSettings
@@ -87,6 +88,8 @@ class CentralCoordinator(UpdatePath):
         self.gateway = self._restore_gateway()
         # server aggregation and its state
         self.strategies = StrategyBook(settings, ledger, strategy, states, self.journal.lsns)
+        self.initial = initial  # what `fedmoe forget` rebuilds an expert from
+        self.forgetting = Forgetter(self)  # removed workers (after recovery: it reads lsns)
         self.journal.start(self.capture)  # background snapshots
         self._closing = threading.Event()
         self._timer: threading.Thread | None = None
@@ -133,6 +136,7 @@ class CentralCoordinator(UpdatePath):
         if self._timer is not None:
             self._timer.join(timeout=30)  # a flush in progress finishes before the ledger closes
         self.journal.close(self.capture)  # a clean stop leaves nothing to replay
+        self.forgetting.close()
         self.store.close()
         self.evaluations.close()
         self.ledger.close()
