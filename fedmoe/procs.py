@@ -37,11 +37,20 @@ def log_tail(log: Path | None, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:]
 
 
-def spawn(command: list[str], log: Path, *, cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start ``command`` with its output appended to ``log`` (the harness's environment)."""
+def spawn(
+    command: list[str],
+    log: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` with its output appended to ``log`` (the harness's environment,
+    plus ``env``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=ENV, cwd=cwd)
+        return subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=ENV | (env or {}), cwd=cwd
+        )
 
 
 def wait_healthy(
@@ -99,10 +108,11 @@ def start_server(
     *,
     timeout: float = 120.0,
     cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start a server that writes ``{"url": ...}`` to ``url_file``; return it once healthy."""
     url_file.unlink(missing_ok=True)
-    process = spawn(command, log, cwd=cwd)
+    process = spawn(command, log, cwd=cwd, env=env)
     try:
         url = str(wait_for_json(url_file, process, timeout, log)["url"])
         wait_healthy(url, process, timeout, log)
@@ -113,16 +123,22 @@ def start_server(
 
 
 def start_coordinator(
-    state_dir: Path, log: Path, *extra: str, port: int = 0, timeout: float = 120.0
+    state_dir: Path,
+    log: Path,
+    *extra: str,
+    port: int = 0,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """``fedmoe coordinator`` (port 0: one it picks itself); (process, url) once healthy.
 
-    Give ``port`` only to restart a coordinator where its workers already look for it.
+    Give ``port`` only to restart a coordinator where its workers already look for it;
+    ``env`` adds environment variables (tests: ``FEDMOE_TEST_CRASH_AT``).
     """
     url_file = log.with_name(log.name + ".url")
     command = [sys.executable, "-m", "fedmoe", "coordinator", "--port", str(port)]
     command += ["--state-dir", str(state_dir), "--url-file", str(url_file), *extra]
-    return start_server(command, url_file, log, timeout=timeout)
+    return start_server(command, url_file, log, timeout=timeout, env=env)
 
 
 def start_worker(

@@ -161,6 +161,7 @@ def snapshot(live, client: httpx.Client) -> dict[str, Any]:
         "ledger_api": client.get("/v1/ledger", params={"limit": 10000}).json(),
         "ledger_db": dump_ledger(live.state_dir / "ledger.sqlite3"),
         "files": hash_files(live.adapters_dir),
+        "log": hash_files(live.state_dir / "wal"),
     }
 
 

@@ -249,7 +249,7 @@ def test_worker_trains_through_an_outage_and_uploads_everything(tmp_path) -> Non
         coordinator, _ = start_coordinator(state, log, port=port)
         # 503s until the disk is back: retried with the same id, not dropped. The outage
         # lasts until the worker has seen one, however slow this machine is.
-        with broken_disk(state / "adapters"):
+        with broken_disk(state / "wal"):
             wait_for_text(worker_log, "storage_unavailable")
         wait_for_version(url, wait_for_version(url, 0) + 1)  # an upload after the outage
         worker.send_signal(signal.SIGTERM)  # stop: one final upload, then exit 0
@@ -285,16 +285,17 @@ def wait_for_text(path: Path, text: str, timeout: float = 120) -> None:
 
 
 @contextlib.contextmanager
-def broken_disk(adapters: Path) -> Iterator[None]:
-    """Make every adapter write fail while inside (a file where the directory was)."""
-    moved = adapters.with_name("adapters.away")
-    adapters.rename(moved)
-    adapters.write_text("not a directory: every write below it fails")
+def broken_disk(directory: Path) -> Iterator[None]:
+    """Make every write below ``directory`` (the write-ahead log) fail while inside (a file
+    where the directory was)."""
+    moved = directory.with_name(directory.name + ".away")
+    directory.rename(moved)
+    directory.write_text("not a directory: every write below it fails")
     try:
         yield
     finally:
-        adapters.unlink()
-        moved.rename(adapters)
+        directory.unlink()
+        moved.rename(directory)
 
 
 def test_a_failing_disk_is_503_and_the_retry_applies_once(live_coordinator) -> None:
@@ -305,7 +306,7 @@ def test_a_failing_disk_is_503_and_the_retry_applies_once(live_coordinator) -> N
     register(client, PY_WORKER, PY)
     body = delta_body(client, 3)
     headers = update_headers(PY_WORKER, base_version=0)
-    with broken_disk(live_coordinator.adapters_dir):
+    with broken_disk(live_coordinator.state_dir / "wal"):
         response = client.post(f"/v1/experts/{PY}/updates", content=body, headers=headers)
         experts = client.get("/v1/experts")
     assert response.status_code == 503, response.text

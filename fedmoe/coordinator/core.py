@@ -130,12 +130,18 @@ class CentralCoordinator(UpdatePath):
             self.store.save_gateway_later(gateway)
         return gateway
 
-    def close(self) -> None:
-        """Flush background writes and close the ledger."""
+    def close(self, *, snapshot: bool = True) -> None:
+        """Flush background writes, snapshot every expert and close the ledger.
+
+        ``snapshot=False`` leaves the state dir as a crash would (tests of recovery).
+        """
         self._closing.set()
         if self._timer is not None:
             self._timer.join(timeout=30)  # a flush in progress finishes before the ledger closes
-        self.journal.close(self.capture)  # a clean stop leaves nothing to replay
+        if snapshot:
+            self.journal.close(self.capture)  # a clean stop leaves nothing to replay
+        else:
+            self.journal.stop()
         self.forgetting.close()
         self.store.close()
         self.evaluations.close()

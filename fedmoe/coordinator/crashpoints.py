@@ -5,7 +5,7 @@ process's environment to kill it (``kill -9`` semantics: no handler, no flush) t
 ``n``-th time (default: first) it reaches ``point``. Points: ``mid-append`` (half a
 log record written), ``after-append`` (record fsynced, not yet in SQLite nor
 acknowledged), ``mid-snapshot`` (snapshot files written, not yet current),
-``mid-compaction`` (one log segment retired of several). Unset (always, outside
+``mid-compaction`` (a log segment retired, older snapshot files not yet removed). Unset (always, outside
 tests) every hook is a dictionary lookup that does nothing.
 """
 

@@ -229,13 +229,17 @@ class Journal:
                         self._pending[name] += 1
                         self._oldest[name] = self._oldest[name] or time.monotonic()
 
-    def close(self, capture: Callable[[str], Head]) -> None:
-        """Stop the background thread and snapshot every expert with logged records."""
+    def stop(self) -> None:
+        """Stop the background snapshot thread (a snapshot in progress finishes)."""
         with self._wake:
             self._closing = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=60)
+
+    def close(self, capture: Callable[[str], Head]) -> None:
+        """Stop the background thread and snapshot every expert with logged records."""
+        self.stop()
         for name in self.logs:
             if self.lsns[name] > self.snapshot_lsns[name]:
                 self.snapshot(name, capture(name))

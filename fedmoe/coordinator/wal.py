@@ -169,7 +169,7 @@ class ExpertLog:
         retired = [name for name in self.segments() if int(name[:-4]) <= upto_lsn]
         for index, segment in enumerate(retired):
             self._retire_one(segment)
-            if index == 0 and len(retired) > 1:
+            if index == 0:
                 crashpoints.reached("mid-compaction")
         return len(retired)
 
