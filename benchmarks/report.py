@@ -39,6 +39,7 @@ SECTIONS = {
     "serving": "serving",
     "strategies": "strategies",
     "sync": "sync",
+    "forget": "forget",
 }
 
 
