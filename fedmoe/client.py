@@ -26,6 +26,7 @@ from fedmoe.schemas import (
 if TYPE_CHECKING:  # importing torch makes the CLI's `status` slow, so only for types
     from fedmoe.adapters import AdapterSchema
     from fedmoe.aggregate import AdapterState
+    from fedmoe.deltas import ExpertChanges
 
 TOKEN_ENV = "FEDMOE_AUTH_TOKEN"
 CA_CERT_ENV = "FEDMOE_CA_CERT"
@@ -194,6 +195,29 @@ class CoordinatorClient:
 
         version, body, _ = self.download(f"/v1/experts/{name}/adapter")
         return version, decode_adapter(body or b"", schema)
+
+    def expert_changes(
+        self, name: str, schema: AdapterSchema, since: int, exclude: str | None = None
+    ) -> ExpertChanges:
+        """``GET /v1/experts/{name}/adapter?since=V``: the steps from V, or the full expert."""
+        from fedmoe.adapters import decode_adapter
+        from fedmoe.deltas import ExpertChanges, decode_steps
+
+        params: dict[str, str | int] = {"since": since}
+        if exclude is not None:
+            params["exclude"] = exclude
+        response = self._call("GET", f"/v1/experts/{name}/adapter", params=params)
+        version = int(response.headers["X-FedMoE-Version"])
+        digest = response.headers.get("X-FedMoE-State-Sha256")
+        size = len(response.content)
+        if "X-FedMoE-Delta-From" not in response.headers:
+            state = decode_adapter(response.content, schema)
+            return ExpertChanges(version, digest, state=state, size=size)
+        target, steps = decode_steps(response.content, schema)
+        if target != version:
+            raise ValueError(f"steps lead to v{target}, the header says v{version}")
+        delta_from = int(response.headers["X-FedMoE-Delta-From"])
+        return ExpertChanges(version, digest, steps=steps, delta_from=delta_from, size=size)
 
     def upload(
         self,

@@ -19,6 +19,7 @@ import torch
 from fedmoe.adapters import AdapterSchema, decode_adapter, schema_of
 from fedmoe.aggregate import AdapterState, apply_update
 from fedmoe.client import ApiError
+from fedmoe.deltas import ExpertChanges
 from fedmoe.schemas import RegistrationAck, UpdateAck
 from fedmoe.state_digest import state_digest
 from fedmoe.worker.job import WorkerJob
@@ -104,6 +105,13 @@ class FakeCoordinator:
         """The newest version."""
         self.pulls += 1
         return self.version, clone(self.state)
+
+    def expert_changes(
+        self, name: str, schema: AdapterSchema, since: int, exclude: str | None = None
+    ) -> ExpertChanges:
+        """The full expert (this fake keeps no steps)."""
+        version, state = self.expert_adapter(name, schema)
+        return ExpertChanges(version, state_digest(state), state=state, size=4 * 4 * 2)
 
     def push(self, delta: AdapterState) -> None:
         """Another worker's update moves the expert."""

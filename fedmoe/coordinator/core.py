@@ -14,7 +14,7 @@ from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, float32_bytes, schema_of
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
-from fedmoe.coordinator import errors, restore
+from fedmoe.coordinator import changes, errors, restore
 from fedmoe.coordinator.evaluations import EvaluationLog
 from fedmoe.coordinator.forget import Forgetter
 from fedmoe.coordinator.journal import Journal
@@ -214,6 +214,25 @@ class CentralCoordinator(UpdatePath):
         """The expert's version, safetensors bytes and ETag."""
         expert = self._expert(name)
         return expert.version, expert.payload, self.etag(name, expert.version)
+
+    def expert_changes(
+        self, name: str, since: int, exclude: str | None
+    ) -> tuple[int, bytes, str, int | None, str]:
+        """What changed since version ``since``: (version, bytes, ETag, the version the
+        bytes are a delta from or None for the full expert, the expert's state digest)."""
+        expert = self._expert(name)
+        strategy = self.strategies.strategy
+        steps = changes.steps_since(self.journal, name, expert, strategy, since, exclude)
+        if steps is None:
+            return (
+                expert.version,
+                expert.payload,
+                self.etag(name, expert.version),
+                None,
+                expert.digest,
+            )
+        etag = f'"{self.run_id}-{name}-{since}-{expert.version}-{exclude or ""}"'
+        return expert.version, steps, etag, since, expert.digest
 
     def gateway_payload(self) -> tuple[int, bytes, str]:
         """The gateway's version, safetensors bytes and ETag."""

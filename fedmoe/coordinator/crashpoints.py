@@ -5,8 +5,8 @@ process's environment to kill it (``kill -9`` semantics: no handler, no flush) t
 ``n``-th time (default: first) it reaches ``point``. Points: ``mid-append`` (half a
 log record written), ``after-append`` (record fsynced, not yet in SQLite nor
 acknowledged), ``mid-snapshot`` (snapshot files written, not yet current),
-``mid-compaction`` (a log segment retired, older snapshot files not yet removed). Unset (always, outside
-tests) every hook is a dictionary lookup that does nothing.
+``mid-compaction`` (a log segment retired, older snapshot files not yet removed).
+Unset (always, outside tests) every hook is an environment lookup that does nothing.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ class WorkerStats:
     full_pulls: int = 0  # downloads of the expert after an upload (or to rebase)
     skipped_pulls: int = 0  # new experts rebuilt from the acknowledgement, digest checked
     digest_mismatches: int = 0  # rebuilt expert differed: pulled instead
+    incremental_pulls: int = 0  # new experts rebuilt from the steps since our pull
     uploads: int = 0
     failed_syncs: int = 0
     last_staleness: int | None = None

@@ -13,8 +13,9 @@ A sync has three phases: ``capture`` (training thread: copy the adapter and the 
 goes on while the network works (at most one sync in flight).
 
 A sole worker's new expert is pulled + weight·Δ: the worker rebuilds it from the
-acknowledgement (weight, version, ``state_sha256``) and downloads only when the digest
-differs or another update came in between.
+acknowledgement (weight, version, ``state_sha256``). When other updates came in between it
+asks for the steps since its pull (``fedmoe.deltas``, the coordinator may answer with the
+full expert instead), rebuilds and checks the digest; a mismatch means a full pull.
 
 ``Syncer`` talks to the coordinator through ``SyncClient`` (what it uses of
 ``CoordinatorClient``), reads and writes the adapter through ``AdapterSlot`` and tells time
@@ -33,6 +34,7 @@ import httpx
 from fedmoe.adapters import decode_adapter, encode_adapter
 from fedmoe.aggregate import AdapterState, apply_update
 from fedmoe.client import ApiError
+from fedmoe.deltas import rebuild
 from fedmoe.schemas import UpdateAck
 from fedmoe.state_digest import state_digest
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
@@ -293,7 +295,7 @@ class Syncer:
         self.pending, self.unrebased = None, pending.snapshot
         self._settled.append(pending)
         self._report(ack, pending)
-        if not self._reproduce(ack, pending):
+        if not self._reproduce(ack, pending) and not self._pull_changes(ack, pending):
             self._fetch(since=pending.snapshot)
         self.unrebased = None
 
@@ -311,6 +313,29 @@ class Syncer:
             return False
         self.stats.skipped_pulls += 1
         self._adopt(ack.version, newest, since=pending.snapshot)
+        return True
+
+    def _pull_changes(self, ack: UpdateAck, pending: PendingUpdate) -> bool:
+        """Other updates came in too: download only the steps since our pull (or the full
+        expert, when the coordinator says that is smaller), rebuild and check the digest."""
+        shapes = self.identity.tensor_shapes
+        changes = self.client.expert_changes(
+            self.identity.specialty, shapes, since=self.base_version, exclude=pending.update_id
+        )
+        self.stats.bytes_down += changes.size
+        if changes.steps is None:
+            assert changes.state is not None, "a full answer has the state"
+            self.stats.full_pulls += 1
+            self._adopt(changes.version, changes.state, since=pending.snapshot)
+            return True
+        own = {pending.update_id: decode_adapter(pending.body, shapes)}
+        newest = rebuild(self.pulled, changes.steps, own)
+        if changes.digest is None or state_digest(newest) != changes.digest:
+            self.stats.digest_mismatches += 1
+            logger.warning("expert v%d differs from its rebuild; pulling it", changes.version)
+            return False
+        self.stats.incremental_pulls += 1
+        self._adopt(changes.version, newest, since=pending.snapshot)
         return True
 
     def _send(self, pending: PendingUpdate) -> UpdateAck:

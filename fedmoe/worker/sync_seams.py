@@ -20,6 +20,7 @@ import torch
 from fedmoe.adapters import AdapterSchema
 from fedmoe.aggregate import AdapterState
 from fedmoe.client import ApiError
+from fedmoe.deltas import ExpertChanges
 from fedmoe.schemas import RegistrationAck, SchemaInfo, UpdateAck
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ class SyncClient(Protocol):
 
     def expert_adapter(self, name: str, schema: AdapterSchema) -> tuple[int, AdapterState]:
         """The expert's current version and float32 tensors."""
+        ...
+
+    def expert_changes(
+        self, name: str, schema: AdapterSchema, since: int, exclude: str | None = None
+    ) -> ExpertChanges:
+        """What changed since version ``since``: the steps from it, or the full expert."""
         ...
 
     def upload(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.guard import CLOSE
 from fedmoe.api.schemas import (
     ID_PATTERN,
+    SQLITE_MAX_INT,
     DecimalInt,
     ExpertSummary,
     FiniteLoss,
@@ -34,11 +35,24 @@ class SafetensorsResponse(Response):
     media_type = SAFETENSORS
 
 
-def adapter_responses(*errors: int) -> dict[int | str, dict[str, Any]]:
+def adapter_responses(*errors: int, delta: bool = False) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` of an adapter download: binary 200, 304, and ``errors``."""
     version = {"description": "The adapter's version.", "schema": {"type": "integer"}}
     etag = {"description": "Strong validator of this version.", "schema": {"type": "string"}}
     headers = {"X-FedMoE-Version": version, "ETag": etag}
+    if delta:
+        headers = headers | {
+            "X-FedMoE-Delta-From": {
+                "description": "Present when the body holds the steps from this version "
+                "(fedmoe.deltas), absent when it is the full adapter.",
+                "schema": {"type": "integer"},
+            },
+            "X-FedMoE-State-Sha256": {
+                "description": "state_digest of the expert at X-FedMoE-Version, to verify "
+                "a rebuild.",
+                "schema": {"type": "string"},
+            },
+        }
     return {
         200: {
             "description": "The adapter as safetensors.",
@@ -77,17 +91,44 @@ def adapter_response(
 @router.get(
     "/{name}/adapter",
     response_class=SafetensorsResponse,
-    responses=adapter_responses(404),
+    responses=adapter_responses(404, 422, delta=True),
 )
 async def download_expert(
     name: str,
     coordinator: CoordinatorDep,
     _: PrincipalDep,
     if_none_match: Annotated[str | None, Header()] = None,
+    since: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=SQLITE_MAX_INT,
+            description="A version the client holds: answer with the updates applied "
+            "after it when that is smaller than the adapter.",
+        ),
+    ] = None,
+    exclude: Annotated[
+        str | None,
+        Query(
+            pattern=ID_PATTERN,
+            description="With since: the caller's own update id, "
+            "listed in the steps without its tensors.",
+        ),
+    ] = None,
 ) -> Response:
-    """The expert's adapter as safetensors, with ``X-FedMoE-Version`` and ``ETag``."""
-    version, payload, etag = await run_in_threadpool(coordinator.expert_payload, name)
-    return adapter_response(version, payload, etag, if_none_match)
+    """The expert's adapter as safetensors, with ``X-FedMoE-Version`` and ``ETag``; with
+    ``since``, possibly only the steps from that version (``X-FedMoE-Delta-From``)."""
+    if since is None:
+        version, payload, etag = await run_in_threadpool(coordinator.expert_payload, name)
+        return adapter_response(version, payload, etag, if_none_match)
+    version, payload, etag, delta_from, digest = await run_in_threadpool(
+        coordinator.expert_changes, name, since, exclude
+    )
+    response = adapter_response(version, payload, etag, if_none_match)
+    response.headers["X-FedMoE-State-Sha256"] = digest
+    if delta_from is not None:
+        response.headers["X-FedMoE-Delta-From"] = str(delta_from)
+    return response
 
 
 @router.post(

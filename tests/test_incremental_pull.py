@@ -1,0 +1,143 @@
+"""Incremental pulls over real HTTP: ``?since=V`` answers with the steps from V (or the full
+expert when that is smaller, V too old, or the strategy is not θ + w·Δ), and a worker's
+Syncer rebuilds the new expert from them bit for bit, checked by the state digest."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from fedmoe.adapters import encode_adapter
+from fedmoe.client import CoordinatorClient
+from fedmoe.deltas import rebuild
+from fedmoe.state_digest import state_digest
+from fedmoe.worker.progress import WorkerStats
+from fedmoe.worker.sync import Syncer, SyncIdentity, SystemClock
+from tests.api_helpers import (
+    PY,
+    expert_state,
+    random_delta,
+    register,
+    shapes_of,
+    update_headers,
+    upload,
+)
+
+ADAPTER = f"/v1/experts/{PY}/adapter"
+
+
+def _bf16(shapes: dict[str, list[int]], seed: int) -> bytes:
+    return encode_adapter(random_delta(shapes, seed), dtype=torch.bfloat16)
+
+
+def test_steps_since_a_version_rebuild_the_expert_bit_for_bit(live_coordinator) -> None:
+    with live_coordinator.client() as http, CoordinatorClient(live_coordinator.url) as client:
+        for worker in ("w1", "w2"):
+            register(http, worker, PY)
+        shapes = shapes_of(http)
+        schema = {k: tuple(v) for k, v in shapes.items()}
+        _, base = client.expert_adapter(PY, schema)
+        mine = _bf16(shapes, 1)
+        assert upload(http, PY, mine, update_headers("w1", 0, "mine")).status_code == 200
+        assert (
+            upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "theirs")).json()["weight"]
+            == 1 / 1.1
+        )
+        changes = client.expert_changes(PY, schema, since=0, exclude="mine")
+        assert (changes.version, changes.delta_from) == (2, 0) and changes.steps is not None
+        assert [(s.update_id, s.delta is None) for s in changes.steps] == [
+            ("mine", True),
+            ("theirs", False),
+        ]
+        assert changes.size < len(mine) * 1.2  # one bfloat16 body, not the float32 expert
+        own = {"mine": client_delta(mine, schema)}
+        rebuilt = rebuild(base, changes.steps, own)
+        full = expert_state(http, PY)
+        assert all(torch.equal(rebuilt[k], full[k]) for k in full)
+        assert state_digest(rebuilt) == changes.digest
+        current = client.expert_changes(PY, schema, since=2)
+        assert current.steps == [] and current.delta_from == 2
+        # two float32 bodies are bigger than the float32 expert: the full expert it is
+        for seed in (3, 4):
+            f32 = encode_adapter(random_delta(shapes, seed))
+            assert upload(http, PY, f32, update_headers("w2", seed - 1)).status_code == 200
+        whole = http.get(ADAPTER, params={"since": 2})
+        assert "X-FedMoE-Delta-From" not in whole.headers
+        assert whole.headers["X-FedMoE-State-Sha256"] == state_digest(expert_state(http, PY))
+        for bad in ({"since": -1}, {"since": 2**63}, {"since": 0, "exclude": "bad id!"}):
+            assert http.get(ADAPTER, params=bad).status_code == 422
+
+
+def client_delta(body: bytes, schema: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    from fedmoe.adapters import decode_adapter
+
+    return decode_adapter(body, schema)
+
+
+def test_a_compacted_log_or_a_stateful_strategy_answers_in_full(live_coordinator_factory) -> None:
+    live = live_coordinator_factory(snapshot_every_updates=1, delta_retention="drop")
+    with live.client() as http:
+        register(http, "w1", PY)
+        shapes = shapes_of(http)
+        assert upload(http, PY, _bf16(shapes, 1), update_headers("w1", 0)).status_code == 200
+        deadline = time.monotonic() + 30
+        while list((live.state_dir / "wal" / PY).glob("*.log")):  # the background snapshot
+            assert time.monotonic() < deadline, "the log was never compacted"
+            time.sleep(0.05)
+        answer = http.get(ADAPTER, params={"since": 0})
+        assert answer.status_code == 200 and "X-FedMoE-Delta-From" not in answer.headers
+    momentum = live_coordinator_factory(server_optimizer="nesterov")
+    with momentum.client() as http:
+        register(http, "w1", PY)
+        assert upload(http, PY, _bf16(shapes, 1), update_headers("w1", 0)).status_code == 200
+        assert "X-FedMoE-Delta-From" not in http.get(ADAPTER, params={"since": 0}).headers
+
+
+class Holder:
+    """The adapter slot: a dict of tensors (the worker's model is not what is tested)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.tensors.items()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.tensors = {k: v.clone() for k, v in state.items()}
+
+
+def test_a_worker_rebuilds_from_the_steps_when_another_update_came_between(
+    live_coordinator,
+) -> None:
+    with live_coordinator.client() as http, CoordinatorClient(live_coordinator.url) as client:
+        schema = client.schema()
+        shapes = {k: tuple(v) for k, v in schema.tensors.items()}
+        identity = SyncIdentity(
+            "w1", PY, schema.base_model_fingerprint, schema.lora_config, shapes, torch.bfloat16
+        )
+        adapter = Holder()
+        syncer = Syncer(
+            client,
+            adapter,
+            identity,
+            stats=WorkerStats(),
+            clock=SystemClock(),
+            sync_interval=1.0,
+            max_backoff=1.0,
+        )
+        syncer.register()
+        syncer.pull_and_reset()
+        register(http, "w2", PY)
+        assert (
+            upload(http, PY, _bf16(shapes_of(http), 7), update_headers("w2", 0)).status_code == 200
+        )
+        adapter.load({k: v + 0.01 for k, v in adapter.tensors.items()})  # "training"
+        assert syncer.sync()
+        stats = syncer.stats
+        assert (stats.incremental_pulls, stats.full_pulls, stats.digest_mismatches) == (1, 0, 0)
+        full = expert_state(http, PY)
+        assert syncer.base_version == 2
+        assert all(torch.equal(syncer.pulled[k], full[k]) for k in full)
+        syncer.close()
