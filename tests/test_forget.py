@@ -46,10 +46,11 @@ def tokens_file(tmp_path):
 
 
 def send(client: httpx.Client, worker: str, seed: int, *, token: str | None = None) -> dict:
-    """Upload worker's seeded delta at the expert's current version (staleness 0)."""
+    """Upload worker's seeded delta (bfloat16, as workers send) at the expert's current
+    version (staleness 0)."""
     version = client.get("/v1/experts").json()
     base = next(e["version"] for e in version if e["name"] == PY)
-    body = encode_adapter(random_delta(shapes_of(client), seed))
+    body = encode_adapter(random_delta(shapes_of(client), seed), dtype=torch.bfloat16)
     headers = update_headers(worker, base)
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -91,6 +92,8 @@ def test_forget_rebuilds_without_the_worker_and_revokes_it(
         register_all(admin, WORKERS, TOKENS)
         acks = [send(admin, w, seed, token=TOKENS[w]) for w, seed in sequence]
         before = expert_state(admin, PY)
+        stepped = admin.get(f"/v1/experts/{PY}/adapter", params={"since": 5})
+        assert stepped.headers["X-FedMoE-Delta-From"] == "5"  # steps, before the forget
         gateway_before = admin.get("/v1/gateway").json()["version"]
         response = admin.post("/v1/workers/w2/forget")
         assert response.status_code == 200, response.text
@@ -103,6 +106,9 @@ def test_forget_rebuilds_without_the_worker_and_revokes_it(
         after = expert_state(admin, PY)
         pulled = admin.get(f"/v1/experts/{PY}/adapter")
         assert pulled.headers["X-FedMoE-Version"] == "7"  # workers see a new version
+        # an incremental pull from before the rebuild gets the full expert, not steps
+        since = admin.get(f"/v1/experts/{PY}/adapter", params={"since": 5})
+        assert "X-FedMoE-Delta-From" not in since.headers and since.content == pulled.content
         assert not all(torch.equal(after[k], before[k]) for k in before)
         # the worker is gone: its token, its registration, and its id for good
         with live.client(token=TOKENS["w2"]) as revoked:
@@ -205,8 +211,11 @@ def test_kill_minus_nine_after_forget_recovers_the_same_state(tmp_path, monkeypa
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
             register_all(client, WORKERS)
-            initial = expert_state(client, PY)
-            deltas = {w: random_delta(shapes_of(client), seed) for seed, w in enumerate(WORKERS)}
+            initial, shapes = expert_state(client, PY), shapes_of(client)
+            deltas = {
+                w: {k: v.to(torch.bfloat16).float() for k, v in random_delta(shapes, i).items()}
+                for i, w in enumerate(WORKERS)
+            }
             for seed, worker in enumerate(WORKERS):
                 send(client, worker, seed)
             with pytest.raises(httpx.TransportError):
