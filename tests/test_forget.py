@@ -20,6 +20,7 @@ from fedmoe import procs
 from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
 from fedmoe.procs import start_coordinator, stop
+from fedmoe.schemas import ForgetRow
 from tests.api_helpers import (
     PY,
     assert_error,
@@ -142,6 +143,51 @@ def test_forget_rebuilds_without_the_worker_and_revokes_it(
         assert_same(expert_state(admin, PY), final)
     with again_live.client(token=TOKENS["w2"]) as revoked:
         assert_error(revoked.get("/v1/experts"), 403, "worker_revoked")
+
+
+def test_a_second_forget_rebuilds_without_both(live_coordinator_factory) -> None:
+    live = live_coordinator_factory(server_lr=1.0)
+    with live.client() as client:
+        register_all(client, WORKERS)
+        acks = [send(client, w, seed) for w, seed in [("w1", 1), ("w2", 2), ("w3", 3)]]
+        assert client.post("/v1/workers/w1/forget").json()["updates_removed"] == 1
+        acks += [send(client, "w3", 4), send(client, "w2", 5)]
+        report = client.post("/v1/workers/w3/forget").json()
+        (entry,) = report["experts"]
+        assert entry["update_ids"] == [acks[2]["update_id"], acks[3]["update_id"]]
+        assert (entry["old_version"], entry["new_version"]) == (6, 7)
+        rebuilt = expert_state(client, PY)
+    assert_same(
+        rebuilt, never_received(live_coordinator_factory, [("w2", 2), ("w2", 5)], server_lr=1.0)
+    )
+
+
+def test_a_forget_cut_short_before_its_record_can_be_run_again(live_coordinator_factory) -> None:
+    """A crash after the pending row, before the log record (simulated by writing the row
+    and closing as a crash would): start-up drops the row, the worker stays revoked."""
+    live = live_coordinator_factory(server_lr=1.0)
+    with live.client() as client:
+        register_all(client, ["w1", "w2"])
+        send(client, "w1", 1)
+        send(client, "w2", 2)
+    forgetting = live.coordinator.forgetting
+    forgetting.book.revoke("w2")
+    row = {"expert": PY, "old_version": 2, "new_version": 3, "lsn": 3, "updates_removed": 1}
+    row |= {"update_ids": ["x"], "seq": 0, "worker_id": "w2", "created_at": 0.0}
+    forgetting.book.begin(ForgetRow(**row))  # what a forget writes before its log record
+    live.stop()
+    again = live_coordinator_factory(live.state_dir, server_lr=1.0)
+    with again.client() as client:
+        assert client.get("/v1/forgets").json() == []
+        assert_error(
+            client.post("/v1/workers", json=registration_body(client, "w2", PY)),
+            409,
+            "worker_forgotten",
+        )
+        report = client.post("/v1/workers/w2/forget").json()
+        assert report["already_forgotten"] and report["updates_removed"] == 1
+        rebuilt = expert_state(client, PY)
+    assert_same(rebuilt, never_received(live_coordinator_factory, [("w1", 1)], server_lr=1.0))
 
 
 def test_fedbuff_keeps_other_workers_buffered_updates(live_coordinator_factory) -> None:
