@@ -12,7 +12,9 @@ The result is installed as the expert's next version through one fsynced ``forge
 log record whose body *is* the rebuilt float32 state and strategy state
 (``fedmoe.coordinator.rebuilt``), so recovery after a crash at any point replays it bit
 for bit; a snapshot follows. The log must reach back to lsn 1: with
-``delta_retention=drop`` and segments retired, the rebuild is refused (409).
+``delta_retention=drop`` and segments retired, the rebuild is refused (409). Tests kill
+the coordinator right after that record is fsynced with the crash point
+``after-forget-append`` (``fedmoe.coordinator.crashpoints``).
 """
 
 from __future__ import annotations
