@@ -66,19 +66,19 @@ def _interleaved(steps: dict[str, Callable[[], Any]], repeat: int) -> dict[str, 
 # ``submit_update``.
 TIMED = {
     ("coordinator", "_decode"): "decode + validate (bf16 → f32, isfinite)",
-    ("coordinator", "_apply"): "norm, weight s(τ), apply θ + w·Δ, view the bytes as tensors",
+    ("coordinator", "_apply"): "norm, weight s(τ), apply θ + w·Δ (a new float32 expert in memory)",
     (
         "coordinator",
         "_overflow_guard",
     ): "overflow guard (isfinite scan only near the float32 limit)",
-    ("store", "save_expert"): "encode expert (f32) + write file (fsync+rename+dir fsync)",
+    ("journal", "append_update"): "log record: header + body as received, write + one fsync",
     (
         "coordinator",
         "_commit",
-    ): "commit: ledger row (SQLite WAL, synchronous=FULL) + gateway version",
-    ("store", "prune_expert"): "prune the previous expert file",
+    ): "commit: gateway version, ledger row (SQLite, no fsync of its own), state digest wait",
 }
-CHILDREN_OF_APPLY = ("_overflow_guard", "save_expert", "_commit", "prune_expert")
+CHILDREN_OF_APPLY = ("_overflow_guard", "_commit")
+CHILDREN_OF_COMMIT = ("append_update",)
 TOTAL = "TOTAL submit_update"
 CHECKS = "replay + base-version checks (ledger lookup)"
 
@@ -109,6 +109,9 @@ class PhaseTimer:
         times["_apply"] = times.get("_apply", 0.0) - sum(
             times.get(c, 0.0) for c in CHILDREN_OF_APPLY
         )
+        times["_commit"] = times.get("_commit", 0.0) - sum(
+            times.get(c, 0.0) for c in CHILDREN_OF_COMMIT
+        )
         phases = {label: times.get(name, 0.0) for (_, name), label in TIMED.items()}
         phases[CHECKS] = total - sum(times.values())
         phases[TOTAL] = total
@@ -124,7 +127,7 @@ def phase_breakdown(shape: str, repeat: int) -> dict[str, float]:
         coordinator = build_coordinator(shape, Path(tmp) / "state", ["e0", "e1", "e2"])
         try:
             timer = PhaseTimer()
-            owners = {"coordinator": coordinator, "store": coordinator.store}
+            owners = {"coordinator": coordinator, "journal": coordinator.journal}
             for owner, name in TIMED:
                 timer.wrap(owners[owner], name)
             return _timed_updates(coordinator, timer, repeat)

@@ -33,11 +33,20 @@ QWEN_HIDDEN, QWEN_LAYERS, QWEN_KV_OUT, QWEN_INTERMEDIATE = 896, 24, 2 * 64, 4864
 QWEN_RANK = 16
 QWEN_NAME = "synthetic/Qwen2.5-0.5B-shape"
 QWEN_FINGERPRINT = "config:synthetic0qwen05/weights:synthetic0qwen05"
+# Qwen2.5-7B: hidden, layers, k/v out (4 heads x 128), intermediate
+QWEN7_DIMS = (3584, 28, 4 * 128, 18944)
+QWEN7_NAME = "synthetic/Qwen2.5-7B-shape"
+DIMS = {
+    QWEN_NAME: (QWEN_HIDDEN, QWEN_LAYERS, QWEN_KV_OUT, QWEN_INTERMEDIATE),
+    QWEN7_NAME: QWEN7_DIMS,
+}
+BASE_OF_SHAPE = {"qwen": QWEN_NAME, "qwen7": QWEN7_NAME}
 
 
-def qwen_shapes(rank: int = QWEN_RANK) -> dict[str, tuple[int, int]]:
-    """PEFT keys and shapes of a rank-``rank`` LoRA on every projection of Qwen2.5-0.5B."""
-    h, kv, inter = QWEN_HIDDEN, QWEN_KV_OUT, QWEN_INTERMEDIATE
+def qwen_shapes(rank: int = QWEN_RANK, base: str = QWEN_NAME) -> dict[str, tuple[int, int]]:
+    """PEFT keys and shapes of a rank-``rank`` LoRA on every projection of Qwen2.5-0.5B
+    (or of ``base``'s dimensions: ``QWEN7_NAME``)."""
+    h, layers, kv, inter = DIMS[base]
     # module -> (in_features, out_features)
     modules = {
         "self_attn.q_proj": (h, h),
@@ -49,7 +58,7 @@ def qwen_shapes(rank: int = QWEN_RANK) -> dict[str, tuple[int, int]]:
         "mlp.down_proj": (inter, h),
     }
     shapes = {}
-    for layer in range(QWEN_LAYERS):
+    for layer in range(layers):
         for module, (fan_in, fan_out) in modules.items():
             prefix = f"base_model.model.model.layers.{layer}.{module}"
             shapes[f"{prefix}.lora_A.weight"] = (rank, fan_in)
@@ -57,11 +66,13 @@ def qwen_shapes(rank: int = QWEN_RANK) -> dict[str, tuple[int, int]]:
     return dict(sorted(shapes.items()))
 
 
-def qwen_initial(rank: int = QWEN_RANK, seed: int = 0) -> dict[str, torch.Tensor]:
+def qwen_initial(
+    rank: int = QWEN_RANK, seed: int = 0, base: str = QWEN_NAME
+) -> dict[str, torch.Tensor]:
     """A PEFT-like initial adapter: small random A, zero B (float32)."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape in qwen_shapes(rank).items():
+    for key, shape in qwen_shapes(rank, base).items():
         if ".lora_A." in key:
             state[key] = torch.randn(shape, generator=generator) * 0.02
         else:
@@ -80,7 +91,8 @@ def qwen_source(settings: Any) -> Any:
     from fedmoe.coordinator.bootstrap import BaseFacts
 
     lora: LoraSettings = settings.lora
-    return BaseFacts(qwen_initial(lora.rank, lora.seed), QWEN_FINGERPRINT, hidden_size=None)
+    initial = qwen_initial(lora.rank, lora.seed, settings.base_model)
+    return BaseFacts(initial, QWEN_FINGERPRINT, hidden_size=None)
 
 
 def build_coordinator(
@@ -106,7 +118,7 @@ def build_coordinator(
     config = CoordinatorSettings(
         state_dir=state_dir,
         experts=experts,
-        base_model=QWEN_NAME,
+        base_model=BASE_OF_SHAPE[shape],
         lora_rank=QWEN_RANK,
         lora_alpha=2.0 * QWEN_RANK,
         merge_method=merge_method,
@@ -152,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--url-file", type=Path, required=True)
-    parser.add_argument("--shape", choices=("tiny", "qwen"), default="tiny")
+    parser.add_argument("--shape", choices=("tiny", "qwen", "qwen7"), default="tiny")
     parser.add_argument("--experts", default="e0,e1,e2")
     parser.add_argument("--merge-method", default="cat")
     parser.add_argument("--floor", action="store_true")

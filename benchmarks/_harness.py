@@ -67,12 +67,22 @@ def server(
     experts: int = 3,
     floor: bool = False,
     merge_method: str = "cat",
+    fedmoe_root: Path | None = None,
 ) -> Iterator[Server]:
-    """Start ``benchmarks._coordinator_server`` in ``directory`` and yield it once healthy."""
+    """Start ``benchmarks._coordinator_server`` in ``directory`` and yield it once healthy.
+
+    ``fedmoe_root``: a directory holding another version's ``fedmoe`` package (e.g. from
+    ``git archive``), imported instead of this one (before/after comparisons).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     log, url_file = directory / "server.log", directory / "server.url"
     names = ",".join(f"e{i}" for i in range(experts))
-    command = [sys.executable, "-m", "benchmarks._coordinator_server", "--url-file", str(url_file)]
+    module = "benchmarks._coordinator_server"
+    launcher = ["-m", module]
+    if fedmoe_root is not None:
+        code = f"import runpy, sys; sys.path.insert(0, {str(fedmoe_root)!r}); "
+        launcher = ["-c", code + f"runpy.run_module({module!r}, run_name='__main__')"]
+    command = [sys.executable, *launcher, "--url-file", str(url_file)]
     command += ["--state-dir", str(directory / "state"), "--shape", shape, "--experts", names]
     command += ["--merge-method", merge_method] + (["--floor"] if floor else [])
     process, url = start_server(command, url_file, log, timeout=180.0, cwd=ROOT)

@@ -1,7 +1,7 @@
 """Coordinator benchmarks: concurrency + no lost update, and per-update cost vs a FLOOR.
 
 Run ``.venv/bin/python -m benchmarks.coordinator_bench`` (about 5-8 minutes on 2 cores)
-to refresh the ``concurrency`` and ``coordinator-speed`` sections of
+to refresh the ``ack-latency``, ``concurrency`` and ``coordinator-speed`` sections of
 ``benchmarks/RESULTS.md`` (JSON in ``benchmarks/results``, rendered by
 ``benchmarks.render``). ``--quick`` is a smoke test (under 2 minutes) whose JSON goes to a
 temporary directory unless ``--write`` or ``--results-dir`` is given. The process exits 1 when the
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _concurrency, _speed
+from benchmarks import _ack_latency, _concurrency, _speed
 from benchmarks.report import add_output_flags, publish
 
 
@@ -158,11 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     """Run both sections; return 1 if the no-lost-update check failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short smoke test (< 2 min)")
+    parser.add_argument(
+        "--ack-latency-only",
+        action="store_true",
+        help="only the acknowledgement latency section (new vs before vs FLOOR)",
+    )
     add_output_flags(parser)
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="fedmoe-coordinator-bench-") as tmp:
         root = Path(tmp)
+        seconds, rounds = (3.0, 2) if args.quick else (10.0, 3)
+        values = _ack_latency.measure(root / "ack", seconds=seconds, rounds=rounds)
+        title = "Coordinator: acknowledgement latency, write-ahead log vs before vs FLOOR"
+        publish("ack-latency", title, values, args)
+        if args.ack_latency_only:
+            return 0
         values = concurrency_values(root, plan)
         title = "Coordinator: 30 concurrent clients, no lost update"
         publish("concurrency", title, values, args)

@@ -35,6 +35,7 @@ SECTIONS = {
     "worker-speed-qwen05b": "worker_speed",
     "concurrency": "concurrency",
     "coordinator-speed": "coordinator_speed",
+    "ack-latency": "ack_latency",
     "routing": "routing",
     "serving": "serving",
     "strategies": "strategies",

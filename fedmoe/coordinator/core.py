@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 from fedmoe import aggregate
@@ -75,6 +76,7 @@ class CentralCoordinator(UpdatePath):
         # gateway versions and guards the swap of ``experts`` / ``gateway``.
         self._expert_locks = {name: threading.Lock() for name in settings.experts}
         self._commit_lock = threading.Lock()
+        self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-digest")
         self.workers = WorkerRegistry(
             ledger, max_workers=settings.max_workers, worker_ttl=settings.worker_ttl
         )
@@ -142,6 +144,7 @@ class CentralCoordinator(UpdatePath):
             self.journal.close(self.capture)  # a clean stop leaves nothing to replay
         else:
             self.journal.stop()
+        self._hasher.shutdown()
         self.forgetting.close()
         self.store.close()
         self.evaluations.close()

@@ -24,7 +24,6 @@ from fedmoe.coordinator.ledger import UpdateRecord
 from fedmoe.coordinator.rebuilt import decode_rebuilt
 from fedmoe.coordinator.versions import Versioned
 from fedmoe.coordinator.wal import ExpertLog, LogRecord
-from fedmoe.schemas import UpdateAck
 from fedmoe.server_strategy import (
     AsyncStrategy,
     Contribution,
@@ -107,19 +106,16 @@ def _versioned(params: AdapterState, version: int, name: str) -> Versioned:
 
 
 def ledger_fields(record: UpdateRecord) -> dict[str, Any]:
-    """An update's ledger row as JSON-ready values (the response as its JSON text)."""
+    """An update's ledger row as JSON-ready values (its acknowledgement is remade from them)."""
     values = asdict(record)
-    values["response"] = record.response.model_dump_json() if record.response else None
+    del values["response"], values["state_sha256"]
     return values
 
 
 def ledger_record(header: dict[str, Any]) -> UpdateRecord:
-    """The ledger row a log record carries (for a row the crash kept out of SQLite)."""
-    values = dict(header["ledger"])
-    response = values.pop("response")
-    record = UpdateRecord(**values)
-    record.response = UpdateAck.model_validate_json(response) if response else None
-    return record
+    """The ledger row a log record carries (for a row the crash kept out of SQLite), without
+    its acknowledgement and digest."""
+    return UpdateRecord(**header["ledger"])
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ class UpdatePath:
     gateway: LazyGateway
     _expert_locks: dict[str, threading.Lock]
     _commit_lock: threading.Lock
+    _hasher: ThreadPoolExecutor
     _closing: threading.Event
     _expert: Callable[[str], Versioned]
     _built_from: Callable[[dict[str, Versioned] | None], dict[str, Any]]
@@ -165,8 +167,6 @@ class UpdatePath:
         self._gateway_guard(request, new_state, bound)
         version = expert.version + 1
         new_expert = Versioned(version, new_state, bound, name=request.expert)
-        if staleness == 0:  # the sender's pull is all that came before: it can rebuild this
-            record.state_sha256 = new_expert.digest
         record.accepted, record.expert_version = True, version
         self._commit(record, new_expert, contribution, request.body)
         self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
@@ -259,9 +259,17 @@ class UpdatePath:
             built_from = self._built_from(experts)
             gateway = self._gateway(self.gateway.version + 1, built_from, experts)
             record.gateway_version = gateway.version
-            record.response = record.acknowledgement()
+            # at staleness 0 the sender's pull is all that came before: it can rebuild the
+            # new expert from the acknowledgement and check this digest. It is hashed while
+            # the log record is written and fsynced (both release the GIL); replay makes it
+            # again for a row the log has to restore.
+            digest = (
+                self._hasher.submit(lambda: new_expert.digest) if record.staleness == 0 else None
+            )
             appended = self.journal.append_update(record, contribution, applied=True, body=body)
             try:
+                record.state_sha256 = digest.result() if digest is not None else None
+                record.response = record.acknowledgement()
                 self.ledger.commit_accepted(record, built_from)
             except BaseException:
                 self.journal.undo(record.expert, appended)  # never acknowledged: not applied
