@@ -1,8 +1,10 @@
-"""Durable strategy state: one safetensors file per expert and state version (``seq``).
+"""Durable strategy state: one safetensors file per expert and snapshot (``seq`` = the
+snapshot's log sequence number; ``fedmoe.coordinator.journal``).
 
-Written like the experts (temp file, fsync, rename) before the ledger row that makes
-it current; files of other versions are crash leftovers and are removed. Scalars (the
+Written like the experts (temp file, fsync, rename) before the ``snapshots`` row that
+makes it current; files of other versions are leftovers and are removed. Scalars (the
 buffer's update ids, mass, age, the optimizer's step count) travel in the metadata.
+``restore_states`` reads a state dir written before the log (table ``strategy_state``).
 """
 
 from __future__ import annotations
