@@ -36,7 +36,7 @@ lint: setup
 # The long measurements (about 20 minutes in all on 2 CPU cores); each writes its raw
 # results to benchmarks/results/*.json and re-renders benchmarks/RESULTS.md from them
 # (python -m benchmarks.render). bench-quick is a smoke run: its JSON goes to a temp dir.
-BENCHES := quality_bench async_bench worker_speed_bench coordinator_bench routing_bench serve_bench strategy_bench sync_bench realsize_bench trust_bench
+BENCHES := quality_bench async_bench worker_speed_bench coordinator_bench routing_bench serve_bench strategy_bench sync_bench realsize_bench trust_bench forget_bench
 
 bench: setup
 	for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done

@@ -42,6 +42,7 @@ SECTIONS = {
     "sync": "sync",
     "realsize": "realsize",
     "trust": "trust",
+    "forget": "forget",
 }
 
 

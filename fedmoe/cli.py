@@ -149,6 +149,37 @@ def status(
 
 
 @app.command()
+def forget(
+    worker: Annotated[str, typer.Option("--worker", help="The worker id to remove.")],
+    coordinator_url: UrlOpt = DEFAULT_COORDINATOR_URL,
+    auth_token: TokenOpt = None,
+    ca_cert: CaOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False,
+) -> None:
+    """Remove a worker (admin): revoke it and rebuild its experts without its updates."""
+    import httpx
+
+    from fedmoe.client import ApiError, CoordinatorClient
+
+    try:
+        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
+            report = client.forget(worker)
+    except (httpx.HTTPError, ApiError) as error:
+        fail(f"cannot forget {worker} at {coordinator_url}: {error}", code=1)
+    if as_json:
+        console.print_json(report.model_dump_json())
+        return
+    note = " (it had been forgotten before)" if report.already_forgotten else ""
+    console.print(f"worker {worker} revoked{note}; {report.updates_removed} update(s) removed")
+    for entry in report.experts:
+        console.print(
+            f"  {entry.expert}: v{entry.old_version} -> v{entry.new_version}, "
+            f"{entry.updates_removed} update(s) removed"
+        )
+    console.print(f"gateway version {report.gateway_version}")
+
+
+@app.command()
 def gateway(
     coordinator_url: UrlOpt = DEFAULT_COORDINATOR_URL,
     auth_token: TokenOpt = None,

@@ -10,6 +10,8 @@ import httpx
 
 from fedmoe.schemas import (
     ExpertSummary,
+    ForgetReport,
+    ForgetRow,
     GatewayInfo,
     Health,
     LedgerRow,
@@ -100,6 +102,16 @@ class CoordinatorClient:
         """``GET /v1/ledger`` (admin): newest update records first."""
         rows = self._call("GET", "/v1/ledger", params={"limit": limit}).json()
         return [LedgerRow.model_validate(row) for row in rows]
+
+    def forget(self, worker_id: str) -> ForgetReport:
+        """``POST /v1/workers/{worker_id}/forget`` (admin): remove a worker's contribution."""
+        answer = self._call("POST", f"/v1/workers/{worker_id}/forget")
+        return ForgetReport.model_validate(answer.json())
+
+    def forgets(self, limit: int = 100) -> list[ForgetRow]:
+        """``GET /v1/forgets`` (admin): the experts rebuilt without a removed worker."""
+        rows = self._call("GET", "/v1/forgets", params={"limit": limit}).json()
+        return [ForgetRow.model_validate(row) for row in rows]
 
     def report_evaluation(self, report: dict[str, Any]) -> list[dict[str, Any]]:
         """``POST /v1/metrics/evaluations``: a worker's federated evaluation results."""

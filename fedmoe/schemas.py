@@ -230,3 +230,33 @@ class LedgerRow(BaseModel):
         None, description="Robust aggregation: 'rejected' or 'down-weighted' (see reason)."
     )
     dp_epsilon: float | None = Field(None, description="The worker's spent ε, as reported.")
+
+
+class ExpertForget(BaseModel):
+    """One expert rebuilt without a removed worker's updates (``fedmoe forget``)."""
+
+    expert: str
+    old_version: int = Field(description="The expert's version before the rebuild.")
+    new_version: int = Field(description="The rebuilt expert's version (old + 1).")
+    updates_removed: int = Field(description="The removed worker's updates left out.")
+    update_ids: list[str] = Field(description="Their update ids, in log order.")
+    lsn: int = Field(description="The write-ahead log record of the rebuild.")
+
+
+class ForgetReport(BaseModel):
+    """``POST /v1/workers/{worker_id}/forget``: what removing a worker did."""
+
+    worker_id: str
+    revoked: bool = Field(description="Its token and registration are refused from now on.")
+    already_forgotten: bool = Field(description="It had been forgotten before this call.")
+    experts: list[ExpertForget] = Field(description="The experts rebuilt without it.")
+    updates_removed: int = Field(description="Its updates left out, over all experts.")
+    gateway_version: int = Field(description="The gateway's version after the rebuilds.")
+
+
+class ForgetRow(ExpertForget):
+    """``GET /v1/forgets``: one recorded rebuild, newest first."""
+
+    seq: int
+    worker_id: str
+    created_at: float

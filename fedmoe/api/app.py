@@ -22,7 +22,7 @@ from fedmoe.api.metrics import install_metrics
 from fedmoe.api.routes import experts, gateway, health, observe, signatures, status, ui, workers
 from fedmoe.api.schemas import ErrorBody, error_responses
 from fedmoe.api.security import BearerAuthMiddleware
-from fedmoe.coordinator import errors
+from fedmoe.coordinator import errors, forget
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.signatures import InvalidSignatureError, NoSignatureError
@@ -41,6 +41,9 @@ STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     errors.TooManyWorkersError: (429, "too_many_workers"),
     InvalidSignatureError: (422, "invalid_signature"),
     NoSignatureError: (404, "no_signature"),
+    forget.UnknownPartyError: (404, "unknown_worker"),
+    forget.WorkerForgottenError: (409, "worker_forgotten"),
+    forget.LogUnavailableError: (409, "log_unavailable"),
 }
 CODE_OF_STATUS = {
     400: "bad_request",
@@ -81,7 +84,11 @@ def create_app(coordinator: CentralCoordinator, registry: TokenRegistry) -> Fast
         limit_for=limit_for,
         body_timeout=lambda: coordinator.settings.body_timeout,
     )
-    app.add_middleware(BearerAuthMiddleware, registry=registry)
+    app.add_middleware(
+        BearerAuthMiddleware,
+        registry=registry,
+        revoked=lambda worker_id: coordinator.forgetting.is_revoked(worker_id),
+    )
     app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(errors.CoordinatorError, _coordinator_error)
     for storage_error in (OSError, sqlite3.Error):

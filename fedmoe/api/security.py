@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -22,15 +23,28 @@ UNAUTHORIZED_DETAIL = (
 class BearerAuthMiddleware(HttpMiddleware):
     """Puts the caller's ``Principal`` in ``scope["state"]``, or answers 401 at once."""
 
-    def __init__(self, app: ASGIApp, *, registry: TokenRegistry) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: TokenRegistry,
+        revoked: Callable[[str], bool] = lambda _: False,
+    ) -> None:
         super().__init__(app)
         self.registry = registry
+        self.revoked = revoked  # worker ids removed with `fedmoe forget`
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Authenticate the request before its body is read."""
         principal = self._principal(scope)
         if principal is None:
             await _unauthorized(send)
+            return
+        if principal.worker_id is not None and self.revoked(principal.worker_id):
+            detail = (
+                f"worker {principal.worker_id!r} was removed (fedmoe forget); its token is revoked"
+            )
+            await _deny(send, 403, "worker_revoked", detail)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
@@ -48,14 +62,21 @@ class BearerAuthMiddleware(HttpMiddleware):
 
 
 async def _unauthorized(send: Send) -> None:
-    body = json.dumps({"error": "unauthorized", "detail": UNAUTHORIZED_DETAIL}).encode()
+    realm = [(b"www-authenticate", b'Bearer realm="fedmoe"')]
+    await _deny(send, 401, "unauthorized", UNAUTHORIZED_DETAIL, realm)
+
+
+async def _deny(
+    send: Send, status: int, code: str, detail: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps({"error": code, "detail": detail}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 401,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"www-authenticate", b'Bearer realm="fedmoe"'),
+                *(extra or []),
                 (b"content-length", str(len(body)).encode()),
                 # never read what an unauthenticated client declared: close instead
                 (b"connection", b"close"),

@@ -17,6 +17,7 @@ from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import changes, errors, restore
 from fedmoe.coordinator.evaluations import EvaluationLog
+from fedmoe.coordinator.forget import Forgetter
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.settings import CoordinatorSettings
@@ -89,6 +90,8 @@ class CentralCoordinator(UpdatePath):
         self.gateway = self._restore_gateway()
         # server aggregation and its state
         self.strategies = StrategyBook(settings, ledger, strategy, states, self.journal.lsns)
+        self.initial = initial  # what `fedmoe forget` rebuilds an expert from
+        self.forgetting = Forgetter(self)  # removed workers (after recovery: it reads lsns)
         self.journal.start(self.capture)  # background snapshots
         self._closing = threading.Event()
         self._timer: threading.Thread | None = None
@@ -142,6 +145,7 @@ class CentralCoordinator(UpdatePath):
         else:
             self.journal.stop()
         self._hasher.shutdown()
+        self.forgetting.close()
         self.store.close()
         self.evaluations.close()
         self.ledger.close()

@@ -21,6 +21,7 @@ from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, decode_adapter
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator.ledger import UpdateRecord
+from fedmoe.coordinator.rebuilt import decode_rebuilt
 from fedmoe.coordinator.versions import Versioned
 from fedmoe.coordinator.wal import ExpertLog, LogRecord
 from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
@@ -93,6 +94,9 @@ class Head:
 def replay(head: Head, record: LogRecord, schema: AdapterSchema, name: str) -> Head:
     """``head`` after one record, computed as the live coordinator computed it."""
     header = record.header
+    if header["kind"] == "forget":  # a rebuild without removed workers: its result, as is
+        params, state = decode_rebuilt(record.body, schema)
+        return Head(_versioned(params, int(header["version"]), name), state, record.lsn)
     strategy = strategy_from(header["strategy"])
     if header["kind"] == "flush":
         assert isinstance(strategy, FedBuffStrategy), "only a buffer is flushed"

@@ -82,6 +82,7 @@ class UpdatePath:
         self._check_base_version(request)
         delta = self._decode(request.body)
         with self._expert_locks[request.expert]:
+            self.workers.check(request.worker_id, request.expert)  # not forgotten meanwhile
             return self._replay(request) or self._apply(request, delta)
 
     def _replay(self, request: UpdateRequest) -> UpdateAck | None:
