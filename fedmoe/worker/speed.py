@@ -1,0 +1,95 @@
+"""The training loop's speed switches: per-device-kind defaults and applying them to a model.
+
+Every switch of ``TrainSettings`` (``packing``, ``cross_entropy``,
+``gradient_checkpointing``, ``torch_compile``) is ``auto`` by default and then takes the
+value measured best on that device kind (``benchmarks/worker_speed_bench.py``; the CPU
+defaults come from its CPU run, the CUDA ones are provisional until
+``benchmarks/gpu_speed.sh`` has been run on a GPU). Each switch keeps the loss and the
+gradients of the plain loop within float tolerance (``tests/test_speed_switches.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft import PeftModel
+
+from fedmoe.config import TrainSettings
+
+logger = logging.getLogger(__name__)
+
+LossKind = Literal["full", "chunked", "liger"]
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The resolved switches of one trainer."""
+
+    packing: bool = False
+    cross_entropy: LossKind = "full"
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+
+
+#: Measured defaults per device kind (``type`` of the torch device); others use ``cpu``'s.
+#: cpu: benchmarks/RESULTS.md "Worker speed" (tiny preset, 2 shared cores). cuda: not yet
+#: measured here (no GPU in the session that wrote this); chosen from the issue's H100
+#: figures (chunked loss and packing save memory and time) until gpu_speed.sh is run.
+DEVICE_DEFAULTS: dict[str, SpeedPlan] = {
+    "cpu": SpeedPlan(packing=True, cross_entropy="chunked"),
+    "cuda": SpeedPlan(packing=True, cross_entropy="chunked"),
+}
+
+
+def liger_available() -> bool:
+    """Liger Kernel is installed (``pip install 'fedmoe[speed]'``)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_plan(settings: TrainSettings, device: torch.device) -> SpeedPlan:
+    """The switches to use: each explicit setting, else the device kind's default."""
+    default = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+    cross_entropy = settings.cross_entropy
+    if cross_entropy == "auto":
+        use_liger = device.type == "cuda" and liger_available()
+        cross_entropy = "liger" if use_liger else default.cross_entropy
+    if cross_entropy == "liger" and not liger_available():
+        raise RuntimeError(
+            "--cross-entropy liger needs Liger Kernel: pip install 'fedmoe[speed]' "
+            "(or liger-kernel); 'chunked' is the built-in alternative"
+        )
+
+    def switch(value: str, fallback: bool) -> bool:
+        return fallback if value == "auto" else value == "on"
+
+    return SpeedPlan(
+        packing=switch(settings.packing, default.packing),
+        cross_entropy=cross_entropy,
+        gradient_checkpointing=switch(
+            settings.gradient_checkpointing, default.gradient_checkpointing
+        ),
+        torch_compile=switch(settings.torch_compile, default.torch_compile),
+    )
+
+
+def apply_model_switches(
+    model: PeftModel, plan: SpeedPlan, *, compile_backend: str = "inductor"
+) -> None:
+    """Turn on gradient checkpointing and per-layer ``torch.compile`` as the plan says."""
+    base = model.get_base_model()
+    if plan.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the base is
+        # frozen under LoRA) and works under DDP.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    if plan.torch_compile:
+        layers = getattr(base.get_decoder(), "layers", None)
+        if layers is None:
+            raise RuntimeError("--torch-compile on needs a decoder with .layers (Qwen2-like)")
+        for layer in layers:  # per layer: small graphs, compiled once and reused 24x
+            layer.compile(backend=compile_backend, dynamic=True)
+        logger.info("compiled %d decoder layers (%s)", len(layers), compile_backend)
