@@ -10,6 +10,7 @@ gradient checkpointing, torch.compile) are ``fedmoe.worker.speed``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -51,6 +52,22 @@ class StepResult:
     skipped: bool = False
 
 
+def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` under DDP; ranks start from the same broadcast adapter (``WorkerJob``),
+    so no parameter sync at init, and the base model's buffers never change."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    accepted = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = (  # torch 2.13 renamed broadcast_buffers
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in accepted
+        else {"broadcast_buffers": False}
+    )
+    init = {"init_sync": False} if "init_sync" in accepted else {}
+    return DistributedDataParallel(module, device_ids=ids, **no_buffer_sync, **init)
+
+
 class LocalTrainer:
     """Trains the LoRA parameters of ``model``; the optimizer lives as long as the trainer."""
 
@@ -81,14 +98,7 @@ class LocalTrainer:
         self.loss_module = CausalLMLoss(model, self.plan.cross_entropy)
         self.forward: torch.nn.Module = self.loss_module
         if dist is not None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # Ranks start from the same broadcast adapter (WorkerJob), so no sync at init;
-            # the base model has no buffers worth re-broadcasting on every forward.
-            ids = [device.index] if device.type == "cuda" else None
-            self.forward = DistributedDataParallel(
-                self.loss_module, device_ids=ids, broadcast_buffers=False, init_sync=False
-            )
+            self.forward = _ddp(self.loss_module, device)
         self.steps = 0
         self.nonfinite_in_a_row = 0
 
