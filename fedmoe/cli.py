@@ -91,8 +91,10 @@ def worker(
         summary = job.run()
     except (DataFormatError, FatalSyncError, TrainingDiverged, OSError) as error:
         fail(str(error))
-    except RankFailure as error:
-        fail(str(error), code=1)
+    except RankFailure as error:  # may quote a backend's "[file.cc:N]": not rich markup
+        from rich.markup import escape
+
+        fail(escape(str(error)), code=1)
     except httpx.TransportError as error:
         fail(f"coordinator {settings.coordinator_url} unreachable: {error}", code=1)
     if summary_json and summary:  # ranks other than 0 have no summary

@@ -69,3 +69,119 @@ def _initial():
     from fedmoe.modeling import initial_adapter, load_base_model
 
     return initial_adapter(load_base_model("tiny", device="cpu"), LoraSettings())
+
+
+def _expected_tokens(dataset: Path, batch_size: int, steps: int) -> int:
+    """Target tokens of the first ``steps`` global batches (the worker's own stream)."""
+    from fedmoe.batching import BatchStream, count_trainable_tokens, tokenize_training_set
+    from fedmoe.data import load_examples
+    from fedmoe.tiny import build_tiny_tokenizer
+
+    examples = tokenize_training_set(
+        load_examples(dataset), build_tiny_tokenizer(), max_length=128, source=dataset
+    )
+    stream = BatchStream(examples, batch_size=batch_size, seed=0)
+    return sum(count_trainable_tokens(next(stream)) for _ in range(steps))
+
+
+def _worker_command(url: str, dataset: Path, ready: Path, *extra: str) -> list[str]:
+    return torchrun(
+        "-m",
+        "fedmoe",
+        "worker",
+        "--coordinator-url",
+        url,
+        "--worker-id",
+        "ddp-w",
+        "--specialty",
+        "python_expert",
+        "--dataset",
+        str(dataset),
+        "--validation-fraction",
+        "0",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "128",
+        "--sync-interval",
+        "1",
+        "--eval-every",
+        "0",
+        "--threads",
+        "1",
+        "--ready-file",
+        str(ready),
+        *extra,
+    )
+
+
+@pytest.fixture()
+def coordinator(tmp_path):
+    from fedmoe.procs import start_coordinator, stop
+
+    process, url = start_coordinator(tmp_path / "state", tmp_path / "coordinator.log")
+    yield url
+    stop(process)
+
+
+def _worker_status(url: str):
+    from fedmoe.client import CoordinatorClient
+
+    client = CoordinatorClient(url)
+    try:
+        return client.status().workers
+    finally:
+        client.close()
+
+
+def test_torchrun_worker_end_to_end_rank_0_alone_talks_and_counts_both(tmp_path, coordinator):
+    dataset = write_demo_datasets(tmp_path, train_count=24, validation_count=1)["python_expert"][0]
+    summary_path, ready = tmp_path / "summary.json", tmp_path / "ready.json"
+    command = _worker_command(
+        coordinator, dataset, ready, "--max-steps", "6", "--summary-json", str(summary_path)
+    )
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    expected = _expected_tokens(dataset, batch_size=4, steps=6)
+    assert summary["ranks"] == 2 and summary["steps"] == 6
+    assert summary["tokens"] == expected  # both ranks' shares, not rank 0's alone
+    workers = _worker_status(coordinator)
+    assert list(workers) == ["ddp-w"]  # one registration for both ranks
+    assert workers["ddp-w"].tokens == expected and workers["ddp-w"].updates >= 1
+
+
+def test_killing_a_rank_stops_the_job_with_a_final_upload(tmp_path, coordinator):
+    import os
+    import re
+    import signal
+    import time
+
+    from fedmoe.procs import spawn, stop, wait_for_json
+
+    dataset = write_demo_datasets(tmp_path, train_count=24, validation_count=1)["python_expert"][0]
+    ready, log = tmp_path / "ready.json", tmp_path / "worker.log"
+    process = spawn(_worker_command(coordinator, dataset, ready), log)
+    try:
+        info = wait_for_json(ready, process, timeout=240, log=log)
+        assert len(info["ranks"]) == 2 and info["pid"] == info["ranks"][0]
+        deadline = time.monotonic() + 120
+        while (
+            not _worker_status(coordinator).get("ddp-w")
+            or not _worker_status(coordinator)["ddp-w"].updates
+        ):
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.kill(info["ranks"][1], signal.SIGKILL)
+        code = process.wait(timeout=120)
+    finally:
+        stop(process)
+    text = " ".join(log.read_text().split())  # rich wraps the error message
+    assert code != 0, text[-3000:]
+    assert "another rank died or stopped answering" in text, text[-3000:]
+    match = re.search(
+        r"stopped after (\d+) steps, final upload from rank 0: nothing left unsent", text
+    )
+    assert match, text[-3000:]
+    steps = int(match.group(1))
+    assert _worker_status(coordinator)["ddp-w"].tokens == _expected_tokens(dataset, 4, steps)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -189,9 +190,11 @@ class DistributedWorkerJob(WorkerJob):
         except Exception as error:
             if not is_peer_failure(error):
                 raise
+            detail = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\]\s*", "", str(error))  # gloo's source
+            detail = detail.split(". ")[0][:200]
             raise RankFailure(
                 f"rank {self.dist.rank} of {self.dist.world_size}: another rank died or stopped "
-                f"answering ({type(error).__name__}: {str(error)[:200]})"
+                f"answering ({type(error).__name__}: {detail})"
             ) from error
 
     def _follow(self) -> None:

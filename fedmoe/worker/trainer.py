@@ -14,7 +14,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
@@ -59,13 +59,12 @@ def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     accepted = inspect.signature(DistributedDataParallel).parameters
-    no_buffer_sync = (  # torch 2.13 renamed broadcast_buffers
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in accepted
-        else {"broadcast_buffers": False}
-    )
-    init = {"init_sync": False} if "init_sync" in accepted else {}
-    return DistributedDataParallel(module, device_ids=ids, **no_buffer_sync, **init)
+    options: dict[str, Any] = {  # torch 2.13 renamed broadcast_buffers
+        "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers": False
+    }
+    if "init_sync" in accepted:
+        options["init_sync"] = False
+    return DistributedDataParallel(module, device_ids=ids, **options)
 
 
 class LocalTrainer:
