@@ -80,6 +80,7 @@ def worker(
     from fedmoe.data import DataFormatError
     from fedmoe.worker.ddp_job import RankFailure, make_job
     from fedmoe.worker.job import FatalSyncError
+    from fedmoe.worker.speed import SpeedSetupError
     from fedmoe.worker.trainer import TrainingDiverged
 
     setup_logging(log_level)
@@ -89,7 +90,7 @@ def worker(
         job = make_job(settings)  # several ranks under torchrun, else one process
         _stop_on_signals(job.request_stop)
         summary = job.run()
-    except (DataFormatError, FatalSyncError, TrainingDiverged, OSError) as error:
+    except (DataFormatError, FatalSyncError, TrainingDiverged, SpeedSetupError, OSError) as error:
         fail(str(error))
     except RankFailure as error:  # may quote a backend's "[file.cc:N]": not rich markup
         from rich.markup import escape

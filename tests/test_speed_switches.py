@@ -10,7 +10,7 @@ from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.data import load_examples
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.modeling import attach_lora, load_base_model, lora_parameters
-from fedmoe.worker.speed import SpeedPlan, apply_model_switches, resolve_plan
+from fedmoe.worker.speed import SpeedPlan, SpeedSetupError, apply_model_switches, resolve_plan
 from fedmoe.worker.train_step import CausalLMLoss, chunked_cross_entropy, make_batch, pack
 
 
@@ -104,5 +104,13 @@ def test_auto_takes_the_device_default_and_liger_needs_the_package() -> None:
     explicit = TrainSettings(packing="off", cross_entropy="full", torch_compile="on")
     assert resolve_plan(explicit, torch.device("cpu")) == SpeedPlan(torch_compile=True)
     if not liger_available():
-        with pytest.raises(RuntimeError, match="Liger Kernel"):
+        with pytest.raises(SpeedSetupError, match="Liger Kernel"):
             resolve_plan(TrainSettings(cross_entropy="liger"), torch.device("cpu"))
+
+
+def test_load_in_4bit_says_what_is_missing_here() -> None:
+    from fedmoe.worker.qlora import load_quantized_base
+
+    # No GPU in CI: the refusal names bitsandbytes or the CUDA device, whichever is missing.
+    with pytest.raises(SpeedSetupError, match=r"--load-in-4bit needs (bitsandbytes|a CUDA)"):
+        load_quantized_base("Qwen/Qwen2.5-0.5B", device="cpu")

@@ -140,7 +140,12 @@ class WorkerJob:
         self.tensor_shapes = {k: tuple(v) for k, v in schema.tensors.items()}
         self.device = resolve_device(self._device_option())
         base_name = opts.base_model or schema.base_model
-        base = load_base_model(base_name, device=self._device_option())
+        if opts.load_in_4bit:
+            from fedmoe.worker.qlora import load_quantized_base
+
+            base = load_quantized_base(base_name, device=self._device_option())
+        else:
+            base = load_base_model(base_name, device=self._device_option())
         self.fingerprint, self.tokenizer = base.fingerprint, base.tokenizer
         self.model = attach_lora(base.model, self.lora)
         self.pad_id = self.tokenizer.pad_token_id

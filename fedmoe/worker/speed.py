@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 LossKind = Literal["full", "chunked", "liger"]
 
 
+class SpeedSetupError(RuntimeError):
+    """A speed or memory option cannot work here (a missing package or device)."""
+
+
 @dataclass(frozen=True)
 class SpeedPlan:
     """The resolved switches of one trainer."""
@@ -58,7 +62,7 @@ def resolve_plan(settings: TrainSettings, device: torch.device) -> SpeedPlan:
         use_liger = device.type == "cuda" and liger_available()
         cross_entropy = "liger" if use_liger else default.cross_entropy
     if cross_entropy == "liger" and not liger_available():
-        raise RuntimeError(
+        raise SpeedSetupError(
             "--cross-entropy liger needs Liger Kernel: pip install 'fedmoe[speed]' "
             "(or liger-kernel); 'chunked' is the built-in alternative"
         )
@@ -89,7 +93,7 @@ def apply_model_switches(
     if plan.torch_compile:
         layers = getattr(base.get_decoder(), "layers", None)
         if layers is None:
-            raise RuntimeError("--torch-compile on needs a decoder with .layers (Qwen2-like)")
+            raise SpeedSetupError("--torch-compile on needs a decoder with .layers (Qwen2-like)")
         for layer in layers:  # per layer: small graphs, compiled once and reused 24x
             layer.compile(backend=compile_backend, dynamic=True)
         logger.info("compiled %d decoder layers (%s)", len(layers), compile_backend)
