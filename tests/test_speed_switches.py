@@ -101,6 +101,8 @@ def test_auto_takes_the_device_default_and_liger_needs_the_package() -> None:
     from fedmoe.worker.speed import DEVICE_DEFAULTS, liger_available
 
     assert resolve_plan(TrainSettings(), torch.device("cpu")) == DEVICE_DEFAULTS["cpu"]
+    flash = resolve_plan(TrainSettings(), torch.device("cpu"), "flash_attention_2")
+    assert flash.packing  # packing pays with a variable-length attention kernel
     explicit = TrainSettings(packing="off", cross_entropy="full", torch_compile="on")
     assert resolve_plan(explicit, torch.device("cpu")) == SpeedPlan(torch_compile=True)
     if not liger_available():

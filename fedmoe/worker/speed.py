@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -40,13 +40,20 @@ class SpeedPlan:
 
 
 #: Measured defaults per device kind (``type`` of the torch device); others use ``cpu``'s.
-#: cpu: benchmarks/RESULTS.md "Worker speed" (tiny preset, 2 shared cores). cuda: not yet
-#: measured here (no GPU in the session that wrote this); chosen from the issue's H100
-#: figures (chunked loss and packing save memory and time) until gpu_speed.sh is run.
+#: cpu: benchmarks/RESULTS.md "Worker speed" (tiny preset, 2 shared cores): packing ran at
+#: about half the speed (one long row: SDPA's dense block-diagonal mask costs
+#: O(row²)), the chunked loss no faster than full logits over a 259-token vocabulary.
+#: cuda: not measured here (no GPU in the session that wrote this): the chunked loss, as
+#: the issue's H100 figures suggest (it never materialises batch × length × 152k logits),
+#: until benchmarks/gpu_speed.sh has run.
 DEVICE_DEFAULTS: dict[str, SpeedPlan] = {
-    "cpu": SpeedPlan(packing=True, cross_entropy="chunked"),
-    "cuda": SpeedPlan(packing=True, cross_entropy="chunked"),
+    "cpu": SpeedPlan(),
+    "cuda": SpeedPlan(cross_entropy="chunked"),
 }
+
+#: Attention implementations with a variable-length kernel: packing pays only with these
+#: (they skip the attention between examples instead of masking a dense row × row matrix).
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def liger_available() -> bool:
@@ -54,9 +61,14 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve_plan(settings: TrainSettings, device: torch.device) -> SpeedPlan:
-    """The switches to use: each explicit setting, else the device kind's default."""
+def resolve_plan(
+    settings: TrainSettings, device: torch.device, attention: str | None = None
+) -> SpeedPlan:
+    """The switches to use: each explicit setting, else the device kind's default (packing:
+    on when the model's ``attention`` implementation has a variable-length kernel)."""
     default = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+    if attention in VARLEN_ATTENTION:
+        default = replace(default, packing=True)
     cross_entropy = settings.cross_entropy
     if cross_entropy == "auto":
         use_liger = device.type == "cuda" and liger_available()

@@ -85,7 +85,8 @@ class LocalTrainer:
     ) -> None:
         self.model, self.settings, self.device = model, settings, device
         self.pad_token_id, self.dist = pad_token_id, dist
-        self.plan = plan or resolve_plan(settings, device)
+        attention = getattr(model.get_base_model().config, "_attn_implementation", None)
+        self.plan = plan or resolve_plan(settings, device, attention)
         apply_model_switches(model, self.plan, compile_backend=compile_backend)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
