@@ -170,9 +170,12 @@ def run_arm(arm: Arm, device: torch.device, sizes: dict[str, int]) -> dict[str, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result: dict[str, Any] = {"arm": arm.name, "shape": arm.shape, "loop": arm.loop}
+    group = f"{arm.shape}{' variable length' if arm.variable_length else ''}"
+    result: dict[str, Any] = {"arm": arm.name, "shape": arm.shape, "loop": arm.loop, "group": group}
     result |= {"settings": arm.settings, "attention": arm.attention}
     try:
+        if arm.attention == "flex_attention" and device.type != "cuda":
+            raise RuntimeError("flex attention is measured on CUDA only (its CPU compile is slow)")
         model = build_model(arm.shape, device, arm.attention)
         vocab = SHAPES[arm.shape]["vocab_size"]
         examples = make_examples(sizes["examples"], sizes["length"], vocab, arm.variable_length)
@@ -274,9 +277,10 @@ def main() -> None:
         }
         shape, large = "0.5B", (None if args.no_7b else "7B")
     results = [run_arm(arm, device, sizes) for arm in arms(shape, large)]
-    plain = next((r for r in results if r["arm"] == "plain transformers + peft"), {})
-    for result in results:
-        if "tokens_per_second" in result and "tokens_per_second" in plain:
+    plains = {r["group"]: r for r in results if r["loop"] == "plain" and "tokens_per_second" in r}
+    for result in results:  # against the plain loop of the same shape and data
+        plain = plains.get(result["group"])
+        if "tokens_per_second" in result and plain is not None:
             result["ratio"] = result["tokens_per_second"] / plain["tokens_per_second"]
     values = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",

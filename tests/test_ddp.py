@@ -84,42 +84,19 @@ def _expected_tokens(dataset: Path, batch_size: int, steps: int) -> int:
     return sum(count_trainable_tokens(next(stream)) for _ in range(steps))
 
 
-def _worker_command(url: str, dataset: Path, ready: Path, *extra: str) -> list[str]:
-    return torchrun(
-        "-m",
-        "fedmoe",
-        "worker",
-        "--coordinator-url",
-        url,
-        "--worker-id",
-        "ddp-w",
-        "--specialty",
-        "python_expert",
-        "--dataset",
-        str(dataset),
-        "--validation-fraction",
-        "0",
-        "--batch-size",
-        "4",
-        "--max-length",
-        "128",
-        "--sync-interval",
-        "1",
-        "--eval-every",
-        "0",
-        "--threads",
-        "1",
-        "--ready-file",
-        str(ready),
-        *extra,
-    )
+def _worker_command(url: str, name: str, dataset: Path, ready: Path, *extra: str) -> list[str]:
+    flags = f"--coordinator-url {url} --worker-id {name} --specialty python_expert "
+    flags += f"--dataset {dataset} --validation-fraction 0 --batch-size 4 --max-length 128 "
+    flags += f"--sync-interval 1 --eval-every 0 --threads 1 --ready-file {ready}"
+    return torchrun("-m", "fedmoe", "worker", *flags.split(), *extra)
 
 
-@pytest.fixture()
-def coordinator(tmp_path):
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory):
     from fedmoe.procs import start_coordinator, stop
 
-    process, url = start_coordinator(tmp_path / "state", tmp_path / "coordinator.log")
+    root = tmp_path_factory.mktemp("coordinator")
+    process, url = start_coordinator(root / "state", root / "coordinator.log")
     yield url
     stop(process)
 
@@ -138,7 +115,14 @@ def test_torchrun_worker_end_to_end_rank_0_alone_talks_and_counts_both(tmp_path,
     dataset = write_demo_datasets(tmp_path, train_count=24, validation_count=1)["python_expert"][0]
     summary_path, ready = tmp_path / "summary.json", tmp_path / "ready.json"
     command = _worker_command(
-        coordinator, dataset, ready, "--max-steps", "6", "--summary-json", str(summary_path)
+        coordinator,
+        "ddp-w",
+        dataset,
+        ready,
+        "--max-steps",
+        "6",
+        "--summary-json",
+        str(summary_path),
     )
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -147,7 +131,8 @@ def test_torchrun_worker_end_to_end_rank_0_alone_talks_and_counts_both(tmp_path,
     assert summary["ranks"] == 2 and summary["steps"] == 6
     assert summary["tokens"] == expected  # both ranks' shares, not rank 0's alone
     workers = _worker_status(coordinator)
-    assert list(workers) == ["ddp-w"]  # one registration for both ranks
+    assert [w for w in workers if w.startswith("ddp-w")] == ["ddp-w"]  # one for both ranks
+    # rank 0 alone uploads: a second uploading rank would double the coordinator's count
     assert workers["ddp-w"].tokens == expected and workers["ddp-w"].updates >= 1
 
 
@@ -161,14 +146,14 @@ def test_killing_a_rank_stops_the_job_with_a_final_upload(tmp_path, coordinator)
 
     dataset = write_demo_datasets(tmp_path, train_count=24, validation_count=1)["python_expert"][0]
     ready, log = tmp_path / "ready.json", tmp_path / "worker.log"
-    process = spawn(_worker_command(coordinator, dataset, ready), log)
+    process = spawn(_worker_command(coordinator, "ddp-k", dataset, ready), log)
     try:
         info = wait_for_json(ready, process, timeout=240, log=log)
         assert len(info["ranks"]) == 2 and info["pid"] == info["ranks"][0]
         deadline = time.monotonic() + 120
         while (
-            not _worker_status(coordinator).get("ddp-w")
-            or not _worker_status(coordinator)["ddp-w"].updates
+            not _worker_status(coordinator).get("ddp-k")
+            or not _worker_status(coordinator)["ddp-k"].updates
         ):
             assert time.monotonic() < deadline and process.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
@@ -184,4 +169,6 @@ def test_killing_a_rank_stops_the_job_with_a_final_upload(tmp_path, coordinator)
     )
     assert match, text[-3000:]
     steps = int(match.group(1))
-    assert _worker_status(coordinator)["ddp-w"].tokens == _expected_tokens(dataset, 4, steps)
+    workers = _worker_status(coordinator)
+    assert [w for w in workers if w.startswith("ddp-k")] == ["ddp-k"]  # one for both ranks
+    assert workers["ddp-k"].tokens == _expected_tokens(dataset, 4, steps)

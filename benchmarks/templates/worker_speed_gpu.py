@@ -26,7 +26,7 @@ bfloat16, LoRA r={v["lora_rank"]} on all projections, batch {sizes["batch"]} ×
 padding exists to remove), {sizes["warmup"]} warm-up steps then {sizes["steps"]} timed
 steps ({sizes["steps_7b"]} for the 7B shape), one arm after the other. Peak memory is
 `torch.cuda.max_memory_allocated` over the arm. ÷ plain: tokens/s relative to the plain
-peft loop on the 0.5B shape.
+peft loop of the same shape and data (the row marked "plain" in each group).
 
 {markdown_table(["arm", "tokens/s", "÷ plain", "peak GiB", "note"], rows)}
 

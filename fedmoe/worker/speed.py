@@ -41,8 +41,9 @@ class SpeedPlan:
 
 #: Measured defaults per device kind (``type`` of the torch device); others use ``cpu``'s.
 #: cpu: benchmarks/RESULTS.md "Worker speed" (tiny preset, 2 shared cores): packing ran at
-#: about half the speed (one long row: SDPA's dense block-diagonal mask costs
-#: O(row²)), the chunked loss no faster than full logits over a 259-token vocabulary.
+#: 0.42-0.52x (one long row: SDPA's dense block-diagonal mask costs O(row²)); the chunked
+#: loss ran at 1.11-1.13x the plain loop against 1.01-1.17x for full logits in two runs,
+#: within this machine's noise over a 259-token vocabulary: full logits stay the default.
 #: cuda: not measured here (no GPU in the session that wrote this): the chunked loss, as
 #: the issue's H100 figures suggest (it never materialises batch × length × 152k logits),
 #: until benchmarks/gpu_speed.sh has run.

@@ -124,8 +124,9 @@ class LocalTrainer:
         for index in range(accum):
             batch, mine, weight = self._micro_batch()
             total = mine if self.dist is None else self.dist.sum_int(mine)
-            with self._sync_gradients(index == accum - 1), autocast_for(self.device):
-                loss_sum = self.forward(**batch) * weight
+            with self._sync_gradients(index == accum - 1):
+                with autocast_for(self.device):
+                    loss_sum = self.forward(**batch) * weight
                 # DDP averages gradients over ranks: scale by world to get the global mean.
                 (loss_sum * (world / (total * accum) if total else math.nan)).backward()
             loss_sums.append(float(loss_sum.detach()) / total if total else math.nan)
