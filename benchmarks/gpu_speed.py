@@ -192,6 +192,7 @@ def run_arm(arm: Arm, device: torch.device, sizes: dict[str, int]) -> dict[str, 
         traceback.print_exc()
     finally:
         model = step = None  # free the GPU before the next arm
+        torch._dynamo.reset()  # compiled layers hold on to their model otherwise
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -257,6 +258,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="Tiny shapes, 1 step (CPU ok).")
     parser.add_argument("--no-7b", action="store_true", help="Skip the 7B shape.")
+    parser.add_argument(
+        "--only", action="append", default=[], help="Run the arms whose name has this text."
+    )
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -276,7 +280,8 @@ def main() -> None:
             "steps_7b": 4,
         }
         shape, large = "0.5B", (None if args.no_7b else "7B")
-    results = [run_arm(arm, device, sizes) for arm in arms(shape, large)]
+    chosen = [a for a in arms(shape, large) if not args.only or any(t in a.name for t in args.only)]
+    results = [run_arm(arm, device, sizes) for arm in chosen]
     plains = {r["group"]: r for r in results if r["loop"] == "plain" and "tokens_per_second" in r}
     for result in results:  # against the plain loop of the same shape and data
         plain = plains.get(result["group"])

@@ -10,7 +10,9 @@
 # the wheels the benchmark imports beyond torch/transformers/peft: pydantic (FedMoE's
 # settings) and Liger Kernel (the fused-loss arm). The run installs them into a private
 # directory only when an import is missing, writes benchmarks/results/worker-speed-gpu.json
-# (and $OUT/worker-speed-gpu.json when OUT is set) and re-renders RESULTS.md when it can.
+# (and $OUT/worker-speed-gpu.json when OUT is set) and re-renders RESULTS.md. Budget about
+# 6-8 minutes on an H100/H200 (torch.compile and flex attention compile first); --only TEXT
+# (repeatable) runs the arms whose name contains TEXT, --no-7b skips the 7B shape.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -35,12 +37,16 @@ if [[ "${1:-}" == prepare ]]; then
     exit 0
 fi
 
-if ! "$PYTHON" -c "import pydantic, peft, transformers" 2>/dev/null; then
-    [[ -d "$WHEELS" ]] || { echo "pydantic missing and no $WHEELS: run '$0 prepare' first" >&2; exit 1; }
+# The brought wheels (a consistent pydantic + pydantic-core pair, Liger Kernel) go first on
+# the path whenever they are here; without them the machine's own pydantic must do.
+if [[ -d "$WHEELS" ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
     site="${TMPDIR:-/tmp}/fedmoe-gpu-site"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" "$WHEELS"/*.whl
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+elif ! "$PYTHON" -c "import pydantic, peft, transformers" 2>/dev/null; then
+    echo "pydantic (or peft/transformers) missing and no wheels in $WHEELS: run '$0 prepare' first" >&2
+    exit 1
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PYTHON" -m benchmarks.gpu_speed "$@"
