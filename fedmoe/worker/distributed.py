@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from fedmoe.worker.speed import SpeedSetupError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -118,7 +120,7 @@ def device_for_rank(option: str, local_rank: int) -> torch.device:
             )
         return torch.device("cuda", local_rank)
     if option not in ("auto", "cpu"):
-        raise ValueError(
+        raise SpeedSetupError(
             f"--device {option}: multi-process workers run on CUDA (NCCL) or CPU (gloo)"
         )
     return torch.device("cpu")
