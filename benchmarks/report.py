@@ -33,6 +33,7 @@ SECTIONS = {
     "asynchrony": "asynchrony",
     "worker-speed": "worker_speed",
     "worker-speed-qwen05b": "worker_speed",
+    "worker-speed-gpu": "worker_speed_gpu",
     "concurrency": "concurrency",
     "coordinator-speed": "coordinator_speed",
     "ack-latency": "ack_latency",

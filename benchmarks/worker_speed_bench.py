@@ -5,7 +5,10 @@ Run: ``.venv/bin/python -m benchmarks.worker_speed_bench [--quick] [--base-model
 
 * Trainer loop: ``LocalTrainer.step`` against a minimal hand-written loop (``get_peft_model``,
   AdamW, the model's own loss, the same gradient clipping) on the same batches, the same
-  device and thread count, in alternating chunks (ABBA) so that load changes hit both arms.
+  device and thread count, in alternating chunks (ABBA) so that load changes hit both arms;
+  FedMoE with each speed switch (packing, chunked cross-entropy) off and on.
+* DDP scaling: the same training (global batch unchanged) on 1 process and on 2 torchrun
+  ranks (gloo), tokens/s and scaling efficiency (``benchmarks._ddp_speed``).
 * Real worker: ``WorkerJob`` in this process against a real ``fedmoe coordinator``
   subprocess on loopback, syncing every 10 s for at least 30 s of training; its tokens/s
   against plain-loop runs just before and after it, and its time blocked on syncs.
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +49,7 @@ from fedmoe.procs import start_coordinator, stop
 from fedmoe.tiny import build_tiny_tokenizer
 from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
+from fedmoe.worker.speed import resolve_plan
 from fedmoe.worker.trainer import LocalTrainer, autocast_for
 
 DOMAIN = "python_expert"
@@ -119,12 +125,23 @@ def plain_step(model: PreTrainedModel, setup: LoopSetup) -> Step:
     return step
 
 
-def fedmoe_step(model: PreTrainedModel, setup: LoopSetup) -> Step:
-    """FedMoE's loop: attach_lora + LocalTrainer."""
+#: FedMoE arms: (name, packing, cross_entropy).
+FEDMOE_ARMS = (
+    ("FedMoE, padded, full logits", "off", "full"),
+    ("FedMoE + packing", "on", "full"),
+    ("FedMoE + chunked CE", "off", "chunked"),
+    ("FedMoE + packing + chunked CE", "on", "chunked"),
+)
+PLAIN = "plain transformers + peft"
+
+
+def fedmoe_step(model: PreTrainedModel, setup: LoopSetup, packing: str, loss: str) -> Step:
+    """FedMoE's loop: attach_lora + LocalTrainer, with these speed switches."""
+    train = setup.train.model_copy(update={"packing": packing, "cross_entropy": loss})
     trainer = LocalTrainer(
         attach_lora(model, setup.lora),
         setup.examples,
-        setup.train,
+        train,
         pad_token_id=setup.pad,
         device=setup.device,
         learning_rate=setup.lr,
@@ -199,6 +216,40 @@ def real_worker(
     }
 
 
+def default_arm(device: torch.device) -> str:
+    """The FedMoE arm that ``auto`` picks on this device kind."""
+    plan = resolve_plan(TrainSettings(), device)
+    for name, packing, loss in FEDMOE_ARMS:
+        if (packing == "on") == plan.packing and loss == plan.cross_entropy:
+            return name
+    raise RuntimeError(f"no arm measures the default {plan}")
+
+
+def ddp_scaling(dataset: Path, train: TrainSettings, steps: int) -> dict:
+    """Tokens/s of 1 process and of 2 torchrun ranks (gloo), the global batch unchanged."""
+    work = Path(tempfile.mkdtemp(prefix="fedmoe-ddp-"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for world in (1, 2):
+        out = work / f"ddp{world}.json"
+        module = [sys.executable, "-m", "benchmarks._ddp_speed"]
+        if world > 1:
+            module = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            module += ["--nproc-per-node", str(world), "-m", "benchmarks._ddp_speed"]
+        command = [*module, str(dataset), str(steps), train.model_dump_json(), str(out)]
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=900)
+        result = json.loads(out.read_text())
+        runs[world] = result["tokens"] / result["seconds"]
+    return {
+        "steps": steps,
+        "one_process": runs[1],
+        "two_processes": runs[2],
+        "speedup": runs[2] / runs[1],
+        "efficiency": runs[2] / (2 * runs[1]),
+        "cores": os.cpu_count(),
+    }
+
+
 def main() -> None:
     """Measure and write the ``worker-speed`` (or ``worker-speed-qwen05b``) section."""
     options = parser(__doc__.splitlines()[0])
@@ -222,24 +273,22 @@ def main() -> None:
     examples = tokenize_examples(load_examples(paths[0]), tokenizer, max_length=train.max_length)
     lr = train.learning_rate_for("qwen" if shaped else args.base_model)
     setup = LoopSetup(examples, lora, train, lr, tokenizer.pad_token_id, device)
-    arms = {
-        name: build(base_model(args.base_model, shaped, device), setup)
-        for name, build in (
-            ("plain transformers + peft", plain_step),
-            ("FedMoE LocalTrainer", fedmoe_step),
-        )
-    }
+    arms = {PLAIN: plain_step(base_model(args.base_model, shaped, device), setup)}
+    for name, packing, loss in FEDMOE_ARMS:
+        model = base_model(args.base_model, shaped, device)
+        arms[name] = fedmoe_step(model, setup, packing, loss)
     if shaped and device.type == "cpu":
         rounds, chunk, warmup = 2, 1, 1
     else:
         rounds, chunk, warmup = (4, 10, 2) if args.quick else (6, 25, 2)
     speeds = interleaved(arms, rounds, chunk, device, warmup)
-    plain, ours = speeds["plain transformers + peft"], speeds["FedMoE LocalTrainer"]
+    default = default_arm(device)
+    plain, ours = speeds[PLAIN], speeds[default]
     worker = None
     if not shaped:
-        before = interleaved({"plain": arms["plain transformers + peft"]}, 1, chunk * 8, device)
+        before = interleaved({"plain": arms[PLAIN]}, 1, chunk * 8, device)
         job = real_worker(args.base_model, paths, train, 33.0 if args.quick else 45.0, str(device))
-        after = interleaved({"plain": arms["plain transformers + peft"]}, 1, chunk * 8, device)
+        after = interleaved({"plain": arms[PLAIN]}, 1, chunk * 8, device)
         bracket = (before["plain"] + after["plain"]) / 2
         worker = {
             "tokens_per_second": job["tokens_per_second"],
@@ -255,8 +304,11 @@ def main() -> None:
             "plain_after": after["plain"],
             "load_robust_ratio": ours / plain * (1 - job["blocked_share"]),
         }
+    ddp = None if shaped else ddp_scaling(paths[0], train, 15 if args.quick else 40)
     values = {
         "shaped": shaped,
+        "ddp": ddp,
+        "default_arm": default,
         "base_model": args.base_model,
         "lora_rank": lora.rank,
         "device": str(device),

@@ -78,21 +78,27 @@ def worker(
     import torch
 
     from fedmoe.data import DataFormatError
-    from fedmoe.worker.job import FatalSyncError, WorkerJob
+    from fedmoe.worker.ddp_job import RankFailure, make_job
+    from fedmoe.worker.job import FatalSyncError
+    from fedmoe.worker.speed import SpeedSetupError
     from fedmoe.worker.trainer import TrainingDiverged
 
     setup_logging(log_level)
     if threads:
         torch.set_num_threads(threads)
     try:
-        job = WorkerJob(settings)
+        job = make_job(settings)  # several ranks under torchrun, else one process
         _stop_on_signals(job.request_stop)
         summary = job.run()
-    except (DataFormatError, FatalSyncError, TrainingDiverged, OSError) as error:
+    except (DataFormatError, FatalSyncError, TrainingDiverged, SpeedSetupError, OSError) as error:
         fail(str(error))
+    except RankFailure as error:  # may quote a backend's "[file.cc:N]": not rich markup
+        from rich.markup import escape
+
+        fail(escape(str(error)), code=1)
     except httpx.TransportError as error:
         fail(f"coordinator {settings.coordinator_url} unreachable: {error}", code=1)
-    if summary_json:
+    if summary_json and summary:  # ranks other than 0 have no summary
         summary_json.write_text(json.dumps(summary, indent=2))
 
 

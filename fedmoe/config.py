@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedmoe.fields import DpAccountant, Flag
+from fedmoe.fields import CrossEntropyKind, DpAccountant, Flag, Switch
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -104,6 +104,22 @@ class TrainSettings(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables.")
     seed: int = Field(0, description="Seed of data order and dropout.")
+    packing: Switch = Field(
+        "auto",
+        description="Padding-free packing: each micro-batch is one row, position ids restart "
+        "per example and attention never crosses examples; auto: the device kind's default.",
+    )
+    cross_entropy: CrossEntropyKind = Field(
+        "auto",
+        description="Loss: 'full' logits, 'chunked' (only target rows, a chunk of logits at a "
+        "time) or 'liger' (Liger Kernel's fused linear cross-entropy, extra [speed]).",
+    )
+    gradient_checkpointing: Switch = Field(
+        "auto", description="Recompute layer activations in backward (less memory, more compute)."
+    )
+    torch_compile: Switch = Field(
+        "auto", description="torch.compile each decoder layer (pays on GPUs after a warm-up)."
+    )
     dp_epsilon: float | None = Field(
         None,
         gt=0,
@@ -139,6 +155,14 @@ class TrainSettings(BaseModel):
             return self
         if self.grad_accum != 1:
             raise ValueError("DP-SGD takes one Poisson batch per step: grad_accum must be 1")
+        # DP-SGD has its own per-example loss and step: these switches would be ignored
+        ignored = {
+            name
+            for name in ("packing", "gradient_checkpointing", "torch_compile")
+            if getattr(self, name) == "on"
+        } | ({"cross_entropy"} if self.cross_entropy in ("chunked", "liger") else set())
+        if ignored:
+            raise ValueError(f"{sorted(ignored)} have no effect with DP-SGD: leave them at auto")
         if "max_grad_norm" in given:
             raise ValueError(
                 "max_grad_norm has no effect with DP-SGD, which clips each example's "

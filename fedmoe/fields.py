@@ -80,6 +80,11 @@ def check_staleness_parameters(
             )
 
 
+#: A training speed switch: "auto" takes the measured default of the device kind.
+Switch = Literal["auto", "on", "off"]
+#: How the training loss is computed: all logits at once, in chunks, or Liger's fused kernel.
+CrossEntropyKind = Literal["auto", "full", "chunked", "liger"]
+
 #: torch device names a worker accepts ("auto" picks cuda, then mps, then cpu).
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]+)?|xpu(:[0-9]+)?)$"
 

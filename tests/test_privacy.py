@@ -83,6 +83,10 @@ def test_dp_options_are_validated() -> None:
         )
     with pytest.raises(ValidationError, match="greater than 0"):
         TrainSettings(dp_epsilon=0.0)
+    for switch in ({"packing": "on"}, {"cross_entropy": "chunked"}, {"torch_compile": "on"}):
+        with pytest.raises(ValidationError, match="no effect with DP-SGD"):
+            TrainSettings(dp_noise_multiplier=1.0, **switch)
+    TrainSettings(dp_noise_multiplier=1.0, cross_entropy="full", packing="off")
 
 
 def test_dp_worker_reports_epsilon_over_http_and_stops_at_its_budget(

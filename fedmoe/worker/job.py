@@ -136,13 +136,18 @@ class WorkerJob:
     def load_model(self) -> None:
         """Ask the coordinator for the schema, load the base model with LoRA, tokenise."""
         opts = self.options
-        schema: SchemaInfo = self._wait_for(self.client.schema)
+        schema = self._fetch_schema()
         self.schema = schema
         self.lora = LoraSettings.from_dict(schema.lora_config.model_dump())
         self.tensor_shapes = {k: tuple(v) for k, v in schema.tensors.items()}
-        self.device = resolve_device(opts.device)
+        self.device = resolve_device(self._device_option())
         base_name = opts.base_model or schema.base_model
-        base = load_base_model(base_name, device=opts.device)
+        if opts.load_in_4bit:
+            from fedmoe.worker.qlora import load_quantized_base
+
+            base = load_quantized_base(base_name, device=self._device_option())
+        else:
+            base = load_base_model(base_name, device=self._device_option())
         self.fingerprint, self.tokenizer = base.fingerprint, base.tokenizer
         self.model = attach_lora(base.model, self.lora)
         self.pad_id = self.tokenizer.pad_token_id
@@ -159,7 +164,32 @@ class WorkerJob:
             pad_token_id=self.pad_id,
             device=self.device,
             learning_rate=opts.train.learning_rate_for(base_name),
+            **self._trainer_extras(),
         )
+
+    # Seams for a job spread over several processes (fedmoe.worker.ddp_job).
+
+    def _fetch_schema(self) -> SchemaInfo:
+        """The coordinator's schema (base model, LoRA shape), retried while it is down."""
+        schema: SchemaInfo = self._wait_for(self.client.schema)
+        return schema
+
+    def _device_option(self) -> str:
+        """The device this process trains on, as ``--device`` names it."""
+        return self.options.device
+
+    def _trainer_extras(self) -> dict[str, Any]:
+        """Further keyword arguments of ``LocalTrainer`` (the DDP context of a rank)."""
+        return {}
+
+    def _ready_info(self, version: int) -> dict[str, Any]:
+        """What the ready file says."""
+        return {
+            "pid": os.getpid(),
+            "worker_id": self.options.worker_id,
+            "specialty": self.options.specialty,
+            "expert_version": version,
+        }
 
     def register(self) -> None:
         """Register with the coordinator, pull the expert, then write the ready file."""
@@ -217,12 +247,7 @@ class WorkerJob:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        info = {
-            "pid": os.getpid(),
-            "worker_id": self.options.worker_id,
-            "specialty": self.options.specialty,
-            "expert_version": version,
-        }
+        info = self._ready_info(version)
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(info) + "\n")
         os.replace(temporary, path)
@@ -274,7 +299,7 @@ class WorkerJob:
     def _should_stop(self) -> bool:
         opts = self.options
         if isinstance(self.trainer, PrivateTrainer) and self.trainer.budget_spent:
-            plan = self.trainer.plan  # (checked once: the training loop ends here)
+            plan = self.trainer.privacy  # (checked once: the training loop ends here)
             logger.warning(
                 "%s: privacy budget spent (ε %.4g of %s at δ %.3g after %d DP-SGD steps); "
                 "no more training: uploading what is left, then stopping",

@@ -53,6 +53,11 @@ class WorkerOptions(BaseModel):
     train: Annotated[TrainSettings, Flag(prefix="")] = Field(
         default_factory=TrainSettings, description="Local training."
     )
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: the base model in 4-bit NF4 (bitsandbytes, CUDA only; "
+        "pip install 'fedmoe[qlora]'); the adapter stays float32.",
+    )
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps.")
     max_seconds: float | None = Field(
         None, gt=0, description="Stop after training this many seconds."

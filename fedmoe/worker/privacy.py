@@ -160,7 +160,7 @@ class PrivateTrainer(LocalTrainer):
             device=device,
             learning_rate=learning_rate,
         )
-        self.plan = plan
+        self.privacy = plan
         self.engine = PrivacyEngine(accountant=plan.accountant)
         loader = torch.utils.data.DataLoader(
             _Examples(examples),
@@ -196,7 +196,7 @@ class PrivateTrainer(LocalTrainer):
         """ε spent so far, from the privacy engine's own accountant."""
         if self.steps == 0:
             return 0.0
-        return float(self.engine.accountant.get_epsilon(delta=self.plan.delta))
+        return float(self.engine.accountant.get_epsilon(delta=self.privacy.delta))
 
     def step(self) -> StepResult:
         """One DP-SGD step on a Poisson-sampled batch (an empty batch still adds noise)."""
