@@ -51,8 +51,8 @@ def _race(v: dict[str, Any]) -> str:
 def _goals(v: dict[str, Any]) -> str:
     g = v["goals"]
 
-    def mark(ok: bool) -> str:
-        return "met" if ok else "**missed**"
+    def mark(ok: bool | None) -> str:
+        return "met" if ok else "not measured" if ok is None else "**missed**"
 
     rows = [
         [
@@ -78,6 +78,7 @@ def render(v: dict[str, Any]) -> str:
     """The section body."""
     p, race, g = v["preset"], v["race"], v["goals"]
     mode = "A `--quick` run" if v["quick"] else "A full run"
+    where = ", ".join(p["seeded"]) + " workers/shards" if p.get("seeded") else "every layout"
     return f"""
 **Method.** `benchmarks.simulation` in one process: real `LocalTrainer` steps of the `tiny`
 preset (LoRA r={v["lora_rank"]}, batch {v["batch_size"]}, lr {v["lr"]}), the real
@@ -90,8 +91,8 @@ the matrix trains each expert on the same budget, {v["budget"]:,} target tokens
 table, documentation setting; sorted and cut, so with 8 workers most hold one sub-topic);
 validation covers every sub-topic ({p["validation"]} examples per domain). Loss: each
 expert on its own domain, nats per target token. Headline rows ({", ".join(v["headline"])})
-ran {p["seeds"]} seeds (batch order, dropout): mean ± standard deviation; the others one
-seed. "worst ÷ sync": the largest per-domain ratio to synchronous FedAvg (same seeds).
+ran {p["seeds"]} seeds at {where} (batch order, dropout): mean ± standard deviation (and
+the speedups in the race); the other rows one seed. "worst ÷ sync": the largest per-domain ratio to synchronous FedAvg (same seeds).
 τ: mean staleness. FedBuff's `--buffer-timeout` counts wall time, so it is set out of
 reach here. {mode}, {v["seconds"]:.0f} s on a shared 2-core machine (load
 {loads(v["load_before"])} before, {loads(v["load_after"])} after; {v["threads"]} torch
@@ -111,6 +112,6 @@ that synchronous FedAvg makes by the horizon; time to target in step-times (eval
 
 {_goals(v)}
 
-By the measurement the best arm is **{g["best"]}** (most goals met, then the smallest worst
-ratio).
+By the measurement the best arm is **{g["best"]}** (most goals met, a goal not measured
+counting as not met, then the smallest worst ratio).
 """
