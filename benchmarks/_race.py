@@ -41,6 +41,7 @@ class Trace:
         self.current: list[AdapterState] | None = None
         self.seen: list[AdapterState | None] = [None] * len(DOMAINS)
         self.reached: float | None = None
+        self.steps = 0  # training steps the arm took (set when it ends)
 
     def __call__(self, now: float, experts: list[AdapterState]) -> None:
         """``experts`` hold from virtual time ``now`` on: record the grid points before it."""
@@ -110,7 +111,7 @@ class Race:
             coordinator.close()
         self.runner.bench.occupant = None
         trace.finish(self.horizon)
-        trace.steps = sum(w.steps for w in workers)  # type: ignore[attr-defined]
+        trace.steps = sum(w.steps for w in workers)
         return trace
 
     def run(
@@ -163,7 +164,7 @@ def _add(
     row = arms.setdefault(arm, {"times": [], "speedups": [], "steps": [], "final": []})
     row["times"].append(time)
     row["speedups"].append(speedup)
-    row["steps"].append(trace.steps)  # type: ignore[attr-defined]
+    row["steps"].append(trace.steps)
     row["final"].append(mean(trace.losses[-1]))
     row["speedup_mean"] = mean(row["speedups"])
     row["speedup_sd"] = statistics.stdev(row["speedups"]) if seed > 0 else 0.0
