@@ -249,8 +249,7 @@ def main() -> None:
             runs = [runner.run(per_expert, how, settings, s, preset["interval"]) for s in seeds]
             layout[arm] = summarise(runs)
             print(f"{per_expert}/{how:8s} {arm:40s} {layout[arm]['domain_mean']:.3f}", flush=True)
-    racing = {arm: s for arm, s in strategies.items() if not (args.quick and arm == BEFORE)}
-    race = Race(runner, evaluator, preset).run(racing, HEADLINE, SYNC)
+    race = Race(runner, evaluator, preset).run(strategies, HEADLINE, SYNC)
     values = {
         "preset": preset,
         "quick": args.quick,
