@@ -112,6 +112,6 @@ that synchronous FedAvg makes by the horizon; time to target in step-times (eval
 
 {_goals(v)}
 
-By the measurement the best arm is **{g["best"]}** (most goals met, a goal not measured
-counting as not met, then the smallest worst ratio).
+Ranked by these figures alone (most goals met, a goal not measured counting as not met,
+then the smallest worst ratio): **{g["best"]}**.
 """
