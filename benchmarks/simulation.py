@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -26,7 +27,12 @@ from fedmoe.adapters import encode_adapter
 from fedmoe.aggregate import AdapterState
 from fedmoe.batching import TokenizedExample
 from fedmoe.config import LoraSettings, TrainSettings
-from fedmoe.coordinator.bootstrap import open_coordinator, register_in_process
+from fedmoe.coordinator.bootstrap import (
+    BaseFacts,
+    base_model_initial,
+    open_coordinator,
+    register_in_process,
+)
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
@@ -74,13 +80,23 @@ class Workbench:
         self.learning_rate = train.learning_rate_for(base_model)
 
     def worker(
-        self, name: str, expert: str, examples: list[TokenizedExample], *, slowdown: float = 1.0
+        self,
+        name: str,
+        expert: str,
+        examples: list[TokenizedExample],
+        *,
+        slowdown: float = 1.0,
+        seed: int | None = None,
     ) -> SimWorker:
-        """A worker with its own optimizer and batch stream, starting from the initial adapter."""
+        """A worker with its own optimizer and batch stream, starting from the initial adapter.
+
+        ``seed`` replaces ``TrainSettings.seed`` (the order of its batches).
+        """
+        train = self.train if seed is None else self.train.model_copy(update={"seed": seed})
         trainer = LocalTrainer(
             self.model,
             examples,
-            self.train,
+            train,
             pad_token_id=self.pad,
             device=torch.device("cpu"),
             learning_rate=self.learning_rate,
@@ -125,7 +141,13 @@ class Workbench:
 
 
 class Coordinator:
-    """The real ``CentralCoordinator`` (no HTTP) in a temporary state dir."""
+    """The real ``CentralCoordinator`` (no HTTP) in a temporary state dir.
+
+    The base model's facts (initial adapter, fingerprint) are derived once per process and
+    shared by every coordinator opened with the same base model and LoRA settings.
+    """
+
+    _facts: ClassVar[dict[str, BaseFacts]] = {}
 
     def __init__(
         self,
@@ -148,7 +170,12 @@ class Coordinator:
             server_lr=server_lr,
             **strategy,  # --strategy, --buffer-size, --server-optimizer, ... (strategy_bench)
         )
-        self.core: CentralCoordinator = open_coordinator(settings)
+        key = settings.model_dump_json(include={"base_model", "lora"})
+        if key not in Coordinator._facts:
+            Coordinator._facts[key] = base_model_initial(settings)
+        self.core: CentralCoordinator = open_coordinator(
+            settings, lambda _: Coordinator._facts[key]
+        )
 
     def register(self, worker: SimWorker) -> None:
         """Register the worker and give it the expert's current version."""

@@ -53,7 +53,9 @@ UPLOAD_DTYPES: tuple[UploadDtype, ...] = get_args(UploadDtype)
 STRATEGY_KINDS: tuple[StrategyKind, ...] = get_args(StrategyKind)
 SERVER_OPTIMIZERS: tuple[ServerOptimizerKind, ...] = get_args(ServerOptimizerKind)
 #: η when --server-lr is not given, per server optimizer (nesterov: DiLoCo's outer step).
-DEFAULT_SERVER_LR: dict[str, float] = {"sgd": 1.0, "nesterov": 0.7, "adam": 0.01}
+#: sgd: "auto" (1/K for K active workers; 1 with one worker), chosen by
+#: benchmarks/strategy_bench.py (README "Update rule and gateway").
+DEFAULT_SERVER_LR: dict[str, ServerLr] = {"sgd": "auto", "nesterov": 0.7, "adam": 0.01}
 #: Momentum when --server-momentum is not given (DiLoCo's 0.9 for nesterov, FedAdam's β1).
 DEFAULT_SERVER_MOMENTUM: dict[str, float] = {"sgd": 0.0, "nesterov": 0.9, "adam": 0.9}
 

@@ -159,7 +159,7 @@ def test_settings_strategy_options(tmp_path) -> None:
     assert auto.effective_server_lr == "auto"
     diloco = CoordinatorSettings(server_optimizer="nesterov", state_dir=tmp_path)
     assert (diloco.effective_server_lr, diloco.effective_server_momentum) == (0.7, 0.9)
-    assert CoordinatorSettings(state_dir=tmp_path).effective_server_lr == 1.0
+    assert CoordinatorSettings(state_dir=tmp_path).effective_server_lr == "auto"
     with pytest.raises(ValueError, match="no effect without strategy 'fedbuff'"):
         CoordinatorSettings(buffer_size=4, state_dir=tmp_path)
     with pytest.raises(ValueError, match="server_lr"):

@@ -65,9 +65,10 @@ class CoordinatorSettings(BaseSettings):
         default_factory=LoraSettings, description="The LoRA adapter every expert shares."
     )
     server_lr: ServerLr = Field(
-        1.0,
+        "auto",
         description="η in θ ← θ + η·s(τ)·Δ (> 0), or 'auto': 1/K for K workers active on "
-        "the expert (default 0.7 with --server-optimizer nesterov, 0.01 with adam).",
+        "the expert, 1 for a lone worker (default 0.7 with --server-optimizer nesterov, "
+        "0.01 with adam).",
     )
     strategy: StrategyKind = Field(
         "async",
@@ -319,7 +320,7 @@ class CoordinatorSettings(BaseSettings):
 
     @property
     def effective_server_lr(self) -> ServerLr:
-        """η: as given, else the server optimizer's default (1, 0.7 nesterov, 0.01 adam)."""
+        """η: as given, else the server optimizer's default (auto, 0.7 nesterov, 0.01 adam)."""
         if "server_lr" in self.model_fields_set:
             return self.server_lr
         return DEFAULT_SERVER_LR[self.server_optimizer]
