@@ -41,10 +41,9 @@ def test_steps_since_a_version_rebuild_the_expert_bit_for_bit(live_coordinator) 
         _, base = client.expert_adapter(PY, schema)
         mine = _bf16(shapes, 1)
         assert upload(http, PY, mine, update_headers("w1", 0, "mine")).status_code == 200
-        assert (
-            upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "theirs")).json()["weight"]
-            == 1 / 1.1
-        )
+        # staleness 1 (decay 1/1.1) with two active workers (server_lr auto: 1/2)
+        theirs = upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "theirs")).json()
+        assert theirs["weight"] == 0.5 / 1.1
         changes = client.expert_changes(PY, schema, since=0, exclude="mine")
         assert (changes.version, changes.delta_from) == (2, 0) and changes.steps is not None
         assert [(s.update_id, s.delta is None) for s in changes.steps] == [
