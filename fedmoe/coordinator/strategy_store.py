@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +21,22 @@ from safetensors.torch import save
 from fedmoe.adapters import atomic_write
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.ledger import Ledger, StrategyRow
-from fedmoe.robust_strategy import RobustBuffStrategy
+from fedmoe.coordinator.replay import replay_description
 from fedmoe.server_strategy import Strategy, StrategyState
 
 logger = logging.getLogger(__name__)
 
 
+# what identifies a strategy's state: a buffer or moments of another one do not fit
+IDENTITY = ("strategy", "optimizer", "momentum", "robust")
+
+
 def describe(strategy: Strategy) -> dict[str, Any]:
-    """What identifies a strategy's state: a buffer or moments of another one do not fit."""
-    optimizer = strategy.optimizer
-    described: dict[str, Any] = {
-        "strategy": strategy.name,
-        "optimizer": optimizer.kind,
-        "momentum": optimizer.momentum,
-        "buffer_size": strategy.buffer_size,
+    """The identifying part of ``replay_description``: the state's kind, not its rates."""
+    full = replay_description(strategy)
+    return {key: full[key] for key in IDENTITY if key in full} | {
+        "buffer_size": strategy.buffer_size
     }
-    if isinstance(strategy, RobustBuffStrategy):  # its buffer keeps each update apart
-        described["robust"] = asdict(strategy.robust)
-    return described
 
 
 class StrategyStore:
