@@ -196,6 +196,8 @@ def test_quick_command_reference(scripts: Scripts, tmp_path: Path) -> None:
 def test_bad_dataset_line_fails_the_start(scripts: Scripts, tmp_path: Path) -> None:
     dataset = tmp_path / "bad.jsonl"
     dataset.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
+    # a loaded machine can take over the default 30 s to import torch and reach the bad line
+    scripts.env["FEDMOE_WORKER_CHECK_TIMEOUT"] = "150"
     result = scripts.run(
         "start_worker.sh",
         "--coordinator-url",
@@ -208,6 +210,7 @@ def test_bad_dataset_line_fails_the_start(scripts: Scripts, tmp_path: Path) -> N
         str(dataset),
         "--threads",
         "1",
+        timeout=200,
     )
     assert result.returncode != 0
     assert f"{dataset}:2" in result.stdout + result.stderr

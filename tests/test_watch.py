@@ -100,6 +100,6 @@ def test_status_watch_command_exits_cleanly_on_ctrl_c(live_coordinator) -> None:
             time.sleep(0.2)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=20)
+    output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert PY in output and "2.500" in output and PY_WORKER in output, output
