@@ -42,7 +42,7 @@ def test_spent_epsilon_equals_opacus_accountant(kind: str) -> None:
         pad_token_id=base.tokenizer.pad_token_id,
         device=base.model.device,
         learning_rate=0.01,
-        plan=plan,
+        privacy=plan,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(3):

@@ -11,7 +11,6 @@ reads for the dashboard (train losses, staleness, refusals by policy).
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmoe.coordinator import errors
+from fedmoe.coordinator.database import connect
 from fedmoe.coordinator.versions import MAX_NUM_TOKENS
 
 if TYPE_CHECKING:
@@ -127,11 +127,7 @@ class EvaluationLog:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        self._db = connect(path, SCHEMA)
 
     def close(self) -> None:
         """Close this connection."""

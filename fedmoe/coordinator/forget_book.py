@@ -12,12 +12,12 @@ marked done, one whose record did not is dropped (the worker stays revoked; runn
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from fedmoe.coordinator.database import connect
 from fedmoe.schemas import ForgetRow
 
 SCHEMA = """
@@ -39,10 +39,7 @@ class ForgetBook:
 
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = connect(path, SCHEMA)
 
     def close(self) -> None:
         """Close the connection."""

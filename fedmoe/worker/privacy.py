@@ -148,7 +148,7 @@ class PrivateTrainer(LocalTrainer):
         pad_token_id: int,
         device: torch.device,
         learning_rate: float,
-        plan: PrivacyPlan,
+        privacy: PrivacyPlan,
     ) -> None:
         from opacus import PrivacyEngine
 
@@ -160,8 +160,8 @@ class PrivateTrainer(LocalTrainer):
             device=device,
             learning_rate=learning_rate,
         )
-        self.privacy = plan
-        self.engine = PrivacyEngine(accountant=plan.accountant)
+        self.privacy = privacy
+        self.engine = PrivacyEngine(accountant=privacy.accountant)
         loader = torch.utils.data.DataLoader(
             _Examples(examples),
             batch_size=settings.batch_size,
@@ -173,14 +173,14 @@ class PrivateTrainer(LocalTrainer):
             module=model,
             optimizer=self.optimizer,
             data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
             poisson_sampling=True,
             wrap_model=False,
         )
-        if not math.isclose(plan.sample_rate, 1.0 / len(self.loader)):
+        if not math.isclose(privacy.sample_rate, 1.0 / len(self.loader)):
             raise RuntimeError("Opacus' sample rate differs from the plan's")
-        self.budget_steps = plan.steps_within_budget()
+        self.budget_steps = privacy.steps_within_budget()
         self.private_batches = self._forever()
 
     def _forever(self) -> Iterator[Any]:
@@ -250,4 +250,4 @@ def build_trainer(
         plan.delta,
         plan.target_epsilon,
     )
-    return PrivateTrainer(model, examples, settings, plan=plan, **kwargs)
+    return PrivateTrainer(model, examples, settings, privacy=plan, **kwargs)

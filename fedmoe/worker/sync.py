@@ -308,9 +308,7 @@ class Syncer:
             return False
         delta = decode_adapter(pending.body, self.identity.tensor_shapes)  # float32, as there
         newest = apply_update(self.pulled, delta, ack.weight)
-        if state_digest(newest) != ack.state_sha256:
-            self.stats.digest_mismatches += 1
-            logger.warning("expert v%d differs from our reconstruction; pulling it", ack.version)
+        if not self._digest_matches(newest, ack.state_sha256, ack.version):
             return False
         self.stats.skipped_pulls += 1
         self._adopt(ack.version, newest, since=pending.snapshot)
@@ -331,13 +329,19 @@ class Syncer:
             return True
         own = {pending.update_id: decode_adapter(pending.body, shapes)}
         newest = rebuild(self.pulled, changes.steps, own)
-        if changes.digest is None or state_digest(newest) != changes.digest:
-            self.stats.digest_mismatches += 1
-            logger.warning("expert v%d differs from its rebuild; pulling it", changes.version)
+        if not self._digest_matches(newest, changes.digest, changes.version):
             return False
         self.stats.incremental_pulls += 1
         self._adopt(changes.version, newest, since=pending.snapshot)
         return True
+
+    def _digest_matches(self, rebuilt: AdapterState, digest: str | None, version: int) -> bool:
+        """Whether our rebuild of expert ``version`` is the coordinator's (else: a full pull)."""
+        if digest is not None and state_digest(rebuilt) == digest:
+            return True
+        self.stats.digest_mismatches += 1
+        logger.warning("expert v%d differs from our rebuild of it; pulling it", version)
+        return False
 
     def _send(self, pending: PendingUpdate) -> UpdateAck:
         self.stats.bytes_up += len(pending.body)
