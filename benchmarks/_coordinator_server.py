@@ -19,65 +19,33 @@ fsync (``fedmoe.adapters.atomic_write``, the coordinator's own writer).
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import Request
 
+from benchmarks._realsize_server import RANK, SHAPES, initial_adapter
+from benchmarks._serve import floor_base, serve, server_parser
 from fedmoe.config import LoraSettings
 
-QWEN_HIDDEN, QWEN_LAYERS, QWEN_KV_OUT, QWEN_INTERMEDIATE = 896, 24, 2 * 64, 4864
-QWEN_RANK = 16
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+QWEN_RANK = RANK
 QWEN_NAME = "synthetic/Qwen2.5-0.5B-shape"
 QWEN_FINGERPRINT = "config:synthetic0qwen05/weights:synthetic0qwen05"
-# Qwen2.5-7B: hidden, layers, k/v out (4 heads x 128), intermediate
-QWEN7_DIMS = (3584, 28, 4 * 128, 18944)
 QWEN7_NAME = "synthetic/Qwen2.5-7B-shape"
-DIMS = {
-    QWEN_NAME: (QWEN_HIDDEN, QWEN_LAYERS, QWEN_KV_OUT, QWEN_INTERMEDIATE),
-    QWEN7_NAME: QWEN7_DIMS,
-}
+SIZE_OF_BASE = {QWEN_NAME: "0.5B", QWEN7_NAME: "7B"}
 BASE_OF_SHAPE = {"qwen": QWEN_NAME, "qwen7": QWEN7_NAME}
-
-
-def qwen_shapes(rank: int = QWEN_RANK, base: str = QWEN_NAME) -> dict[str, tuple[int, int]]:
-    """PEFT keys and shapes of a rank-``rank`` LoRA on every projection of Qwen2.5-0.5B
-    (or of ``base``'s dimensions: ``QWEN7_NAME``)."""
-    h, layers, kv, inter = DIMS[base]
-    # module -> (in_features, out_features)
-    modules = {
-        "self_attn.q_proj": (h, h),
-        "self_attn.k_proj": (h, kv),
-        "self_attn.v_proj": (h, kv),
-        "self_attn.o_proj": (h, h),
-        "mlp.gate_proj": (h, inter),
-        "mlp.up_proj": (h, inter),
-        "mlp.down_proj": (inter, h),
-    }
-    shapes = {}
-    for layer in range(layers):
-        for module, (fan_in, fan_out) in modules.items():
-            prefix = f"base_model.model.model.layers.{layer}.{module}"
-            shapes[f"{prefix}.lora_A.weight"] = (rank, fan_in)
-            shapes[f"{prefix}.lora_B.weight"] = (fan_out, rank)
-    return dict(sorted(shapes.items()))
 
 
 def qwen_initial(
     rank: int = QWEN_RANK, seed: int = 0, base: str = QWEN_NAME
 ) -> dict[str, torch.Tensor]:
-    """A PEFT-like initial adapter: small random A, zero B (float32)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in qwen_shapes(rank, base).items():
-        if ".lora_A." in key:
-            state[key] = torch.randn(shape, generator=generator) * 0.02
-        else:
-            state[key] = torch.zeros(shape)
-    return state
+    """A PEFT-like initial adapter of Qwen2.5-0.5B's shape (or ``base``'s:
+    ``QWEN7_NAME``): small random A, zero B (float32)."""
+    return initial_adapter(SHAPES[SIZE_OF_BASE[base]], rank, seed)
 
 
 def random_delta(schema: dict[str, tuple[int, ...]], seed: int = 1) -> dict[str, torch.Tensor]:
@@ -127,20 +95,15 @@ def build_coordinator(
     return open_coordinator(config, qwen_source)
 
 
-def floor_app(directory: Path):
+def floor_app(directory: Path) -> FastAPI:
     """The FLOOR: FastAPI reads the body and (optionally) writes it durably, nothing else."""
-    from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
     from fedmoe.adapters import atomic_write
 
-    app = FastAPI()
+    app = floor_base()
     directory.mkdir(parents=True, exist_ok=True)
     counter = {"n": 0}
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.post("/floor/{name}")
     async def floor(name: str, request: Request, write: int = 1) -> dict[str, int]:
@@ -155,37 +118,16 @@ def floor_app(directory: Path):
 
 def main() -> None:
     """Parse flags, build the app, bind port 0, print it and serve until SIGTERM."""
-    import uvicorn
-
-    from fedmoe.api.app import create_app
-    from fedmoe.api.server import listen_socket, write_url_file
-    from fedmoe.coordinator.auth import TokenRegistry
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--url-file", type=Path, required=True)
+    parser = server_parser(__doc__.splitlines()[0], experts="e0,e1,e2")
     parser.add_argument("--shape", choices=("tiny", "qwen", "qwen7"), default="tiny")
-    parser.add_argument("--experts", default="e0,e1,e2")
     parser.add_argument("--merge-method", default="cat")
-    parser.add_argument("--floor", action="store_true")
     args = parser.parse_args()
-    coordinator = None
     if args.floor:
-        app = floor_app(args.state_dir)
+        serve(args.url_file, floor_app(args.state_dir), None)
     else:
-        coordinator = build_coordinator(
-            args.shape, args.state_dir, args.experts.split(","), args.merge_method
-        )
-        app = create_app(coordinator, TokenRegistry({}))
-    sock = listen_socket("127.0.0.1", 0)  # the real server's own listener
-    write_url_file(args.url_file, f"http://127.0.0.1:{sock.getsockname()[1]}")
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        if coordinator is not None:
-            coordinator.close()
-        sys.stdout.flush()
+        experts = args.experts.split(",")
+        coordinator = build_coordinator(args.shape, args.state_dir, experts, args.merge_method)
+        serve(args.url_file, None, coordinator)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ single ``fsync``: the least any server that makes an upload durable must do.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from fastapi import Request
 
+from benchmarks._serve import floor_base, serve, server_parser
 from fedmoe.config import LoraSettings
 
 if TYPE_CHECKING:
@@ -133,10 +132,9 @@ def open_realsize(size: str, state_dir: Path, experts: list[str]) -> CentralCoor
 
 def floor_app(directory: Path) -> FastAPI:
     """FastAPI that reads the body and appends it to a file with one ``fsync``."""
-    from fastapi import FastAPI
     from starlette.concurrency import run_in_threadpool
 
-    app = FastAPI()
+    app = floor_base()
     directory.mkdir(parents=True, exist_ok=True)
     log = directory / "floor.log"
 
@@ -145,10 +143,6 @@ def floor_app(directory: Path) -> FastAPI:
             handle.write(body)
             handle.flush()
             os.fsync(handle.fileno())
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.post("/floor")
     async def floor(request: Request) -> dict[str, int]:
@@ -161,34 +155,14 @@ def floor_app(directory: Path) -> FastAPI:
 
 def main() -> None:
     """Parse flags, build the app, bind port 0, write the URL file and serve until SIGTERM."""
-    import uvicorn
-
-    from fedmoe.api.app import create_app
-    from fedmoe.api.server import listen_socket, write_url_file
-    from fedmoe.coordinator.auth import TokenRegistry
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--url-file", type=Path, required=True)
+    parser = server_parser(__doc__.splitlines()[0], experts="e0")
     parser.add_argument("--size", choices=sorted(SHAPES), default="0.5B")
-    parser.add_argument("--experts", default="e0")
-    parser.add_argument("--floor", action="store_true")
     args = parser.parse_args()
-    coordinator = None
     if args.floor:
-        app = floor_app(args.state_dir)
+        serve(args.url_file, floor_app(args.state_dir), None)
     else:
-        coordinator = open_realsize(args.size, args.state_dir, args.experts.split(","))
-        app = create_app(coordinator, TokenRegistry({}))
-    sock = listen_socket("127.0.0.1", 0)
-    write_url_file(args.url_file, f"http://127.0.0.1:{sock.getsockname()[1]}")
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        if coordinator is not None:
-            coordinator.close()
-        sys.stdout.flush()
+        experts = args.experts.split(",")
+        serve(args.url_file, None, open_realsize(args.size, args.state_dir, experts))
 
 
 if __name__ == "__main__":
