@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +29,20 @@ from benchmarks.report import add_output_flags, publish
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how often each measurement runs."""
+    """How long and how often each measurement runs (the defaults: the full run)."""
 
-    concurrency_seconds: float
-    thread_comparison: bool
-    speed_seconds: dict[str, float]
-    min_sequential: dict[str, int]
-    repeat: dict[str, int]
-    memory_updates: int
-    many_experts: int
-    clients: tuple[int, ...]
-    linear_at_3: bool
+    concurrency_seconds: float = 20.0
+    thread_comparison: bool = True
+    speed_seconds: dict[str, float] = field(default_factory=lambda: {"tiny": 6.0, "qwen": 10.0})
+    min_sequential: dict[str, int] = field(default_factory=lambda: {"tiny": 100, "qwen": 20})
+    repeat: dict[str, int] = field(default_factory=lambda: {"tiny": 50, "qwen": 8})
+    memory_updates: int = 2
+    many_experts: int = 30
+    clients: tuple[int, ...] = (1, 10, 30)
+    linear_at_3: bool = True
 
 
-FULL = Plan(
-    concurrency_seconds=20.0,
-    thread_comparison=True,
-    speed_seconds={"tiny": 6.0, "qwen": 10.0},
-    min_sequential={"tiny": 100, "qwen": 20},
-    repeat={"tiny": 50, "qwen": 8},
-    memory_updates=2,
-    many_experts=30,
-    clients=(1, 10, 30),
-    linear_at_3=True,
-)
+FULL = Plan()
 QUICK = Plan(
     concurrency_seconds=3.0,
     thread_comparison=False,

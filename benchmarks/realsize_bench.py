@@ -44,44 +44,22 @@ RTT = 0.020  # seconds, 10 ms each way
 
 @dataclass(frozen=True)
 class Plan:
-    """How long each measurement runs."""
+    """How long each measurement runs (the defaults: the full run)."""
 
-    syncs: int  # background syncs per size, sole worker
-    peer_syncs: int  # the same with a peer
-    interval: float  # seconds between syncs
-    step: float  # seconds of one fake training step
-    ack_uploads: int  # sequential uploads per size, coordinator and FLOOR each
-    memory_experts: tuple[int, ...]
-    crowd_workers: int
-    crowd_seconds: float
-    crowd_interval: float  # each crowd worker uploads once per this many seconds
-    crowd_procs: int  # load-generator processes the crowd's threads are spread over
+    syncs: int = 6  # background syncs per size, sole worker
+    peer_syncs: int = 4  # the same with a peer
+    interval: float = 10.0  # seconds between syncs
+    step: float = 0.5  # seconds of one fake training step
+    ack_uploads: int = 8  # sequential uploads per size, coordinator and FLOOR each
+    memory_experts: tuple[int, ...] = (3, 30)
+    crowd_workers: int = 30
+    crowd_seconds: float = 60.0
+    crowd_interval: float = 10.0  # each crowd worker uploads once per this many seconds
+    crowd_procs: int = 6  # load-generator processes the crowd's threads are spread over
 
 
-FULL = Plan(
-    syncs=6,
-    peer_syncs=4,
-    interval=10.0,
-    step=0.5,
-    ack_uploads=8,
-    memory_experts=(3, 30),
-    crowd_workers=30,
-    crowd_seconds=60.0,
-    crowd_interval=10.0,
-    crowd_procs=6,
-)
-QUICK = Plan(
-    syncs=2,
-    peer_syncs=1,
-    interval=10.0,
-    step=0.5,
-    ack_uploads=3,
-    memory_experts=(3, 30),
-    crowd_workers=30,
-    crowd_seconds=20.0,
-    crowd_interval=10.0,
-    crowd_procs=3,
-)
+FULL = Plan()
+QUICK = Plan(syncs=2, peer_syncs=1, ack_uploads=3, crowd_seconds=20.0, crowd_procs=3)
 
 
 def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, Any]:
