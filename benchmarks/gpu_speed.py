@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
+from benchmarks._speed_common import SHAPES, qwen_config, timed
 from benchmarks.report import publish
 from fedmoe.batching import BatchStream, TokenizedExample, collate, count_trainable_tokens
 from fedmoe.config import ALL_PROJECTIONS, LoraSettings, TrainSettings
@@ -41,35 +42,6 @@ from fedmoe.modeling import attach_lora
 from fedmoe.worker.speed import liger_available
 from fedmoe.worker.trainer import LocalTrainer
 
-SHAPES = {
-    "0.5B": {
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-    },
-    "7B": {
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-    },
-    "smoke": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 1000,
-        "tie_word_embeddings": True,
-    },
-}
 LORA = LoraSettings(rank=16, alpha=32.0)
 
 
@@ -87,9 +59,7 @@ class Arm:
 
 def build_model(shape: str, device: torch.device, attention: str) -> Qwen2ForCausalLM:
     """Random bf16 weights made directly on ``device`` (a 7B model in seconds)."""
-    config = Qwen2Config(
-        **SHAPES[shape], max_position_embeddings=32768, rope_theta=1_000_000.0, use_cache=False
-    )
+    config = qwen_config(shape, use_cache=False)
     config._attn_implementation = attention
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -153,14 +123,7 @@ def measure(step: Callable[[], int], warmup: int, steps: int, device: torch.devi
     """Tokens/s over ``steps`` steps after ``warmup``; peak memory of the whole arm."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    began, tokens = time.perf_counter(), 0
-    for _ in range(steps):
-        tokens += step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - began
+    tokens, seconds = timed(step, steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"tokens_per_second": tokens / seconds, "seconds": seconds, "peak_gib": peak}
 

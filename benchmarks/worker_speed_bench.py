@@ -24,14 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel, Qwen2ForCausalLM
 
+from benchmarks._speed_common import Step, qwen_config, timed
 from benchmarks.common import DEMO_SYNC_INTERVAL, parser, setup_torch
 from benchmarks.report import publish
 from fedmoe.batching import (
@@ -53,24 +53,12 @@ from fedmoe.worker.speed import resolve_plan
 from fedmoe.worker.trainer import LocalTrainer, autocast_for
 
 DOMAIN = "python_expert"
-Step = Callable[[], int]  # one optimizer step; returns the target tokens it trained
 
 
 def qwen05b_shape() -> PreTrainedModel:
     """A random-weight model with Qwen2.5-0.5B's shape (float32)."""
-    config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
-    )
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(qwen_config("0.5B"))
 
 
 def base_model(name: str, shaped: bool, device: torch.device) -> PreTrainedModel:
@@ -147,18 +135,6 @@ def fedmoe_step(model: PreTrainedModel, setup: LoopSetup, packing: str, loss: st
         learning_rate=setup.lr,
     )
     return lambda: trainer.step().tokens
-
-
-def timed(step: Step, steps: int, device: torch.device) -> tuple[int, float]:
-    """Run ``steps`` steps; (target tokens, seconds)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    began, tokens = time.perf_counter(), 0
-    for _ in range(steps):
-        tokens += step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return tokens, time.perf_counter() - began
 
 
 def interleaved(
