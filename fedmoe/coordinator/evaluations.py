@@ -11,14 +11,13 @@ reads for the dashboard (train losses, staleness, refusals by policy).
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedmoe.coordinator import errors
-from fedmoe.coordinator.database import connect
+from fedmoe.coordinator.database import Database
 from fedmoe.coordinator.versions import MAX_NUM_TOKENS
 
 if TYPE_CHECKING:
@@ -122,17 +121,11 @@ def _check_result(result: EvalResult) -> None:
         raise errors.InvalidUpdateError(f"routing_accuracy must be in [0, 1], got {accuracy}")
 
 
-class EvaluationLog:
+class EvaluationLog(Database):
     """The ``evaluations`` table (and read-only views of the update ledger)."""
 
     def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = connect(path, SCHEMA)
-
-    def close(self) -> None:
-        """Close this connection."""
-        with self._lock:
-            self._db.close()
+        super().__init__(path, SCHEMA)
 
     def record(self, report: EvalReport) -> list[dict[str, Any]]:
         """Store every result of ``report`` in one transaction; return the stored rows."""
@@ -154,19 +147,13 @@ class EvaluationLog:
             for r in report.results
         ]
         marks = ", ".join("?" for _ in COLUMNS[1:])
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                seqs = [
-                    self._db.execute(
-                        f"INSERT INTO evaluations ({', '.join(COLUMNS[1:])}) VALUES ({marks})", row
-                    ).lastrowid
-                    for row in rows
-                ]
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction() as db:
+            seqs = [
+                db.execute(
+                    f"INSERT INTO evaluations ({', '.join(COLUMNS[1:])}) VALUES ({marks})", row
+                ).lastrowid
+                for row in rows
+            ]
         return [dict(zip(COLUMNS, (seq, *row))) for seq, row in zip(seqs, rows)]
 
     def history(
@@ -192,12 +179,12 @@ class EvaluationLog:
         sql = f"SELECT {', '.join(COLUMNS)} FROM evaluations"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._rows(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit))
+        rows = self._query(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit))
         return [dict(zip(COLUMNS, row)) | {"final": bool(row[-1])} for row in rows]
 
     def federated_losses(self) -> dict[tuple[str, str], float]:
         """(expert, kind) → token-weighted mean of each worker's latest loss (FedAvg-style)."""
-        rows = self._rows(
+        rows = self._query(
             "SELECT expert, kind, SUM(loss * tokens) / SUM(tokens) FROM evaluations "
             "WHERE seq IN (SELECT MAX(seq) FROM evaluations GROUP BY expert, kind, worker_id) "
             "GROUP BY expert, kind"
@@ -206,13 +193,9 @@ class EvaluationLog:
 
     def updates(self, *, after: int = 0, limit: int = 2000) -> list[dict[str, Any]]:
         """Ledger rows (accepted and refused by policy) with ``seq > after``, newest first."""
-        rows = self._rows(
+        rows = self._query(
             f"SELECT {', '.join(UPDATE_COLUMNS)} FROM updates WHERE seq > ? "
             "ORDER BY seq DESC LIMIT ?",
             (after, limit),
         )
         return [dict(zip(UPDATE_COLUMNS, row)) | {"accepted": bool(row[4])} for row in rows]
-
-    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()

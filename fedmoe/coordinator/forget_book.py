@@ -12,12 +12,11 @@ marked done, one whose record did not is dropped (the worker stays revoked; runn
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from fedmoe.coordinator.database import connect
+from fedmoe.coordinator.database import Database
 from fedmoe.schemas import ForgetRow
 
 SCHEMA = """
@@ -34,35 +33,19 @@ COLUMNS = (
 )
 
 
-class ForgetBook:
+class ForgetBook(Database):
     """Revoked worker ids and the rebuilds done without them."""
 
     def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = connect(path, SCHEMA)
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self._db.close()
-
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        super().__init__(path, SCHEMA)
 
     def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
         """Run ``statements`` in one transaction; the last one's ``lastrowid``."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                last = 0
-                for sql, args in statements:
-                    last = self._db.execute(sql, args).lastrowid or 0
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return last
+        last = 0
+        with self._lock, self._transaction() as db:
+            for sql, args in statements:
+                last = db.execute(sql, args).lastrowid or 0
+        return last
 
     def revoked(self) -> set[str]:
         """Every revoked worker id."""

@@ -7,14 +7,12 @@ the source of truth for which version of each file is current.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmoe.coordinator.database import connect
+from fedmoe.coordinator.database import Database
 from fedmoe.schemas import LedgerRow, UpdateAck, WorkerInfo
 
 SCHEMA = """
@@ -138,13 +136,12 @@ class AcceptedUpdate:
     body_sha256: str | None
 
 
-class Ledger:
+class Ledger(Database):
     """Thread-safe access to the coordinator's SQLite database."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = connect(self.path, SCHEMA)
+        super().__init__(self.path, SCHEMA)
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
@@ -153,15 +150,6 @@ class Ledger:
             for name, kind in columns.items():
                 if name not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
-    def close(self) -> None:
-        """Close the database connection."""
-        with self._lock:
-            self._db.close()
-
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
 
     def get_meta(self, key: str) -> str | None:
         """A value from the ``meta`` table, or None."""
@@ -172,9 +160,6 @@ class Ledger:
         """Insert or replace ``meta`` entries in one transaction."""
         with self._lock, self._transaction():
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
-
-    def _transaction(self, *, logged: bool = False) -> _Transaction:
-        return _Transaction(self._db, logged=logged)
 
     def snapshot_rows(self) -> dict[str, SnapshotRow]:
         """Each expert's newest durable snapshot."""
@@ -404,28 +389,3 @@ class Ledger:
 def _worker_info(row: tuple[Any, ...]) -> WorkerInfo:
     names = [name.strip() for name in WORKER_COLUMNS.split(",")]
     return WorkerInfo.model_validate(dict(zip(names, row)))
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error.
-
-    A ``logged`` transaction commits without its own fsync (synchronous=NORMAL): it
-    records an update whose log record was fsynced already, and start-up restores any
-    row a power cut took from SQLite out of that record. Everything else is FULL.
-    """
-
-    def __init__(self, db: sqlite3.Connection, *, logged: bool = False) -> None:
-        self._db, self._logged = db, logged
-
-    def __enter__(self) -> sqlite3.Connection:
-        if self._logged:
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            if self._logged:
-                self._db.execute("PRAGMA synchronous=FULL")
