@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 import warnings
@@ -181,6 +182,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def prune_versions(directory: Path, name: str, tag: str, keep: Path) -> None:
+    """Remove every ``{name}.{tag}NNNNNNNNNN.safetensors`` file in ``directory`` but ``keep``,
+    and the temp files ``atomic_write`` left of them."""
+    # exact patterns: a glob on "name.v*" would also match an expert called "name.v2"
+    ours = re.compile(rf"\.?{re.escape(name)}\.{tag}\d{{10}}\.safetensors(\.[A-Za-z0-9_]+\.tmp)?")
+    for path in directory.iterdir():
+        if path != keep and ours.fullmatch(path.name):
+            path.unlink(missing_ok=True)
 
 
 def write_peft_dir(

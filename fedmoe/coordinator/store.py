@@ -10,7 +10,6 @@ background and recomputed at start-up rather than trusted.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from fedmoe.adapters import atomic_write, encode_adapter
+from fedmoe.adapters import atomic_write, encode_adapter, prune_versions
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +73,7 @@ class AdapterStore:
 
     def prune_expert(self, name: str, keep_version: int) -> None:
         """Remove every file of ``name`` except the current version (and its temp files)."""
-        # exact patterns: a glob on "name.v*" would also match an expert called "name.v2"
-        ours = re.compile(rf"\.?{re.escape(name)}\.v\d{{10}}\.safetensors(\.[A-Za-z0-9_]+\.tmp)?")
-        keep = self.expert_path(name, keep_version)
-        for path in self.directory.iterdir():
-            if path != keep and ours.fullmatch(path.name):
-                path.unlink(missing_ok=True)
+        prune_versions(self.directory, name, "v", self.expert_path(name, keep_version))
 
     @property
     def gateway_path(self) -> Path:

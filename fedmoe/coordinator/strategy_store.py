@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import save
 
-from fedmoe.adapters import atomic_write
+from fedmoe.adapters import atomic_write, prune_versions
 from fedmoe.coordinator import errors
 from fedmoe.coordinator.ledger import Ledger, StrategyRow
 from fedmoe.coordinator.replay import replay_description
@@ -63,11 +62,7 @@ class StrategyStore:
 
     def prune(self, name: str, keep_seq: int) -> None:
         """Remove every state file of ``name`` except ``keep_seq`` (and temp files)."""
-        ours = re.compile(rf"\.?{re.escape(name)}\.s\d{{10}}\.safetensors(\.[A-Za-z0-9_]+\.tmp)?")
-        keep = self.path(name, keep_seq)
-        for path in self.directory.iterdir():
-            if path != keep and ours.fullmatch(path.name):
-                path.unlink(missing_ok=True)
+        prune_versions(self.directory, name, "s", self.path(name, keep_seq))
 
 
 def restore_states(
