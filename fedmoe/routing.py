@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, get_args
 
 import torch
@@ -112,16 +112,8 @@ class RouteDecision:
         return self.expert if self.expert is not None else f"fallback:{self.fallback}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "expert": self.expert,
-            "fallback": self.fallback,
-            "margin": self.margin,
-            "scores": self.scores,
-            "weights": self.weights,
-            "distance": self.distance,
-            "ood": self.ood,
-        }
+        """JSON-ready form (every field)."""
+        return asdict(self)
 
 
 class Router:
