@@ -7,11 +7,12 @@ bad one is a 422 naming it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_SEQUENCES = 4
+ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
 
 
 class RoutingInfo(BaseModel):
@@ -131,16 +132,23 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
-class Completion(BaseModel):
-    """A text completion (``object: text_completion``)."""
+class CompletionEnvelope(BaseModel, Generic[ChoiceT]):
+    """What a text and a chat completion have in common:
+    OpenAI's fields, then FedMoE's routing."""
 
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[ChoiceT]
     usage: Usage | None = None
     fedmoe: RoutingInfo
+
+
+class Completion(CompletionEnvelope[CompletionChoice]):
+    """A text completion (``object: text_completion``)."""
+
+    object: Literal["text_completion"] = "text_completion"
 
 
 class AssistantMessage(BaseModel):
@@ -159,16 +167,11 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(CompletionEnvelope[ChatChoice]):
     """A chat completion (``object: chat.completion``)."""
 
-    id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
     usage: Usage
-    fedmoe: RoutingInfo
 
 
 class ModelCard(BaseModel):
