@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import httpx
 
@@ -24,12 +24,30 @@ from fedmoe.schemas import (
 )
 
 if TYPE_CHECKING:  # importing torch makes the CLI's `status` slow, so only for types
+    from typing_extensions import Unpack
+
     from fedmoe.adapters import AdapterSchema
     from fedmoe.aggregate import AdapterState
     from fedmoe.deltas import ExpertChanges
 
 TOKEN_ENV = "FEDMOE_AUTH_TOKEN"
 CA_CERT_ENV = "FEDMOE_CA_CERT"
+
+
+class _UploadFacts(TypedDict):
+    worker_id: str
+    update_id: str
+    base_version: int
+    num_tokens: int
+    train_loss: float | None
+
+
+class UploadFacts(_UploadFacts, total=False):
+    """What an upload says about its delta (the ``X-FedMoE-*`` headers), as the keyword
+    arguments of ``upload``; ``dp_epsilon``, the spent ε of a worker training with
+    DP-SGD, may be left out."""
+
+    dp_epsilon: float | None
 
 
 class ApiError(Exception):
@@ -219,27 +237,16 @@ class CoordinatorClient:
         delta_from = int(response.headers["X-FedMoE-Delta-From"])
         return ExpertChanges(version, digest, steps=steps, delta_from=delta_from, size=size)
 
-    def upload(
-        self,
-        expert: str,
-        body: bytes,
-        *,
-        worker_id: str,
-        update_id: str,
-        base_version: int,
-        num_tokens: int,
-        train_loss: float | None,
-        dp_epsilon: float | None = None,
-    ) -> UpdateAck:
-        """``POST /v1/experts/{expert}/updates`` with a safetensors delta (and the spent ε
-        of a worker training with DP-SGD)."""
+    def upload(self, expert: str, body: bytes, **facts: Unpack[UploadFacts]) -> UpdateAck:
+        """``POST /v1/experts/{expert}/updates`` with a safetensors delta and its facts."""
         headers = {
             "Content-Type": "application/octet-stream",
-            "X-FedMoE-Worker-Id": worker_id,
-            "X-FedMoE-Update-Id": update_id,
-            "X-FedMoE-Base-Version": str(base_version),
-            "X-FedMoE-Num-Tokens": str(num_tokens),
+            "X-FedMoE-Worker-Id": facts["worker_id"],
+            "X-FedMoE-Update-Id": facts["update_id"],
+            "X-FedMoE-Base-Version": str(facts["base_version"]),
+            "X-FedMoE-Num-Tokens": str(facts["num_tokens"]),
         }
+        train_loss, dp_epsilon = facts["train_loss"], facts.get("dp_epsilon")
         if train_loss is not None:
             headers["X-FedMoE-Train-Loss"] = repr(float(train_loss))
         if dp_epsilon is not None:

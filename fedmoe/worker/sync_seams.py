@@ -12,16 +12,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 import torch
 
 from fedmoe.adapters import AdapterSchema
 from fedmoe.aggregate import AdapterState
-from fedmoe.client import ApiError
+from fedmoe.client import ApiError, UploadFacts
 from fedmoe.deltas import ExpertChanges
 from fedmoe.schemas import RegistrationAck, SchemaInfo, UpdateAck
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +58,7 @@ class SyncClient(Protocol):
         """What changed since version ``since``: the steps from it, or the full expert."""
         ...
 
-    def upload(
-        self,
-        expert: str,
-        body: bytes,
-        *,
-        worker_id: str,
-        update_id: str,
-        base_version: int,
-        num_tokens: int,
-        train_loss: float | None,
-        dp_epsilon: float | None = None,
-    ) -> UpdateAck:
+    def upload(self, expert: str, body: bytes, **facts: Unpack[UploadFacts]) -> UpdateAck:
         """``POST /v1/experts/{expert}/updates``."""
         ...
 
