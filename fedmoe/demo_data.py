@@ -75,38 +75,26 @@ _PY_TASKS = (
     ),
 )
 
-# SQL: table -> (columns, numeric column, categorical column, categorical values).
+# SQL: each table's columns, and the numeric column, categorical column and that
+# column's values its questions filter and group by.
+_COLUMNS = {
+    "customers": "id name email country spend",
+    "orders": "id customer_id total status placed_at",
+    "products": "id name category price stock",
+    "employees": "id name department salary hired_at",
+    "tickets": "id customer_id priority status wait_min",
+}
+_FILTERS = {
+    "customers": ("spend", "country", "DE FR US JP BR"),
+    "orders": ("total", "status", "paid shipped refunded pending"),
+    "products": ("price", "category", "books garden toys audio"),
+    "employees": ("salary", "department", "sales support finance research"),
+    "tickets": ("wait_min", "priority", "low normal high urgent"),
+}
+# table -> (columns, numeric column, categorical column, categorical values)
 _SCHEMAS = {
-    "customers": (
-        ("id", "name", "email", "country", "spend"),
-        "spend",
-        "country",
-        ("DE", "FR", "US", "JP", "BR"),
-    ),
-    "orders": (
-        ("id", "customer_id", "total", "status", "placed_at"),
-        "total",
-        "status",
-        ("paid", "shipped", "refunded", "pending"),
-    ),
-    "products": (
-        ("id", "name", "category", "price", "stock"),
-        "price",
-        "category",
-        ("books", "garden", "toys", "audio"),
-    ),
-    "employees": (
-        ("id", "name", "department", "salary", "hired_at"),
-        "salary",
-        "department",
-        ("sales", "support", "finance", "research"),
-    ),
-    "tickets": (
-        ("id", "customer_id", "priority", "status", "wait_min"),
-        "wait_min",
-        "priority",
-        ("low", "normal", "high", "urgent"),
-    ),
+    table: (tuple(_COLUMNS[table].split()), number, category, tuple(values.split()))
+    for table, (number, category, values) in _FILTERS.items()
 }
 
 _COMPONENTS = (
