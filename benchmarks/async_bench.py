@@ -23,8 +23,8 @@ from benchmarks.common import (
     demo_domains,
     mean,
     parser,
-    setup_torch,
     shard,
+    start,
 )
 from benchmarks.report import publish
 from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, run_sync, stop_rule
@@ -216,9 +216,7 @@ def main() -> None:
     """Run scenarios A and B and write the ``asynchrony`` section."""
     options = parser(__doc__.splitlines()[0])
     options.add_argument("--clock", choices=("calibrated", "measured"), default="calibrated")
-    args = options.parse_args()
-    setup_torch()
-    started, load_before = time.monotonic(), list(os.getloadavg())
+    args, run = start(options)
     scale = TIME_SCALE / 4 if args.quick else TIME_SCALE
     interval = DEMO_SYNC_INTERVAL * scale
     # in sync intervals; a K-fast sync round lasts 4 intervals (the slow worker's time)
@@ -299,9 +297,9 @@ def main() -> None:
         "domains": list(DOMAINS),
         "scenario_a": scenario(evaluator.base, scenario_a, horizon_a),
         "scenario_b": scenario(evaluator.base, scenario_b, horizon_b),
-        "load_before": load_before,
+        "load_before": run.load,
         "load_after": list(os.getloadavg()),
-        "wall_seconds": time.monotonic() - started,
+        "wall_seconds": run.seconds(),
     }
     title = "Asynchronous vs synchronous, and the staleness function"
     publish("asynchrony", title, values, args)

@@ -6,9 +6,11 @@ The virtual-clock federation simulator is in ``benchmarks.simulation``.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +43,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     result.add_argument("--base-model", default="tiny", help="'tiny' or an HF id / path.")
     add_output_flags(result)
     return result
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """When a benchmark run began and the machine's load average then (its JSON has both)."""
+
+    monotonic: float = field(default_factory=time.monotonic)
+    load: list[float] = field(default_factory=lambda: list(os.getloadavg()))
+
+    def seconds(self) -> float:
+        """Seconds since the run began."""
+        return time.monotonic() - self.monotonic
+
+
+def start(options: argparse.ArgumentParser) -> tuple[argparse.Namespace, RunStart]:
+    """Parse a benchmark's flags, set torch up (``setup_torch``) and note the start."""
+    args = options.parse_args()
+    setup_torch()
+    return args, RunStart()
 
 
 # --- data ------------------------------------------------------------------------------------

@@ -14,16 +14,14 @@ removed party's data (SQL validation). Writes ``benchmarks/results/forget.json``
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
-from benchmarks.common import Evaluator, demo_domains, parser, setup_torch, shard, target_tokens
+from benchmarks.common import Evaluator, demo_domains, parser, shard, start, target_tokens
 from benchmarks.quality_bench import NOMINAL_STEP
 from benchmarks.report import publish
 from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, stop_rule
 from fedmoe.aggregate import AdapterState
-from fedmoe.config import LoraSettings, TrainSettings
 
 TITLE = "Removing a party: rebuilt expert against retraining without it (issue 16)"
 EXPERT, REMAINING, REMOVED = "python_expert", "python_expert", "sql_expert"
@@ -59,15 +57,12 @@ def train(
 
 def main() -> None:
     """Train with all three parties, forget one, retrain without it; losses to JSON."""
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    setup_torch()
-    started, load = time.monotonic(), list(os.getloadavg())
+    args, run = start(parser(__doc__.splitlines()[0]))
     steps = 30 if args.quick else 200
-    lora, train_settings = LoraSettings(), TrainSettings()
-    bench = Workbench(args.base_model, lora, train_settings)
+    bench = Workbench(args.base_model)
     domains = demo_domains(bench.tokenizer, validation_count=40 if args.quick else 60)
-    evaluator = Evaluator(args.base_model, lora, domains)
-    budget = int(steps * train_settings.batch_size * target_tokens(domains[REMAINING].train))
+    evaluator = Evaluator(args.base_model, bench.lora, domains)
+    budget = int(steps * bench.train.batch_size * target_tokens(domains[REMAINING].train))
     wanted = [REMAINING, REMOVED]
 
     coordinator, before, train_seconds = train(bench, domains, budget, with_removed=True)
@@ -99,8 +94,8 @@ def main() -> None:
         "forget_seconds": forget_seconds,
         "train_seconds": train_seconds,
         "retrain_seconds": retrain_seconds,
-        "seconds": time.monotonic() - started,
-        "load_before": load,
+        "seconds": run.seconds(),
+        "load_before": run.load,
         "quick": args.quick,
     }
     publish("forget", TITLE, values, args)

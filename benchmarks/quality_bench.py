@@ -12,7 +12,6 @@ Every arm trains on the same number of target tokens per domain.
 from __future__ import annotations
 
 import os
-import time
 
 from benchmarks.common import (
     DEMO_SYNC_INTERVAL,
@@ -21,8 +20,8 @@ from benchmarks.common import (
     demo_domains,
     mean,
     parser,
-    setup_torch,
     shard,
+    start,
     target_tokens,
 )
 from benchmarks.report import publish
@@ -144,9 +143,7 @@ def analysis(
 
 def main() -> None:
     """Train every arm, evaluate, and write the ``quality`` section."""
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    setup_torch()
-    started, load_before = time.monotonic(), list(os.getloadavg())
+    args, run = start(parser(__doc__.splitlines()[0]))
     steps = 30 if args.quick else 300
     per_expert = 2
     lora, train = LoraSettings(), TrainSettings()
@@ -225,9 +222,9 @@ def main() -> None:
         "domains": list(DOMAINS),
         "rows": rows,
         **analysis(evaluator.base, central_losses, diagonals, gateways),
-        "load_before": load_before,
+        "load_before": run.load,
         "load_after": list(os.getloadavg()),
-        "wall_seconds": time.monotonic() - started,
+        "wall_seconds": run.seconds(),
         "threads": THREADS,
     }
     publish("quality", "Quality at equal token budgets", values, args)

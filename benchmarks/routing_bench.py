@@ -27,13 +27,13 @@ from peft import ArrowConfig, PeftModel, create_arrow_model
 from safetensors.torch import load_file, save_file
 
 from benchmarks._routing_ood import by_signature_size, statistic_comparison
-from benchmarks.common import mean, parser, setup_torch
+from benchmarks.common import mean, parser, start
 from benchmarks.report import publish
 from benchmarks.simulation import Workbench
 from fedmoe.adapters import write_peft_dir
 from fedmoe.aggregate import AdapterState
 from fedmoe.batching import TokenizedExample, count_trainable_tokens, tokenize_example
-from fedmoe.config import LoraSettings, TrainSettings
+from fedmoe.config import LoraSettings
 from fedmoe.data import Example, load_examples
 from fedmoe.demo_data import DOMAINS, write_demo_datasets
 from fedmoe.evaluation import validation_loss
@@ -453,12 +453,10 @@ def noise_accuracy(
 
 def main() -> None:
     """Train (or load) the experts, evaluate every arm, measure the router, write results."""
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    setup_torch()
-    started, load_before = time.monotonic(), list(os.getloadavg())
+    args, run = start(parser(__doc__.splitlines()[0]))
     steps = 40 if args.quick else 300
-    lora, train = LoraSettings(), TrainSettings()
-    bench = Workbench(args.base_model, lora, train)
+    bench = Workbench(args.base_model)
+    lora = bench.lora
     domains = load_domains(bench.tokenizer, 400, 30 if args.quick else 60)
     experts = {
         d: trained(bench, f"{args.base_model}-{d}", domains[d].train_tokens, steps) for d in DOMAINS
@@ -540,9 +538,9 @@ def main() -> None:
         "signature_size": by_signature_size(train_features, features, fp),
         "noise": noise_accuracy(model, tokenizer, domains, fp, features),
         "latency": latency(router, model, tokenizer, prompts, expert_model),
-        "load_before": load_before,
+        "load_before": run.load,
         "load_after": list(os.getloadavg()),
-        "wall_seconds": time.monotonic() - started,
+        "wall_seconds": run.seconds(),
     }
     publish("routing", "Routing: the routed gateway and the router", results, args)
 

@@ -70,7 +70,10 @@ class SimWorker:
 class Workbench:
     """One PEFT model that hosts the training of many ``SimWorker``s in turn."""
 
-    def __init__(self, base_model: str, lora: LoraSettings, train: TrainSettings) -> None:
+    def __init__(
+        self, base_model: str, lora: LoraSettings | None = None, train: TrainSettings | None = None
+    ) -> None:
+        lora, train = lora or LoraSettings(), train or TrainSettings()
         self.base_name, self.lora, self.train = base_model, lora, train
         base = load_base_model(base_model, device="cpu")
         self.tokenizer, self.pad = base.tokenizer, base.tokenizer.pad_token_id
