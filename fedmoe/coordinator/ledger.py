@@ -85,22 +85,11 @@ class UpdateRecord:
     dp_epsilon: float | None = None  # the sender's spent ε, as reported
 
     def acknowledgement(self) -> UpdateAck:
-        """The answer to the worker that sent this (accepted) update."""
+        """The answer to the worker that sent this (accepted) update: every field the
+        acknowledgement shares with this row, and ``version``, the expert version it made."""
         assert self.expert_version is not None and self.gateway_version is not None
-        return UpdateAck(
-            update_id=self.update_id,
-            expert=self.expert,
-            version=self.expert_version,
-            staleness=self.staleness,
-            weight=self.weight,
-            update_norm=self.update_norm,
-            clipped=self.clipped,
-            gateway_version=self.gateway_version,
-            replayed=False,
-            buffered=self.buffered,
-            buffer_fill=self.buffer_fill,
-            state_sha256=self.state_sha256,
-        )
+        shared = {key: value for key, value in vars(self).items() if key in UpdateAck.model_fields}
+        return UpdateAck(**shared, version=self.expert_version, replayed=False)
 
 
 @dataclass(frozen=True)
