@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.templates import loads, markdown_table, ms
+from benchmarks.templates import Column, column_table, loads, markdown_table, ms
 
 MB = 1e6
 BLOCKED_GOAL = 0.01  # of training time, 7B at a 10 s interval
@@ -82,42 +82,26 @@ def _sync_table(sizes: list[dict[str, Any]]) -> str:
 
 
 def _ack_table(sizes: list[dict[str, Any]]) -> str:
-    rows = [
-        [
-            s["model"],
-            f"{s['ack']['body_bytes'] / MB:.1f}",
-            s["ack"]["uploads"],
-            ms(s["ack"]["coordinator_p50_ms"]),
-            ms(s["ack"]["floor_p50_ms"]),
-            f"{s['ack']['ratio']:.2f}x",
-            f"{s['coordinator_peak_rss_mib']:,.0f}",
-        ]
-        for s in sizes
+    columns: list[Column] = [
+        ("adapter", lambda s: s["model"]),
+        ("bf16 body MB", lambda s: f"{s['ack']['body_bytes'] / MB:.1f}"),
+        ("uploads", lambda s: s["ack"]["uploads"]),
+        ("coordinator ack p50 ms", lambda s: ms(s["ack"]["coordinator_p50_ms"])),
+        ("FLOOR p50 ms", lambda s: ms(s["ack"]["floor_p50_ms"])),
+        ("coordinator / FLOOR", lambda s: f"{s['ack']['ratio']:.2f}x"),
+        ("coordinator peak RSS MiB", lambda s: f"{s['coordinator_peak_rss_mib']:,.0f}"),
     ]
-    headers = [
-        "adapter",
-        "bf16 body MB",
-        "uploads",
-        "coordinator ack p50 ms",
-        "FLOOR p50 ms",
-        "coordinator / FLOOR",
-        "coordinator peak RSS MiB",
-    ]
-    return markdown_table(headers, rows)
+    return column_table(columns, sizes)
 
 
 def _memory_table(memory: list[dict[str, Any]]) -> str:
-    rows = [
-        [
-            m["experts"],
-            f"{m['rss_idle_mib']:,.0f}",
-            f"{m['rss_after_mib']:,.0f}",
-            f"{m['peak_rss_mib']:,.0f}",
-        ]
-        for m in memory
+    columns: list[Column] = [
+        ("experts", lambda m: m["experts"]),
+        ("RSS idle MiB", lambda m: f"{m['rss_idle_mib']:,.0f}"),
+        ("RSS after one update each MiB", lambda m: f"{m['rss_after_mib']:,.0f}"),
+        ("peak RSS MiB", lambda m: f"{m['peak_rss_mib']:,.0f}"),
     ]
-    headers = ["experts", "RSS idle MiB", "RSS after one update each MiB", "peak RSS MiB"]
-    return markdown_table(headers, rows)
+    return column_table(columns, memory)
 
 
 def _crowd_table(c: dict[str, Any]) -> str:
