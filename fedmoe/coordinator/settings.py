@@ -6,7 +6,6 @@ no authentication, unless the user asks for it explicitly with ``insecure``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ from fedmoe.fields import (
     check_staleness_parameters,
     nest_flat_names,
 )
+from fedmoe.listening import check_listening, default_host, is_loopback
 
 if TYPE_CHECKING:
     from fedmoe.strategy import StalenessDecay
@@ -276,8 +276,7 @@ class CoordinatorSettings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> CoordinatorSettings:
         if not self.host:
-            # With a token the seed's quick commands work across machines unchanged.
-            self.host = "0.0.0.0" if self.auth_enabled else "127.0.0.1"
+            self.host = default_host(self.auth_enabled)
         check_staleness_parameters(
             self.staleness, self.staleness_a, self.staleness_b, label="staleness_"
         )
@@ -289,14 +288,7 @@ class CoordinatorSettings(BaseSettings):
             raise ValueError(f"gateway_weights name unknown experts {unknown}")
         if any(w < 0 for w in self.gateway_weights.values()):
             raise ValueError("gateway_weights must be >= 0")
-        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
-            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
-        if not self.is_loopback and not self.auth_enabled and not self.insecure:
-            raise ValueError(
-                f"refusing to listen on {self.host} without authentication: anyone who can "
-                "reach it could read and overwrite the experts. Set FEDMOE_AUTH_TOKEN (or "
-                "--auth-token / --tokens-file), or pass --insecure if the network is trusted."
-            )
+        check_listening(self, exposed="read and overwrite the experts")
         return self
 
     def _check_strategy(self) -> None:
@@ -335,12 +327,7 @@ class CoordinatorSettings(BaseSettings):
     @property
     def is_loopback(self) -> bool:
         """Whether ``host`` only accepts connections from this machine."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
     @property
     def auth_enabled(self) -> bool:

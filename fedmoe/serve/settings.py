@@ -6,11 +6,12 @@ listening beyond loopback without authentication unless ``insecure`` is set.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from fedmoe.listening import check_listening, default_host
 
 AUTO_MODEL = "fedmoe-auto"
 GATEWAY_MODEL = "gateway"
@@ -68,16 +69,9 @@ class ServeSettings(BaseModel):
             raise ValueError("give exactly one of coordinator_url and adapters_dir")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
-        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
-            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
         if not self.host:
-            self.host = "0.0.0.0" if self.auth_enabled else "127.0.0.1"
-        if not is_loopback(self.host) and not self.auth_enabled and not self.insecure:
-            raise ValueError(
-                f"refusing to listen on {self.host} without authentication: anyone who can "
-                "reach it could use the models. Set FEDMOE_AUTH_TOKEN (or --auth-token / "
-                "--tokens-file), or pass --insecure if the network is trusted."
-            )
+            self.host = default_host(self.auth_enabled)
+        check_listening(self, exposed="use the models")
         return self
 
     @property
@@ -89,13 +83,3 @@ class ServeSettings(BaseModel):
         """The token sent to the coordinator: its own, else the one clients use here."""
         token = self.coordinator_token or self.auth_token
         return token.get_secret_value() if token else None
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
