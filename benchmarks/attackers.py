@@ -18,6 +18,7 @@ from safetensors.torch import load
 
 from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
+from fedmoe.config import TrainSettings
 from fedmoe.demo_data import generate_domain
 from fedmoe.schemas import UpdateAck
 from fedmoe.worker.job import WorkerJob
@@ -77,6 +78,10 @@ def run_worker(
 ) -> dict[str, Any]:
     """One real worker job to the end (its final upload included); its summary."""
     settings = {
+        "coordinator_url": url,
+        "worker_id": worker_id,
+        "specialty": expert,
+        "dataset": dataset,
         "max_steps": 3,
         "sync_interval": 3600.0,  # one upload: the final one
         "eval_every": 0,
@@ -85,17 +90,8 @@ def run_worker(
         "max_length": 160,
         "upload_dtype": "float32",
     } | options
-    names = ("batch_size", "max_length", "seed", "learning_rate", "dp_epsilon", "dp_delta")
-    names += ("dp_noise_multiplier", "dp_max_grad_norm", "dp_accountant")
-    train = {k: settings.pop(k) for k in names if k in settings}
-    opts = WorkerOptions(
-        coordinator_url=url,
-        worker_id=worker_id,
-        specialty=expert,
-        dataset=dataset,
-        train=train,
-        **settings,
-    )
+    train = {key: settings.pop(key) for key in TrainSettings.model_fields if key in settings}
+    opts = WorkerOptions(train=train, **settings)
     client = TamperingClient(url, ATTACK_FACTORS[attack]) if attack in ATTACK_FACTORS else None
     return WorkerJob(opts, client=client).run()
 
