@@ -27,7 +27,6 @@ import torch
 
 from benchmarks.shaped_link import ShapedLink
 from fedmoe.adapters import AdapterSchema
-from fedmoe.aggregate import AdapterState
 from fedmoe.client import CoordinatorClient
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.slots import TensorSlot
