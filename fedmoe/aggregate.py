@@ -13,6 +13,8 @@ from typing import cast
 
 import torch
 
+from fedmoe.parallel import per_tensor
+
 AdapterState = dict[str, torch.Tensor]
 
 LORA_A = ".lora_A."
@@ -56,7 +58,9 @@ def apply_update(
     params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float
 ) -> AdapterState:
     """Return θ + scale·Δ for every tensor; ``params`` is left untouched."""
-    return {key: _plus_scaled(params[key], delta[key], scale) for key in params}
+    keys = list(params)
+    numels = [params[key].numel() for key in keys]
+    return per_tensor(lambda key: _plus_scaled(params[key], delta[key], scale), keys, numels)
 
 
 def _plus_scaled(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:

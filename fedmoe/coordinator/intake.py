@@ -6,10 +6,11 @@ data, for the acknowledgement's sake (issue 13):
 
 * the tensors are read in place from the body (``torch.frombuffer``: no copy before the
   float32 conversion, which is the one copy the update rule needs);
-* the finiteness check *is* the update's L2 norm (``aggregate.global_norm``, accumulated in
-  float64): squares of float32 values cannot overflow float64, so the norm is finite
-  exactly when every value is, and the update path needs the norm anyway. Only a
-  non-finite norm pays for a per-tensor scan, to name the first bad tensor.
+* the finiteness check *is* the update's L2 norm (as ``aggregate.global_norm``: per
+  tensor, accumulated in float64): squares of float32 values cannot overflow float64, so
+  the norm is finite exactly when every value is, and the update path needs it anyway. Only a
+  non-finite norm pays for a per-tensor scan, to name the first bad tensor;
+* conversion and norms run on two threads, half the tensors each (``fedmoe.parallel``).
 
 The byte ranges must tile the data exactly (no gap, no overlap, nothing after), as the
 safetensors reader itself requires.
@@ -24,9 +25,16 @@ from typing import Any
 
 import torch
 
-from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, AdapterValidationError, check_header, read_header
 from fedmoe.aggregate import AdapterState
+from fedmoe.parallel import per_tensor
+
+# bytes are immutable to Python: the views are only read, by the float32 conversion. torch
+# warns once per process about such views; that once is spent here, where no other thread
+# can be changing the warning filters.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    torch.frombuffer(bytes(4), dtype=torch.float32)
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -39,30 +47,46 @@ def decode_update(body: bytes, schema: AdapterSchema) -> tuple[AdapterState, flo
     start = 8 + header_len
     check_header(header, schema, len(body) - start)
     _check_metadata(header.get("__metadata__"))
-    entries = sorted(
-        ((key, info) for key, info in header.items() if key != "__metadata__"),
-        key=lambda item: tuple(item[1]["data_offsets"]),
-    )
-    end = 0
-    state: AdapterState = {}
-    for key, info in entries:
+    keys = _tiled_keys(header, len(body) - start)
+
+    def convert(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        info = header[key]
         begin, stop = info["data_offsets"]
-        if begin != end:
-            raise AdapterValidationError(
-                f"{key}: data_offsets {[begin, stop]} leave a gap or overlap"
-            )
-        state[key] = _float32(
-            body, start + begin, stop - begin, DTYPES[info["dtype"]], info["shape"]
-        )
-        end = stop
-    if start + end != len(body):
-        raise AdapterValidationError(f"{len(body) - start - end} bytes follow the last tensor")
-    norm = aggregate.global_norm(state)
+        tensor = _float32(body, start + begin, stop - begin, DTYPES[info["dtype"]], info["shape"])
+        return tensor, torch.linalg.vector_norm(tensor, dtype=torch.float64)
+
+    done = per_tensor(convert, keys, [_numel(header[key]["shape"]) for key in keys])
+    state = {key: tensor for key, (tensor, _) in done.items()}
+    # aggregate.global_norm's combination of the per-tensor norms, in the same order
+    norm = float(torch.linalg.vector_norm(torch.stack([n for _, n in done.values()])))
     if not math.isfinite(norm):
         for key in sorted(state):
             if not bool(torch.isfinite(state[key]).all()):
                 raise AdapterValidationError(f"{key}: contains NaN or Inf values")
     return state, norm
+
+
+def _numel(shape: list[int]) -> int:
+    return math.prod(shape)
+
+
+def _tiled_keys(header: dict[str, Any], data_len: int) -> list[str]:
+    """The tensor names in data order; their byte ranges must tile the data exactly."""
+    keys = sorted(
+        (key for key in header if key != "__metadata__"),
+        key=lambda key: tuple(header[key]["data_offsets"]),
+    )
+    end = 0
+    for key in keys:
+        begin, stop = header[key]["data_offsets"]
+        if begin != end:
+            raise AdapterValidationError(
+                f"{key}: data_offsets {[begin, stop]} leave a gap or overlap"
+            )
+        end = stop
+    if end != data_len:
+        raise AdapterValidationError(f"{data_len - end} bytes follow the last tensor")
+    return keys
 
 
 def _check_metadata(metadata: Any) -> None:
@@ -83,9 +107,6 @@ def _float32(
         return torch.zeros(shape, dtype=torch.float32)
     if offset % size:  # a misaligned range (legal in the format): copied first
         body, offset = bytes(body[offset : offset + length]), 0
-    with warnings.catch_warnings():
-        # bytes are immutable to Python: the view is only read, by the conversion below
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        view = torch.frombuffer(body, dtype=dtype, count=length // size, offset=offset)
+    view = torch.frombuffer(body, dtype=dtype, count=length // size, offset=offset)
     converted = view.float() if dtype != torch.float32 else view.clone()
     return converted.view(shape)
