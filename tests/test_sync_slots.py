@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+import fedmoe.parallel
 from fedmoe.adapters import decode_adapter, schema_of
 from fedmoe.aggregate import AdapterState, apply_update
 from fedmoe.config import LoraSettings
@@ -66,7 +67,12 @@ class PlainSlot:
         self.tensors = {key: tensor.clone() for key, tensor in state.items()}
 
 
-def test_in_place_and_copying_rebases_are_the_rule_bit_for_bit() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_in_place_and_copying_rebases_are_the_rule_bit_for_bit(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if threads == 2:  # these small tensors too: half of them on the helper thread
+        monkeypatch.setattr(fedmoe.parallel, "MIN_ELEMENTS", 0)
     local, since, newest = random_state(1), random_state(2), random_state(3)
     expected = the_rule(local, since, newest)
     # newest + (local − since) (a precomputed correction) rounds differently somewhere
@@ -86,7 +92,10 @@ def test_in_place_and_copying_rebases_are_the_rule_bit_for_bit() -> None:
     assert_bits(slot.tensors, expected)  # a refused state changed nothing
 
 
-def test_snapshots_reuse_their_buffers_and_plain_slots_copy() -> None:
+def test_snapshots_reuse_their_buffers_and_plain_slots_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fedmoe.parallel, "MIN_ELEMENTS", 0)
     slot, buffers = TensorSlot(), {}
     slot.load(random_state(4))
     first = snapshot_into(slot, buffers)  # empty buffers: allocated by this first copy
@@ -104,8 +113,9 @@ def test_snapshots_reuse_their_buffers_and_plain_slots_copy() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_workers_peft_slot_snapshots_and_rebases_like_state_and_load(
-    dtype: torch.dtype,
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(fedmoe.parallel, "MIN_ELEMENTS", 0)  # the helper thread takes half
     model = attach_lora(load_base_model("tiny", device="cpu").model, LoraSettings())
     model.to(dtype)
     slot = PeftAdapterSlot(model)

@@ -3,7 +3,7 @@
 ``copy_into`` is one copy (device to host, and a cast when the weights are not float32)
 per tensor into the ``Syncer``'s reused host buffers; ``rebase`` copies ``since`` and
 ``newest`` to the weights' device and applies (w − since) + newest there, in float32
-(see ``fedmoe.worker.slots``).
+(see ``fedmoe.worker.slots``). Half the tensors go to a helper thread each time.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from peft import PeftModel
 
 from fedmoe.aggregate import AdapterState
 from fedmoe.modeling import adapter_state, load_adapter_state, lora_parameters
-from fedmoe.worker.slots import check_keys, rebase_
+from fedmoe.worker.slots import check_keys, each_tensor, rebase_
 
 
 class PeftAdapterSlot:
@@ -35,18 +35,20 @@ class PeftAdapterSlot:
         """Copy the LoRA weights into ``out`` (one device-to-host copy and cast each)."""
         parameters = lora_parameters(self.model)
         check_keys(parameters, out)
-        for key, parameter in parameters.items():
-            out[key].copy_(parameter.detach())
+        each_tensor(parameters, lambda key: out[key].copy_(parameters[key].detach()))
 
-    @torch.no_grad()
     def rebase(self, since: AdapterState, newest: AdapterState) -> None:
         """Every LoRA weight ← (weight − since) + newest, on the weight's device."""
         parameters = lora_parameters(self.model)
         check_keys(parameters, since)
-        for key, parameter in parameters.items():
-            device = parameter.device
-            was, now = since[key].to(device), newest[key].to(device)
-            if parameter.dtype == torch.float32:
-                rebase_(parameter, was, now)
-            else:  # the rule in float32, then one rounding to the weight's dtype
-                parameter.copy_(rebase_(parameter.detach().float(), was, now))
+        each_tensor(parameters, lambda key: _rebase(parameters[key], since[key], newest[key]))
+
+
+@torch.no_grad()  # (a helper thread starts with grad mode on: the decorator sets it there)
+def _rebase(parameter: torch.Tensor, since: torch.Tensor, newest: torch.Tensor) -> None:
+    device = parameter.device
+    was, now = since.to(device), newest.to(device)
+    if parameter.dtype == torch.float32:
+        rebase_(parameter, was, now)
+    else:  # the rule in float32, then one rounding to the weight's dtype
+        parameter.copy_(rebase_(parameter.detach().float(), was, now))
