@@ -3,9 +3,11 @@
 The worker is the product's sync path without a model: ``fedmoe.worker.sync.Syncer`` in
 background mode with bfloat16 uploads, talking through ``fedmoe.client.CoordinatorClient``
 to a real coordinator process, over ``benchmarks.shaped_link.ShapedLink``. Its adapter is
-a dict of float32 tensors of the size's exact LoRA shapes; a "training step" sleeps a fixed
-time (the accelerator's share of a step) and then moves every tensor in place, so every
-sync carries a real delta. Blocked time is ``WorkerStats.blocked_seconds``: what the
+a ``fedmoe.worker.slots.TensorSlot``: float32 tensors of the size's exact LoRA shapes in
+host memory, snapshotted into reused buffers and rebased in place as the worker's
+``PeftAdapterSlot`` does (less its host-device copies on a GPU); a "training step" sleeps
+a fixed time (the accelerator's share of a step) and then moves every tensor in place, so
+every sync carries a real delta. Blocked time is ``WorkerStats.blocked_seconds``: what the
 training thread spends in ``start`` (the snapshot) and at the step boundary that collects
 the result (the rebase), i.e. everything the training loop waits for.
 
@@ -25,40 +27,12 @@ import torch
 
 from benchmarks.shaped_link import ShapedLink
 from fedmoe.adapters import AdapterSchema
-from fedmoe.aggregate import AdapterState
 from fedmoe.client import CoordinatorClient
 from fedmoe.worker.progress import WorkerStats
+from fedmoe.worker.slots import TensorSlot
 from fedmoe.worker.sync import Syncer, SyncIdentity, SystemClock
 
 EXPERT = "e0"
-
-
-class TensorAdapter:
-    """``AdapterSlot`` over float32 tensors in host memory; ``step`` moves all of them.
-
-    It does what the worker's ``PeftAdapterSlot`` does, less the host-device copies of a
-    GPU: ``state`` is a float32 copy, ``load`` copies into the tensors in place.
-    """
-
-    def __init__(self) -> None:
-        self.tensors: AdapterState = {}
-
-    def state(self) -> AdapterState:
-        """A float32 copy (the worker's snapshot)."""
-        return {key: tensor.clone() for key, tensor in self.tensors.items()}
-
-    def load(self, state: AdapterState) -> None:
-        """Copy ``state`` into the tensors in place (the first load allocates them)."""
-        if not self.tensors:
-            self.tensors = {key: tensor.clone() for key, tensor in state.items()}
-            return
-        for key, tensor in self.tensors.items():
-            tensor.copy_(state[key])
-
-    def step(self, amount: float) -> None:
-        """The arithmetic part of a fake training step: every parameter moves."""
-        for tensor in self.tensors.values():
-            tensor.add_(amount)
 
 
 class Peer:
@@ -122,7 +96,7 @@ def sync_run(
     identity = SyncIdentity(
         worker_id, EXPERT, schema.base_model_fingerprint, lora, shapes, torch.bfloat16
     )
-    stats, adapter, clock = WorkerStats(), TensorAdapter(), SystemClock()
+    stats, adapter, clock = WorkerStats(), TensorSlot(), SystemClock()
     syncer = Syncer(
         client, adapter, identity, stats=stats, clock=clock, sync_interval=interval,
         max_backoff=5.0,
@@ -171,7 +145,7 @@ class Timings:
 
 
 def _train(
-    syncer: Syncer, adapter: TensorAdapter, stats: WorkerStats, *, syncs: int, step: float
+    syncer: Syncer, adapter: TensorSlot, stats: WorkerStats, *, syncs: int, step: float
 ) -> Timings:
     """The worker's loop: steps, a sync started when due, collected at a step boundary."""
     stats.started = time.monotonic()

@@ -13,6 +13,8 @@ from typing import cast
 
 import torch
 
+from fedmoe.parallel import per_tensor
+
 AdapterState = dict[str, torch.Tensor]
 
 LORA_A = ".lora_A."
@@ -56,7 +58,19 @@ def apply_update(
     params: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], scale: float
 ) -> AdapterState:
     """Return θ + scale·Δ for every tensor; ``params`` is left untouched."""
-    return {key: params[key] + scale * delta[key] for key in params}
+    keys = list(params)
+    numels = [params[key].numel() for key in keys]
+    return per_tensor(lambda key: _plus_scaled(params[key], delta[key], scale), keys, numels)
+
+
+def _plus_scaled(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """θ + scale·Δ, bit for bit, with one new tensor instead of two: the product (exactly Δ
+    when scale is 1) is made first and θ added into it (float addition commutes exactly)."""
+    if theta.dtype != torch.float32 or delta.dtype != torch.float32 or theta.shape != delta.shape:
+        return theta + scale * delta
+    if scale == 1.0:
+        return theta + delta
+    return (delta * scale).add_(theta)
 
 
 def global_norm(state: Mapping[str, torch.Tensor]) -> float:

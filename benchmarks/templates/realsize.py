@@ -217,10 +217,12 @@ halfway between its syncs, so that every sync must also bring the peer's update 
 A training step sleeps {plan["step"]:g} s (the accelerator's share) and then moves every
 tensor; a sync is due every {plan["interval"]:g} s. Wire bytes are what crossed the link
 (HTTP headers and the acknowledgement's JSON included). Blocked = `WorkerStats.blocked_seconds`:
-the snapshot copy when a sync starts and the rebase at the step that collects it (host
-memory here; the worker's `PeftAdapterSlot` does the same host work plus a device-to-host
-copy for each snapshot and a host-to-device copy for the rebase on a GPU). "In flight" is
-from the start of a sync to the step boundary that collected it.
+the snapshot when a sync starts (a copy into buffers allocated once, at start-up) and the
+rebase at the step that collects it ((local − snapshot) + newest, in place, tensor by
+tensor), both in host memory here (`fedmoe.worker.slots.TensorSlot`); on a GPU the worker's
+`PeftAdapterSlot` makes the snapshot with one device-to-host copy per tensor and rebases on
+the device after copying the snapshot and the new expert there. "In flight" is from the
+start of a sync to the step boundary that collected it.
 
 {_sync_table(v["sizes"])}
 
@@ -228,7 +230,12 @@ from the start of a sync to the step boundary that collected it.
 
 Sequential uploads of each size's bf16 delta straight to the coordinator on loopback (no
 shaping), each followed by the same bytes to the FLOOR: the same FastAPI + uvicorn stack
-reading the body and appending it to one file with a single `fsync`.
+reading the body and appending it to one file with a single `fsync`. Beyond that the
+coordinator hashes the body (sha256, on a thread while the body arrives), checks it
+against the schema, converts it to float32 with its float64 norm (the finiteness check),
+computes θ + w·Δ (both on two threads), writes the log record with its header, commits the
+ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256` (beside
+the log's write and fsync) and answers JSON.
 
 {_ack_table(v["sizes"])}
 

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import AdapterSchema, decode_adapter
+from fedmoe.adapters import AdapterSchema
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import errors
+from fedmoe.coordinator.intake import decode_update
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.replay import Head
@@ -80,10 +81,10 @@ class UpdatePath:
         if replay is not None:
             return replay
         self._check_base_version(request)
-        delta = self._decode(request.body)
+        delta, norm = self._decode(request.body)
         with self._expert_locks[request.expert]:
             self.workers.check(request.worker_id, request.expert)  # not forgotten meanwhile
-            return self._replay(request) or self._apply(request, delta)
+            return self._replay(request) or self._apply(request, delta, norm)
 
     def _replay(self, request: UpdateRequest) -> UpdateAck | None:
         """The first answer to an already applied update id (only to the worker that sent it,
@@ -113,9 +114,10 @@ class UpdatePath:
                 f"num_tokens must be in 0..{MAX_NUM_TOKENS}, got {request.num_tokens}"
             )
 
-    def _decode(self, body: bytes) -> AdapterState:
+    def _decode(self, body: bytes) -> tuple[AdapterState, float]:
+        """The float32 delta and its L2 norm (the norm is the finiteness check)."""
         try:
-            return decode_adapter(body, self.schema)
+            return decode_update(body, self.schema)
         except ValueError as error:
             raise errors.InvalidUpdateError(str(error)) from None
 
@@ -136,10 +138,9 @@ class UpdatePath:
             dp_epsilon=request.dp_epsilon,
         )
 
-    def _apply(self, request: UpdateRequest, delta: AdapterState) -> UpdateAck:
+    def _apply(self, request: UpdateRequest, delta: AdapterState, norm: float) -> UpdateAck:
         expert = self.experts[request.expert]
         staleness = expert.version - request.base_version
-        norm = aggregate.global_norm(delta)
         record = self._record(request, staleness, norm)
         self._enforce_policies(record)
         clip = self._clip_factor(norm)

@@ -127,8 +127,9 @@ class UpdateRequest:
     train_loss: float | None
     body: bytes
     dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
+    sha256: str | None = None  # the body's, when the API layer hashed it while receiving
 
     @cached_property
     def body_sha256(self) -> str:
         """The digest kept with the update id: a reused id with another body is refused."""
-        return hashlib.sha256(self.body).hexdigest()
+        return self.sha256 or hashlib.sha256(self.body).hexdigest()

@@ -85,6 +85,11 @@ class TrackingSlot(PeftAdapterSlot):
         super().load(state)
         self.changed = True
 
+    def rebase(self, since: AdapterState, newest: AdapterState) -> None:
+        """Rebase in place, and mark the adapter for a broadcast likewise."""
+        super().rebase(since, newest)
+        self.changed = True
+
 
 class _NoCoordinator:
     """The client of ranks other than 0: they never talk to the coordinator."""

@@ -17,16 +17,13 @@ import torch
 from peft import PeftModel
 
 from fedmoe.adapters import AdapterSchema
-from fedmoe.aggregate import AdapterState
 from fedmoe.batching import TokenizedExample, tokenize_examples, tokenize_training_set
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
 from fedmoe.data import Example, load_examples, split_examples
 from fedmoe.evaluation import validation_loss
 from fedmoe.modeling import (
-    adapter_state,
     attach_lora,
-    load_adapter_state,
     load_base_model,
     resolve_device,
 )
@@ -34,6 +31,7 @@ from fedmoe.schemas import SchemaInfo
 from fedmoe.worker.fed_eval import EvaluationClient, FederatedEvaluator
 from fedmoe.worker.fed_routed import RoutedEvaluation
 from fedmoe.worker.options import WorkerOptions
+from fedmoe.worker.peft_slot import PeftAdapterSlot
 from fedmoe.worker.privacy import PrivateTrainer, build_trainer
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.signing import SignatureClient, share_signature
@@ -51,21 +49,6 @@ from fedmoe.worker.trainer import LocalTrainer
 __all__ = ["FatalSyncError", "PeftAdapterSlot", "WorkerJob"]
 
 logger = logging.getLogger(__name__)
-
-
-class PeftAdapterSlot:
-    """``AdapterSlot`` over a PEFT model's LoRA parameters."""
-
-    def __init__(self, model: PeftModel) -> None:
-        self.model = model
-
-    def state(self) -> AdapterState:
-        """A float32 CPU copy of the LoRA weights."""
-        return adapter_state(self.model)
-
-    def load(self, state: AdapterState) -> None:
-        """Copy ``state`` into the LoRA weights in place."""
-        load_adapter_state(self.model, state)
 
 
 class WorkerClient(SyncClient, EvaluationClient, SignatureClient, Protocol):

@@ -38,6 +38,7 @@ from fedmoe.deltas import rebuild
 from fedmoe.schemas import UpdateAck
 from fedmoe.state_digest import state_digest
 from fedmoe.worker.progress import PendingUpdate, WorkerStats
+from fedmoe.worker.slots import rebase_slot, snapshot_into
 from fedmoe.worker.sync_seams import (
     AdapterSlot,
     Capture,
@@ -95,6 +96,10 @@ class Syncer:
         self.next_sync_at = 0.0
         self._settled: list[PendingUpdate] = []  # acknowledged or refused, window not settled
         self._rebase_since: AdapterState | None = None  # rebase onto ``pulled`` at finish()
+        # the snapshot's buffers, allocated once (at the first pull) and reused by every
+        # capture: the exchange reads them only until it has made its delta, and the next
+        # capture comes after that exchange was collected (one sync in flight)
+        self._buffers: AdapterState = {}
         self._executor: ThreadPoolExecutor | None = None
         self._future: Future[bool] | None = None
 
@@ -131,6 +136,8 @@ class Syncer:
         """Start from the expert's newest version (the adapter is overwritten)."""
         self.base_version, self.pulled = self._pull()
         self.adapter.load(self.pulled)
+        if not self._buffers:  # touched now, at start-up, not by the first sync
+            self._buffers = {key: tensor.clone() for key, tensor in self.pulled.items()}
 
     def pull_and_rebase(self, since: AdapterState) -> None:
         """Move onto the newest expert now, keeping what was trained after ``since``."""
@@ -154,7 +161,7 @@ class Syncer:
         needs_delta = self.pending is None and self.unrebased is None
         stats = self.stats
         return Capture(
-            local=self.adapter.state() if needs_delta else None,
+            local=snapshot_into(self.adapter, self._buffers) if needs_delta else None,
             tokens=stats.window_tokens,
             loss_count=len(stats.window_losses),
             train_loss=stats.window_loss(),
@@ -167,11 +174,8 @@ class Syncer:
             self.stats.settle(pending)
         self._settled.clear()
         since, self._rebase_since = self._rebase_since, None
-        if since is not None:
-            local = self.adapter.state()  # our own copy: computed in place, no extra passes
-            for key, tensor in local.items():  # (local − since) + newest, the same bits as
-                tensor.sub_(since[key]).add_(self.pulled[key])  # newest + (local − since)
-            self.adapter.load(local)
+        if since is not None:  # (local − since) + newest, in place where the slot can
+            rebase_slot(self.adapter, since, self.pulled)
 
     def exchange(self, capture: Capture) -> bool:
         """Upload and pull (never touching the adapter); False if it must be retried."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from fedmoe.api.body import read_body
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
-from fedmoe.api.guard import CLOSE
 from fedmoe.api.schemas import (
     ID_PATTERN,
     SQLITE_MAX_INT,
@@ -163,7 +163,7 @@ async def submit_update(
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
     ensure_may_act_as(principal, worker_id, name)
-    body = await read_body(request, coordinator.max_body_bytes)
+    body, sha256 = await read_body(request, coordinator.max_body_bytes)  # hashed as it came
     update = UpdateRequest(
         expert=name,
         worker_id=worker_id,
@@ -173,16 +173,6 @@ async def submit_update(
         train_loss=train_loss,
         body=body,
         dp_epsilon=dp_epsilon,
+        sha256=sha256,
     )
     return await run_in_threadpool(coordinator.submit_update, update)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing with 413 as soon as it is known to exceed ``limit``."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -1,0 +1,69 @@
+"""Reading an upload's body and hashing it while it arrives.
+
+The update path needs the body's sha256 (kept with the update id in the ledger and the
+log record, so that a retry with other bytes is refused). Hashed after the last byte it
+would add a full pass over the body to every acknowledgement; here it is fed to a worker
+thread in batches while the event loop goes on receiving (``hashlib`` releases the GIL on
+large inputs), so it is mostly done when the body is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+
+from fedmoe.api.guard import CLOSE
+
+BATCH = 1 << 20  # bytes handed to the hashing thread at a time
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedmoe-body-sha256")
+
+
+class StreamingSha256:
+    """A sha256 fed chunk by chunk from the event loop, computed on a worker thread, in order."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._lock = threading.Lock()  # one drain at a time: chunks hashed in arrival order
+        self._threaded = False
+
+    def feed(self, chunk: bytes) -> None:
+        """Queue ``chunk``; every ``BATCH`` bytes the hashing thread takes what is queued."""
+        self._queue.append(chunk)
+        self._queued += len(chunk)
+        if self._queued >= BATCH:
+            self._queued, self._threaded = 0, True
+            _HASHERS.submit(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            while self._queue:
+                self._sha.update(self._queue.popleft())
+
+    def _hexdigest(self) -> str:
+        self._drain()
+        return self._sha.hexdigest()
+
+    async def hexdigest(self) -> str:
+        """The digest of everything fed (waits for the hashing thread off the event loop)."""
+        if not self._threaded:  # a small body: hashed here, no thread hop
+            return self._hexdigest()
+        return await run_in_threadpool(self._hexdigest)
+
+
+async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
+    """The body and its sha256 hex digest; 413 as soon as it is known to exceed ``limit``."""
+    chunks, size, sha = [], 0, StreamingSha256()
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
+        chunks.append(chunk)
+        sha.feed(chunk)
+    return b"".join(chunks), await sha.hexdigest()

@@ -1,0 +1,128 @@
+"""The coordinator's one-pass intake of an upload (issue 13: acknowledgement latency).
+
+``decode_update`` must accept and refuse exactly what ``decode_adapter`` does, with the same
+float32 values and the norm ``global_norm`` gives; ``apply_update`` (one allocation, two
+threads for big states) must be θ + w·Δ bit for bit; the body's sha256, computed while it
+arrives, must be the body's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from fedmoe.adapters import AdapterValidationError, decode_adapter, encode_adapter, schema_of
+from fedmoe.aggregate import apply_update, global_norm
+from fedmoe.api.body import BATCH, StreamingSha256
+from fedmoe.coordinator.intake import decode_update
+from fedmoe.parallel import MIN_ELEMENTS
+
+
+def delta(seed: int, big: bool = False) -> dict[str, torch.Tensor]:
+    """A LoRA-like delta; ``big`` crosses the two-thread threshold."""
+    generator = torch.Generator().manual_seed(seed)
+    width = 2048 if big else 64
+    return {
+        f"layers.{i}.{part}.weight": torch.randn(shape, generator=generator) * 1e-3
+        for i in range(40 if big else 3)
+        for part, shape in (("lora_A", (16, width)), ("lora_B", (width, 16)))
+    }
+
+
+def raw_body(header: dict[str, object], data: bytes, pad: int = 0) -> bytes:
+    """Safetensors bytes with a hand-made header (``pad`` spaces shift the data's offset)."""
+    text = json.dumps(header).encode() + b" " * pad
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("big", [False, True])
+def test_decode_update_gives_decode_adapters_values_and_the_global_norm(
+    dtype: torch.dtype, big: bool
+) -> None:
+    state = delta(1, big)
+    assert (sum(t.numel() for t in state.values()) >= MIN_ELEMENTS) == big
+    body = encode_adapter(state, dtype=dtype)
+    expected = decode_adapter(body, schema_of(state))
+    decoded, norm = decode_update(body, schema_of(state))
+    assert decoded.keys() == expected.keys()
+    assert all(torch.equal(decoded[k], expected[k]) for k in expected)
+    assert all(t.dtype == torch.float32 for t in decoded.values())
+    assert norm == pytest.approx(global_norm(expected), rel=1e-12)
+
+
+def test_a_misaligned_body_decodes_the_same() -> None:
+    values = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    header = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+    for pad in range(4):  # data starting at every offset modulo 4
+        decoded, norm = decode_update(
+            raw_body(header, values.numpy().tobytes(), pad), {"a": (2, 3)}
+        )
+        assert torch.equal(decoded["a"], values)
+        assert norm == pytest.approx(math.sqrt(sum(i * i for i in range(6))))
+
+
+def test_refusals_name_the_problem_like_decode_adapter() -> None:
+    state = delta(2)
+    schema = schema_of(state)
+    bad = dict(state)
+    key = sorted(bad)[1]
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("inf")
+    body = encode_adapter(bad, dtype=torch.bfloat16)
+    with pytest.raises(AdapterValidationError, match=f"{key}: contains NaN or Inf") as caught:
+        decode_update(body, schema)
+    with pytest.raises(AdapterValidationError) as old:
+        decode_adapter(body, schema)
+    assert str(caught.value) == str(old.value)
+    with pytest.raises(AdapterValidationError, match="shape"):
+        decode_update(encode_adapter({**state, key: torch.zeros(1)}), schema)
+    one = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    with pytest.raises(AdapterValidationError, match="follow the last tensor"):
+        decode_update(raw_body(one, bytes(12)), {"a": (2,)})
+    two = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    with pytest.raises(AdapterValidationError, match="gap or overlap"):
+        decode_update(raw_body(two, bytes(12)), {"a": (2,), "b": (2,)})
+    meta = {**one, "__metadata__": {"n": 1}}
+    with pytest.raises(AdapterValidationError, match="__metadata__"):
+        decode_update(raw_body(meta, bytes(8)), {"a": (2,)})
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25, 1 / 3, 0.70710678])
+def test_apply_update_is_theta_plus_w_delta_bit_for_bit(scale: float) -> None:
+    theta, update = delta(3, big=True), delta(4, big=True)
+    generator = torch.Generator().manual_seed(5)
+    update = {  # magnitudes far apart, so that any other rounding order shows
+        key: tensor * 10 ** torch.randint(-8, 8, tensor.shape, generator=generator).float()
+        for key, tensor in update.items()
+    }
+    kept = {key: tensor.clone() for key, tensor in update.items()}
+    new = apply_update(theta, update, scale)
+    assert list(new) == list(theta)
+    for key in theta:
+        assert torch.equal(new[key], theta[key] + scale * update[key]), key
+        assert torch.equal(update[key], kept[key]), "Δ was modified"
+
+
+def test_the_streamed_sha256_is_the_bodys() -> None:
+    body = torch.randint(0, 256, (5 * BATCH + 12345,), dtype=torch.uint8).numpy().tobytes()
+
+    async def stream() -> str:
+        sha = StreamingSha256()
+        for start in range(0, len(body), 65536 + 7):  # chunks of an odd size
+            sha.feed(body[start : start + 65536 + 7])
+        return await sha.hexdigest()
+
+    assert asyncio.run(stream()) == hashlib.sha256(body).hexdigest()
+    small = StreamingSha256()
+    small.feed(b"abc")
+    assert asyncio.run(small.hexdigest()) == hashlib.sha256(b"abc").hexdigest()
