@@ -300,3 +300,44 @@ def outlier_reasons(
                     f"cosine {value:.3f} to the buffer's coordinate-wise median < {min_cosine:g}"
                 )
     return reasons
+
+
+# --- screening single updates against the accepted history (no buffer) ----------------------
+
+
+def history_reason(
+    norm: float,
+    cosine_to_recent: float | None,
+    recent_norms: Sequence[float],
+    *,
+    norm_factor: float,
+    min_cosine: float,
+) -> str | None:
+    """Why one update is an outlier of the recently accepted ones, or None to accept it.
+
+    Its norm over ``norm_factor`` × the median of ``recent_norms`` (a scaled attack), or its
+    cosine to the recent accepted direction below ``min_cosine`` (a flipped sign). An
+    empty history judges nothing (the caller's warm-up).
+    """
+    if not recent_norms:
+        return None
+    median_norm = float(torch.tensor(list(recent_norms), dtype=torch.float64).median())
+    if norm > norm_factor * median_norm:
+        return f"norm {norm:.4g} > {norm_factor:g} x the recent accepted median {median_norm:.4g}"
+    if cosine_to_recent is not None and cosine_to_recent < min_cosine:
+        return f"cosine {cosine_to_recent:.3f} to the recent accepted direction < {min_cosine:g}"
+    return None
+
+
+def direction_average(
+    average: Mapping[str, torch.Tensor] | None,
+    delta: Mapping[str, torch.Tensor],
+    norm: float,
+    keep: float,
+) -> AdapterState:
+    """keep·average + (1 − keep)·Δ/‖Δ‖: an exponential average of accepted directions
+    (unit vectors, so one large update does not dominate it)."""
+    unit = scale(delta, 1.0 / norm if norm > 0 else 0.0)
+    if average is None:
+        return scale(unit, 1.0 - keep)
+    return {key: keep * average[key] + (1.0 - keep) * unit[key] for key in average}

@@ -25,6 +25,7 @@ from fedmoe.coordinator.rebuilt import decode_rebuilt
 from fedmoe.coordinator.versions import Versioned
 from fedmoe.coordinator.wal import ExpertLog, LogRecord
 from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
+from fedmoe.screen_strategy import ScreenedAsyncStrategy, ScreenOptions
 from fedmoe.server_strategy import (
     AsyncStrategy,
     Contribution,
@@ -51,6 +52,8 @@ def replay_description(strategy: Strategy) -> dict[str, Any]:
         description |= {"buffer_size": strategy.buffer_size, "timeout": strategy.timeout}
     if isinstance(strategy, RobustBuffStrategy):
         description["robust"] = asdict(strategy.robust)
+    if isinstance(strategy, ScreenedAsyncStrategy):
+        description["screen"] = asdict(strategy.screen)
     return description
 
 
@@ -73,6 +76,12 @@ def strategy_from(description: dict[str, Any]) -> Strategy:
             server_lr=description["server_lr"],
             buffer_size=description["buffer_size"],
             timeout=description["timeout"],
+        )
+    if description.get("screen") is not None:
+        return ScreenedAsyncStrategy(
+            optimizer=optimizer,
+            screen=ScreenOptions(**description["screen"]),
+            server_lr=description["server_lr"],
         )
     return AsyncStrategy(optimizer=optimizer, server_lr=description["server_lr"])
 
@@ -104,7 +113,10 @@ def replay(head: Head, record: LogRecord, schema: AdapterSchema, name: str) -> H
         return Head(_versioned(params, int(header["version"]), name), state, record.lsn)
     update_id = header["ledger"]["update_id"]
     delta = decode_adapter(record.body, schema)
-    contribution = Contribution(update_id=update_id, delta=delta, **header["contribution"])
+    sender = str(header["ledger"]["worker_id"])
+    contribution = Contribution(
+        update_id=update_id, delta=delta, worker_id=sender, **header["contribution"]
+    )
     outcome = strategy.receive(head.expert.state, contribution, head.state)
     if outcome.params is None:
         return Head(head.expert, outcome.state, record.lsn)
