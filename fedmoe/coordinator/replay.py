@@ -155,7 +155,8 @@ class AcceptedDelta:
 def accepted_deltas(log: ExpertLog, schema: AdapterSchema) -> Iterator[AcceptedDelta]:
     """Every accepted upload of the expert whose log ``log`` is, in the order applied.
 
-    Reads the archived segments, then the live ones. With ``delta_retention=drop`` the
+    Reads the archived segments, then the live ones; forgotten workers' purged uploads are
+    left out. With ``delta_retention=drop`` the
     oldest deltas are gone: the first lsn seen is then > 1 and a ``ValueError`` says so.
     """
     expected = 1
@@ -166,8 +167,8 @@ def accepted_deltas(log: ExpertLog, schema: AdapterSchema) -> Iterator[AcceptedD
                 "older deltas were dropped (delta_retention=drop) or are damaged"
             )
         expected += 1
-        if record.header["kind"] != "update":
-            continue
+        if record.header["kind"] != "update" or record.header.get("purged"):
+            continue  # a purged body was a forgotten worker's (fedmoe.coordinator.purge)
         yield AcceptedDelta(
             lsn=record.lsn,
             row=ledger_record(record.header),
