@@ -262,11 +262,19 @@ def coordinate_median(
     return trimmed_mean(members, (len(members) - 1) // 2)
 
 
-def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """cos(a, b) over all tensors taken together (0 when either is zero)."""
-    dot = sum(float(torch.sum(a[key].double() * b[key].double())) for key in a)
-    norms = global_norm(a) * global_norm(b)
-    return dot / norms if norms > 0 else 0.0
+def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """⟨a, b⟩ over all tensors taken together: one BLAS dot per tensor, summed as a float
+    (no float64 copies: the update screen runs it on every update)."""
+    return sum(float(torch.dot(a[key].reshape(-1), b[key].reshape(-1))) for key in a)
+
+
+def cosine(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], norm_a: float | None = None
+) -> float:
+    """cos(a, b) over all tensors taken together (0 when either is zero); ``norm_a``: ‖a‖
+    when known already."""
+    norms = (global_norm(a) if norm_a is None else norm_a) * math.sqrt(max(dot(b, b), 0.0))
+    return dot(a, b) / norms if norms > 0 else 0.0
 
 
 def outlier_reasons(
@@ -337,7 +345,8 @@ def direction_average(
 ) -> AdapterState:
     """keep·average + (1 − keep)·Δ/‖Δ‖: an exponential average of accepted directions
     (unit vectors, so one large update does not dominate it)."""
-    unit = scale(delta, 1.0 / norm if norm > 0 else 0.0)
+    step = (1.0 - keep) / norm if norm > 0 else 0.0
     if average is None:
-        return scale(unit, 1.0 - keep)
-    return {key: keep * average[key] + (1.0 - keep) * unit[key] for key in average}
+        return scale(delta, step)
+    # two passes per tensor, one new tensor: it runs on every accepted update
+    return {key: (keep * average[key]).add_(delta[key], alpha=step) for key in average}

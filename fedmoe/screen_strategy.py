@@ -70,7 +70,7 @@ class ScreenedAsyncStrategy(AsyncStrategy):
 
     def receive(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
         """Reject an outlier (weight 0), else apply the update as the async rule does."""
-        norm = aggregate.global_norm(update.delta)
+        norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
         reason = self.judge(update, norm, state)
         if reason is not None:
             verdict = ((update.update_id, "rejected", reason),)
@@ -85,7 +85,7 @@ class ScreenedAsyncStrategy(AsyncStrategy):
             return None
         return aggregate.history_reason(
             norm,
-            aggregate.cosine(update.delta, state.direction),
+            aggregate.cosine(update.delta, state.direction, norm),
             [n for _, n in others],
             norm_factor=self.screen.norm_factor,
             min_cosine=self.screen.min_cosine,

@@ -118,6 +118,7 @@ class Contribution:
     active_workers: int  # for --server-lr auto
     now: float
     worker_id: str = ""  # who sent it (the update screen counts distinct workers)
+    norm: float | None = None  # ‖Δ‖ as the ledger records it (None: not computed yet)
 
 
 @dataclass(frozen=True)

@@ -113,9 +113,13 @@ def replay(head: Head, record: LogRecord, schema: AdapterSchema, name: str) -> H
         return Head(_versioned(params, int(header["version"]), name), state, record.lsn)
     update_id = header["ledger"]["update_id"]
     delta = decode_adapter(record.body, schema)
-    sender = str(header["ledger"]["worker_id"])
+    ledger = header["ledger"]  # who sent it, and ‖Δ‖ exactly as the live path computed it
     contribution = Contribution(
-        update_id=update_id, delta=delta, worker_id=sender, **header["contribution"]
+        update_id=update_id,
+        delta=delta,
+        worker_id=str(ledger["worker_id"]),
+        norm=float(ledger["update_norm"]),
+        **header["contribution"],
     )
     outcome = strategy.receive(head.expert.state, contribution, head.state)
     if outcome.params is None:

@@ -96,6 +96,7 @@ class StrategyBook:
         decay: float,
         clip: float,
         num_tokens: int,
+        norm: float | None = None,
     ) -> Contribution:
         """One update with the weights the settings ask for (activity from the ledger)."""
         now = time.time()
@@ -111,6 +112,7 @@ class StrategyBook:
             factor = token_factor(num_tokens, (sum(tokens) + num_tokens) / (len(tokens) + 1))
         return Contribution(
             worker_id=worker_id,
+            norm=norm,
             update_id=update_id,
             delta=delta,
             decay=decay,

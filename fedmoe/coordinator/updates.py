@@ -152,6 +152,7 @@ class UpdatePath:
             decay=self.decay(staleness),
             clip=clip,
             num_tokens=request.num_tokens,
+            norm=norm,
         )
         strategy = self.strategies.strategy
         outcome = strategy.receive(
