@@ -119,3 +119,29 @@ def test_screen_settings_are_validated_and_choose_the_strategy(tmp_path) -> None
         CoordinatorSettings(state_dir=tmp_path, strategy="fedbuff", screen_min_cosine=-0.2)
     with pytest.raises(ValidationError, match="less than screen_history"):
         CoordinatorSettings(state_dir=tmp_path, screen_history=3, screen_min_workers=3)
+
+
+def test_a_rejected_worker_is_recorded_and_not_counted_as_active(tmp_path) -> None:
+    from fedmoe.adapters import encode_adapter
+    from fedmoe.coordinator.bootstrap import open_coordinator, register_in_process
+    from fedmoe.coordinator.settings import CoordinatorSettings
+    from fedmoe.coordinator.versions import UpdateRequest
+
+    sql = "sql_expert"
+    settings = CoordinatorSettings(host="127.0.0.1", state_dir=tmp_path, experts=[sql])
+    coordinator = open_coordinator(settings)
+    try:
+        shared = {k: torch.randn(s) * 1e-2 for k, s in coordinator.schema.items()}
+        for index, (worker, factor) in enumerate([("a", 1.0), ("b", 1.1), ("c", 100.0)]):
+            register_in_process(coordinator, worker, sql)
+            body = encode_adapter({k: factor * v for k, v in shared.items()})
+            base = coordinator.experts[sql].version
+            request = UpdateRequest(sql, worker, f"u{index}", base, 10, 1.0, body)
+            ack = coordinator.submit_update(request)
+        assert ack.weight == 0.0 and ack.version == 3  # a new version, θ unchanged
+        (row,) = [r for r in coordinator.ledger.updates(limit=10) if r.worker_id == "c"]
+        assert row.verdict == "rejected" and row.reason is not None and "norm" in row.reason
+        assert coordinator.ledger.recent_activity(sql, 0.0)[0] == {"a", "b"}
+        assert coordinator.strategies.status(sql).screen_updates
+    finally:
+        coordinator.close()
