@@ -8,8 +8,8 @@ come from at least ``min_workers`` workers other than the sender the update is a
 unjudged (the warm-up): a lone worker, and each worker of the one-worker-per-expert demo,
 is never judged, so it is applied exactly as by ``AsyncStrategy``. An accepted update is
 applied by that rule untouched (θ + η·s(τ)·clip·Δ, bit for bit); a rejected one is
-applied with weight 0 (θ unchanged, a new version) and its verdict and reason go to the
-ledger. The history lives in the ``StrategyState`` (``recent``, ``direction``), so it is
+applied with weight 0 (θ + 0·Δ: θ unchanged, a new version) and its verdict and reason go
+to the ledger. The history lives in the ``StrategyState`` (``recent``, ``direction``), so it is
 durable through the snapshots and recomputed by replaying the write-ahead log.
 """
 
@@ -74,7 +74,9 @@ class ScreenedAsyncStrategy(AsyncStrategy):
         reason = self.judge(update, norm, state)
         if reason is not None:
             verdict = ((update.update_id, "rejected", reason),)
-            return Outcome(params, replace(state, verdicts=verdict), 0.0)
+            # θ + 0·Δ, as a worker rebuilds it from the acknowledgement (a -0.0 becomes 0.0)
+            unchanged = aggregate.apply_update(params, update.delta, 0.0)
+            return Outcome(unchanged, replace(state, verdicts=verdict), 0.0)
         outcome = super().receive(params, update, replace(state, verdicts=()))
         return replace(outcome, state=self.remember(outcome.state, update, norm))
 

@@ -76,7 +76,8 @@ def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> No
     before, state, _ = _run(_screened(), honest)
     for word, attack in attacks.items():
         outcome = _screened().receive(before, attack, state)
-        assert outcome.weight == 0.0 and outcome.params is before
+        assert outcome.weight == 0.0 and outcome.params is not None
+        assert torch.equal(outcome.params[KEY], before[KEY])
         ((update_id, verdict, reason),) = outcome.state.verdicts
         assert (update_id, verdict) == ("d-3", "rejected") and word in reason
         assert outcome.state.recent == state.recent  # a rejected update is not remembered
