@@ -88,7 +88,7 @@ def dp_arm(epsilon: float | None, steps: int, train_count: int) -> dict[str, flo
         tokens += trainer.step().tokens
     seconds = time.perf_counter() - began
     spent = getattr(trainer, "spent_epsilon", lambda: None)()
-    sigma = getattr(getattr(trainer, "plan", None), "noise_multiplier", 0.0)
+    sigma = getattr(getattr(trainer, "privacy", None), "noise_multiplier", 0.0)
     return {
         "loss": validation_loss(model, held_out, pad_token_id=base.tokenizer.pad_token_id),
         "step_seconds": seconds / steps,
