@@ -323,7 +323,7 @@ def history_reason(
 ) -> str | None:
     """Why one update is an outlier of the recently accepted ones, or None to accept it.
 
-    Its norm over ``norm_factor`` × the median of ``recent_norms`` (a scaled attack), or its
+    Its norm over ``norm_factor`` × the (lower) median of ``recent_norms`` (a scaled attack), or its
     cosine to the recent accepted direction below ``min_cosine`` (a flipped sign). An
     empty history judges nothing (the caller's warm-up).
     """
@@ -331,7 +331,7 @@ def history_reason(
         return None
     median_norm = float(torch.tensor(list(recent_norms), dtype=torch.float64).median())
     if norm > norm_factor * median_norm:
-        return f"norm {norm:.4g} > {norm_factor:g} x the recent accepted median {median_norm:.4g}"
+        return f"norm {norm:.4g} > {norm_factor:g} x the others' median {median_norm:.4g}"
     if cosine_to_recent is not None and cosine_to_recent < min_cosine:
         return f"cosine {cosine_to_recent:.3f} to the recent accepted direction < {min_cosine:g}"
     return None

@@ -1,16 +1,19 @@
 """The asynchronous rule with an update screen: a poisoning worker is caught without a buffer.
 
-Each arriving update is judged against the expert's recently ACCEPTED updates: its norm
-against ``norm_factor`` × the median norm of the newest accepted updates of *other*
-workers (a scaled attack), and its direction against the exponential average of the
-accepted directions (a flipped sign: cosine below ``min_cosine``). Until those updates
-come from at least ``min_workers`` workers other than the sender the update is accepted
-unjudged (the warm-up): a lone worker, and each worker of the one-worker-per-expert demo,
-is never judged, so it is applied exactly as by ``AsyncStrategy``. An accepted update is
-applied by that rule untouched (θ + η·s(τ)·clip·Δ, bit for bit); a rejected one is
-applied with weight 0 (θ + 0·Δ: θ unchanged, a new version) and its verdict and reason go
-to the ledger. The history lives in the ``StrategyState`` (``recent``, ``direction``), so it is
-durable through the snapshots and recomputed by replaying the write-ahead log.
+Each arriving update is judged against the expert's recent updates: its norm against
+``norm_factor`` × the (lower) median of the latest norms of the other workers (one per
+worker, the last ``history`` workers, rejected updates included: an honest majority keeps
+the median honest, and when every worker's norm changes at once the medians follow within
+one round instead of rejecting everyone for good) — a scaled attack; and its direction
+against the exponential average of the ACCEPTED directions (a flipped sign: cosine below
+``min_cosine``). Until the history holds at least ``min_workers`` workers other than the
+sender the update is accepted unjudged (the warm-up): a lone worker, and each worker of
+the one-worker-per-expert demo, is never judged, so it is applied exactly as by
+``AsyncStrategy``. An accepted update is applied by that rule untouched
+(θ + η·s(τ)·clip·Δ, bit for bit); a rejected one is applied with weight 0 (θ + 0·Δ: θ
+unchanged, a new version) and its verdict and reason go to the ledger. The history lives
+in the ``StrategyState`` (``recent``, ``direction``), so it is durable through the
+snapshots and recomputed by replaying the write-ahead log.
 """
 
 from __future__ import annotations
@@ -72,31 +75,35 @@ class ScreenedAsyncStrategy(AsyncStrategy):
         """Reject an outlier (weight 0), else apply the update as the async rule does."""
         norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
         reason = self.judge(update, norm, state)
+        recent = self.seen(state.recent, update.worker_id, norm)
         if reason is not None:
             verdict = ((update.update_id, "rejected", reason),)
             # θ + 0·Δ, as a worker rebuilds it from the acknowledgement (a -0.0 becomes 0.0)
             unchanged = aggregate.apply_update(params, update.delta, 0.0)
-            return Outcome(unchanged, replace(state, verdicts=verdict), 0.0)
+            return Outcome(unchanged, replace(state, recent=recent, verdicts=verdict), 0.0)
         outcome = super().receive(params, update, replace(state, verdicts=()))
-        return replace(outcome, state=self.remember(outcome.state, update, norm))
+        direction = aggregate.direction_average(
+            outcome.state.direction, update.delta, norm, self.screen.keep
+        )
+        return replace(outcome, state=replace(outcome.state, recent=recent, direction=direction))
 
     def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:
         """Why ``update`` is rejected, or None (also during the warm-up)."""
-        others = [(w, n) for w, n in state.recent if w != update.worker_id]
-        if len({w for w, _ in others}) < self.screen.min_workers or state.direction is None:
+        others = [n for w, n in state.recent if w != update.worker_id]
+        if len(others) < self.screen.min_workers or state.direction is None:
             return None
         return aggregate.history_reason(
             norm,
             aggregate.cosine(update.delta, state.direction, norm),
-            [n for _, n in others],
+            others,
             norm_factor=self.screen.norm_factor,
             min_cosine=self.screen.min_cosine,
         )
 
-    def remember(self, state: StrategyState, update: Contribution, norm: float) -> StrategyState:
-        """``state`` with an accepted update added to the history."""
-        recent = (*state.recent, (update.worker_id, norm))[-self.screen.history :]
-        direction = aggregate.direction_average(
-            state.direction, update.delta, norm, self.screen.keep
-        )
-        return replace(state, recent=recent, direction=direction)
+    def seen(
+        self, recent: tuple[tuple[str, float], ...], worker: str, norm: float
+    ) -> tuple[tuple[str, float], ...]:
+        """The latest norm of each of the last ``history`` workers, this one's now the newest:
+        one entry per worker, so a worker that uploads often cannot crowd the others out."""
+        kept = tuple(entry for entry in recent if entry[0] != worker)
+        return (*kept, (worker, norm))[-self.screen.history :]

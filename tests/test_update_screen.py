@@ -26,7 +26,7 @@ def test_history_reason_by_hand() -> None:
     norms = [1.0, 2.0, 3.0]  # median 2: the bound is 3 x 2 = 6
     assert aggregate.history_reason(5.9, 0.5, norms, norm_factor=3, min_cosine=0) is None
     reason = aggregate.history_reason(6.5, 0.5, norms, norm_factor=3, min_cosine=0)
-    assert reason is not None and "norm 6.5 > 3 x the recent accepted median 2" in reason
+    assert reason is not None and "norm 6.5 > 3 x the others' median 2" in reason
     reason = aggregate.history_reason(1.0, -0.25, norms, norm_factor=3, min_cosine=0)
     assert reason is not None and "cosine -0.250" in reason
     assert aggregate.history_reason(1.0, -0.25, norms, norm_factor=3, min_cosine=-0.5) is None
@@ -64,7 +64,7 @@ def test_a_lone_worker_is_applied_exactly_as_by_the_async_rule() -> None:
     screened, state, outcomes = _run(_screened(), updates)
     assert torch.equal(plain[KEY], screened[KEY])
     assert all(o.state.verdicts == () for o in outcomes)
-    assert [n for _, n in state.recent] == pytest.approx([2**0.5, (8100 + 9 + 4) ** 0.5, 7.0])
+    assert state.recent == (("w", 7.0),)  # one entry per worker: its latest norm
 
 
 def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> None:
@@ -73,6 +73,7 @@ def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> No
         "norm": _update("d", _s(100.0, 100.0, 50.0), 3),  # 150 > 3 x median 1.5
         "cosine": _update("d", _s(-1.0, -1.0, -0.5), 3),
     }
+    norm = {"norm": 22500**0.5, "cosine": 2.25**0.5}
     before, state, _ = _run(_screened(), honest)
     for word, attack in attacks.items():
         outcome = _screened().receive(before, attack, state)
@@ -80,7 +81,9 @@ def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> No
         assert torch.equal(outcome.params[KEY], before[KEY])
         ((update_id, verdict, reason),) = outcome.state.verdicts
         assert (update_id, verdict) == ("d-3", "rejected") and word in reason
-        assert outcome.state.recent == state.recent  # a rejected update is not remembered
+        # its norm is remembered (one vote per worker), its direction is not
+        assert outcome.state.recent == (*state.recent, ("d", pytest.approx(norm[word])))
+        assert torch.equal(outcome.state.direction[KEY], state.direction[KEY])
     fine = _screened().receive(before, _update("d", _s(1.2, 0.9, 0.5), 3), state)
     assert fine.weight == 0.5 and fine.state.verdicts == ()  # η = 1, s(τ) = 0.5
     torch.testing.assert_close(fine.params[KEY], before[KEY] + 0.5 * torch.tensor([1.2, 0.9, 0.5]))
@@ -89,10 +92,21 @@ def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> No
     assert outcomes[1].weight == 0.5 and outcomes[1].state.verdicts == ()
 
 
+def test_when_every_worker_changes_its_norm_the_screen_follows_within_a_round() -> None:
+    small = [_update(w, _s(0.6, 0.8, 0.0), i) for i, w in enumerate("abc")]  # norm 1
+    large = [_update(w, _s(3.0, 4.0, 0.0), 3 + i) for i, w in enumerate("abca")]  # norm 5
+    _, state, outcomes = _run(_screened(), small + large)
+    weights = [o.weight for o in outcomes[3:]]
+    # a: others (1, 1), b: others (1, 5) -> lower median 1: 5 > 3 x 1, rejected;
+    # c: others (5, 5), then a again: accepted
+    assert weights == [0.0, 0.0, 0.5, 0.5]
+    assert state.recent == (("b", 5.0), ("c", 5.0), ("a", 5.0))
+
+
 def test_history_is_bounded_and_the_state_round_trips() -> None:
-    updates = [_update(w, _s(1.0, float(i), 0.5), i) for i, w in enumerate("abcabc")]
-    _, state, _ = _run(_screened(history=4), updates)
-    assert [w for w, _ in state.recent] == list("cabc")
+    updates = [_update(w, _s(1.0, float(i), 0.5), i) for i, w in enumerate("abcdea")]
+    _, state, _ = _run(_screened(history=4, min_workers=3), updates)
+    assert [w for w, _ in state.recent] == list("cdea")  # the last 4 workers, once each
     again = StrategyState.from_parts(state.tensors(), state.scalars())
     assert again.recent == state.recent and not again.empty
     assert state.direction is not None and again.direction is not None

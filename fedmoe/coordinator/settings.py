@@ -115,13 +115,13 @@ class CoordinatorSettings(BaseSettings):
     )
     screen_updates: bool = Field(
         True,
-        description="'async': judge each update against the expert's recently accepted ones "
-        "and reject (weight 0, reason in the ledger) one whose norm is over "
-        "--screen-norm-factor x their median or whose cosine to their average direction is "
-        "below --screen-min-cosine; a lone worker is never judged.",
+        description="'async': judge each update against the expert's recent ones and reject "
+        "(weight 0, reason in the ledger) one whose norm is over --screen-norm-factor x the "
+        "median of the other workers' latest norms or whose cosine to the accepted updates' "
+        "average direction is below --screen-min-cosine; a lone worker is never judged.",
     )
     screen_norm_factor: float = Field(
-        3.0, gt=1, description="k of the update screen's norm bound (k x the recent median)."
+        3.0, gt=1, description="k of the update screen's norm bound (k x the others' median)."
     )
     screen_min_cosine: float = Field(
         0.0,
@@ -133,8 +133,8 @@ class CoordinatorSettings(BaseSettings):
         16,
         ge=2,
         le=10000,
-        description="Accepted updates the screen remembers (their norms; their direction "
-        "decays over about as many).",
+        description="Workers whose latest norm the screen remembers; the direction average "
+        "decays over about as many accepted updates.",
     )
     screen_min_workers: int = Field(
         2,
