@@ -7,7 +7,9 @@ the median honest, and when every worker's norm changes at once the medians foll
 one round instead of rejecting everyone for good) — a scaled attack; and its direction
 against the exponential average of the ACCEPTED directions (a flipped sign: cosine below
 ``min_cosine``). Until the history holds at least ``min_workers`` workers other than the
-sender the update is accepted unjudged (the warm-up): a lone worker, and each worker of
+sender, and while most of those workers' latest updates were rejected (then the history
+no longer describes them: say all honest updates turned at once), the update is accepted
+unjudged (the warm-up): a lone worker, and each worker of
 the one-worker-per-expert demo, is never judged, so it is applied exactly as by
 ``AsyncStrategy``. An accepted update is applied by that rule untouched
 (θ + η·s(τ)·clip·Δ, bit for bit); a rejected one is applied with weight 0 (θ + 0·Δ: θ
@@ -27,6 +29,7 @@ from fedmoe.server_strategy import (
     AsyncStrategy,
     Contribution,
     Outcome,
+    Seen,
     ServerOptimizer,
     StrategyState,
 )
@@ -75,7 +78,7 @@ class ScreenedAsyncStrategy(AsyncStrategy):
         """Reject an outlier (weight 0), else apply the update as the async rule does."""
         norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
         reason = self.judge(update, norm, state)
-        recent = self.seen(state.recent, update.worker_id, norm)
+        recent = self.seen(state.recent, update.worker_id, norm, accepted=reason is None)
         if reason is not None:
             verdict = ((update.update_id, "rejected", reason),)
             # θ + 0·Δ, as a worker rebuilds it from the acknowledgement (a -0.0 becomes 0.0)
@@ -89,21 +92,24 @@ class ScreenedAsyncStrategy(AsyncStrategy):
 
     def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:
         """Why ``update`` is rejected, or None (also during the warm-up)."""
-        others = [n for w, n in state.recent if w != update.worker_id]
+        others = [(n, ok) for w, n, ok in state.recent if w != update.worker_id]
         if len(others) < self.screen.min_workers or state.direction is None:
             return None
+        if 2 * sum(ok for _, ok in others) <= len(others):
+            return None  # most others' latest were rejected: the history is not theirs
         return aggregate.history_reason(
             norm,
             aggregate.cosine(update.delta, state.direction, norm),
-            others,
+            [n for n, _ in others],
             norm_factor=self.screen.norm_factor,
             min_cosine=self.screen.min_cosine,
         )
 
     def seen(
-        self, recent: tuple[tuple[str, float], ...], worker: str, norm: float
-    ) -> tuple[tuple[str, float], ...]:
-        """The latest norm of each of the last ``history`` workers, this one's now the newest:
-        one entry per worker, so a worker that uploads often cannot crowd the others out."""
+        self, recent: tuple[Seen, ...], worker: str, norm: float, *, accepted: bool
+    ) -> tuple[Seen, ...]:
+        """The latest norm and verdict of each of the last ``history`` workers, this one's
+        now the newest: one entry per worker, so a worker that uploads often cannot crowd
+        the others out."""
         kept = tuple(entry for entry in recent if entry[0] != worker)
-        return (*kept, (worker, norm))[-self.screen.history :]
+        return (*kept, (worker, norm, accepted))[-self.screen.history :]

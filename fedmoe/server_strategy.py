@@ -20,6 +20,7 @@ from fedmoe.fields import SERVER_OPTIMIZERS, ServerLr, ServerOptimizerKind
 BUFFER, FIRST, SECOND, DIRECTION = "buffer.", "m.", "v.", "direction."
 MEMBER = "member.{:04d}."  # one buffered update, kept apart for robust aggregation
 ADAM_BETA2 = 0.99  # FedAdam's second-moment decay
+Seen = tuple[str, float, bool]  # the update screen's (worker id, ‖Δ‖, accepted)
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class StrategyState:
     member_weights: tuple[float, ...] = ()
     # what robust aggregation decided at the last application: (update id, verdict, reason)
     verdicts: tuple[tuple[str, str, str], ...] = ()
-    # the update screen (``fedmoe.screen_strategy``): (worker id, ‖Δ‖) of the newest
-    # accepted updates, and the exponential average of their directions
-    recent: tuple[tuple[str, float], ...] = ()
+    # the update screen (``fedmoe.screen_strategy``): (worker id, ‖Δ‖, accepted) of each
+    # recent worker's latest update, and the average direction of the accepted updates
+    recent: tuple[Seen, ...] = ()
     direction: AdapterState | None = None
 
     @property
@@ -101,7 +102,7 @@ class StrategyState:
             first=parts[FIRST] or None,
             second=parts[SECOND] or None,
             steps=int(values["steps"]),
-            recent=tuple((str(w), float(n)) for w, n in values.get("recent", ())),
+            recent=tuple((str(w), float(n), bool(a)) for w, n, a in values.get("recent", ())),
             direction=parts[DIRECTION] or None,
         )
 

@@ -64,7 +64,7 @@ def test_a_lone_worker_is_applied_exactly_as_by_the_async_rule() -> None:
     screened, state, outcomes = _run(_screened(), updates)
     assert torch.equal(plain[KEY], screened[KEY])
     assert all(o.state.verdicts == () for o in outcomes)
-    assert state.recent == (("w", 7.0),)  # one entry per worker: its latest norm
+    assert state.recent == (("w", 7.0, True),)  # one entry per worker: its latest
 
 
 def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> None:
@@ -82,7 +82,7 @@ def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> No
         ((update_id, verdict, reason),) = outcome.state.verdicts
         assert (update_id, verdict) == ("d-3", "rejected") and word in reason
         # its norm is remembered (one vote per worker), its direction is not
-        assert outcome.state.recent == (*state.recent, ("d", pytest.approx(norm[word])))
+        assert outcome.state.recent == (*state.recent, ("d", pytest.approx(norm[word]), False))
         assert torch.equal(outcome.state.direction[KEY], state.direction[KEY])
     fine = _screened().receive(before, _update("d", _s(1.2, 0.9, 0.5), 3), state)
     assert fine.weight == 0.5 and fine.state.verdicts == ()  # η = 1, s(τ) = 0.5
@@ -97,16 +97,28 @@ def test_when_every_worker_changes_its_norm_the_screen_follows_within_a_round() 
     large = [_update(w, _s(3.0, 4.0, 0.0), 3 + i) for i, w in enumerate("abca")]  # norm 5
     _, state, outcomes = _run(_screened(), small + large)
     weights = [o.weight for o in outcomes[3:]]
-    # a: others (1, 1), b: others (1, 5) -> lower median 1: 5 > 3 x 1, rejected;
-    # c: others (5, 5), then a again: accepted
-    assert weights == [0.0, 0.0, 0.5, 0.5]
-    assert state.recent == (("b", 5.0), ("c", 5.0), ("a", 5.0))
+    # a: others (1, 1), 5 > 3 x 1: rejected; b: others a (5, rejected) and c (1): half of
+    # them rejected, so not judged; c and a again: others' median 5, accepted
+    assert weights == [0.0, 0.5, 0.5, 0.5]
+    assert state.recent == (("b", 5.0, True), ("c", 5.0, True), ("a", 5.0, True))
+
+
+def test_a_persistent_attacker_stays_rejected_and_honest_workers_stay_accepted() -> None:
+    honest, scaled = _s(1.0, 1.0, 0.5), _s(100.0, 100.0, 50.0)
+    order = [("a", honest), ("b", honest), ("c", honest), ("d", scaled), ("a", honest)]
+    order += [("d", scaled), ("b", honest), ("d", scaled), ("c", honest)]
+    updates = [_update(w, delta, i) for i, (w, delta) in enumerate(order)]
+    _, state, outcomes = _run(_screened(), updates)
+    weights = {(u.worker_id, o.weight) for u, o in zip(updates, outcomes)}
+    assert weights == {("a", 0.5), ("b", 0.5), ("c", 0.5), ("d", 0.0)}
+    latest = [entry[0::2] for entry in state.recent]  # (worker, accepted), oldest first
+    assert latest == [("a", True), ("b", True), ("d", False), ("c", True)]
 
 
 def test_history_is_bounded_and_the_state_round_trips() -> None:
     updates = [_update(w, _s(1.0, float(i), 0.5), i) for i, w in enumerate("abcdea")]
     _, state, _ = _run(_screened(history=4, min_workers=3), updates)
-    assert [w for w, _ in state.recent] == list("cdea")  # the last 4 workers, once each
+    assert [entry[0] for entry in state.recent] == list("cdea")  # the last 4 workers, once each
     again = StrategyState.from_parts(state.tensors(), state.scalars())
     assert again.recent == state.recent and not again.empty
     assert state.direction is not None and again.direction is not None
