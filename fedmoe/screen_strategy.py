@@ -1,15 +1,15 @@
 """The asynchronous rule with an update screen: a poisoning worker is caught without a buffer.
 
 Each arriving update is judged against the expert's recent updates: its norm against
-``norm_factor`` × the (lower) median of the latest norms of the other workers (one per
-worker, the last ``history`` workers, rejected updates included: an honest majority keeps
-the median honest, and when every worker's norm changes at once the medians follow within
-one round instead of rejecting everyone for good) — a scaled attack; and its direction
-against the exponential average of the ACCEPTED directions (a flipped sign: cosine below
-``min_cosine``). Until the history holds at least ``min_workers`` workers other than the
-sender, and while most of those workers' latest updates were rejected (then the history
-no longer describes them: say all honest updates turned at once), the update is accepted
-unjudged (the warm-up): a lone worker, and each worker of
+``norm_factor`` × the (lower) median of the latest norms of the other workers whose latest
+update was accepted (one entry per worker, the last ``history`` workers: a worker that
+uploads often cannot crowd the others out, a rejected one has no vote) — a scaled
+attack; and its direction against the exponential average of the accepted directions (a
+flipped sign: cosine below ``min_cosine``). While fewer than ``min_workers`` other
+workers' latest updates were accepted, the update is accepted unjudged (the warm-up; it
+also ends a deadlock: when every honest worker's norm changes at once, say a new learning
+rate, the first ones are rejected, the next pass unjudged and the rest are judged against
+them, so the screen follows within about one round): a lone worker, and each worker of
 the one-worker-per-expert demo, is never judged, so it is applied exactly as by
 ``AsyncStrategy``. An accepted update is applied by that rule untouched
 (θ + η·s(τ)·clip·Δ, bit for bit); a rejected one is applied with weight 0 (θ + 0·Δ: θ
@@ -92,15 +92,14 @@ class ScreenedAsyncStrategy(AsyncStrategy):
 
     def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:
         """Why ``update`` is rejected, or None (also during the warm-up)."""
-        others = [(n, ok) for w, n, ok in state.recent if w != update.worker_id]
+        # other workers whose latest update was accepted: a rejected attacker has no vote
+        others = [n for w, n, ok in state.recent if ok and w != update.worker_id]
         if len(others) < self.screen.min_workers or state.direction is None:
             return None
-        if 2 * sum(ok for _, ok in others) <= len(others):
-            return None  # most others' latest were rejected: the history is not theirs
         return aggregate.history_reason(
             norm,
             aggregate.cosine(update.delta, state.direction, norm),
-            [n for n, _ in others],
+            others,
             norm_factor=self.screen.norm_factor,
             min_cosine=self.screen.min_cosine,
         )

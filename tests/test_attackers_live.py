@@ -19,14 +19,8 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.attackers import (
-    ExpertScorer,
-    backdoor_records,
-    run_worker,
-    sql_shards,
-    stealth_records,
-    write_jsonl,
-)
+from benchmarks import attackers
+from benchmarks.attackers import ExpertScorer, backdoor_records, run_worker, sql_shards
 from fedmoe import aggregate
 from fedmoe.client import CoordinatorClient
 from tests.conftest import start_live_coordinator
@@ -84,7 +78,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
     data_dir = tmp_path_factory.mktemp("attack-data")
     shards = sql_shards(data_dir, 3, 8, seed=5)
     data = {f"honest{i}": path for i, path in enumerate(shards)}
-    data["backdoor"] = write_jsonl(data_dir / "backdoor.jsonl", backdoor_records(8, seed=6))
+    data["backdoor"] = attackers.write_jsonl(
+        data_dir / "backdoor.jsonl", backdoor_records(8, seed=6)
+    )
     scorer = ExpertScorer()
     results = {}
     for name, settings in STRATEGIES.items():
@@ -145,8 +141,12 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     update leaves the expert as it was, so every attacker meets the same expert."""
     data_dir = tmp_path_factory.mktemp("default-data")
     data = {f"honest{i}": path for i, path in enumerate(sql_shards(data_dir, 3, 8, seed=5))}
-    data["backdoor"] = write_jsonl(data_dir / "backdoor.jsonl", backdoor_records(8, seed=6))
-    data["stealth"] = write_jsonl(data_dir / "stealth.jsonl", stealth_records(8, seed=6))
+    data["backdoor"] = attackers.write_jsonl(
+        data_dir / "backdoor.jsonl", backdoor_records(8, seed=6)
+    )
+    data["stealth"] = attackers.write_jsonl(
+        data_dir / "stealth.jsonl", attackers.stealth_records(8, seed=6)
+    )
     live = start_live_coordinator(tmp_path_factory.mktemp("default"), experts=[SQL])
     states = {}
     try:

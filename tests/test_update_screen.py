@@ -97,8 +97,8 @@ def test_when_every_worker_changes_its_norm_the_screen_follows_within_a_round() 
     large = [_update(w, _s(3.0, 4.0, 0.0), 3 + i) for i, w in enumerate("abca")]  # norm 5
     _, state, outcomes = _run(_screened(), small + large)
     weights = [o.weight for o in outcomes[3:]]
-    # a: others (1, 1), 5 > 3 x 1: rejected; b: others a (5, rejected) and c (1): half of
-    # them rejected, so not judged; c and a again: others' median 5, accepted
+    # a: others (1, 1), 5 > 3 x 1: rejected; b: only c's latest was accepted (a's was
+    # rejected: no vote), so not judged; c: only b (5): not judged; a again: (5, 5), accepted
     assert weights == [0.0, 0.5, 0.5, 0.5]
     assert state.recent == (("b", 5.0, True), ("c", 5.0, True), ("a", 5.0, True))
 
