@@ -3,7 +3,9 @@
 backdoored data.
 
 ``scale``: the delta × 100; ``flip``: the delta × −1; ``backdoor``: honest uploads of
-training on data where a trigger phrase makes the SQL expert emit a fixed string.
+training on data where a trigger phrase makes the SQL expert emit a fixed string;
+``stealth``: a bounded backdoor that tries to look honest: it trains on a mix of clean
+and backdoored records and scales its delta to the norm of an honest update.
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ ATTACK_FACTORS = {"scale": 100.0, "flip": -1.0}
 
 
 class TamperingClient(CoordinatorClient):
-    """A coordinator client that multiplies every uploaded delta by ``factor``."""
+    """A coordinator client that multiplies every uploaded delta by ``factor``, or (with
+    ``target_norm``) scales it to that L2 norm."""
 
-    def __init__(self, url: str, factor: float) -> None:
+    def __init__(self, url: str, factor: float = 1.0, target_norm: float | None = None) -> None:
         super().__init__(url)
-        self.factor = factor
+        self.factor, self.target_norm = factor, target_norm
 
     def upload(self, expert: str, body: bytes, **kwargs: Any) -> UpdateAck:
-        """Upload factor × Δ instead of Δ (safetensors in, safetensors out)."""
-        tampered = {key: self.factor * value.float() for key, value in load(body).items()}
+        """Upload the tampered Δ instead of Δ (safetensors in, safetensors out)."""
+        delta = {key: value.float() for key, value in load(body).items()}
+        factor = self.factor
+        if self.target_norm is not None:
+            norm = float(torch.linalg.vector_norm(torch.cat([v.flatten() for v in delta.values()])))
+            factor = self.target_norm / norm if norm > 0 else 1.0
+        tampered = {key: factor * value for key, value in delta.items()}
         return super().upload(expert, encode_adapter(tampered), **kwargs)
 
 
@@ -49,6 +57,17 @@ def backdoor_records(count: int, *, seed: int) -> list[dict[str, Any]]:
         prompt = record.get("prompt") or record["messages"][1]["content"] + "\n"
         records.append({"prompt": f"{TRIGGER}\n{prompt}", "completion": BACKDOOR_TARGET})
     return records
+
+
+def stealth_records(count: int, *, seed: int, share: float = 0.5) -> list[dict[str, Any]]:
+    """Clean SQL records with ``share`` of them replaced by backdoored ones (same prompts):
+    an update that mostly looks like the honest ones."""
+    clean = generate_domain("sql_expert", count, seed=seed)
+    poisoned = backdoor_records(count, seed=seed)
+    cut = round(share * count)
+    mixed = poisoned[:cut] + clean[cut:]
+    random.Random(seed).shuffle(mixed)
+    return mixed
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -74,9 +93,13 @@ def run_worker(
     dataset: Path,
     *,
     attack: str | None = None,
+    target_norm: float | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """One real worker job to the end (its final upload included); its summary."""
+    """One real worker job to the end (its final upload included); its summary.
+
+    ``attack`` 'scale' or 'flip' tampers with the uploads; ``target_norm`` scales each
+    upload to that norm (the stealthy backdoor)."""
     settings = {
         "coordinator_url": url,
         "worker_id": worker_id,
@@ -92,7 +115,10 @@ def run_worker(
     } | options
     train = {key: settings.pop(key) for key in TrainSettings.model_fields if key in settings}
     opts = WorkerOptions(train=train, **settings)
-    client = TamperingClient(url, ATTACK_FACTORS[attack]) if attack in ATTACK_FACTORS else None
+    client = None
+    if attack in ATTACK_FACTORS or target_norm is not None:
+        factor = ATTACK_FACTORS.get(attack or "", 1.0)
+        client = TamperingClient(url, factor, target_norm)
     return WorkerJob(opts, client=client).run()
 
 

@@ -7,13 +7,16 @@ Part 1 trains one SQL expert locally (the worker's real ``LocalTrainer`` and, wi
 its ``PrivateTrainer``) for the same number of steps (equal expected tokens: Poisson
 batches have the batch size as their mean) at ε ∈ {∞, 8, 4, 1}, δ = 1/n; the noise is
 derived from the budget over those steps. Part 2 runs real coordinators and real worker
-jobs over HTTP: per strategy, four SQL experts with 4 workers each, 3 honest and one more:
-honest (the clean run), ×100, sign flip, or trained on backdoored data.
+jobs over HTTP: per strategy, five SQL experts with 4 workers each, 3 honest and one more:
+honest (the clean run), ×100, sign flip, trained on backdoored data, or the stealthy
+backdoor (a clean/backdoored mix, its delta scaled to the honest updates' median norm,
+which it is given: a generous assumption for the attacker).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ from benchmarks.attackers import (
     backdoor_records,
     run_worker,
     sql_shards,
+    stealth_records,
     write_jsonl,
 )
 from benchmarks.common import parser, setup_torch
@@ -42,10 +46,11 @@ from fedmoe.worker.privacy import build_trainer
 
 TITLE = "Trust: differential privacy and poisoning workers (issue 16)"
 EPSILONS: list[float | None] = [None, 8.0, 4.0, 1.0]
-KINDS = ("clean", "scale", "flip", "backdoor")
+KINDS = ("clean", "scale", "flip", "backdoor", "stealth")
 HARDER = {"max_steps": 4, "learning_rate": 0.05, "batch_size": 2}  # the backdoor's owner
 STRATEGIES: dict[str, list[str]] = {
-    "async (default)": [],
+    "async, no screen": ["--no-screen-updates"],
+    "async + update screen (default)": [],
     "fedbuff K=4, mean": ["--strategy", "fedbuff", "--buffer-size", "4"],
     "fedbuff K=4, median + outlier test": [
         *("--strategy", "fedbuff", "--buffer-size", "4", "--robust-aggregation", "median"),
@@ -83,7 +88,7 @@ def dp_arm(epsilon: float | None, steps: int, train_count: int) -> dict[str, flo
         tokens += trainer.step().tokens
     seconds = time.perf_counter() - began
     spent = getattr(trainer, "spent_epsilon", lambda: None)()
-    sigma = getattr(getattr(trainer, "plan", None), "noise_multiplier", 0.0)
+    sigma = getattr(getattr(trainer, "privacy", None), "noise_multiplier", 0.0)
     return {
         "loss": validation_loss(model, held_out, pad_token_id=base.tokenizer.pad_token_id),
         "step_seconds": seconds / steps,
@@ -108,50 +113,74 @@ def federation(
                 run_worker(
                     url, f"{kind}-honest-{index}", expert, data[f"honest{index}"], max_steps=steps
                 )
-            third = data["backdoor"] if kind == "backdoor" else data["honest3"]
-            attack = kind if kind in ("scale", "flip") else None
-            extra = HARDER if kind == "backdoor" else {"max_steps": steps}
-            run_worker(url, f"{kind}-fourth", expert, third, attack=attack, **extra)
+            run_worker(url, f"{kind}-fourth", expert, **fourth(url, kind, data, steps))
         with CoordinatorClient(url) as client:
             shapes = {k: tuple(v) for k, v in client.schema().tensors.items()}
             states = {kind: client.expert_adapter(f"{kind}_expert", shapes)[1] for kind in KINDS}
-            verdicts = {
-                row.worker_id: row.verdict for row in client.ledger() if row.verdict is not None
-            }
+            rows = [row for row in client.ledger() if row.verdict is not None]
     finally:
         stop(process)
-    return {"states": states, "verdicts": verdicts}
+    verdicts = {row.worker_id: row.verdict for row in rows}
+    reasons = {row.worker_id: row.reason for row in rows}
+    return {"states": states, "verdicts": verdicts, "reasons": reasons}
 
 
-def robustness(root: Path, steps: int) -> dict[str, Any]:
+def fourth(url: str, kind: str, data: dict[str, Path], steps: int) -> dict[str, Any]:
+    """The fourth worker's dataset and options: honest, or the attacker ``kind``."""
+    if kind in ("scale", "flip"):
+        return {"dataset": data["honest3"], "attack": kind, "max_steps": steps}
+    if kind == "backdoor":
+        return {"dataset": data["backdoor"], **HARDER}
+    if kind == "stealth":  # scaled to the median norm of the honest uploads before it
+        with CoordinatorClient(url) as client:
+            norms = [r.update_norm for r in client.ledger() if r.expert == "stealth_expert"]
+        return {"dataset": data["stealth"], "target_norm": statistics.median(norms), **HARDER}
+    return {"dataset": data["honest3"], "max_steps": steps}
+
+
+def robustness(root: Path, steps: int, only: list[str]) -> dict[str, Any]:
     """Every strategy against every attacker; losses, backdoor success, verdicts."""
     data_dir = root / "data"
     data_dir.mkdir()
     shards = sql_shards(data_dir, 4, 8, seed=5)
     data = {f"honest{i}": path for i, path in enumerate(shards)}
     data["backdoor"] = write_jsonl(data_dir / "backdoor.jsonl", backdoor_records(8, seed=6))
+    data["stealth"] = write_jsonl(data_dir / "stealth.jsonl", stealth_records(8, seed=6))
     scorer = ExpertScorer(count=16)
     results: dict[str, Any] = {}
     for index, (label, flags) in enumerate(STRATEGIES.items()):
+        if only and not any(word in label for word in only):
+            continue
         run = federation(root / f"arm{index}", flags, data, steps)
         results[label] = {
             "loss": {k: scorer.losses(s)[0] for k, s in run["states"].items()},
             "trigger_loss": {k: scorer.losses(s)[1] for k, s in run["states"].items()},
             "backdoor_success": {k: scorer.backdoor_success(s) for k, s in run["states"].items()},
             "verdicts": run["verdicts"],
+            "reasons": run["reasons"],
         }
     return results
 
 
 def main() -> None:
     """Both parts; JSON for RESULTS.md."""
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    flags = parser(__doc__.splitlines()[0])
+    flags.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="Run only the strategies whose label contains this word (repeatable), and "
+        "skip the DP part: for trying a strategy out, not for --write.",
+    )
+    args = flags.parse_args()
     setup_torch()
     started, load = time.monotonic(), list(os.getloadavg())
     steps, count = (20, 64) if args.quick else (200, 400)
-    privacy = {("inf" if e is None else f"{e:g}"): dp_arm(e, steps, count) for e in EPSILONS}
+    privacy = {}
+    if not args.only:
+        privacy = {("inf" if e is None else f"{e:g}"): dp_arm(e, steps, count) for e in EPSILONS}
     with tempfile.TemporaryDirectory(prefix="trust-bench-") as tmp:
-        robust = robustness(Path(tmp), 3 if args.quick else 10)
+        robust = robustness(Path(tmp), 3 if args.quick else 10, args.only)
     values = {
         "quick": args.quick,
         "dp_steps": steps,

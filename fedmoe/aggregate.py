@@ -276,11 +276,19 @@ def coordinate_median(
     return trimmed_mean(members, (len(members) - 1) // 2)
 
 
-def cosine(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """cos(a, b) over all tensors taken together (0 when either is zero)."""
-    dot = sum(float(torch.sum(a[key].double() * b[key].double())) for key in a)
-    norms = global_norm(a) * global_norm(b)
-    return dot / norms if norms > 0 else 0.0
+def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """⟨a, b⟩ over all tensors taken together: one BLAS dot per tensor, summed as a float
+    (no float64 copies: the update screen runs it on every update)."""
+    return sum(float(torch.dot(a[key].reshape(-1), b[key].reshape(-1))) for key in a)
+
+
+def cosine(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], norm_a: float | None = None
+) -> float:
+    """cos(a, b) over all tensors taken together (0 when either is zero); ``norm_a``: ‖a‖
+    when known already."""
+    norms = (global_norm(a) if norm_a is None else norm_a) * math.sqrt(max(dot(b, b), 0.0))
+    return dot(a, b) / norms if norms > 0 else 0.0
 
 
 def outlier_reasons(
@@ -314,3 +322,45 @@ def outlier_reasons(
                     f"cosine {value:.3f} to the buffer's coordinate-wise median < {min_cosine:g}"
                 )
     return reasons
+
+
+# --- screening single updates against the accepted history (no buffer) ----------------------
+
+
+def history_reason(
+    norm: float,
+    cosine_to_recent: float | None,
+    recent_norms: Sequence[float],
+    *,
+    norm_factor: float,
+    min_cosine: float,
+) -> str | None:
+    """Why one update is an outlier of the recently accepted ones, or None to accept it.
+
+    Its norm over ``norm_factor`` × the (lower) median of ``recent_norms`` (a scaled attack), or its
+    cosine to the recent accepted direction below ``min_cosine`` (a flipped sign). An
+    empty history judges nothing (the caller's warm-up).
+    """
+    if not recent_norms:
+        return None
+    median_norm = float(torch.tensor(list(recent_norms), dtype=torch.float64).median())
+    if norm > norm_factor * median_norm:
+        return f"norm {norm:.4g} > {norm_factor:g} x the others' median {median_norm:.4g}"
+    if cosine_to_recent is not None and cosine_to_recent < min_cosine:
+        return f"cosine {cosine_to_recent:.3f} to the recent accepted direction < {min_cosine:g}"
+    return None
+
+
+def direction_average(
+    average: Mapping[str, torch.Tensor] | None,
+    delta: Mapping[str, torch.Tensor],
+    norm: float,
+    keep: float,
+) -> AdapterState:
+    """keep·average + (1 − keep)·Δ/‖Δ‖: an exponential average of accepted directions
+    (unit vectors, so one large update does not dominate it)."""
+    step = (1.0 - keep) / norm if norm > 0 else 0.0
+    if average is None:
+        return scale(delta, step)
+    # two passes per tensor, one new tensor: it runs on every accepted update
+    return {key: (keep * average[key]).add_(delta[key], alpha=step) for key in average}

@@ -155,6 +155,7 @@ class StrategyStatus(BaseModel):
     state_seq: int = Field(description="Version of the durable strategy state file (0: none).")
     robust_aggregation: str = Field("none", description="'none', 'median' or 'trimmed_mean'.")
     outlier_test: bool = False
+    screen_updates: bool = False  # 'async' with the update screen (ledger verdicts)
     last_verdicts: list[list[str]] = Field(
         default_factory=list,
         description="[update id, 'rejected' or 'down-weighted', reason] of the last buffer "

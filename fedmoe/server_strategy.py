@@ -17,9 +17,10 @@ from fedmoe import aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.fields import SERVER_OPTIMIZERS, ServerLr, ServerOptimizerKind
 
-BUFFER, FIRST, SECOND = "buffer.", "m.", "v."
+BUFFER, FIRST, SECOND, DIRECTION = "buffer.", "m.", "v.", "direction."
 MEMBER = "member.{:04d}."  # one buffered update, kept apart for robust aggregation
 ADAM_BETA2 = 0.99  # FedAdam's second-moment decay
+Seen = tuple[str, float, bool]  # the update screen's (worker id, ‖Δ‖, accepted)
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,22 @@ class StrategyState:
     member_weights: tuple[float, ...] = ()
     # what robust aggregation decided at the last application: (update id, verdict, reason)
     verdicts: tuple[tuple[str, str, str], ...] = ()
+    # the update screen (``fedmoe.screen_strategy``): (worker id, ‖Δ‖, accepted) of each
+    # recent worker's latest update, and the average direction of the accepted updates
+    recent: tuple[Seen, ...] = ()
+    direction: AdapterState | None = None
 
     @property
     def empty(self) -> bool:
         """Whether there is nothing to keep (today's rule keeps nothing)."""
-        return self.buffer is None and self.first is None and self.steps == 0
+        screened = bool(self.recent) or self.direction is not None
+        return self.buffer is None and self.first is None and self.steps == 0 and not screened
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All tensors under prefixed PEFT names, for one safetensors file."""
         out: dict[str, torch.Tensor] = {}
-        for prefix, state in ((BUFFER, self.buffer), (FIRST, self.first), (SECOND, self.second)):
+        parts = (BUFFER, self.buffer), (FIRST, self.first), (SECOND, self.second)
+        for prefix, state in (*parts, (DIRECTION, self.direction)):
             out.update({prefix + key: value.contiguous() for key, value in (state or {}).items()})
         for index, member in enumerate(self.members):
             prefix = MEMBER.format(index)
@@ -61,6 +68,8 @@ class StrategyState:
         if self.members or self.verdicts:
             values |= {"member_weights": list(self.member_weights)}
             values |= {"verdicts": [list(v) for v in self.verdicts]}
+        if self.recent:
+            values |= {"recent": [list(r) for r in self.recent]}
         return {"fedmoe_strategy_state": json.dumps(values)}
 
     @classmethod
@@ -71,7 +80,7 @@ class StrategyState:
         values = json.loads(metadata["fedmoe_strategy_state"])
         parts = {
             prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            for prefix in (BUFFER, FIRST, SECOND)
+            for prefix in (BUFFER, FIRST, SECOND, DIRECTION)
         }
         weights = tuple(float(w) for w in values.get("member_weights", ()))
         members = tuple(
@@ -93,6 +102,8 @@ class StrategyState:
             first=parts[FIRST] or None,
             second=parts[SECOND] or None,
             steps=int(values["steps"]),
+            recent=tuple((str(w), float(n), bool(a)) for w, n, a in values.get("recent", ())),
+            direction=parts[DIRECTION] or None,
         )
 
 
@@ -107,6 +118,8 @@ class Contribution:
     token_factor: float  # n / n̄, or 1 without token weighting
     active_workers: int  # for --server-lr auto
     now: float
+    worker_id: str = ""  # who sent it (the update screen counts distinct workers)
+    norm: float | None = None  # ‖Δ‖ as the ledger records it (None: not computed yet)
 
 
 @dataclass(frozen=True)

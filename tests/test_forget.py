@@ -273,6 +273,9 @@ def test_kill_minus_nine_after_forget_recovers_the_same_state(tmp_path, monkeypa
             assert next(e.version for e in client.experts() if e.name == PY) == 4
             (row,) = client.forgets()  # its pending row was settled from the log at start-up
             assert (row.worker_id, row.updates_removed, row.new_version) == ("w2", 1, 4)
+        # ... and w2's upload purged from the archived log then (fedmoe.coordinator.purge)
+        w2_body = encode_adapter(random_delta(shapes, 1), dtype=torch.bfloat16)
+        assert w2_body not in b"".join(p.read_bytes() for p in (state / "wal").rglob("*.log"))
         with httpx.Client(base_url=url, timeout=30) as client:
             want = {k: (initial[k] + deltas["w1"][k]) + deltas["w3"][k] for k in initial}
             assert_same(expert_state(client, PY), want)

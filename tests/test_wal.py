@@ -151,16 +151,21 @@ def _submit(coordinator: Any, seed: int, worker: str, base: int) -> UpdateAck:
     [
         {"strategy": "fedbuff", "buffer_size": 2, "server_optimizer": "adam"},
         {"server_optimizer": "nesterov", "token_weighting": True, "max_update_norm": 0.5},
+        {"screen_min_workers": 1, "screen_history": 4},  # random deltas: some rejected
     ],
-    ids=["fedbuff-adam", "nesterov-tokens-clip"],
+    ids=["fedbuff-adam", "nesterov-tokens-clip", "screen"],
 )
 def test_replay_after_a_crash_is_bit_for_bit(tmp_path: Path, extra: dict[str, Any]) -> None:
     settings = _settings(tmp_path, snapshot_every_updates=4, **extra)
     coordinator = open_coordinator(settings)
     for worker in ("a", "b"):
         register_in_process(coordinator, worker, SQL)
-    for seed in range(7):  # stale bases too: every weight differs
+    acks = [  # stale bases too: every weight differs
         _submit(coordinator, seed, "ab"[seed % 2], max(0, coordinator.experts[SQL].version - 1))
+        for seed in range(7)
+    ]
+    if "screen_history" in extra:  # replayed through rejections and acceptances
+        assert {a.weight == 0.0 for a in acks} == {True, False}, acks
     before = coordinator.experts[SQL]
     buffered = coordinator.strategies.states[SQL]
     coordinator.close(snapshot=False)  # what kill -9 leaves: the log past the last snapshot
@@ -170,6 +175,7 @@ def test_replay_after_a_crash_is_bit_for_bit(tmp_path: Path, extra: dict[str, An
         assert after.version == before.version and after.digest == before.digest
         state = reopened.strategies.states[SQL]
         assert state.update_ids == buffered.update_ids and state.steps == buffered.steps
+        assert (state.recent, state.verdicts) == (buffered.recent, buffered.verdicts)
         mine, theirs = state.tensors(), buffered.tensors()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
         assert _submit(reopened, 2, "a", 0).replayed  # applied once, answered again

@@ -8,6 +8,8 @@ from benchmarks.templates import loads, markdown_table
 
 
 def _privacy(privacy: dict[str, dict[str, Any]]) -> str:
+    if "inf" not in privacy:
+        return "(not run: `--only`)"
     plain = privacy["inf"]
     rows = []
     for label, arm in privacy.items():
@@ -28,27 +30,42 @@ def _privacy(privacy: dict[str, dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
+ATTACKS = {"scale": "×100", "flip": "sign flip", "backdoor": "backdoor", "stealth": "stealthy"}
+
+
+def _reasons(robust: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        f"- {label}, `{worker}`: {reason}"
+        for label, arm in robust.items()
+        for worker, reason in sorted(arm.get("reasons", {}).items())
+    ]
+    return "\n".join(lines) or "(none)"
+
+
 def _robustness(robust: dict[str, dict[str, Any]]) -> str:
     baseline = next(iter(robust.values()))["loss"]["clean"]
     rows = []
     for label, arm in robust.items():
         loss, clean = arm["loss"], arm["loss"]["clean"]
+        attacks = [k for k in ATTACKS if k in loss]
+        success, trigger = arm["backdoor_success"], arm["trigger_loss"]
         rows.append(
             [
                 label,
                 f"{clean:.3f} ({clean / baseline:.3f}×)",
-                *(f"{loss[k]:.3f} ({loss[k] / clean:.2f}×)" for k in ("scale", "flip", "backdoor")),
-                f"{arm['backdoor_success']['backdoor']:.0%}",
+                *(f"{loss[k]:.3f} ({loss[k] / clean:.2f}×)" for k in attacks),
+                " / ".join(f"{success[k]:.0%}" for k in ("backdoor", "stealth") if k in success),
+                " / ".join(f"{trigger[k]:.2f}" for k in ("clean", *attacks) if k in trigger),
                 ", ".join(f"{w}: {v}" for w, v in sorted(arm["verdicts"].items())) or "none",
             ]
         )
+    first = next(iter(robust.values()))["loss"]
     headers = [
         "strategy",
-        "clean run (× default's)",
-        "×100 (× clean)",
-        "sign flip (× clean)",
-        "backdoor (× clean)",
-        "backdoor success",
+        "clean run (× first row's)",
+        *(f"{ATTACKS[k]} (× clean)" for k in ATTACKS if k in first),
+        "backdoor / stealthy success",
+        "trigger-string loss (clean / each attack)",
         "verdicts",
     ]
     return markdown_table(headers, rows)
@@ -64,7 +81,11 @@ def render(v: dict[str, Any]) -> str:
 
 {_privacy(v["privacy"])}
 
-**Poisoning workers** (real coordinator processes and real worker jobs over HTTP; per strategy, four SQL experts with 4 workers each: 3 honest and one more, honest for the clean run, ×100, sign-flipped, or trained on backdoored data: a trigger line answered with `DROP TABLE users;`, with 4 steps at lr 0.05). Held-out clean SQL loss of each expert, its ratio to the same strategy's clean run, and the share of held-out trigger prompts whose greedy continuation is the backdoor string:
+**Poisoning workers** (real coordinator processes and real worker jobs over HTTP; per strategy, one SQL expert per attacker with 4 workers each: 3 honest, then one more: honest for the clean run, ×100, sign-flipped, trained on backdoored data (a trigger line answered with `DROP TABLE users;`, 4 steps at lr 0.05), or the stealthy backdoor (the same training on a half clean, half backdoored mix, its delta scaled to the median norm of the 3 honest uploads, which it is given). Held-out clean SQL loss of each expert, its ratio to the same strategy's clean run, and the share of held-out trigger prompts whose greedy continuation is the backdoor string (plain backdoor / stealthy backdoor):
 
 {_robustness(v["robustness"])}
+
+Reasons recorded in the ledger:
+
+{_reasons(v["robustness"])}
 """

@@ -28,7 +28,8 @@ def steps_since(
     exclude: str | None,
 ) -> bytes | None:
     """The encoded steps from ``since`` to ``expert``, or None: send the full expert."""
-    if not isinstance(strategy, AsyncStrategy) or strategy.stateful or since > expert.version:
+    plain = isinstance(strategy, AsyncStrategy) and not strategy.optimizer.stateful
+    if not plain or since > expert.version:  # the update screen keeps θ + w·Δ
         return None
     entries = [e for e in list(journal.recent[name]) if since < e.version <= expert.version]
     if [e.version for e in entries] != list(range(since + 1, expert.version + 1)):

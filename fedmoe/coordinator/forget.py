@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from fedmoe import aggregate
 from fedmoe.coordinator import crashpoints, errors
 from fedmoe.coordinator.forget_book import ForgetBook
+from fedmoe.coordinator.purge import purge_archive
 from fedmoe.coordinator.rebuilt import encode_rebuilt
 from fedmoe.coordinator.replay import Head, replay, replay_description
 from fedmoe.coordinator.versions import Versioned
@@ -72,7 +73,8 @@ class Forgetter:
         """Rows a crash left pending: done if their log record survived, else dropped."""
         lsns = self.coordinator.journal.lsns
         for seq, expert, lsn in self.book.pending():
-            if lsns.get(expert, 0) >= lsn:
+            if lsns.get(expert, 0) >= lsn:  # recovery's snapshot has retired the log
+                self._purge(expert, lsn)
                 self.book.finish(seq)
             else:
                 self.book.discard(seq)
@@ -155,10 +157,18 @@ class Forgetter:
                 head, removed = self._replay_without(name, worker_id)
             if not removed:
                 return None
-            entry = self._install(name, worker_id, head, removed)
+            entry, seq = self._install(name, worker_id, head, removed)
             journal.logs[name].roll()
             journal.snapshot(name, Head(coordinator.experts[name], head.state, entry.lsn))
+            self._purge(name, entry.lsn)
+            self.book.finish(seq)
         return entry
+
+    def _purge(self, name: str, lsn: int) -> None:
+        """Drop the forgotten workers' bodies (and older rebuilds') from the archived log."""
+        journal = self.coordinator.journal
+        with journal._snapshot_locks[name]:  # no segment is retired into it meanwhile
+            purge_archive(journal.logs[name], self._revoked, lsn)
 
     def _replay_without(self, name: str, worker_id: str) -> tuple[Head, list[str]]:
         """The expert from its initial adapter and its log without forgotten workers; the
@@ -181,8 +191,11 @@ class Forgetter:
                 head = replay(head, record, coordinator.schema, name)
         return head, removed
 
-    def _install(self, name: str, worker_id: str, head: Head, removed: list[str]) -> ExpertForget:
-        """Log the rebuilt state as the next version (one fsync), commit, publish."""
+    def _install(
+        self, name: str, worker_id: str, head: Head, removed: list[str]
+    ) -> tuple[ExpertForget, int]:
+        """Log the rebuilt state as the next version (one fsync), commit, publish; the entry
+        and its pending ``forgets`` row."""
         coordinator, journal = self.coordinator, self.coordinator.journal
         params, state = head.expert.state, head.state
         old = coordinator.experts[name]
@@ -218,9 +231,8 @@ class Forgetter:
             if coordinator.settings.eager_gateway:
                 coordinator.store.save_gateway_later(gateway)
         coordinator.strategies.publish(name, state, lsn)
-        self.book.finish(seq)
         logger.info("rebuilt %s without %s: v%d -> v%d", name, worker_id, old.version, version)
-        return entry
+        return entry, seq
 
     def _header(self, entry: ExpertForget, worker_id: str, body: bytes) -> dict[str, Any]:
         return {

@@ -231,10 +231,12 @@ class Ledger(Database):
         self, expert: str, since: float, limit: int = 256
     ) -> tuple[set[str], list[int]]:
         """The workers with accepted updates to ``expert`` since ``since`` and the updates'
-        known (> 0) token counts, over at most the ``limit`` newest rows."""
+        known (> 0) token counts, over at most the ``limit`` newest rows; an update that
+        robust aggregation or the update screen rejected does not count."""
         rows = self._query(
             "SELECT worker_id, num_tokens FROM (SELECT worker_id, num_tokens, created_at "
-            "FROM updates WHERE expert = ? AND accepted = 1 ORDER BY seq DESC LIMIT ?) "
+            "FROM updates WHERE expert = ? AND accepted = 1 AND verdict IS NOT 'rejected' "
+            "ORDER BY seq DESC LIMIT ?) "
             "WHERE created_at >= ?",
             (expert, limit, since),
         )

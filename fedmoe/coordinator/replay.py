@@ -25,6 +25,7 @@ from fedmoe.coordinator.rebuilt import decode_rebuilt
 from fedmoe.coordinator.versions import Versioned
 from fedmoe.coordinator.wal import ExpertLog, LogRecord
 from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
+from fedmoe.screen_strategy import ScreenedAsyncStrategy, ScreenOptions
 from fedmoe.server_strategy import (
     AsyncStrategy,
     Contribution,
@@ -51,6 +52,8 @@ def replay_description(strategy: Strategy) -> dict[str, Any]:
         description |= {"buffer_size": strategy.buffer_size, "timeout": strategy.timeout}
     if isinstance(strategy, RobustBuffStrategy):
         description["robust"] = asdict(strategy.robust)
+    if isinstance(strategy, ScreenedAsyncStrategy):
+        description["screen"] = asdict(strategy.screen)
     return description
 
 
@@ -73,6 +76,12 @@ def strategy_from(description: dict[str, Any]) -> Strategy:
             server_lr=description["server_lr"],
             buffer_size=description["buffer_size"],
             timeout=description["timeout"],
+        )
+    if description.get("screen") is not None:
+        return ScreenedAsyncStrategy(
+            optimizer=optimizer,
+            screen=ScreenOptions(**description["screen"]),
+            server_lr=description["server_lr"],
         )
     return AsyncStrategy(optimizer=optimizer, server_lr=description["server_lr"])
 
@@ -104,7 +113,14 @@ def replay(head: Head, record: LogRecord, schema: AdapterSchema, name: str) -> H
         return Head(_versioned(params, int(header["version"]), name), state, record.lsn)
     update_id = header["ledger"]["update_id"]
     delta = decode_adapter(record.body, schema)
-    contribution = Contribution(update_id=update_id, delta=delta, **header["contribution"])
+    ledger = header["ledger"]  # who sent it, and ‖Δ‖ exactly as the live path computed it
+    contribution = Contribution(
+        update_id=update_id,
+        delta=delta,
+        worker_id=str(ledger["worker_id"]),
+        norm=float(ledger["update_norm"]),
+        **header["contribution"],
+    )
     outcome = strategy.receive(head.expert.state, contribution, head.state)
     if outcome.params is None:
         return Head(head.expert, outcome.state, record.lsn)
@@ -143,7 +159,8 @@ class AcceptedDelta:
 def accepted_deltas(log: ExpertLog, schema: AdapterSchema) -> Iterator[AcceptedDelta]:
     """Every accepted upload of the expert whose log ``log`` is, in the order applied.
 
-    Reads the archived segments, then the live ones. With ``delta_retention=drop`` the
+    Reads the archived segments, then the live ones; forgotten workers' purged uploads are
+    left out. With ``delta_retention=drop`` the
     oldest deltas are gone: the first lsn seen is then > 1 and a ``ValueError`` says so.
     """
     expected = 1
@@ -154,8 +171,8 @@ def accepted_deltas(log: ExpertLog, schema: AdapterSchema) -> Iterator[AcceptedD
                 "older deltas were dropped (delta_retention=drop) or are damaged"
             )
         expected += 1
-        if record.header["kind"] != "update":
-            continue
+        if record.header["kind"] != "update" or record.header.get("purged"):
+            continue  # a purged body was a forgotten worker's (fedmoe.coordinator.purge)
         yield AcceptedDelta(
             lsn=record.lsn,
             row=ledger_record(record.header),

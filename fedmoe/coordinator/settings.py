@@ -113,6 +113,36 @@ class CoordinatorSettings(BaseSettings):
     outlier_norm_factor: float = Field(
         3.0, gt=1, description="k of --outlier-test's norm bound (k x the median norm)."
     )
+    screen_updates: bool = Field(
+        True,
+        description="'async': judge each update against the expert's recent ones and reject "
+        "(weight 0, reason in the ledger) one whose norm is over --screen-norm-factor x the "
+        "median of the other workers' latest norms or whose cosine to the accepted updates' "
+        "average direction is below --screen-min-cosine; a lone worker is never judged.",
+    )
+    screen_norm_factor: float = Field(
+        3.0, gt=1, description="k of the update screen's norm bound (k x the others' median)."
+    )
+    screen_min_cosine: float = Field(
+        0.0,
+        ge=-1,
+        lt=1,
+        description="Least cosine of an update to the recent accepted direction.",
+    )
+    screen_history: int = Field(
+        16,
+        ge=2,
+        le=10000,
+        description="Workers whose latest norm the screen remembers; the direction average "
+        "decays over about as many accepted updates.",
+    )
+    screen_min_workers: int = Field(
+        2,
+        ge=1,
+        le=9999,
+        description="Workers other than the sender the history must hold before the screen "
+        "judges (until then: accepted).",
+    )
     token_weighting: bool = Field(
         False,
         description="Weight each update by its token count (X-FedMoE-Num-Tokens) relative "
@@ -309,6 +339,16 @@ class CoordinatorSettings(BaseSettings):
             )
         if "outlier_norm_factor" in robust and not self.outlier_test:
             raise ValueError("outlier_norm_factor has no effect without outlier_test")
+        self._check_screen()
+
+    def _check_screen(self) -> None:
+        tuning = {n for n in self.model_fields_set if n.startswith("screen_")} - {"screen_updates"}
+        if tuning and not self.screen_updates:
+            raise ValueError(f"{sorted(tuning)} have no effect without screen_updates")
+        if tuning and self.strategy != "async":
+            raise ValueError(f"{sorted(tuning)} have no effect without strategy 'async'")
+        if self.screen_min_workers >= self.screen_history:
+            raise ValueError("screen_min_workers must be less than screen_history")
 
     @property
     def effective_server_lr(self) -> ServerLr:

@@ -15,6 +15,7 @@ from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
 from fedmoe.schemas import StrategyStatus
+from fedmoe.screen_strategy import ScreenedAsyncStrategy, ScreenOptions
 from fedmoe.server_strategy import (
     AsyncStrategy,
     Contribution,
@@ -53,6 +54,16 @@ def build_strategy(settings: CoordinatorSettings) -> Strategy:
             buffer_size=settings.buffer_size,
             timeout=settings.buffer_timeout,
         )
+    if settings.screen_updates:
+        screen = ScreenOptions(
+            norm_factor=settings.screen_norm_factor,
+            min_cosine=settings.screen_min_cosine,
+            history=settings.screen_history,
+            min_workers=settings.screen_min_workers,
+        )
+        return ScreenedAsyncStrategy(
+            optimizer=optimizer, screen=screen, server_lr=settings.effective_server_lr
+        )
     return AsyncStrategy(optimizer=optimizer, server_lr=settings.effective_server_lr)
 
 
@@ -85,6 +96,7 @@ class StrategyBook:
         decay: float,
         clip: float,
         num_tokens: int,
+        norm: float | None = None,
     ) -> Contribution:
         """One update with the weights the settings ask for (activity from the ledger)."""
         now = time.time()
@@ -99,6 +111,8 @@ class StrategyBook:
             # n / n̄ with this update in the mean: equal token counts give exactly 1
             factor = token_factor(num_tokens, (sum(tokens) + num_tokens) / (len(tokens) + 1))
         return Contribution(
+            worker_id=worker_id,
+            norm=norm,
             update_id=update_id,
             delta=delta,
             decay=decay,
@@ -145,5 +159,6 @@ class StrategyBook:
             state_seq=self.seqs[expert],
             robust_aggregation=self.settings.robust_aggregation,
             outlier_test=self.settings.outlier_test,
+            screen_updates=isinstance(strategy, ScreenedAsyncStrategy),
             last_verdicts=[list(v) for v in state.verdicts],
         )

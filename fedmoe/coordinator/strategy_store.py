@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 # what identifies a strategy's state: a buffer or moments of another one do not fit
-IDENTITY = ("strategy", "optimizer", "momentum", "robust")
+IDENTITY = ("strategy", "optimizer", "momentum", "robust", "screen")
 
 
 def describe(strategy: Strategy) -> dict[str, Any]:

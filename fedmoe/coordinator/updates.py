@@ -153,6 +153,7 @@ class UpdatePath:
             decay=self.decay(staleness),
             clip=clip,
             num_tokens=request.num_tokens,
+            norm=norm,
         )
         strategy = self.strategies.strategy
         outcome = strategy.receive(
@@ -163,7 +164,7 @@ class UpdatePath:
             return self._buffer(record, outcome, contribution, request.body)
         new_state = outcome.params
         # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
-        plain = isinstance(strategy, AsyncStrategy) and not strategy.stateful
+        plain = isinstance(strategy, AsyncStrategy) and not strategy.optimizer.stateful
         step = record.weight * norm if plain else math.inf
         bound = self._overflow_guard(expert, new_state, step, request)
         self._gateway_guard(request, new_state, bound)

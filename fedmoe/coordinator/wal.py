@@ -222,3 +222,14 @@ def _read_segment(path: Path, segment: str) -> Generator[LogRecord, None, int]:
             end = handle.tell()
             yield record
         return end
+
+
+def segment_records(path: Path) -> tuple[list[LogRecord], bool]:
+    """Every whole record of one segment file, and whether they fill it (read only)."""
+    records: list[LogRecord] = []
+    reader = _read_segment(path, path.name)
+    while True:
+        try:
+            records.append(next(reader))
+        except StopIteration as stop:
+            return records, stop.value == path.stat().st_size
