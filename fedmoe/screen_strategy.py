@@ -85,9 +85,11 @@ class ScreenedAsyncStrategy(AsyncStrategy):
             unchanged = aggregate.apply_update(params, update.delta, 0.0)
             return Outcome(unchanged, replace(state, recent=recent, verdicts=verdict), 0.0)
         outcome = super().receive(params, update, replace(state, verdicts=()))
-        direction = aggregate.direction_average(
-            outcome.state.direction, update.delta, norm, self.screen.keep
-        )
+        direction = outcome.state.direction
+        # a lone worker is never judged: its expert carries no direction (a second full-size
+        # tensor in memory and in every snapshot) until another worker has uploaded
+        if direction is not None or any(w != update.worker_id for w, _, _ in state.recent):
+            direction = aggregate.direction_average(direction, update.delta, norm, self.screen.keep)
         return replace(outcome, state=replace(outcome.state, recent=recent, direction=direction))
 
     def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:

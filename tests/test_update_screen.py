@@ -65,6 +65,9 @@ def test_a_lone_worker_is_applied_exactly_as_by_the_async_rule() -> None:
     assert torch.equal(plain[KEY], screened[KEY])
     assert all(o.state.verdicts == () for o in outcomes)
     assert state.recent == (("w", 7.0, True),)  # one entry per worker: its latest
+    assert state.direction is None  # no second full-size tensor for a lone worker's expert
+    _, state, _ = _run(_screened(), [*updates, _update("v", _s(0.0, 2.0, 0.0), 3)])
+    torch.testing.assert_close(state.direction[KEY], torch.tensor([0.0, 1.0 / 16, 0.0]))
 
 
 def test_outliers_are_rejected_after_the_warm_up_and_honest_updates_pass() -> None:
