@@ -9,30 +9,31 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import asdict
+from typing import Any
 
 from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor
 from fedmoe.coordinator.ledger import Ledger
+from fedmoe.coordinator.replay import strategy_from
 from fedmoe.coordinator.settings import CoordinatorSettings
-from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
+from fedmoe.robust_strategy import RobustOptions
 from fedmoe.schemas import StrategyStatus
 from fedmoe.screen_strategy import ScreenedAsyncStrategy, ScreenOptions
-from fedmoe.server_strategy import (
-    AsyncStrategy,
-    Contribution,
-    FedBuffStrategy,
-    ServerOptimizer,
-    Strategy,
-    StrategyState,
-)
+from fedmoe.server_strategy import Contribution, Strategy, StrategyState
 
 
 def build_strategy(settings: CoordinatorSettings) -> Strategy:
-    """The strategy the settings choose."""
-    optimizer = ServerOptimizer(
-        kind=settings.server_optimizer,
-        momentum=settings.effective_server_momentum,
-        eps=settings.server_eps,
-    )
+    """The strategy the settings choose, built from the description a log record keeps
+    (``replay.strategy_from``): one place decides which class takes which arguments."""
+    description: dict[str, Any] = {
+        "strategy": settings.strategy,
+        "optimizer": settings.server_optimizer,
+        "momentum": settings.effective_server_momentum,
+        "eps": settings.server_eps,
+        "server_lr": settings.effective_server_lr,
+        "buffer_size": settings.buffer_size,
+        "timeout": settings.buffer_timeout,
+    }
     robust = RobustOptions(
         aggregation=settings.robust_aggregation,
         trim_fraction=settings.trim_fraction,
@@ -40,31 +41,17 @@ def build_strategy(settings: CoordinatorSettings) -> Strategy:
         outlier_norm_factor=settings.outlier_norm_factor,
     )
     if settings.strategy == "fedbuff" and robust.active:
-        return RobustBuffStrategy(
-            optimizer=optimizer,
-            robust=robust,
-            server_lr=settings.effective_server_lr,
-            buffer_size=settings.buffer_size,
-            timeout=settings.buffer_timeout,
+        description["robust"] = asdict(robust)
+    elif settings.strategy != "fedbuff" and settings.screen_updates:
+        description["screen"] = asdict(
+            ScreenOptions(
+                norm_factor=settings.screen_norm_factor,
+                min_cosine=settings.screen_min_cosine,
+                history=settings.screen_history,
+                min_workers=settings.screen_min_workers,
+            )
         )
-    if settings.strategy == "fedbuff":
-        return FedBuffStrategy(
-            optimizer=optimizer,
-            server_lr=settings.effective_server_lr,
-            buffer_size=settings.buffer_size,
-            timeout=settings.buffer_timeout,
-        )
-    if settings.screen_updates:
-        screen = ScreenOptions(
-            norm_factor=settings.screen_norm_factor,
-            min_cosine=settings.screen_min_cosine,
-            history=settings.screen_history,
-            min_workers=settings.screen_min_workers,
-        )
-        return ScreenedAsyncStrategy(
-            optimizer=optimizer, screen=screen, server_lr=settings.effective_server_lr
-        )
-    return AsyncStrategy(optimizer=optimizer, server_lr=settings.effective_server_lr)
+    return strategy_from(description)
 
 
 class StrategyBook:
