@@ -25,19 +25,7 @@ from fedmoe.api.body import BATCH, StreamingSha256
 from fedmoe.coordinator.intake import decode_update
 from fedmoe.coordinator.wal import ExpertLog
 from fedmoe.parallel import MIN_ELEMENTS
-from tests.api_helpers import (
-    PY,
-    PY_WORKER,
-    assert_error,
-    assert_unchanged,
-    expert_state,
-    random_delta,
-    register,
-    shapes_of,
-    snapshot,
-    update_headers,
-    upload,
-)
+from tests import api_helpers as api
 
 
 def delta(seed: int, big: bool = False) -> dict[str, torch.Tensor]:
@@ -149,35 +137,40 @@ def test_an_upload_over_http_is_logged_with_its_streamed_sha256_and_refused_when
 ) -> None:
     monkeypatch.setattr(fedmoe.api.body, "BATCH", 512)  # the tiny body goes through the thread
     with live_coordinator.client() as http:
-        register(http, PY_WORKER, PY)
-        initial = expert_state(http, PY)
-        state = random_delta(shapes_of(http), 1)
+        api.register(http, api.PY_WORKER, api.PY)
+        initial = api.expert_state(http, api.PY)
+        state = api.random_delta(api.shapes_of(http), 1)
         body = encode_adapter(state, dtype=torch.bfloat16)
         assert len(body) > 8 * 512
-        headers = update_headers(update_id="streamed")
-        first = upload(http, PY, body, headers)
+        headers = api.update_headers(update_id="streamed")
+        first = api.upload(http, api.PY, body, headers)
         assert first.status_code == 200, first.text
         digest = hashlib.sha256(body).hexdigest()
         row = live_coordinator.coordinator.ledger.accepted_update("streamed")
         assert row is not None and row.body_sha256 == digest
         # the fsynced record is whole: its body and the sha256 recovery checks it against
-        log = ExpertLog(live_coordinator.state_dir / "wal" / PY, keep=True)
+        log = ExpertLog(live_coordinator.state_dir / "wal" / api.PY, keep=True)
         (record,) = [r for r in log.records(repair=False) if r.header["kind"] == "update"]
         assert (record.body, record.header["body_sha256"]) == (body, digest)
         expected = apply_update(
             initial, decode_adapter(body, schema_of(initial)), first.json()["weight"]
         )
-        after = expert_state(http, PY)
+        after = api.expert_state(http, api.PY)
         assert all(torch.equal(after[key], expected[key]) for key in expected)
-        again = upload(http, PY, body, headers)
+        again = api.upload(http, api.PY, body, headers)
         assert again.json() == first.json() | {"replayed": True}
-        other = encode_adapter(random_delta(shapes_of(http), 2), dtype=torch.bfloat16)
-        assert_error(upload(http, PY, other, headers), 409, "duplicate_update_id", "different body")
+        other = encode_adapter(api.random_delta(api.shapes_of(http), 2), dtype=torch.bfloat16)
+        api.assert_error(
+            api.upload(http, api.PY, other, headers), 409, "duplicate_update_id", "different body"
+        )
         key = sorted(state)[2]
         state[key].view(-1)[3] = float("nan")
-        before = snapshot(live_coordinator, http)
-        bad = upload(
-            http, PY, encode_adapter(state, dtype=torch.bfloat16), update_headers(base_version=1)
+        before = api.snapshot(live_coordinator, http)
+        bad = api.upload(
+            http,
+            api.PY,
+            encode_adapter(state, dtype=torch.bfloat16),
+            api.update_headers(base_version=1),
         )
-        assert_error(bad, 422, "invalid_update", key, "NaN or Inf")
-        assert_unchanged(before, snapshot(live_coordinator, http))
+        api.assert_error(bad, 422, "invalid_update", key, "NaN or Inf")
+        api.assert_unchanged(before, api.snapshot(live_coordinator, http))
