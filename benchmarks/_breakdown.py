@@ -61,12 +61,12 @@ def _interleaved(steps: dict[str, Callable[[], Any]], repeat: int) -> dict[str, 
 
 
 # The real update path's phases: (owner in the coordinator, method name) -> row label.
-# ``_apply``'s own time (norm, staleness weight, θ + w·Δ, Versioned view) is what is left
+# ``_apply``'s own time (staleness weight, θ + w·Δ, Versioned view) is what is left
 # of it after its timed callees; the replay and base-version checks are what is left of
 # ``submit_update``.
 TIMED = {
-    ("coordinator", "_decode"): "decode + validate (bf16 → f32, isfinite)",
-    ("coordinator", "_apply"): "norm, weight s(τ), apply θ + w·Δ (a new float32 expert in memory)",
+    ("coordinator", "_decode"): "decode + validate (bf16 → f32, float64 norm = NaN/Inf check)",
+    ("coordinator", "_apply"): "weight s(τ), apply θ + w·Δ (a new float32 expert in memory)",
     (
         "coordinator",
         "_overflow_guard",

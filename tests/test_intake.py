@@ -3,7 +3,8 @@
 ``decode_update`` must accept and refuse exactly what ``decode_adapter`` does, with the same
 float32 values and the norm ``global_norm`` gives; ``apply_update`` (one allocation, two
 threads for big states) must be θ + w·Δ bit for bit; the body's sha256, computed while it
-arrives, must be the body's.
+arrives, must be the body's, in the ledger and in the fsynced log record that recovery
+checks it against, and a bad body must leave everything as it was (real HTTP).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import struct
 import pytest
 import torch
 
+import fedmoe.api.body
 from fedmoe.adapters import AdapterValidationError, decode_adapter, encode_adapter, schema_of
 from fedmoe.aggregate import apply_update, global_norm
 from fedmoe.api.body import BATCH, StreamingSha256
 from fedmoe.coordinator.intake import decode_update
+from fedmoe.coordinator.wal import ExpertLog
 from fedmoe.parallel import MIN_ELEMENTS
+from tests import api_helpers as api
 
 
 def delta(seed: int, big: bool = False) -> dict[str, torch.Tensor]:
@@ -126,3 +130,47 @@ def test_the_streamed_sha256_is_the_bodys() -> None:
     small = StreamingSha256()
     small.feed(b"abc")
     assert asyncio.run(small.hexdigest()) == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_an_upload_over_http_is_logged_with_its_streamed_sha256_and_refused_when_bad(
+    live_coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fedmoe.api.body, "BATCH", 512)  # the tiny body goes through the thread
+    with live_coordinator.client() as http:
+        api.register(http, api.PY_WORKER, api.PY)
+        initial = api.expert_state(http, api.PY)
+        state = api.random_delta(api.shapes_of(http), 1)
+        body = encode_adapter(state, dtype=torch.bfloat16)
+        assert len(body) > 8 * 512
+        headers = api.update_headers(update_id="streamed")
+        first = api.upload(http, api.PY, body, headers)
+        assert first.status_code == 200, first.text
+        digest = hashlib.sha256(body).hexdigest()
+        row = live_coordinator.coordinator.ledger.accepted_update("streamed")
+        assert row is not None and row.body_sha256 == digest
+        # the fsynced record is whole: its body and the sha256 recovery checks it against
+        log = ExpertLog(live_coordinator.state_dir / "wal" / api.PY, keep=True)
+        (record,) = [r for r in log.records(repair=False) if r.header["kind"] == "update"]
+        assert (record.body, record.header["body_sha256"]) == (body, digest)
+        expected = apply_update(
+            initial, decode_adapter(body, schema_of(initial)), first.json()["weight"]
+        )
+        after = api.expert_state(http, api.PY)
+        assert all(torch.equal(after[key], expected[key]) for key in expected)
+        again = api.upload(http, api.PY, body, headers)
+        assert again.json() == first.json() | {"replayed": True}
+        other = encode_adapter(api.random_delta(api.shapes_of(http), 2), dtype=torch.bfloat16)
+        api.assert_error(
+            api.upload(http, api.PY, other, headers), 409, "duplicate_update_id", "different body"
+        )
+        key = sorted(state)[2]
+        state[key].view(-1)[3] = float("nan")
+        before = api.snapshot(live_coordinator, http)
+        bad = api.upload(
+            http,
+            api.PY,
+            encode_adapter(state, dtype=torch.bfloat16),
+            api.update_headers(base_version=1),
+        )
+        api.assert_error(bad, 422, "invalid_update", key, "NaN or Inf")
+        api.assert_unchanged(before, api.snapshot(live_coordinator, http))

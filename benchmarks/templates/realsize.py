@@ -202,7 +202,9 @@ on a real coordinator process (`open_coordinator` with a synthetic initial adapt
 shared, loaded machine ({v["cpu_count"]} cores, other engineers' jobs; this run under `nice
 {v["niceness"]}`, load average {loads(v["load_before"])} before and
 {loads(v["load_after"])} after), so wall times are inflated by waiting for a CPU; the
-CPU column says how much of the blocked time was the training thread's own work. This
+CPU column says how much of the blocked time was the training thread's own work (the
+snapshot and the rebase give half their tensors to a helper thread, whose CPU time is not
+in that column). This
 run took {v.get("elapsed_seconds", 0) / 60:.1f} minutes.
 
 {_goals(v)}
