@@ -114,6 +114,22 @@ def start_live_coordinator(
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the costly modules first, the costliest first (``pytest.mark.heavy(seconds)``).
+
+    Under ``pytest -n 2`` each xdist worker takes whole modules in this order
+    (``--dist loadfile --no-loadscope-reorder``, pyproject.toml), so the long ones start
+    early and the two workers finish together. Mark whole modules only (``pytestmark``):
+    the sort is stable and keeps each module's tests together.
+    """
+
+    def cost(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("heavy")
+        return -float(mark.args[0]) if mark else 0.0
+
+    items.sort(key=cost)
+
+
 StartCoordinator = Callable[..., LiveCoordinator]
 
 

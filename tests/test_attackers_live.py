@@ -22,6 +22,9 @@ from fedmoe import aggregate
 from fedmoe.client import CoordinatorClient
 from tests.conftest import start_live_coordinator
 
+pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+
+
 KINDS = ("clean", "scale", "flip", "backdoor")
 HARDER = {"max_steps": 4, "learning_rate": 0.05, "batch_size": 2}
 BUFFER = {"strategy": "fedbuff", "buffer_size": 3}

@@ -14,6 +14,8 @@ from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.procs import ENV, free_port
 
+pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+
 
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
     """A ``torchrun`` command line (through this interpreter) on a free port."""
@@ -52,13 +54,9 @@ def _worker_command(url: str, name: str, dataset: Path, ready: Path, *extra: str
 
 
 @pytest.fixture(scope="module")
-def coordinator(tmp_path_factory):
-    from fedmoe.procs import start_coordinator, stop
-
-    root = tmp_path_factory.mktemp("coordinator")
-    process, url = start_coordinator(root / "state", root / "coordinator.log")
-    yield url
-    stop(process)
+def coordinator(module_coordinator_factory) -> str:
+    """A coordinator in this process (real HTTP on loopback): the workers are what is tested."""
+    return module_coordinator_factory().url
 
 
 def _worker_status(url: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from fedmoe.adapters import encode_adapter
@@ -21,6 +22,8 @@ from tests.api_helpers import (
     update_headers,
     upload,
 )
+
+pytestmark = pytest.mark.heavy(15)  # run early (tests/conftest.py)
 
 SQL = "sql_expert"
 
