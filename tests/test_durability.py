@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -129,7 +128,14 @@ def test_kill_minus_nine_and_an_outage_lose_no_acknowledged_update_nor_trained_t
         check_everything_acknowledged_is_there(url, uploaders, initial, shapes)
         check_resent_update_is_replayed(url, uploaders[0])
         assert worker.poll() is None, "the real worker died during coordinator restarts"
-        coordinator = outage(state, log, port, coordinator, worker_log)
+        seen = len(worker_log.read_text())
+        stop(coordinator)  # a clean stop: down until the worker finds it unreachable
+        wait_for_text(worker_log, "unreachable", after=seen)
+        coordinator, _ = start_coordinator(state, log, port=port)
+        # 503s until the disk is back: retried with the same id, not dropped. The outage
+        # lasts until the worker has seen one, however slow this machine is.
+        with broken_disk(state / "wal"):
+            wait_for_text(worker_log, "storage_unavailable", after=seen)
         wait_for_version(url, DOCS, wait_for_version(url, DOCS, 0) + 1)  # after the outage
         worker.send_signal(signal.SIGTERM)  # stop: one final upload, then exit 0
         assert worker.wait(timeout=120) == 0
@@ -146,19 +152,6 @@ def test_kill_minus_nine_and_an_outage_lose_no_acknowledged_update_nor_trained_t
         if worker is not None:
             stop(worker)
         stop(coordinator)
-
-
-def outage(state: Path, log: Path, port: int, coordinator: Any, worker_log: Path) -> Any:
-    """A clean stop until the worker finds the coordinator unreachable, then a restart on a
-    disk that fails until the worker has been answered 503 (retried with the same id, not
-    dropped), however slow this machine is; the restarted coordinator."""
-    seen = len(worker_log.read_text())
-    stop(coordinator)  # down for a while; the worker keeps training
-    wait_for_text(worker_log, "unreachable", after=seen)
-    coordinator, _ = start_coordinator(state, log, port=port)
-    with broken_disk(state / "wal"):
-        wait_for_text(worker_log, "storage_unavailable", after=seen)
-    return coordinator
 
 
 def check_everything_acknowledged_is_there(url, uploaders, initial, shapes) -> None:
