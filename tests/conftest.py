@@ -8,9 +8,11 @@ they can inspect. ``start_live_coordinator`` builds it exactly as
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,41 @@ def start_live_coordinator(
         thread=thread,
         token=token,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the costly modules first, the costliest first (``pytest.mark.heavy(seconds)``).
+
+    Under ``pytest -n 2`` each xdist worker takes whole modules in this order
+    (``--dist loadfile --no-loadscope-reorder``, pyproject.toml), so the long ones start
+    early and the two workers finish together. Mark whole modules only (``pytestmark``):
+    the sort is stable and keeps each module's tests together.
+    """
+
+    def cost(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("heavy")
+        return -float(mark.args[0]) if mark else 0.0
+
+    items.sort(key=cost)
+    _unique_node_ids(items)
+
+
+def _unique_node_ids(items: list[pytest.Item]) -> None:
+    """Give schemathesis' generated tests their operation in their node id.
+
+    Under pytest 9 they share one id (``test_no_server_errors``; the operation is only in
+    the name), and ``--dist loadfile`` keys tests by id: it would run one of the twenty.
+    Any id still repeated afterwards is an error, not a test silently left out.
+    """
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        node_id = getattr(item, "_id", None)  # pytest >= 9: a structured NodeId
+        if counts[item.nodeid] > 1 and "[" in item.name and node_id is not None:
+            operation = item.name.partition("[")[2].removesuffix("]")
+            item._id = dataclasses.replace(node_id, params=operation)
+    repeated = sorted(n for n, c in Counter(item.nodeid for item in items).items() if c > 1)
+    if repeated:
+        raise pytest.UsageError(f"tests share a node id (xdist would run one): {repeated}")
 
 
 StartCoordinator = Callable[..., LiveCoordinator]

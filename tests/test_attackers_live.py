@@ -25,6 +25,9 @@ from fedmoe import aggregate
 from fedmoe.client import CoordinatorClient
 from tests.conftest import start_live_coordinator
 
+pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+
+
 KINDS = ("clean", "scale", "flip", "backdoor")
 SQL = "sql_expert"
 HARDER = {"max_steps": 4, "learning_rate": 0.05, "batch_size": 2}

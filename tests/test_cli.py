@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedmoe.procs import ENV
+
+pytestmark = pytest.mark.heavy(15)  # run early (tests/conftest.py)
 
 
 def _coordinator(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,6 +14,9 @@ from PIL import Image, ImageStat
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.procs import start_worker, stop
 
+pytestmark = pytest.mark.heavy(20)  # run early (tests/conftest.py)
+
+
 TOKEN = "dashboard-admin-token-0123456789"
 DOMAINS = ("python_expert", "sql_expert")
 CHROMIUM = "/usr/bin/chromium"
@@ -51,7 +54,9 @@ def federation(module_coordinator_factory, tmp_path_factory):
                     root / f"w{index}.log",
                     *("--eval-dataset", str(validation), "--auth-token", TOKEN),
                     *("--sync-interval", "1", "--eval-every", "1", "--eval-max-examples", "4"),
-                    *("--batch-size", "4", "--max-seconds", "60"),
+                    # live until the module ends, at a quarter of the CPU: only their
+                    # updates and evaluations are on show
+                    *("--batch-size", "4", "--max-seconds", "60", "--slowdown", "4"),
                 )
             )
         with live.client() as client:

@@ -84,15 +84,16 @@ def test_instruction_format(tmp_path, tokenizer, extra, expected_prompt):
     assert trainable_text(tokenizer, item) == "A summary." + EOS
 
 
-CHAT = {
-    "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye."},
-    ]
-}
+def chat(*turns: str) -> dict:
+    """A ``messages`` record from role, content, role, content, ..."""
+    pairs = zip(turns[::2], turns[1::2])
+    return {"messages": [{"role": role, "content": content} for role, content in pairs]}
+
+
+CHAT = chat(
+    *("system", "Be brief.", "user", "Hi", "assistant", "Hello!"),
+    *("user", "Bye", "assistant", "Goodbye."),
+)
 
 
 def test_messages_use_the_chat_template_and_train_on_assistant_turns(tmp_path, tokenizer):
@@ -284,14 +285,10 @@ def test_demo_domains_are_deterministic_and_distinct():
 
 
 def test_tool_turns_are_context_not_targets(tmp_path, tokenizer):
-    record = {
-        "messages": [
-            {"role": "user", "content": "Weather in Oslo?"},
-            {"role": "assistant", "content": "Calling get_weather."},
-            {"role": "tool", "content": "12C, rain"},
-            {"role": "assistant", "content": "It is 12C and raining."},
-        ]
-    }
+    record = chat(
+        *("user", "Weather in Oslo?", "assistant", "Calling get_weather."),
+        *("tool", "12C, rain", "assistant", "It is 12C and raining."),
+    )
     item = tokenize_example(load_one(tmp_path, record), tokenizer, max_length=256)
     trained = trainable_text(tokenizer, item)
     assert "Calling get_weather." in trained and "It is 12C and raining." in trained

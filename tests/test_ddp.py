@@ -14,6 +14,8 @@ from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.procs import ENV, free_port
 
+pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+
 
 def torchrun(*args: str, nproc: int = 2) -> list[str]:
     """A ``torchrun`` command line (through this interpreter) on a free port."""
@@ -52,13 +54,9 @@ def _worker_command(url: str, name: str, dataset: Path, ready: Path, *extra: str
 
 
 @pytest.fixture(scope="module")
-def coordinator(tmp_path_factory):
-    from fedmoe.procs import start_coordinator, stop
-
-    root = tmp_path_factory.mktemp("coordinator")
-    process, url = start_coordinator(root / "state", root / "coordinator.log")
-    yield url
-    stop(process)
+def coordinator(module_coordinator_factory) -> str:
+    """A coordinator in this process (real HTTP on loopback): the workers are what is tested."""
+    return module_coordinator_factory().url
 
 
 def _worker_status(url: str):
@@ -73,25 +71,10 @@ def _worker_status(url: str):
 
 def _alone(dataset: Path, settings: TrainSettings, steps: int):
     """The adapter one process trains from the shared initial adapter in ``steps`` steps."""
-    from fedmoe.batching import tokenize_training_set
-    from fedmoe.config import LoraSettings
-    from fedmoe.data import load_examples
-    from fedmoe.modeling import adapter_state, attach_lora, load_base_model
-    from fedmoe.worker.trainer import LocalTrainer
+    from fedmoe.modeling import adapter_state
+    from tests.train_helpers import tiny_lora_trainer
 
-    base = load_base_model("tiny", device="cpu")
-    examples = tokenize_training_set(
-        load_examples(dataset), base.tokenizer, max_length=128, source=dataset
-    )
-    model = attach_lora(base.model, LoraSettings())
-    trainer = LocalTrainer(
-        model,
-        examples,
-        settings,
-        pad_token_id=base.tokenizer.pad_token_id,
-        device=torch.device("cpu"),
-        learning_rate=1e-2,
-    )
+    model, trainer = tiny_lora_trainer(dataset, settings, max_length=128)
     for _ in range(steps):
         trainer.step()
     return adapter_state(model)

@@ -19,6 +19,8 @@ from fedmoe.modeling import fingerprint_model, load_base_model
 from fedmoe.procs import start_coordinator, start_worker, stop
 from fedmoe.tiny import export_tiny
 
+pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -37,10 +39,12 @@ def run(tmp_path_factory):
                     domain,
                     train,
                     root / f"w{index}.log",
+                    # a fixed amount of training (10 steps already halve the loss), a
+                    # sync due at every few steps: the same run on a quiet or a busy machine
                     "--sync-interval",
-                    "1.5",
-                    "--max-seconds",
-                    "9",
+                    "0.2",
+                    "--max-steps",
+                    "30",
                     "--eval-dataset",
                     str(validation),
                     "--batch-size",
@@ -102,17 +106,6 @@ def test_trained_experts_beat_the_base_on_their_domain(run, tmp_path) -> None:
     model, _ = load_with_adapter("tiny", tmp_path / "py", device="cpu")
     expert_loss = validation_loss(model, examples, pad_token_id=base.tokenizer.pad_token_id)
     assert expert_loss < base_loss - 0.1
-
-
-def test_get_gateway_model_script_prints_gateway(run) -> None:
-    result = subprocess.run(
-        [sys.executable, "get_gateway_model.py", "--coordinator-url", run["url"]],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "merge method cat" in result.stdout and "python_expert: version" in result.stdout
 
 
 def test_tiny_preset_exports_as_ordinary_hf_directory(tmp_path) -> None:

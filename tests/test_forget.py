@@ -32,6 +32,8 @@ from tests.api_helpers import (
     upload,
 )
 
+pytestmark = pytest.mark.heavy(20)  # run early (tests/conftest.py)
+
 ADMIN = "forget-admin-token-0123456789"
 WORKERS = ("w1", "w2", "w3")
 TOKENS = {worker: f"{worker}-token-0123456789abcdef" for worker in WORKERS}

@@ -38,6 +38,8 @@ from fedmoe.adapters import encode_adapter
 from fedmoe.api.app import create_app
 from fedmoe.coordinator.auth import TokenRegistry
 
+pytestmark = pytest.mark.heavy(12)  # run early (tests/conftest.py)
+
 WORKER, EXPERT = "fuzz-worker", "python_expert"
 TOKEN = "fuzz-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -51,10 +51,18 @@ class RawConnection:
         self.sock = socket.create_connection((host, int(port)), timeout=timeout)
         self.buffer = b""
 
-    def send_head(self, method: str, path: str, headers: dict[str, str]) -> None:
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_head(self, method: str, path: str, headers: dict[str, str]) -> float:
+        """Send a request head; when it was sent (``time.monotonic()``)."""
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return time.monotonic()
 
     def read_response(self) -> tuple[int, dict[str, str], bytes]:
         while b"\r\n\r\n" not in self.buffer:
@@ -124,20 +132,13 @@ def _upload_head(worker_id: str = PY_WORKER, **extra: str) -> dict[str, str]:
 
 def test_registration_body_limit_is_checked_before_and_while_reading(guarded) -> None:
     """Item 1: a registration declaring 1 GB is 413 at once; a chunked flood is cut off."""
-    connection = RawConnection(guarded.url)
-    try:
-        started = time.monotonic()
-        connection.send_head(
-            "POST",
-            "/v1/workers",
-            {"Authorization": f"Bearer {TOKEN}", "Content-Length": str(10**9)},
-        )
+    declared = {"Authorization": f"Bearer {TOKEN}", "Content-Length": str(10**9)}
+    with RawConnection(guarded.url) as connection:
+        started = connection.send_head("POST", "/v1/workers", declared)
         status, _, body = connection.read_response()
         assert status == 413, body
         assert "exceeds the 16384-byte limit" in json.loads(body)["detail"]
         assert time.monotonic() - started < 3
-    finally:
-        connection.close()
 
     def flood():  # chunked, never a Content-Length: must be counted as it arrives
         for _ in range(64):
@@ -163,15 +164,12 @@ def test_early_refusals_close_the_connection_without_reading_the_body(guarded, r
         headers["Content-Length"] = str(10**12)
     else:  # a worker token acting as another worker
         headers["Authorization"] = f"Bearer {W2_TOKEN}"
-    connection = RawConnection(guarded.url)
-    try:
+    with RawConnection(guarded.url) as connection:
         connection.send_head("POST", f"/v1/experts/{PY}/updates", headers)
         status, reply, _ = connection.read_response()
         assert status == int(refusal)
         assert reply.get("connection", "").lower() == "close"
         assert connection.closed_by_server(within=3.0)
-    finally:
-        connection.close()
 
 
 # --- 3. no merge publishes a non-finite tensor --------------------------------------------------
@@ -394,18 +392,11 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off(guarded) -> None:
 
 def test_a_stalled_body_is_cut_off(guarded) -> None:
     """Item 10: a body that stops arriving gets 408 and the connection closes."""
-    connection = RawConnection(guarded.url)
-    try:
-        started = time.monotonic()
-        connection.send_head(
-            "POST",
-            f"/v1/experts/{PY}/updates",
-            _upload_head(**{"Content-Length": "100000"}),
-        )
+    head = _upload_head(**{"Content-Length": "100000"})
+    with RawConnection(guarded.url) as connection:
+        started = connection.send_head("POST", f"/v1/experts/{PY}/updates", head)
         connection.sock.sendall(b"\0" * 100)
         status, reply, _ = connection.read_response()
         assert status == 408 and reply.get("connection") == "close"
         assert time.monotonic() - started < 4
         assert connection.closed_by_server(within=2.0)
-    finally:
-        connection.close()

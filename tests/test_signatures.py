@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import httpx
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -18,6 +19,8 @@ from fedmoe.modeling import load_base_model
 from fedmoe.procs import start_coordinator, start_worker, stop
 from fedmoe.signature import DomainSignature, FeaturizerSettings, compute_signature
 from tests.api_helpers import PY, PY_WORKER, SQL, SQL_WORKER, assert_error, register
+
+pytestmark = pytest.mark.heavy(25)  # run early (tests/conftest.py)
 
 
 def synthetic(fingerprint: str, count: int = 120, dim: int = 64, seed: int = 0) -> dict[str, Any]:

@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
 from fedmoe.procs import start_coordinator, stop
 from fedmoe.server_strategy import ServerOptimizer, StrategyState
-from tests.api_helpers import (
-    PY,
-    PY_WORKER,
-    expert_state,
-    random_delta,
-    register,
-    shapes_of,
-    update_headers,
-    upload,
-)
+from tests import api_helpers as api
+from tests.api_helpers import PY, PY_WORKER
+
+pytestmark = pytest.mark.heavy(15)  # run early (tests/conftest.py)
 
 SQL = "sql_expert"
 
@@ -30,23 +25,24 @@ def test_fedbuff_acknowledges_buffered_updates_and_applies_their_mean(
 ) -> None:
     live = live_coordinator_factory(strategy="fedbuff", buffer_size=2)
     with live.client() as client:
-        register(client, PY_WORKER, PY)
-        register(client, "py-2", PY)
-        shapes = shapes_of(client)
-        theta = expert_state(client, PY)
-        first, second = random_delta(shapes, 1), random_delta(shapes, 2)
-        headers = update_headers(PY_WORKER, 0, "first")
-        ack = upload(client, PY, encode_adapter(first), headers).json()
+        api.register(client, PY_WORKER, PY)
+        api.register(client, "py-2", PY)
+        shapes = api.shapes_of(client)
+        theta = api.expert_state(client, PY)
+        first, second = api.random_delta(shapes, 1), api.random_delta(shapes, 2)
+        headers = api.update_headers(PY_WORKER, 0, "first")
+        ack = api.upload(client, PY, encode_adapter(first), headers).json()
         assert (ack["buffered"], ack["version"], ack["buffer_fill"]) == (True, 0, 1)
-        again = upload(client, PY, encode_adapter(first), headers).json()
+        again = api.upload(client, PY, encode_adapter(first), headers).json()
         assert again == ack | {"replayed": True}
         expert = client.get("/v1/status").json()["experts"][PY]
         assert expert["version"] == 0
         assert expert["strategy"]["buffer_fill"] == 1
         assert expert["strategy"]["buffered_update_ids"] == ["first"]
-        ack = upload(client, PY, encode_adapter(second), update_headers("py-2", 0, "2nd")).json()
+        headers = api.update_headers("py-2", 0, "2nd")
+        ack = api.upload(client, PY, encode_adapter(second), headers).json()
         assert (ack["buffered"], ack["version"]) == (False, 1)
-        after = expert_state(client, PY)
+        after = api.expert_state(client, PY)
         for key in theta:
             expected = theta[key] + (first[key] + second[key]) / 2
             torch.testing.assert_close(after[key], expected, rtol=0, atol=1e-7)
@@ -85,7 +81,8 @@ def test_kill_nine_with_half_full_buffer_and_momentum_resumes_exactly(tmp_path) 
                     lora_config=schema.lora_config,
                 )
             _, theta = client.expert_adapter(SQL, shapes)
-            deltas = [random_delta({k: list(s) for k, s in shapes.items()}, i) for i in range(4)]
+            as_lists = {k: list(s) for k, s in shapes.items()}
+            deltas = [api.random_delta(as_lists, i) for i in range(4)]
             _upload(client, "w1", "a", deltas[0], 0)
             assert _upload(client, "w2", "b", deltas[1], 0).version == 1  # step 1: momentum
             held = _upload(client, "w1", "c", deltas[2], 1)  # half-full buffer
@@ -121,10 +118,11 @@ def test_kill_nine_with_half_full_buffer_and_momentum_resumes_exactly(tmp_path) 
 def test_a_lone_update_is_applied_after_the_buffer_timeout(live_coordinator_factory) -> None:
     live = live_coordinator_factory(strategy="fedbuff", buffer_size=4, buffer_timeout=0.2)
     with live.client() as client:
-        register(client, PY_WORKER, PY)
-        shapes = shapes_of(client)
-        theta, delta = expert_state(client, PY), random_delta(shapes, 3)
-        ack = upload(client, PY, encode_adapter(delta), update_headers(PY_WORKER, 0, "x")).json()
+        api.register(client, PY_WORKER, PY)
+        shapes = api.shapes_of(client)
+        theta, delta = api.expert_state(client, PY), api.random_delta(shapes, 3)
+        headers = api.update_headers(PY_WORKER, 0, "x")
+        ack = api.upload(client, PY, encode_adapter(delta), headers).json()
         assert ack["buffered"] and ack["version"] == 0
         deadline = time.monotonic() + 30  # the timer ticks every 0.05 s; a loaded machine lags
         while client.get("/v1/status").json()["experts"][PY]["version"] == 0:
@@ -132,7 +130,7 @@ def test_a_lone_update_is_applied_after_the_buffer_timeout(live_coordinator_fact
             time.sleep(0.05)
         status = client.get("/v1/status").json()["experts"][PY]
         assert status["version"] == 1 and status["strategy"]["buffer_fill"] == 0
-        after = expert_state(client, PY)
+        after = api.expert_state(client, PY)
         for key in theta:  # a buffer of one: its mean is the delta itself
             torch.testing.assert_close(after[key], theta[key] + delta[key], rtol=0, atol=1e-7)
     live.stop()

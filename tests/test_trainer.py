@@ -32,26 +32,12 @@ def test_loss_matches_the_models_own_loss_with_prompt_masking(tmp_path) -> None:
 
 
 def _trainer(tmp_path, max_grad_norm: float):
-    from fedmoe.config import LoraSettings, TrainSettings
-    from fedmoe.modeling import attach_lora
-    from fedmoe.worker.trainer import LocalTrainer
+    from fedmoe.config import TrainSettings
+    from tests.train_helpers import tiny_lora_trainer
 
     paths = write_demo_datasets(tmp_path, train_count=16, validation_count=2)
-    base = load_base_model("tiny", device="cpu")
-    examples = tokenize_examples(
-        load_examples(paths["python_expert"][0]), base.tokenizer, max_length=256
-    )
-    model = attach_lora(base.model, LoraSettings())
     settings = TrainSettings(batch_size=2, max_grad_norm=max_grad_norm)
-    trainer = LocalTrainer(
-        model,
-        examples,
-        settings,
-        pad_token_id=base.tokenizer.pad_token_id,
-        device=torch.device("cpu"),
-        learning_rate=1e-2,
-    )
-    return model, trainer
+    return tiny_lora_trainer(paths["python_expert"][0], settings, max_length=256)
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])

@@ -11,35 +11,21 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from fedmoe.adapters import encode_adapter
-from tests.api_helpers import (
-    PY,
-    PY_WORKER,
-    SQL,
-    SQL_WORKER,
-    assert_error,
-    assert_unchanged,
-    delta_body,
-    expert_state,
-    random_delta,
-    register,
-    shapes_of,
-    snapshot,
-    update_headers,
-    upload,
-)
+from tests import api_helpers as api
+from tests.api_helpers import PY, PY_WORKER, SQL, SQL_WORKER
 
 # --- conditional downloads -------------------------------------------------------------------
 
 
 def test_etag_changes_with_the_version(live_coordinator) -> None:
     with live_coordinator.client() as client:
-        register(client, PY_WORKER, PY)
+        api.register(client, PY_WORKER, PY)
         tags = {
             p: client.get(p).headers["ETag"]
             for p in (f"/v1/experts/{PY}/adapter", "/v1/gateway/adapter")
         }
-        body = delta_body(client, 1)
-        assert upload(client, PY, body, update_headers()).status_code == 200
+        body = api.delta_body(client, 1)
+        assert api.upload(client, PY, body, api.update_headers()).status_code == 200
         for path, old in tags.items():
             response = client.get(path, headers={"If-None-Match": old})
             assert response.status_code == 200 and response.headers["ETag"] != old
@@ -50,43 +36,43 @@ def test_etag_changes_with_the_version(live_coordinator) -> None:
 
 def test_retried_update_id_is_applied_once(live_coordinator) -> None:
     with live_coordinator.client() as client:
-        register(client, PY_WORKER, PY)
-        shapes = shapes_of(client)
-        headers = update_headers(update_id="retry-me-1")
-        first = upload(client, PY, encode_adapter(random_delta(shapes, 1)), headers)
+        api.register(client, PY_WORKER, PY)
+        shapes = api.shapes_of(client)
+        headers = api.update_headers(update_id="retry-me-1")
+        first = api.upload(client, PY, encode_adapter(api.random_delta(shapes, 1)), headers)
         assert first.status_code == 200, first.text
         assert first.json()["replayed"] is False and first.json()["version"] == 1
-        state_after_first = expert_state(client, PY)
-        second = upload(client, PY, encode_adapter(random_delta(shapes, 1)), headers)
+        state_after_first = api.expert_state(client, PY)
+        second = api.upload(client, PY, encode_adapter(api.random_delta(shapes, 1)), headers)
         assert second.status_code == 200, second.text
         assert second.json() == {**first.json(), "replayed": True}
         # another body under the same id is not a retry (tests/test_hardening.py, item 7)
-        other = upload(client, PY, encode_adapter(random_delta(shapes, 2)), headers)
-        assert_error(other, 409, "duplicate_update_id", "different body")
+        other = api.upload(client, PY, encode_adapter(api.random_delta(shapes, 2)), headers)
+        api.assert_error(other, 409, "duplicate_update_id", "different body")
         status = client.get("/v1/status").json()
         assert status["experts"][PY]["version"] == 1
         assert status["experts"][PY]["updates_applied"] == 1
         assert status["gateway"]["version"] == 1
         rows = [r for r in client.get("/v1/ledger").json() if r["update_id"] == "retry-me-1"]
         assert [(r["accepted"], r["expert_version"]) for r in rows] == [(1, 1)]
-        after = expert_state(client, PY)
+        after = api.expert_state(client, PY)
         assert all(torch.equal(after[k], state_after_first[k]) for k in after)
 
 
 def test_an_update_id_used_by_another_worker_is_409_and_reveals_nothing(live_coordinator) -> None:
     with live_coordinator.client() as client:
-        register(client, PY_WORKER, PY)
-        register(client, SQL_WORKER, SQL)
-        register(client, "py-worker-2", PY)
-        shapes = shapes_of(client)
-        body = encode_adapter(random_delta(shapes, 1))
-        first = upload(client, PY, body, update_headers(update_id="taken-id-1"))
+        api.register(client, PY_WORKER, PY)
+        api.register(client, SQL_WORKER, SQL)
+        api.register(client, "py-worker-2", PY)
+        shapes = api.shapes_of(client)
+        body = encode_adapter(api.random_delta(shapes, 1))
+        first = api.upload(client, PY, body, api.update_headers(update_id="taken-id-1"))
         assert first.status_code == 200, first.text
         before = client.get("/v1/status").json()["experts"]
         for worker, expert in (("py-worker-2", PY), (SQL_WORKER, SQL)):
-            headers = update_headers(worker_id=worker, update_id="taken-id-1")
-            response = upload(client, expert, body, headers)
-            assert_error(response, 409, "duplicate_update_id", "already used")
+            headers = api.update_headers(worker_id=worker, update_id="taken-id-1")
+            response = api.upload(client, expert, body, headers)
+            api.assert_error(response, 409, "duplicate_update_id", "already used")
             assert "version" not in response.json()
         assert client.get("/v1/status").json()["experts"] == before
 
@@ -97,8 +83,8 @@ def test_an_update_id_used_by_another_worker_is_409_and_reveals_nothing(live_coo
 def _advance(client: httpx.Client, shapes: dict, versions: int) -> None:
     """Apply ``versions`` fresh (staleness 0) updates to python_expert."""
     for base in range(versions):
-        body = encode_adapter(random_delta(shapes, seed=100 + base))
-        response = upload(client, PY, body, update_headers(base_version=base))
+        body = encode_adapter(api.random_delta(shapes, seed=100 + base))
+        response = api.upload(client, PY, body, api.update_headers(base_version=base))
         assert response.status_code == 200 and response.json()["staleness"] == 0
 
 
@@ -118,18 +104,18 @@ def _assert_applied(
 
 def test_stale_update_is_weighted_by_inverse_decay(live_coordinator) -> None:
     with live_coordinator.client() as client:
-        register(client, PY_WORKER, PY)
-        shapes = shapes_of(client)
+        api.register(client, PY_WORKER, PY)
+        shapes = api.shapes_of(client)
         _advance(client, shapes, 2)
-        theta = expert_state(client, PY)
-        delta = random_delta(shapes, seed=5, scale=0.05)
-        response = upload(client, PY, encode_adapter(delta), update_headers(base_version=0))
+        theta = api.expert_state(client, PY)
+        delta = api.random_delta(shapes, seed=5, scale=0.05)
+        response = api.upload(client, PY, encode_adapter(delta), api.update_headers(base_version=0))
         assert response.status_code == 200, response.text
         ack = response.json()
         assert ack["staleness"] == 2 and ack["version"] == 3 and not ack["clipped"]
         weight = 1.0 / (1.0 + 0.1 * 2)  # s(τ) = 1/(1 + 0.1τ) at τ = 2, η = 1
         assert ack["weight"] == pytest.approx(1 / 1.2, abs=1e-12)
-        _assert_applied(theta, expert_state(client, PY), delta, weight)
+        _assert_applied(theta, api.expert_state(client, PY), delta, weight)
     live_coordinator.stop()  # a clean stop writes every expert's snapshot
     on_disk = load_safetensors(
         (live_coordinator.adapters_dir / f"{PY}.v{3:010d}.safetensors").read_bytes()
@@ -141,22 +127,23 @@ def test_clip_policy_scales_the_update_to_the_bound(live_coordinator_factory) ->
     bound, lr = 0.5, 0.8
     live = live_coordinator_factory(max_update_norm=bound, norm_policy="clip", server_lr=lr)
     with live.client() as client:
-        register(client, PY_WORKER, PY)
-        shapes = shapes_of(client)
-        body = encode_adapter(random_delta(shapes, seed=9, scale=1e-4))
-        assert upload(client, PY, body, update_headers()).status_code == 200  # under the bound
-        theta = expert_state(client, PY)
-        delta = random_delta(shapes, seed=11, scale=0.1)
+        api.register(client, PY_WORKER, PY)
+        shapes = api.shapes_of(client)
+        body = encode_adapter(api.random_delta(shapes, seed=9, scale=1e-4))
+        under_the_bound = api.upload(client, PY, body, api.update_headers())
+        assert under_the_bound.status_code == 200
+        theta = api.expert_state(client, PY)
+        delta = api.random_delta(shapes, seed=11, scale=0.1)
         norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
         assert norm > bound
-        response = upload(client, PY, encode_adapter(delta), update_headers(base_version=0))
+        response = api.upload(client, PY, encode_adapter(delta), api.update_headers(base_version=0))
         assert response.status_code == 200, response.text
         ack = response.json()
         assert ack["clipped"] is True and ack["staleness"] == 1
         assert ack["update_norm"] == pytest.approx(norm, rel=1e-6)
         weight = lr * (1 / 1.1) * (bound / norm)  # η · s(1) · (bound / ‖Δ‖)
         assert ack["weight"] == pytest.approx(weight, rel=1e-9)
-        _assert_applied(theta, expert_state(client, PY), delta, weight)
+        _assert_applied(theta, api.expert_state(client, PY), delta, weight)
 
 
 def _assert_rejected_row(client: httpx.Client, update_id: str, *phrases: str) -> None:
@@ -186,14 +173,14 @@ def _assert_only_rejection_recorded(before: dict, after: dict) -> None:
 def test_reject_policy_refuses_large_updates(live_coordinator_factory) -> None:
     live = live_coordinator_factory(max_update_norm=0.5, norm_policy="reject")
     with live.client() as client:
-        register(client, PY_WORKER, PY)
-        _advance(client, shapes_of(client), 1)
-        before = snapshot(live, client)
-        delta = random_delta(shapes_of(client), seed=11, scale=0.1)
-        headers = update_headers(base_version=1, update_id="too-big")
-        response = upload(client, PY, encode_adapter(delta), headers)
-        assert_error(response, 422, "rejected_update", "exceeds max_update_norm 0.5")
-        after = snapshot(live, client)
+        api.register(client, PY_WORKER, PY)
+        _advance(client, api.shapes_of(client), 1)
+        before = api.snapshot(live, client)
+        delta = api.random_delta(api.shapes_of(client), seed=11, scale=0.1)
+        headers = api.update_headers(base_version=1, update_id="too-big")
+        response = api.upload(client, PY, encode_adapter(delta), headers)
+        api.assert_error(response, 422, "rejected_update", "exceeds max_update_norm 0.5")
+        after = api.snapshot(live, client)
         _assert_only_rejection_recorded(before, after)
         _assert_rejected_row(client, "too-big", "exceeds max_update_norm")
 
@@ -201,20 +188,19 @@ def test_reject_policy_refuses_large_updates(live_coordinator_factory) -> None:
 def test_update_staler_than_max_staleness_is_409(live_coordinator_factory) -> None:
     live = live_coordinator_factory(max_staleness=1)
     with live.client() as client:
-        register(client, PY_WORKER, PY)
-        shapes = shapes_of(client)
+        api.register(client, PY_WORKER, PY)
+        shapes = api.shapes_of(client)
         _advance(client, shapes, 2)
-        before = snapshot(live, client)
-        headers = update_headers(base_version=0, update_id="too-old")
-        response = upload(client, PY, encode_adapter(random_delta(shapes, 3)), headers)
-        assert_error(response, 409, "stale_update", "staleness 2 exceeds max_staleness 1")
-        after = snapshot(live, client)
+        before = api.snapshot(live, client)
+        headers = api.update_headers(base_version=0, update_id="too-old")
+        response = api.upload(client, PY, encode_adapter(api.random_delta(shapes, 3)), headers)
+        api.assert_error(response, 409, "stale_update", "staleness 2 exceeds max_staleness 1")
+        after = api.snapshot(live, client)
         _assert_only_rejection_recorded(before, after)
         _assert_rejected_row(client, "too-old", "staleness 2")
         # staleness 1 is still accepted, at weight s(1)
-        response = upload(
-            client, PY, encode_adapter(random_delta(shapes, 3)), update_headers(base_version=1)
-        )
+        body = encode_adapter(api.random_delta(shapes, 3))
+        response = api.upload(client, PY, body, api.update_headers(base_version=1))
         assert response.status_code == 200 and response.json()["staleness"] == 1
 
 
@@ -222,26 +208,26 @@ def test_update_that_would_overflow_float32_is_422(live_coordinator_factory) -> 
     """Each delta is finite, but θ + w·Δ would be Inf: refused, nothing stored."""
     live = live_coordinator_factory(server_lr=2.0)
     with live.client() as client:
-        register(client, PY_WORKER, PY)
-        shapes = shapes_of(client)
+        api.register(client, PY_WORKER, PY)
+        shapes = api.shapes_of(client)
         huge = {k: torch.full(s, 3.0e38) for k, s in shapes.items()}  # < float32 max 3.4e38
-        before = snapshot(live, client)
-        response = upload(client, PY, encode_adapter(huge), update_headers())
-        assert_error(response, 422, "invalid_update", "non-finite", "float32 overflow")
-        assert_unchanged(before, snapshot(live, client))
-        state = expert_state(client, PY)
+        before = api.snapshot(live, client)
+        response = api.upload(client, PY, encode_adapter(huge), api.update_headers())
+        api.assert_error(response, 422, "invalid_update", "non-finite", "float32 overflow")
+        api.assert_unchanged(before, api.snapshot(live, client))
+        state = api.expert_state(client, PY)
         assert all(torch.isfinite(t).all() for t in state.values())
 
 
 def test_overflow_accumulated_over_two_updates_is_422(live_coordinator) -> None:
     """Each update alone is fine; the second would push θ past float32's max: refused."""
     with live_coordinator.client() as client:
-        register(client, PY_WORKER, PY)
-        shapes = shapes_of(client)
+        api.register(client, PY_WORKER, PY)
+        shapes = api.shapes_of(client)
         big = encode_adapter({k: torch.full(s, 2.0e38) for k, s in shapes.items()})
-        first = upload(client, PY, big, update_headers(base_version=0))
+        first = api.upload(client, PY, big, api.update_headers(base_version=0))
         assert first.status_code == 200, first.text
-        before = snapshot(live_coordinator, client)
-        second = upload(client, PY, big, update_headers(base_version=1))
-        assert_error(second, 422, "invalid_update", "float32 overflow")
-        assert_unchanged(before, snapshot(live_coordinator, client))
+        before = api.snapshot(live_coordinator, client)
+        second = api.upload(client, PY, big, api.update_headers(base_version=1))
+        api.assert_error(second, 422, "invalid_update", "float32 overflow")
+        api.assert_unchanged(before, api.snapshot(live_coordinator, client))
