@@ -10,15 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import benchmarks._harness as harness
 from benchmarks._concurrency import write_body
-from benchmarks._harness import (
-    LoadResult,
-    percentile,
-    proc_memory,
-    progress,
-    run_load,
-    server,
-)
 
 EXPERTS = 3
 
@@ -33,16 +26,16 @@ def measure_shape(
     """Sequential latency and 1/10/30-client throughput, coordinator vs FLOOR."""
     out: dict[str, Any] = {"shape": shape, "runs": {}}
     with (
-        server(directory / "coordinator", shape=shape, experts=EXPERTS) as coord,
-        server(directory / "floor", floor=True) as floor,
+        harness.server(directory / "coordinator", shape=shape, experts=EXPERTS) as coord,
+        harness.server(directory / "floor", floor=True) as floor,
     ):
         schema, body_file, out["body_bytes"] = write_body(coord.url, directory)
         out["params"] = sum(_numel(shape) for shape in schema["tensors"].values())
         out["tensors"] = len(schema["tensors"])
 
-        def load(url: str, count: int, mode: str, tag: str, **kw: Any) -> LoadResult:
-            progress(f"speed {shape}: {tag} ({count} clients)")
-            result = run_load(
+        def load(url: str, count: int, mode: str, tag: str, **kw: Any) -> harness.LoadResult:
+            harness.progress(f"speed {shape}: {tag} ({count} clients)")
+            result = harness.run_load(
                 url,
                 _workers(count),
                 procs=count,
@@ -69,7 +62,7 @@ def measure_shape(
                 out["runs"][("floor-http-only", 1)] = load(
                     floor.url, 1, "floor", "f1-nowrite", min_count=minimum, write=0
                 )
-        out["memory"] = proc_memory(coord.pid)
+        out["memory"] = harness.proc_memory(coord.pid)
     return out
 
 
@@ -86,16 +79,16 @@ def sequential_row(label: str, out: dict[str, Any]) -> dict[str, Any]:
     coord = runs[("coordinator", 1)].latencies()
     floor = runs[("floor", 1)].latencies()
     http_only = runs[("floor-http-only", 1)].latencies()
-    c50, f50 = percentile(coord, 50), percentile(floor, 50)
+    c50, f50 = harness.percentile(coord, 50), harness.percentile(floor, 50)
     return {
         "adapter": label,
         "params": out["params"],
         "body_bytes": out["body_bytes"],
         "uploads": len(coord),
         "coordinator_p50_ms": 1e3 * c50,
-        "coordinator_p90_ms": 1e3 * percentile(coord, 90),
+        "coordinator_p90_ms": 1e3 * harness.percentile(coord, 90),
         "floor_p50_ms": 1e3 * f50,
-        "floor_http_only_p50_ms": 1e3 * percentile(http_only, 50),
+        "floor_http_only_p50_ms": 1e3 * harness.percentile(http_only, 50),
         "ratio": c50 / f50,
     }
 
@@ -112,8 +105,8 @@ def throughput_rows(label: str, out: dict[str, Any], clients: list[int]) -> list
                 "coordinator_rate": coord.rate,
                 "floor_rate": floor.rate,
                 "ratio": coord.rate / max(floor.rate, 1e-9),
-                "coordinator_p50_ms": 1e3 * percentile(coord.latencies(), 50),
-                "floor_p50_ms": 1e3 * percentile(floor.latencies(), 50),
+                "coordinator_p50_ms": 1e3 * harness.percentile(coord.latencies(), 50),
+                "floor_p50_ms": 1e3 * harness.percentile(floor.latencies(), 50),
                 "errors": len(coord.errors) + len(floor.errors),
             }
         )

@@ -17,15 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.common import (
-    DEMO_SYNC_INTERVAL,
-    Evaluator,
-    demo_domains,
-    mean,
-    parser,
-    shard,
-    start,
-)
+import benchmarks.common as common
 from benchmarks.report import publish
 from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, run_sync, stop_rule
 from fedmoe.aggregate import AdapterState
@@ -57,7 +49,7 @@ class Tracker:
     B = 0); a group of changes is recorded at the time of its last change.
     """
 
-    def __init__(self, evaluator: Evaluator, trace: Trace, window: float) -> None:
+    def __init__(self, evaluator: common.Evaluator, trace: Trace, window: float) -> None:
         self.evaluator, self.trace, self.window = evaluator, trace, window
         self.first: float | None = None
         self.pending: tuple[float, list[AdapterState]] | None = None
@@ -118,7 +110,7 @@ class Arms:
     """Builds and runs the arms of both scenarios on one workbench."""
 
     def __init__(
-        self, bench: Workbench, evaluator: Evaluator, domains: dict, cost, interval: float
+        self, bench: Workbench, evaluator: common.Evaluator, domains: dict, cost, interval: float
     ) -> None:
         self.bench, self.evaluator, self.domains, self.cost = bench, evaluator, domains, cost
         self.interval = interval
@@ -129,7 +121,7 @@ class Arms:
         result = []
         for expert, slowdown in layout:
             index = seen[expert] = seen.get(expert, -1) + 1
-            data = shard(self.domains[expert].train, per_expert, index)
+            data = common.shard(self.domains[expert].train, per_expert, index)
             name = f"{tag}-{expert}-{index}"
             result.append(self.bench.worker(name, expert, data, slowdown=slowdown))
         return result
@@ -195,11 +187,11 @@ def scenario(base: dict[str, float], traces: list[Trace], horizon: float) -> dic
                 "gateway_ratio": gt / reference_g if gt and reference_g else None,
                 "experts_time": et,
                 "experts_ratio": et / reference_e if et and reference_e else None,
-                "final_gateway": mean(trace.gateway[-1]),
-                "best_gateway": min(mean(g) for g in trace.gateway),
-                "final_experts": mean(trace.experts[-1]),
-                "staleness_mean": mean(staleness) if staleness else None,
-                "weight_mean": mean(weights) if weights else None,
+                "final_gateway": common.mean(trace.gateway[-1]),
+                "best_gateway": min(common.mean(g) for g in trace.gateway),
+                "final_experts": common.mean(trace.experts[-1]),
+                "staleness_mean": common.mean(staleness) if staleness else None,
+                "weight_mean": common.mean(weights) if weights else None,
                 "steps": sum(w.steps for w in trace.workers),
                 "seconds": trace.seconds,
             }
@@ -214,11 +206,11 @@ def scenario(base: dict[str, float], traces: list[Trace], horizon: float) -> dic
 
 def main() -> None:
     """Run scenarios A and B and write the ``asynchrony`` section."""
-    options = parser(__doc__.splitlines()[0])
+    options = common.parser(__doc__.splitlines()[0])
     options.add_argument("--clock", choices=("calibrated", "measured"), default="calibrated")
-    args, run = start(options)
+    args, run = common.start(options)
     scale = TIME_SCALE / 4 if args.quick else TIME_SCALE
-    interval = DEMO_SYNC_INTERVAL * scale
+    interval = common.DEMO_SYNC_INTERVAL * scale
     # in sync intervals; a K-fast sync round lasts 4 intervals (the slow worker's time)
     horizon_a, horizon_b = (
         (5 * interval, 5 * interval) if args.quick else (13 * interval, 6 * interval)
@@ -226,10 +218,10 @@ def main() -> None:
     lora, train = LoraSettings(), TrainSettings()
     bench = Workbench(args.base_model, lora, train)
     validation = 20 if args.quick else 40
-    domains = demo_domains(bench.tokenizer, validation_count=validation)
-    evaluator = Evaluator(args.base_model, lora, domains)
+    domains = common.demo_domains(bench.tokenizer, validation_count=validation)
+    evaluator = common.Evaluator(args.base_model, lora, domains)
     step_time = {d: bench.calibrate(domains[d].train) for d in DOMAINS}
-    fast_steps = max(1, round(interval / mean(step_time)))
+    fast_steps = max(1, round(interval / common.mean(step_time)))
     slow_steps = max(1, round(fast_steps / SLOWDOWN))
 
     def cost(worker, _result, seconds):
