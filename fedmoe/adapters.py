@@ -8,21 +8,22 @@ materialised, and nothing here ever unpickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
+from fedmoe.parallel import per_tensor
 
 ACCEPTED_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
 MAX_HEADER_BYTES = 16 * 1024 * 1024
@@ -46,11 +47,8 @@ def float32_bytes(schema: AdapterSchema) -> int:
     return sum(4 * _numel(shape) for shape in schema.values())
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
 
 
 def encode_adapter(
@@ -118,23 +116,99 @@ def _check_entry(key: str, info: Any, shape: tuple[int, ...], data_len: int) -> 
 
 
 def decode_adapter(body: bytes, schema: AdapterSchema) -> AdapterState:
-    """Validate untrusted safetensors bytes against ``schema`` and return float32 tensors.
+    """Validate untrusted safetensors bytes against ``schema`` and return float32 tensors
+    (``decode_with_norm`` without the norm)."""
+    return decode_with_norm(body, schema)[0]
 
-    Raises ``AdapterValidationError`` naming the first problem: a malformed or
-    truncated body, wrong keys, shapes or dtypes, or non-finite values.
+
+# bytes are immutable to Python: the views are only read, by the float32 conversion. torch
+# warns once per process about such views; that once is spent here, where no other thread
+# can be changing the warning filters.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    torch.frombuffer(bytes(4), dtype=torch.float32)
+
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def decode_with_norm(body: bytes, schema: AdapterSchema) -> tuple[AdapterState, float]:
+    """Validate untrusted safetensors bytes against ``schema``: float32 tensors and their
+    global L2 norm, in as few passes over the data as the checks allow.
+
+    ``AdapterValidationError`` names the first problem: a malformed or truncated body,
+    wrong keys, shapes or dtypes, byte ranges that do not tile the data exactly (as the
+    safetensors reader requires), or non-finite values. The tensors are read in place
+    from the body (``torch.frombuffer``: the float32 conversion is the one copy); the
+    finiteness check *is* the L2 norm (per tensor, accumulated in float64, as
+    ``aggregate.global_norm``): squares of float32 values cannot overflow float64, so the
+    norm is finite exactly when every value is, and only a non-finite norm pays for a scan
+    to name the first bad tensor. Conversion and norms run on two threads
+    (``fedmoe.parallel``).
     """
     header = read_header(body)
     (header_len,) = struct.unpack("<Q", body[:8])
-    check_header(header, schema, len(body) - 8 - header_len)
-    try:
-        tensors = load_safetensors(body)
-    except Exception as error:  # safetensors raises its own error types for corrupt data
-        raise AdapterValidationError(f"safetensors body is corrupt: {error}") from None
-    state = {key: tensor.float() for key, tensor in tensors.items()}
-    for key, tensor in state.items():
-        if not torch.isfinite(tensor).all():
-            raise AdapterValidationError(f"{key}: contains NaN or Inf values")
-    return state
+    start = 8 + header_len
+    check_header(header, schema, len(body) - start)
+    _check_metadata(header.get("__metadata__"))
+    keys = _tiled_keys(header, len(body) - start)
+
+    def convert(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        info = header[key]
+        begin, stop = info["data_offsets"]
+        tensor = _float32(body, start + begin, stop - begin, DTYPES[info["dtype"]], info["shape"])
+        return tensor, torch.linalg.vector_norm(tensor, dtype=torch.float64)
+
+    done = per_tensor(convert, keys, [_numel(header[key]["shape"]) for key in keys])
+    state = {key: tensor for key, (tensor, _) in done.items()}
+    # aggregate.global_norm's combination of the per-tensor norms, in the same order
+    norm = float(torch.linalg.vector_norm(torch.stack([n for _, n in done.values()])))
+    if not math.isfinite(norm):
+        for key in sorted(state):
+            if not bool(torch.isfinite(state[key]).all()):
+                raise AdapterValidationError(f"{key}: contains NaN or Inf values")
+    return state, norm
+
+
+def _tiled_keys(header: dict[str, Any], data_len: int) -> list[str]:
+    """The tensor names in data order; their byte ranges must tile the data exactly."""
+    keys = sorted(
+        (key for key in header if key != "__metadata__"),
+        key=lambda key: tuple(header[key]["data_offsets"]),
+    )
+    end = 0
+    for key in keys:
+        begin, stop = header[key]["data_offsets"]
+        if begin != end:
+            raise AdapterValidationError(
+                f"{key}: data_offsets {[begin, stop]} leave a gap or overlap"
+            )
+        end = stop
+    if end != data_len:
+        raise AdapterValidationError(f"{data_len - end} bytes follow the last tensor")
+    return keys
+
+
+def _check_metadata(metadata: Any) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise AdapterValidationError("safetensors __metadata__ must map strings to strings")
+
+
+def _float32(
+    body: bytes, offset: int, length: int, dtype: torch.dtype, shape: list[int]
+) -> torch.Tensor:
+    """One tensor of ``body`` as a new float32 tensor (read in place when aligned)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if length == 0:
+        return torch.zeros(shape, dtype=torch.float32)
+    if offset % size:  # a misaligned range (legal in the format): copied first
+        body, offset = bytes(body[offset : offset + length]), 0
+    view = torch.frombuffer(body, dtype=dtype, count=length // size, offset=offset)
+    converted = view.float() if dtype != torch.float32 else view.clone()
+    return converted.view(shape)
 
 
 def view_adapter(payload: bytes) -> AdapterState:

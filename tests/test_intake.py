@@ -1,7 +1,8 @@
-"""The coordinator's one-pass intake of an upload (issue 13: acknowledgement latency).
+"""The one-pass decode of untrusted adapter bytes (issue 13: acknowledgement latency).
 
-``decode_update`` must accept and refuse exactly what ``decode_adapter`` does, with the same
-float32 values and the norm ``global_norm`` gives; ``apply_update`` (one allocation, two
+``decode_with_norm`` (which ``decode_adapter`` is, without the norm) must give the
+safetensors library's values as float32 and the norm ``global_norm`` gives, and refuse a
+bad body naming its problem; ``apply_update`` (one allocation, two
 threads for big states) must be θ + w·Δ bit for bit; the body's sha256, computed while it
 arrives, must be the body's, in the ledger and in the fsynced log record that recovery
 checks it against, and a bad body must leave everything as it was (real HTTP).
@@ -17,12 +18,18 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 
 import fedmoe.api.body
-from fedmoe.adapters import AdapterValidationError, decode_adapter, encode_adapter, schema_of
+from fedmoe.adapters import (
+    AdapterValidationError,
+    decode_adapter,
+    decode_with_norm,
+    encode_adapter,
+    schema_of,
+)
 from fedmoe.aggregate import apply_update, global_norm
 from fedmoe.api.body import BATCH, StreamingSha256
-from fedmoe.coordinator.intake import decode_update
 from fedmoe.coordinator.wal import ExpertLog
 from fedmoe.parallel import MIN_ELEMENTS
 from tests import api_helpers as api
@@ -47,14 +54,15 @@ def raw_body(header: dict[str, object], data: bytes, pad: int = 0) -> bytes:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("big", [False, True])
-def test_decode_update_gives_decode_adapters_values_and_the_global_norm(
+def test_decode_with_norm_gives_the_librarys_values_and_the_global_norm(
     dtype: torch.dtype, big: bool
 ) -> None:
     state = delta(1, big)
     assert (sum(t.numel() for t in state.values()) >= MIN_ELEMENTS) == big
     body = encode_adapter(state, dtype=dtype)
-    expected = decode_adapter(body, schema_of(state))
-    decoded, norm = decode_update(body, schema_of(state))
+    expected = {key: t.float() for key, t in load_safetensors(body).items()}
+    decoded, norm = decode_with_norm(body, schema_of(state))
+    assert all(torch.equal(decode_adapter(body, schema_of(state))[k], decoded[k]) for k in decoded)
     assert decoded.keys() == expected.keys()
     assert all(torch.equal(decoded[k], expected[k]) for k in expected)
     assert all(t.dtype == torch.float32 for t in decoded.values())
@@ -65,14 +73,14 @@ def test_a_misaligned_body_decodes_the_same() -> None:
     values = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     header = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
     for pad in range(4):  # data starting at every offset modulo 4
-        decoded, norm = decode_update(
+        decoded, norm = decode_with_norm(
             raw_body(header, values.numpy().tobytes(), pad), {"a": (2, 3)}
         )
         assert torch.equal(decoded["a"], values)
         assert norm == pytest.approx(math.sqrt(sum(i * i for i in range(6))))
 
 
-def test_refusals_name_the_problem_like_decode_adapter() -> None:
+def test_refusals_name_the_problem() -> None:
     state = delta(2)
     schema = schema_of(state)
     bad = dict(state)
@@ -81,24 +89,24 @@ def test_refusals_name_the_problem_like_decode_adapter() -> None:
     bad[key][0, 0] = float("inf")
     body = encode_adapter(bad, dtype=torch.bfloat16)
     with pytest.raises(AdapterValidationError, match=f"{key}: contains NaN or Inf") as caught:
-        decode_update(body, schema)
+        decode_with_norm(body, schema)
     with pytest.raises(AdapterValidationError) as old:
         decode_adapter(body, schema)
     assert str(caught.value) == str(old.value)
     with pytest.raises(AdapterValidationError, match="shape"):
-        decode_update(encode_adapter({**state, key: torch.zeros(1)}), schema)
+        decode_with_norm(encode_adapter({**state, key: torch.zeros(1)}), schema)
     one = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     with pytest.raises(AdapterValidationError, match="follow the last tensor"):
-        decode_update(raw_body(one, bytes(12)), {"a": (2,)})
+        decode_with_norm(raw_body(one, bytes(12)), {"a": (2,)})
     two = {
         "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
     }
     with pytest.raises(AdapterValidationError, match="gap or overlap"):
-        decode_update(raw_body(two, bytes(12)), {"a": (2,), "b": (2,)})
+        decode_with_norm(raw_body(two, bytes(12)), {"a": (2,), "b": (2,)})
     meta = {**one, "__metadata__": {"n": 1}}
     with pytest.raises(AdapterValidationError, match="__metadata__"):
-        decode_update(raw_body(meta, bytes(8)), {"a": (2,)})
+        decode_with_norm(raw_body(meta, bytes(8)), {"a": (2,)})
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.25, 1 / 3, 0.70710678])

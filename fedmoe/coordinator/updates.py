@@ -20,10 +20,9 @@ from typing import Any
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import AdapterSchema
+from fedmoe.adapters import AdapterSchema, decode_with_norm
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import errors
-from fedmoe.coordinator.intake import decode_update
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.replay import Head
@@ -117,7 +116,7 @@ class UpdatePath:
     def _decode(self, body: bytes) -> tuple[AdapterState, float]:
         """The float32 delta and its L2 norm (the norm is the finiteness check)."""
         try:
-            return decode_update(body, self.schema)
+            return decode_with_norm(body, self.schema)
         except ValueError as error:
             raise errors.InvalidUpdateError(str(error)) from None
 
