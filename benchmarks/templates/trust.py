@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.templates import loads, markdown_table
+from benchmarks.templates import Column, column_table, loads, markdown_table
 
 
 def _privacy(privacy: dict[str, dict[str, Any]]) -> str:
@@ -44,31 +44,44 @@ def _reasons(robust: dict[str, dict[str, Any]]) -> str:
 
 def _robustness(robust: dict[str, dict[str, Any]]) -> str:
     baseline = next(iter(robust.values()))["loss"]["clean"]
-    rows = []
-    for label, arm in robust.items():
-        loss, clean = arm["loss"], arm["loss"]["clean"]
-        attacks = [k for k in ATTACKS if k in loss]
-        success, trigger = arm["backdoor_success"], arm["trigger_loss"]
-        rows.append(
-            [
-                label,
-                f"{clean:.3f} ({clean / baseline:.3f}×)",
-                *(f"{loss[k]:.3f} ({loss[k] / clean:.2f}×)" for k in attacks),
-                " / ".join(f"{success[k]:.0%}" for k in ("backdoor", "stealth") if k in success),
-                " / ".join(f"{trigger[k]:.2f}" for k in ("clean", *attacks) if k in trigger),
-                ", ".join(f"{w}: {v}" for w, v in sorted(arm["verdicts"].items())) or "none",
-            ]
+    attacks = [k for k in ATTACKS if k in next(iter(robust.values()))["loss"]]
+
+    def attack(kind: str) -> Column:
+        return (
+            f"{ATTACKS[kind]} (× clean)",
+            lambda item: (
+                f"{item[1]['loss'][kind]:.3f} ({item[1]['loss'][kind] / item[1]['loss']['clean']:.2f}×)"
+            ),
         )
-    first = next(iter(robust.values()))["loss"]
-    headers = [
-        "strategy",
-        "clean run (× first row's)",
-        *(f"{ATTACKS[k]} (× clean)" for k in ATTACKS if k in first),
-        "backdoor / stealthy success",
-        "trigger-string loss (clean / each attack)",
-        "verdicts",
+
+    def joined(arm: dict[str, Any], key: str, kinds: tuple[str, ...], form: str) -> str:
+        return " / ".join(format(arm[key][k], form) for k in kinds if k in arm[key])
+
+    columns: list[Column] = [
+        ("strategy", lambda item: item[0]),
+        (
+            "clean run (× first row's)",
+            lambda item: (
+                f"{item[1]['loss']['clean']:.3f} ({item[1]['loss']['clean'] / baseline:.3f}×)"
+            ),
+        ),
+        *(attack(kind) for kind in attacks),
+        (
+            "backdoor / stealthy success",
+            lambda item: joined(item[1], "backdoor_success", ("backdoor", "stealth"), ".0%"),
+        ),
+        (
+            "trigger-string loss (clean / each attack)",
+            lambda item: joined(item[1], "trigger_loss", ("clean", *attacks), ".2f"),
+        ),
+        (
+            "verdicts",
+            lambda item: (
+                ", ".join(f"{w}: {v}" for w, v in sorted(item[1]["verdicts"].items())) or "none"
+            ),
+        ),
     ]
-    return markdown_table(headers, rows)
+    return column_table(columns, robust.items())
 
 
 def render(v: dict[str, Any]) -> str:

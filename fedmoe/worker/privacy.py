@@ -145,21 +145,14 @@ class PrivateTrainer(LocalTrainer):
         examples: list[TokenizedExample],
         settings: TrainSettings,
         *,
-        pad_token_id: int,
-        device: torch.device,
-        learning_rate: float,
         privacy: PrivacyPlan,
+        **trainer_options: Any,
     ) -> None:
+        """``trainer_options``: ``LocalTrainer``'s keyword arguments (pad token, device, lr)."""
         from opacus import PrivacyEngine
 
-        super().__init__(
-            model,
-            examples,
-            settings,
-            pad_token_id=pad_token_id,
-            device=device,
-            learning_rate=learning_rate,
-        )
+        super().__init__(model, examples, settings, **trainer_options)
+        pad_token_id = self.pad_token_id
         self.privacy = privacy
         self.engine = PrivacyEngine(accountant=privacy.accountant)
         loader = torch.utils.data.DataLoader(
