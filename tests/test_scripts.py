@@ -57,6 +57,7 @@ class Scripts:
             **env,
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
+            "FEDMOE_CACHE_DIR": os.environ["FEDMOE_CACHE_DIR"],  # the session's (conftest)
             "FEDMOE_RUN_DIR": str(self.run_dir),
             "FEDMOE_LOG_DIR": str(self.log_dir),
             "FEDMOE_PORT": str(self.port),
