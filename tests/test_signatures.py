@@ -116,7 +116,7 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
             "--eval-dataset", str(validation), "--max-steps", "1", "--signature-noise", "0",
         )  # fmt: skip
         base = load_base_model("tiny", device="cpu")
-        with httpx.Client(base_url=url) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             for domain in (PY, "docs_expert"):  # the two other domains, from this process
                 register(client, f"w-{domain}", domain)
                 records = generate_domain(domain, 110, seed=5)
@@ -138,7 +138,7 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
         coordinator.kill()  # SIGKILL: no shutdown handler runs
         coordinator.wait()
         coordinator, url = start_coordinator(state, log)
-        with httpx.Client(base_url=url) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             restored = client.get("/v1/signatures").json()["signatures"]
         assert set(restored) == set(DOMAINS)
         assert restored[SQL]["mean"] == sent["mean"] and restored[SQL]["count"] == 110

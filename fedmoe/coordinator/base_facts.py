@@ -32,7 +32,7 @@ from safetensors.torch import load as load_safetensors
 
 from fedmoe.adapters import atomic_write, encode_adapter
 from fedmoe.aggregate import AdapterState
-from fedmoe.presets import TINY_NAME, TINY_VERSION
+from fedmoe.presets import TINY_NAME, TINY_VERSION, check_local_name
 
 if TYPE_CHECKING:
     from fedmoe.coordinator.settings import CoordinatorSettings
@@ -58,9 +58,11 @@ class BaseFacts:
 
 
 def model_identity(name: str) -> dict[str, Any]:
-    """What identifies base model ``name`` without loading it (``kind`` hub: only its name)."""
+    """What identifies base model ``name`` without loading it (``kind`` hub: only its name);
+    FileNotFoundError for a path that does not exist."""
     if name == TINY_NAME:
         return {"kind": "preset", "name": name, "version": TINY_VERSION}
+    check_local_name(name)  # a missing directory is named before anything is loaded
     path = Path(name).expanduser()
     if not path.is_dir():
         return {"kind": "hub", "name": name}
