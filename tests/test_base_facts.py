@@ -30,6 +30,8 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.tiny import export_tiny
 from tests.api_helpers import hash_files
 
+pytestmark = pytest.mark.heavy(4)  # run early (tests/conftest.py)
+
 
 def _settings(tmp_path: Path, state: str = "state", **options: Any) -> CoordinatorSettings:
     return CoordinatorSettings(state_dir=tmp_path / state, cache_dir=tmp_path / "cache", **options)

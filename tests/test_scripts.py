@@ -21,7 +21,7 @@ import pytest
 
 from fedmoe.procs import free_port
 
-pytestmark = pytest.mark.heavy(15)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(16)  # run early (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"

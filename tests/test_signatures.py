@@ -20,7 +20,7 @@ from fedmoe.procs import start_coordinator, start_worker, stop
 from fedmoe.signature import DomainSignature, FeaturizerSettings, compute_signature
 from tests.api_helpers import PY, PY_WORKER, SQL, SQL_WORKER, assert_error, register
 
-pytestmark = pytest.mark.heavy(25)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(11)  # run early (tests/conftest.py)
 
 
 def synthetic(fingerprint: str, count: int = 120, dim: int = 64, seed: int = 0) -> dict[str, Any]:
