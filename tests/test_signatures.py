@@ -109,6 +109,7 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
     data = write_demo_datasets(tmp_path / "data", train_count=110, validation_count=5)
     state, log = tmp_path / "state", tmp_path / "coordinator.log"
     coordinator, url = start_coordinator(state, log)
+    worker = None
     try:
         train, validation = data[SQL]
         worker = start_worker(
@@ -150,6 +151,8 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
         merged = CliRunner().invoke(app, [*args, "--max-new-tokens", "4", "--merged"])
         assert "served by: gateway (merged, not routed)" in merged.output
     finally:
+        if worker is not None:  # a failed test must not leave it retrying forever
+            stop(worker, grace=5)
         stop(coordinator)
 
 
