@@ -74,10 +74,15 @@ def worker(
     log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Train one expert on local data and sync it every --sync-interval seconds."""
+    from fedmoe.data import DataFormatError, load_examples
+
+    try:  # a bad line is named at once, before torch and transformers are loaded
+        load_examples(settings.dataset)
+    except (DataFormatError, OSError) as error:
+        fail(str(error))
     import httpx
     import torch
 
-    from fedmoe.data import DataFormatError
     from fedmoe.worker.ddp_job import RankFailure, make_job
     from fedmoe.worker.job import FatalSyncError
     from fedmoe.worker.speed import SpeedSetupError

@@ -11,7 +11,6 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
+from fedmoe.presets import check_local_name
 from fedmoe.tiny import TINY_NAME, build_tiny_model, build_tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,11 +82,7 @@ def load_base_model(
 
 def _from_pretrained(name: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
     """An HF id or local directory; OSError saying which model could not be loaded, and why."""
-    # An HF id is "name" or "org/name"; anything else can only be a local directory.
-    if not Path(name).expanduser().exists() and (
-        name.startswith((".", "~", "/")) or name.count("/") > 1
-    ):
-        raise FileNotFoundError(f"base model {name!r}: no such directory (nor the preset 'tiny')")
+    check_local_name(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)

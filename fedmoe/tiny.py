@@ -15,9 +15,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from fedmoe.presets import TINY_NAME as TINY_NAME  # the name, without transformers
+
 logger = logging.getLogger(__name__)
 
-TINY_NAME = "tiny"
 TINY_SEED = 20240607
 # Tied embeddings this large let a LoRA on the projections reach peaked next-token
 # distributions; at 0.02 the logits of a 64-wide model cannot exceed about ±1.3.

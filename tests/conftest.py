@@ -8,8 +8,12 @@ they can inspect. ``start_live_coordinator`` builds it exactly as
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -28,6 +32,21 @@ from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
+
+
+def _session_cache_dir() -> str:
+    """One base-facts cache per test session (the xdist workers inherit the controller's),
+    never the user's ``~/.cache/fedmoe``; removed by the process that made it."""
+    cache = os.environ.get("FEDMOE_TEST_SESSION_CACHE")
+    if cache is None:
+        cache = tempfile.mkdtemp(prefix="fedmoe-test-cache-")
+        os.environ["FEDMOE_TEST_SESSION_CACHE"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    return cache
+
+
+# Set before any settings are read or process harness environment (fedmoe.procs.ENV) is built.
+os.environ["FEDMOE_CACHE_DIR"] = _session_cache_dir()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from fedmoe import aggregate
 from fedmoe.client import CoordinatorClient
 from tests.conftest import start_live_coordinator
 
-pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(22)  # run early (tests/conftest.py)
 
 
 KINDS = ("clean", "scale", "flip", "backdoor")

@@ -11,7 +11,7 @@ import pytest
 
 from fedmoe.procs import ENV
 
-pytestmark = pytest.mark.heavy(15)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(2)  # run early (tests/conftest.py)
 
 
 def _coordinator(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ from PIL import Image, ImageStat
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.procs import start_worker, stop
 
-pytestmark = pytest.mark.heavy(20)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(12)  # run early (tests/conftest.py)
 
 
 TOKEN = "dashboard-admin-token-0123456789"

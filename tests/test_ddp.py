@@ -14,7 +14,7 @@ from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.demo_data import write_demo_datasets
 from fedmoe.procs import ENV, free_port
 
-pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(20)  # run early (tests/conftest.py)
 
 
 def torchrun(*args: str, nproc: int = 2) -> list[str]:

@@ -29,7 +29,7 @@ from fedmoe.demo_data import write_demo_datasets
 from fedmoe.procs import start_coordinator, start_worker, stop
 from fedmoe.schemas import UpdateAck
 
-pytestmark = pytest.mark.heavy(55)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(45)  # run early (tests/conftest.py)
 
 EXPERTS = ("python_expert", "sql_expert")  # the uploaders'
 DOCS = "docs_expert"  # the real worker's

@@ -19,7 +19,7 @@ from fedmoe.modeling import fingerprint_model, load_base_model
 from fedmoe.procs import start_coordinator, start_worker, stop
 from fedmoe.tiny import export_tiny
 
-pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(28)  # run early (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
 from tests.api_helpers import PY, PY_WORKER, SQL, assert_error, eval_report, register
 
-pytestmark = pytest.mark.heavy(15)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(6)  # run early (tests/conftest.py)
 
 TOKEN = "observe-admin-token-0123456789"
 W_TOKEN = "observe-worker-token-0123456789"

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 from peft import PeftModel
 from rich.console import Console
 
@@ -28,6 +29,8 @@ from fedmoe.worker.fed_routed import RoutedEvaluation
 from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
 from tests.api_helpers import PY, PY_WORKER, SQL, SQL_WORKER, register
+
+pytestmark = pytest.mark.heavy(6)  # run early (tests/conftest.py)
 
 
 def test_worker_reports_the_routed_gateway_over_http(live_coordinator_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ from tests.api_helpers import (
     upload,
 )
 
-pytestmark = pytest.mark.heavy(20)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(22)  # run early (tests/conftest.py)
 
 ADMIN = "forget-admin-token-0123456789"
 WORKERS = ("w1", "w2", "w3")

@@ -24,7 +24,7 @@ from fedmoe.worker.privacy import PrivateTrainer, plan_privacy, sample_rate_for
 from tests.api_helpers import register, update_headers, upload
 from tests.conftest import start_live_coordinator
 
-pytestmark = pytest.mark.heavy(12)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(13)  # run early (tests/conftest.py)
 
 SQL = "sql_expert"
 

@@ -76,7 +76,9 @@ def test_help_lists_generated_options_with_defaults_and_choices() -> None:
 
 def test_values_reach_the_model_from_flags_and_variables_and_flags_win() -> None:
     probe, seen = _capture(CoordinatorSettings)
-    env = {"FEDMOE_LORA_RANK": "4", "FEDMOE_PORT": "6001", "FEDMOE_EXPERTS": "a,b"}
+    env: dict[str, str | None] = {"FEDMOE_LORA_RANK": "4", "FEDMOE_PORT": "6001"}
+    env["FEDMOE_EXPERTS"] = "a,b"
+    env["FEDMOE_CACHE_DIR"] = None  # unset: the test session's (tests/conftest.py)
     args = ["run", "--port", "6002", "--lora-target-modules", "q_proj,v_proj"]
     args += ["--gateway-weights", "a=2,b=0.5", "--staleness", "hinge", "--staleness-b", "3"]
     result = runner.invoke(probe, args, env=env)

@@ -20,7 +20,7 @@ from fedmoe.procs import start_coordinator, start_worker, stop
 from fedmoe.signature import DomainSignature, FeaturizerSettings, compute_signature
 from tests.api_helpers import PY, PY_WORKER, SQL, SQL_WORKER, assert_error, register
 
-pytestmark = pytest.mark.heavy(25)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(11)  # run early (tests/conftest.py)
 
 
 def synthetic(fingerprint: str, count: int = 120, dim: int = 64, seed: int = 0) -> dict[str, Any]:
@@ -109,6 +109,7 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
     data = write_demo_datasets(tmp_path / "data", train_count=110, validation_count=5)
     state, log = tmp_path / "state", tmp_path / "coordinator.log"
     coordinator, url = start_coordinator(state, log)
+    worker = None
     try:
         train, validation = data[SQL]
         worker = start_worker(
@@ -116,7 +117,7 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
             "--eval-dataset", str(validation), "--max-steps", "1", "--signature-noise", "0",
         )  # fmt: skip
         base = load_base_model("tiny", device="cpu")
-        with httpx.Client(base_url=url) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             for domain in (PY, "docs_expert"):  # the two other domains, from this process
                 register(client, f"w-{domain}", domain)
                 records = generate_domain(domain, 110, seed=5)
@@ -138,7 +139,7 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
         coordinator.kill()  # SIGKILL: no shutdown handler runs
         coordinator.wait()
         coordinator, url = start_coordinator(state, log)
-        with httpx.Client(base_url=url) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             restored = client.get("/v1/signatures").json()["signatures"]
         assert set(restored) == set(DOMAINS)
         assert restored[SQL]["mean"] == sent["mean"] and restored[SQL]["count"] == 110
@@ -150,6 +151,8 @@ def test_worker_signature_survives_kill_minus_nine_and_routes_the_gateway_cli(tm
         merged = CliRunner().invoke(app, [*args, "--max-new-tokens", "4", "--merged"])
         assert "served by: gateway (merged, not routed)" in merged.output
     finally:
+        if worker is not None:  # a failed test must not leave it retrying forever
+            stop(worker, grace=5)
         stop(coordinator)
 
 

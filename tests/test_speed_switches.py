@@ -13,7 +13,7 @@ from fedmoe.modeling import attach_lora, load_base_model, lora_parameters
 from fedmoe.worker.speed import SpeedPlan, SpeedSetupError, apply_model_switches, resolve_plan
 from fedmoe.worker.train_step import CausalLMLoss, chunked_cross_entropy, make_batch, pack
 
-pytestmark = pytest.mark.heavy(10)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(17)  # run early (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from fedmoe.server_strategy import ServerOptimizer, StrategyState
 from tests import api_helpers as api
 from tests.api_helpers import PY, PY_WORKER
 
-pytestmark = pytest.mark.heavy(15)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(10)  # run early (tests/conftest.py)
 
 SQL = "sql_expert"
 

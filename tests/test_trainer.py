@@ -13,6 +13,8 @@ from fedmoe.demo_data import write_demo_datasets
 from fedmoe.loss import causal_lm_loss
 from fedmoe.modeling import load_base_model
 
+pytestmark = pytest.mark.heavy(5)  # run early (tests/conftest.py)
+
 
 def test_loss_matches_the_models_own_loss_with_prompt_masking(tmp_path) -> None:
     paths = write_demo_datasets(tmp_path, train_count=8, validation_count=2)

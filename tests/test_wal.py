@@ -25,7 +25,7 @@ from fedmoe.coordinator.wal import ExpertLog
 from fedmoe.procs import start_coordinator, stop
 from fedmoe.schemas import UpdateAck
 
-pytestmark = pytest.mark.heavy(30)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(16)  # run early (tests/conftest.py)
 
 SQL = "sql_expert"
 FLAGS = ("--snapshot-every-updates", "2", "--snapshot-every-seconds", "3600")

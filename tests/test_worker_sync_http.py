@@ -28,7 +28,7 @@ from fedmoe.schemas import UpdateAck
 from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
 
-pytestmark = pytest.mark.heavy(12)  # run early (tests/conftest.py)
+pytestmark = pytest.mark.heavy(17)  # run early (tests/conftest.py)
 
 EXPERT = "python_expert"
 

@@ -1,32 +1,27 @@
-"""Opening a coordinator: load the base model once, lock and resume the state dir."""
+"""Opening a coordinator: the base model's facts (kept, else loaded once), lock and resume
+the state dir.
+
+transformers and peft (``fedmoe.modeling``) are imported only when the base facts must be
+derived: a coordinator whose facts are kept (``fedmoe.coordinator.base_facts``) starts
+without them.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import errors
+from fedmoe.coordinator.base_facts import BaseFacts as BaseFacts
+from fedmoe.coordinator.base_facts import Recalled, recall_base_facts
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
-from fedmoe.modeling import initial_adapter, load_base_model
 from fedmoe.schemas import LoraConfigBody, RegistrationAck, WorkerRegistration
-
-
-@dataclass(frozen=True)
-class BaseFacts:
-    """What the coordinator needs of the base model (it never runs it)."""
-
-    initial: AdapterState  # the seeded initial adapter every expert starts from
-    fingerprint: str
-    hidden_size: int | None  # the dimension of domain signatures (None: the first one's)
-
 
 # The base facts for some settings; benchmarks pass a synthetic source (no model loaded)
 InitialSource = Callable[[CoordinatorSettings], BaseFacts]
@@ -34,15 +29,21 @@ InitialSource = Callable[[CoordinatorSettings], BaseFacts]
 
 def base_model_initial(settings: CoordinatorSettings) -> BaseFacts:
     """Load the base model once: its seeded initial adapter, fingerprint and hidden size."""
+    from fedmoe.modeling import initial_adapter, load_base_model  # transformers: only here
+
     base = load_base_model(settings.base_model, device="cpu")
     hidden_size = int(base.model.config.hidden_size)
     return BaseFacts(initial_adapter(base, settings.lora), base.fingerprint, hidden_size)
 
 
 def open_coordinator(
-    settings: CoordinatorSettings, initial_source: InitialSource = base_model_initial
+    settings: CoordinatorSettings, initial_source: InitialSource | None = None
 ) -> CentralCoordinator:
-    """Derive the initial adapter (default: from the base model), open or resume the state dir."""
+    """Get the base facts, open or resume the state dir.
+
+    Default: the facts kept in the state dir or the shared cache, else derived from the
+    base model (``base_model_initial``) and kept; a given ``initial_source`` is used as is.
+    """
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_state_dir(settings.state_dir)  # first: fail fast when the dir is in use
     try:
@@ -55,10 +56,16 @@ def open_coordinator(
 
 
 def _open_locked(
-    settings: CoordinatorSettings, initial_source: InitialSource
+    settings: CoordinatorSettings, initial_source: InitialSource | None
 ) -> CentralCoordinator:
-    # the base model is loaded (and freed) inside: the coordinator never runs it
-    base = initial_source(settings)
+    # the base model, when loaded at all, is loaded (and freed) inside: the coordinator
+    # never runs it
+    recalled: Recalled | None = None
+    if initial_source is None:
+        recalled = recall_base_facts(settings, base_model_initial)
+        base = recalled.facts
+    else:
+        base = initial_source(settings)
     ledger = Ledger(settings.state_dir / "ledger.sqlite3")
     store = AdapterStore(settings.state_dir, gateway_file_interval=settings.gateway_file_interval)
     try:
@@ -71,11 +78,13 @@ def _open_locked(
             store=store,
         )
         coordinator.signatures.hidden_size = base.hidden_size
-        return coordinator
     except BaseException:
         store.close()
         ledger.close()
         raise
+    if recalled is not None:
+        recalled.keep()  # only now: a state dir that refused these facts is left as it was
+    return coordinator
 
 
 def lock_state_dir(state_dir: Path) -> TextIO:

@@ -61,6 +61,11 @@ class CoordinatorSettings(BaseSettings):
     base_model: str = Field("tiny", description="HF id, local path, or the 'tiny' preset.")
     experts: list[str] = Field(list(DEFAULT_EXPERTS), description="Expert (specialty) names.")
     state_dir: Path = Field(Path("fedmoe_state"), description="Ledger and adapter files.")
+    cache_dir: Path = Field(
+        Path("~/.cache/fedmoe"),
+        description="Shared cache of base-model facts (initial adapter, fingerprint) for the "
+        "tiny preset and local model directories, so a new state dir skips loading the model.",
+    )
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="The LoRA adapter every expert shares."
     )
