@@ -61,6 +61,13 @@ class LoraSettings(BaseModel):
             bias="none",
         )
 
+    def peft_dict(self) -> dict[str, Any]:
+        """PEFT's own ``LoraConfig`` as a JSON-ready dict (``/v1/schema``'s ``peft_config``)."""
+        from pydantic_core import to_jsonable_python
+
+        peft = self.to_peft().to_dict() | {"target_modules": list(self.target_modules)}
+        return dict(to_jsonable_python(peft))
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (what workers send when they register)."""
         return self.model_dump(mode="json")

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from fedmoe import procs
@@ -58,6 +59,7 @@ def assert_identical(kept: BaseFacts, fresh: BaseFacts) -> None:
         assert kept.initial[key].dtype == tensor.dtype == torch.float32
         assert torch.equal(kept.initial[key], tensor), key
     assert (kept.fingerprint, kept.hidden_size) == (fresh.fingerprint, fresh.hidden_size)
+    assert kept.peft_config == fresh.peft_config is not None
 
 
 def test_a_cache_hit_is_bit_identical_to_a_fresh_load(tmp_path: Path) -> None:
@@ -178,8 +180,15 @@ def test_a_coordinator_with_kept_facts_starts_without_transformers(tmp_path: Pat
     )
     try:
         assert httpx.get(f"{url}/healthz").status_code == 200
+        # the schema's PEFT config comes with the kept facts: no peft import for it either
+        schema = httpx.get(f"{url}/v1/schema", timeout=30).json()
     finally:
         procs.stop(process)
+    assert schema["peft_config"] == _settings(tmp_path).lora.peft_dict()
+    assert (
+        LoraConfig(**schema["peft_config"]).to_dict()
+        == LoraConfig(**_settings(tmp_path).lora.to_peft().to_dict()).to_dict()
+    )
     imported = {
         line.rsplit("|", 1)[1].strip()
         for line in log.read_text().splitlines()

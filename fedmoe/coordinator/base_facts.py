@@ -55,6 +55,8 @@ class BaseFacts:
     initial: AdapterState  # the seeded initial adapter every expert starts from
     fingerprint: str
     hidden_size: int | None  # the dimension of domain signatures (None: the first one's)
+    # PEFT's LoraConfig as a dict (None: made at start, which imports peft)
+    peft_config: dict[str, Any] | None = None
 
 
 def model_identity(name: str) -> dict[str, Any]:
@@ -134,7 +136,10 @@ def _decode(stored: dict[str, Any], tensors: bytes) -> BaseFacts:
     fingerprint, hidden_size = stored["fingerprint"], stored["hidden_size"]
     if not isinstance(fingerprint, str) or not (hidden_size is None or type(hidden_size) is int):
         raise ValueError(f"bad fingerprint or hidden_size in {FACTS_FILE}")
-    return BaseFacts(initial, fingerprint, hidden_size)
+    peft_config = stored.get("peft_config")
+    if not (peft_config is None or isinstance(peft_config, dict)):
+        raise ValueError(f"bad peft_config in {FACTS_FILE}")
+    return BaseFacts(initial, fingerprint, hidden_size, peft_config)
 
 
 def write_facts(directory: Path, identity: dict[str, Any], facts: BaseFacts) -> None:
@@ -145,6 +150,7 @@ def write_facts(directory: Path, identity: dict[str, Any], facts: BaseFacts) -> 
         "identity": identity,
         "fingerprint": facts.fingerprint,
         "hidden_size": facts.hidden_size,
+        "peft_config": facts.peft_config,
         "initial_sha256": hashlib.sha256(tensors).hexdigest(),
     }
     atomic_write(directory / FACTS_FILE, (json.dumps(stored, indent=1) + "\n").encode())

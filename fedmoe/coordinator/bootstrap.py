@@ -33,7 +33,8 @@ def base_model_initial(settings: CoordinatorSettings) -> BaseFacts:
 
     base = load_base_model(settings.base_model, device="cpu")
     hidden_size = int(base.model.config.hidden_size)
-    return BaseFacts(initial_adapter(base, settings.lora), base.fingerprint, hidden_size)
+    initial = initial_adapter(base, settings.lora)
+    return BaseFacts(initial, base.fingerprint, hidden_size, settings.lora.peft_dict())
 
 
 def open_coordinator(
@@ -71,13 +72,10 @@ def _open_locked(
     try:
         coordinator = CentralCoordinator(
             settings=settings,
-            base_model=settings.base_model,
-            fingerprint=base.fingerprint,
-            initial=base.initial,
+            base=base,
             ledger=ledger,
             store=store,
         )
-        coordinator.signatures.hidden_size = base.hidden_size
     except BaseException:
         store.close()
         ledger.close()

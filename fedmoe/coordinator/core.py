@@ -13,9 +13,9 @@ from typing import Any, TextIO
 
 from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, float32_bytes, schema_of
-from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator import changes, errors, restore
+from fedmoe.coordinator.base_facts import BaseFacts
 from fedmoe.coordinator.evaluations import EvaluationLog
 from fedmoe.coordinator.forget import Forgetter
 from fedmoe.coordinator.journal import Journal
@@ -57,16 +57,17 @@ class CentralCoordinator(UpdatePath):
         self,
         *,
         settings: CoordinatorSettings,
-        base_model: str,
-        fingerprint: str,
-        initial: AdapterState,
+        base: BaseFacts,
         ledger: Ledger,
         store: AdapterStore,
     ) -> None:
         self.settings = settings
-        self.base_model = base_model
-        self.fingerprint = fingerprint
+        self.base_model = settings.base_model
+        self.fingerprint = fingerprint = base.fingerprint
+        initial = base.initial
         self.lora: LoraSettings = settings.lora
+        # kept with the base facts, so a start from them needs no peft import
+        self.peft_config = base.peft_config or self.lora.peft_dict()
         self.schema: AdapterSchema = schema_of(initial)
         self.decay = settings.staleness_decay()
         self.merger = GatewayMerge(method=settings.merge_method, lora=self.lora)
@@ -108,6 +109,7 @@ class CentralCoordinator(UpdatePath):
             settings.experts,
             fingerprint=fingerprint,
             min_count=settings.signature_min_count,
+            hidden_size=base.hidden_size,
         )
 
     # --- start-up ------------------------------------------------------------------------
@@ -267,8 +269,7 @@ class CentralCoordinator(UpdatePath):
             base_model=self.base_model,
             base_model_fingerprint=self.fingerprint,
             lora_config=LoraConfigBody.model_validate(self.lora.to_dict()),
-            peft_config=self.lora.to_peft().to_dict()
-            | {"target_modules": list(self.lora.target_modules)},
+            peft_config=self.peft_config,
             tensors={key: list(shape) for key, shape in self.schema.items()},
             max_body_bytes=self.max_body_bytes,
         )

@@ -59,14 +59,15 @@ class SignatureBook:
         fingerprint: str,
         min_count: int,
         featurizer: FeaturizerSettings | None = None,
+        hidden_size: int | None = None,
     ) -> None:
         self.directory = Path(state_dir) / "signatures"
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fingerprint, self.min_count = fingerprint, min_count
         self.featurizer = featurizer or FeaturizerSettings()
-        # Set from the base model's config at start-up; None only in bare unit setups,
-        # where the first accepted signature fixes the dimension instead.
-        self.hidden_size: int | None = None
+        # The base model's; None only in bare unit setups, where the first accepted
+        # signature fixes the dimension instead.
+        self.hidden_size = hidden_size
         self._lock = threading.Lock()
         self._by_worker: dict[str, dict[str, DomainSignature]] = {}
         for name in experts:
