@@ -87,7 +87,8 @@ class StrategyBook:
     ) -> Contribution:
         """One update with the weights the settings ask for (activity from the ledger)."""
         now = time.time()
-        needs_activity = self.strategy.server_lr == "auto" or self.settings.token_weighting
+        needs_activity = self.strategy.server_lr in ("auto", "agree")
+        needs_activity = needs_activity or self.settings.token_weighting
         workers, tokens = (
             self.ledger.recent_activity(expert, now - self.settings.activity_window)
             if needs_activity
