@@ -36,13 +36,16 @@ from fedmoe.demo_data import DOMAINS
 TITLE = "Server strategies: 1-8 workers per expert, IID and non-IID (issue 12)"
 SYNC = "sync FedAvg"
 BEFORE = "async, η 1 (before)"
-DEFAULT = "async, η auto (default)"
+DEFAULT = "async, η mean (default)"
+AUTO = "async, η auto"
 NO_TIMEOUT = 1e9  # the buffer timeout is wall time; virtual-time runs must not hit it
 #: label -> coordinator settings (None: synchronous FedAvg rounds, not the coordinator)
 STRATEGIES: dict[str, dict[str, Any] | None] = {
     SYNC: None,
     BEFORE: {"server_lr": 1.0},
-    DEFAULT: {"server_lr": "auto"},
+    DEFAULT: {"server_lr": "mean"},
+    AUTO: {"server_lr": "auto"},
+    "async, η agree": {"server_lr": "agree"},
     "fedbuff K=2, η auto": {
         "strategy": "fedbuff",
         "buffer_size": 2,
@@ -60,9 +63,9 @@ FULL_ONLY: dict[str, dict[str, Any] | None] = {
     "async η auto, adam": {"server_lr": "auto", "server_optimizer": "adam"},
 }
 STALENESS: dict[str, dict[str, Any]] = {
-    "async η auto, s(τ) constant": {"server_lr": "auto", "staleness": "constant"},
-    "async η auto, s(τ) polynomial a=0.5": {
-        "server_lr": "auto",
+    "async η mean, s(τ) constant": {"server_lr": "mean", "staleness": "constant"},
+    "async η mean, s(τ) polynomial a=0.5": {
+        "server_lr": "mean",
         "staleness": "polynomial",
         "a": 0.5,
     },
@@ -70,12 +73,12 @@ STALENESS: dict[str, dict[str, Any]] = {
 HEADLINE = (SYNC, DEFAULT)  # the rows run with every seed
 STALENESS_LAYOUT = (4, "non-iid")
 PRESETS = {
-    # quick: the headline rows get their seeds at 4 workers per expert (the race's layout)
+    # quick: the headline rows get their seeds in every layout with several workers
     "quick": {
         "budget_steps": 30,
         "interval": 3,
         "seeds": 3,
-        "seeded": ["4/iid", "4/non-iid"],
+        "seeded": [f"{k}/{how}" for k in (2, 4, 8) for how in SPLITS],
         "rounds": 4,
         "validation": 40,
     },

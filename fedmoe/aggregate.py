@@ -192,6 +192,28 @@ def agreement(direction: Mapping[str, torch.Tensor] | None, count: int, keep: fl
     return (dot(direction, direction) - squares) / (total * total - squares)
 
 
+def typical_staleness(active_workers: int) -> int:
+    """K − 1: the staleness of an update when K equally fast workers take turns (each sees
+    the other K − 1 updates applied between its pull and its upload)."""
+    return max(1, active_workers) - 1
+
+
+def mean_server_lr(active_workers: int, typical_decay: float) -> float:
+    """η = 1 / (K·s(K−1)), at most 1, with ``typical_decay`` = s(K−1).
+
+    An update at the typical staleness K − 1 is applied with weight η·s(K−1) = 1/K: K
+    workers taking turns move the expert by the mean of their deltas, as a FedAvg round
+    does, instead of s(K−1) times that (the decay only tells fresher updates from staler
+    ones); a lone worker gets η = 1 (its delta, plainly).
+    """
+    workers = max(1, active_workers)
+    if workers == 1:
+        return 1.0
+    if not typical_decay > 0:
+        return 1.0 / workers
+    return min(1.0, 1.0 / (workers * typical_decay))
+
+
 def agreement_server_lr(active_workers: int, agreement: float) -> float:
     """η = 1/K + (1 − 1/K)·c for K active workers whose recent deltas agree by c ∈ [0, 1].
 

@@ -125,10 +125,11 @@ class Contribution:
     decay: float  # s(τ)
     clip: float  # ‖Δ‖ bound / ‖Δ‖, or 1
     token_factor: float  # n / n̄, or 1 without token weighting
-    active_workers: int  # for --server-lr auto
+    active_workers: int  # for --server-lr auto, mean and agree
     now: float
     worker_id: str = ""  # who sent it (the update screen counts distinct workers)
     norm: float | None = None  # ‖Δ‖ as the ledger records it (None: not computed yet)
+    typical_decay: float = 1.0  # s(K − 1) for K active workers (--server-lr mean)
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,10 @@ def _lr(server_lr: ServerLr, update: Contribution, contributions: int) -> float:
     """η for a step made of ``contributions`` updates ('agree' is ``AsyncStrategy``'s)."""
     if server_lr == "auto":
         return aggregate.auto_server_lr(update.active_workers, contributions)
-    if server_lr == "agree":
-        raise ValueError("server lr 'agree' is for the 'async' strategy only")
+    if server_lr == "mean" and contributions == 1:
+        return aggregate.mean_server_lr(update.active_workers, update.typical_decay)
+    if server_lr in ("mean", "agree"):
+        raise ValueError(f"server lr {server_lr!r} is for the 'async' strategy only")
     return float(server_lr)
 
 
@@ -261,8 +264,8 @@ class FedBuffStrategy:
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer size must be >= 1, got {buffer_size}")
-        if server_lr == "agree":
-            raise ValueError("server lr 'agree' is for the 'async' strategy only")
+        if server_lr in ("mean", "agree"):
+            raise ValueError(f"server lr {server_lr!r} is for the 'async' strategy only")
         if not timeout > 0:
             raise ValueError(f"buffer timeout must be > 0, got {timeout}")
         self.optimizer, self.server_lr = optimizer, server_lr

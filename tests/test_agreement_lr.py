@@ -141,3 +141,33 @@ def test_agree_is_for_the_async_strategy_only(tmp_path) -> None:
         CoordinatorSettings(state_dir=tmp_path, server_lr="agree", strategy="fedbuff")
     with pytest.raises(ValueError, match="'async' strategy only"):
         FedBuffStrategy(optimizer=ServerOptimizer(), server_lr="agree")
+
+
+def test_mean_server_lr_undoes_the_decay_at_the_typical_staleness() -> None:
+    assert aggregate.typical_staleness(4) == 3 and aggregate.typical_staleness(0) == 0
+    assert aggregate.mean_server_lr(1, 0.5) == 1.0  # a lone worker: its delta
+    assert aggregate.mean_server_lr(4, 1 / 1.3) == pytest.approx(0.325)  # inverse a=0.1
+    assert aggregate.mean_server_lr(2, 1.0) == 0.5  # constant s: 1/K, as 'auto'
+    assert aggregate.mean_server_lr(4, 0.1) == 1.0  # never more than the delta
+    assert aggregate.mean_server_lr(4, 0.0) == 0.25
+    strategy = AsyncStrategy(optimizer=ServerOptimizer(), server_lr="mean")
+    typical = Contribution(
+        update_id="u",
+        delta={"w": torch.tensor([4.0, -2.0])},
+        decay=1 / 1.3,  # s(3): the typical staleness of 4 workers
+        clip=1.0,
+        token_factor=1.0,
+        active_workers=4,
+        now=0.0,
+        typical_decay=1 / 1.3,
+    )
+    outcome = strategy.receive(THETA, typical, StrategyState())
+    assert outcome.weight == pytest.approx(0.25) and outcome.state.empty
+    assert not strategy.stateful
+
+
+def test_mean_is_for_the_async_strategy_only(tmp_path) -> None:
+    with pytest.raises(ValueError, match="'async' only"):
+        CoordinatorSettings(state_dir=tmp_path, server_lr="mean", strategy="fedbuff")
+    with pytest.raises(ValueError, match="'async' strategy only"):
+        FedBuffStrategy(optimizer=ServerOptimizer(), server_lr="mean")
