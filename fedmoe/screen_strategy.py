@@ -32,7 +32,7 @@ from fedmoe.server_strategy import (
     Seen,
     ServerOptimizer,
     StrategyState,
-    folded,
+    fold_direction,
 )
 
 
@@ -91,7 +91,7 @@ class ScreenedAsyncStrategy(AsyncStrategy):
         # a lone worker is never judged: its expert carries no direction (a second full-size
         # tensor in memory and in every snapshot) until another worker has uploaded
         if after.direction is not None or any(w != update.worker_id for w, _, _ in state.recent):
-            after = folded(after, update, norm, self.keep)
+            after = fold_direction(after, update, norm, self.keep)
         return replace(outcome, state=after)
 
     def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:

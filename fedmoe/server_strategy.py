@@ -190,7 +190,9 @@ def _lr(server_lr: ServerLr, update: Contribution, contributions: int) -> float:
     return float(server_lr)
 
 
-def folded(state: StrategyState, update: Contribution, norm: float, keep: float) -> StrategyState:
+def fold_direction(
+    state: StrategyState, update: Contribution, norm: float, keep: float
+) -> StrategyState:
     """``state`` with the update's unit direction averaged into ``direction`` (and counted)."""
     direction = aggregate.direction_average(state.direction, update.delta, norm, keep)
     return replace(state, direction=direction, folded=state.folded + 1)
@@ -242,7 +244,7 @@ class AsyncStrategy:
         if self.server_lr != "agree" or (state.direction is None and update.active_workers < 2):
             return outcome
         norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
-        return replace(outcome, state=folded(state, update, norm, self.keep))
+        return replace(outcome, state=fold_direction(state, update, norm, self.keep))
 
 
 class FedBuffStrategy:
