@@ -37,20 +37,24 @@ TITLE = "Server strategies: 1-8 workers per expert, IID and non-IID (issue 12)"
 SYNC = "sync FedAvg"
 BEFORE = "async, η 1 (before)"
 DEFAULT = "async, η auto (default)"
+MEAN = "async, η mean"
+AGREE = "async, η agree"
 NO_TIMEOUT = 1e9  # the buffer timeout is wall time; virtual-time runs must not hit it
 #: label -> coordinator settings (None: synchronous FedAvg rounds, not the coordinator)
 STRATEGIES: dict[str, dict[str, Any] | None] = {
     SYNC: None,
     BEFORE: {"server_lr": 1.0},
     DEFAULT: {"server_lr": "auto"},
+    MEAN: {"server_lr": "mean"},
+    AGREE: {"server_lr": "agree"},
+}
+FULL_ONLY: dict[str, dict[str, Any] | None] = {
     "fedbuff K=2, η auto": {
         "strategy": "fedbuff",
         "buffer_size": 2,
         "server_lr": "auto",
         "buffer_timeout": NO_TIMEOUT,
     },
-}
-FULL_ONLY: dict[str, dict[str, Any] | None] = {
     "fedbuff K=2, nesterov 0.7/0.9": {
         "strategy": "fedbuff",
         "buffer_size": 2,
@@ -69,15 +73,18 @@ STALENESS: dict[str, dict[str, Any]] = {
 }
 HEADLINE = (SYNC, DEFAULT)  # the rows run with every seed
 STALENESS_LAYOUT = (4, "non-iid")
+# the longer budget: is a rule that wins the short run still sound nearer convergence?
+LONGER_LAYOUT, LONGER_ARMS = (2, "iid"), (SYNC, DEFAULT, MEAN, AGREE)
 PRESETS = {
-    # quick: the headline rows get their seeds at 4 workers per expert (the race's layout)
+    # quick: the headline rows get their seeds in every layout with several workers
     "quick": {
         "budget_steps": 30,
         "interval": 3,
         "seeds": 3,
-        "seeded": ["4/iid", "4/non-iid"],
+        "seeded": [f"{k}/{how}" for k in (2, 4, 8) for how in SPLITS],
         "rounds": 4,
         "validation": 40,
+        "longer": 5,  # x the budget, one seed, LONGER_LAYOUT (0: none)
     },
     "full": {
         "budget_steps": 240,
@@ -86,6 +93,7 @@ PRESETS = {
         "seeded": None,  # every layout
         "rounds": 10,
         "validation": 60,
+        "longer": 0,  # the full budget is long already
     },
 }
 
@@ -214,6 +222,27 @@ def goals(matrix: dict[str, dict[str, Any]], race: dict[str, Any]) -> dict[str, 
     }
 
 
+def longer(
+    bench: Workbench, evaluator: Evaluator, domains: dict, budget: int, preset: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The ``LONGER_ARMS`` on ``preset["longer"]`` times the budget (one seed)."""
+    if not preset["longer"]:
+        return None
+    runner = Matrix(bench, evaluator, domains, budget * preset["longer"])
+    per_expert, how = LONGER_LAYOUT
+    rows: dict[str, dict[str, Any]] = {}
+    for arm in LONGER_ARMS:
+        settings = (STRATEGIES | FULL_ONLY)[arm]
+        rows[arm] = summarise([runner.run(per_expert, how, settings, 0, preset["interval"])])
+        print(f"longer {arm:40s} {rows[arm]['domain_mean']:.3f}", flush=True)
+    return {
+        "layout": f"{per_expert}/{how}",
+        "budget_steps": preset["budget_steps"] * preset["longer"],
+        "rows": rows,
+        "ratios": ratios(rows, SYNC),
+    }
+
+
 def main() -> None:
     """The matrix, the staleness sweep and the race; writes the ``strategies`` section."""
     options = parser(__doc__.splitlines()[0])
@@ -249,6 +278,7 @@ def main() -> None:
             runs = [runner.run(per_expert, how, settings, s, preset["interval"]) for s in seeds]
             layout[arm] = summarise(runs)
             print(f"{per_expert}/{how:8s} {arm:40s} {layout[arm]['domain_mean']:.3f}", flush=True)
+    long_run = longer(bench, evaluator, domains, budget, preset)
     race = Race(runner, evaluator, preset).run(strategies, HEADLINE, SYNC)
     values = {
         "preset": preset,
@@ -269,6 +299,7 @@ def main() -> None:
         "matrix": matrix,
         "ratios": {key: ratios(layout, SYNC) for key, layout in matrix.items()},
         "race": race,
+        "longer": long_run,
         "goals": goals(matrix, race),
         "load_before": load,
         "load_after": list(os.getloadavg()),

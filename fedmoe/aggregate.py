@@ -170,6 +170,64 @@ def auto_server_lr(active_workers: int, contributions: int = 1) -> float:
     return min(1.0, contributions / max(1, active_workers))
 
 
+def ema_weight_sums(count: int, keep: float) -> tuple[float, float]:
+    """Σw and Σw² of the weights w_j = (1 − keep)·keep^j an exponential average gives its
+    ``count`` newest entries (j = 0 the newest)."""
+    total = 1.0 - keep**count
+    squares = (1.0 - keep) ** 2 * (1.0 - keep ** (2 * count)) / (1.0 - keep**2)
+    return total, squares
+
+
+def agreement(direction: Mapping[str, torch.Tensor] | None, count: int, keep: float) -> float:
+    """The weighted mean pairwise cosine c of the unit directions u_j averaged into
+    ``direction`` = Σ_j w_j·u_j (``direction_average``, ``count`` of them): from
+    ‖D‖² = Σ w_j² + Σ_{i≠j} w_i·w_j·cos(u_i, u_j), c = (‖D‖² − Σw²) / ((Σw)² − Σw²).
+
+    1 when every direction was the same, about 0 for unrelated (noise) directions,
+    negative when they alternate; 0 with fewer than two.
+    """
+    if direction is None or count < 2:
+        return 0.0
+    total, squares = ema_weight_sums(count, keep)
+    return (dot(direction, direction) - squares) / (total * total - squares)
+
+
+def typical_staleness(active_workers: int) -> int:
+    """K − 1: the staleness of an update when K equally fast workers take turns (each sees
+    the other K − 1 updates applied between its pull and its upload)."""
+    return max(1, active_workers) - 1
+
+
+def mean_server_lr(active_workers: int, typical_decay: float) -> float:
+    """η = 1 / (K·s(K−1)), at most 1, with ``typical_decay`` = s(K−1).
+
+    An update at the typical staleness K − 1 is applied with weight η·s(K−1) = 1/K: K
+    workers taking turns move the expert by the mean of their deltas, as a FedAvg round
+    does, instead of s(K−1) times that (the decay only tells fresher updates from staler
+    ones); a lone worker gets η = 1 (its delta, plainly).
+    """
+    workers = max(1, active_workers)
+    if workers == 1:
+        return 1.0
+    if not typical_decay > 0:
+        return 1.0 / workers
+    return min(1.0, 1.0 / (workers * typical_decay))
+
+
+def agreement_server_lr(active_workers: int, agreement: float) -> float:
+    """η = 1/K + (1 − 1/K)·c for K active workers whose recent deltas agree by c ∈ [0, 1].
+
+    For K deltas of pairwise cosine c, ‖ΣΔ‖² / (K·Σ‖Δ‖²) = (1 + (K−1)·c) / K: the sum's
+    share of the norms. Deltas that agree (far from an optimum, a direction that holds)
+    move the expert by their sum, as K sequential workers would; unrelated ones (noise
+    near an optimum) by their mean, as FedAvg would; a lone worker by its delta (η = 1).
+    """
+    workers = max(1, active_workers)
+    if workers == 1:
+        return 1.0
+    return 1.0 / workers + (1.0 - 1.0 / workers) * min(1.0, max(0.0, agreement))
+
+
 def token_factor(num_tokens: int, mean_tokens: float) -> float:
     """n / n̄: an update's token count relative to the recent mean (1 when either is unknown)."""
     if num_tokens <= 0 or mean_tokens <= 0:

@@ -34,8 +34,10 @@ StrategyKind = Literal["async", "fedbuff"]
 ServerOptimizerKind = Literal["sgd", "nesterov", "adam"]
 RobustAggregation = Literal["none", "median", "trimmed_mean"]
 DpAccountant = Literal["rdp", "prv"]
-#: ``--server-lr``: a number, or "auto" (η from the workers active on the expert).
-ServerLr = float | Literal["auto"]
+#: ``--server-lr``: a number, "auto" (η from the workers active on the expert), "mean" (η
+#: from them and the staleness decay at their typical staleness) or "agree" (η from them
+#: and the agreement of the expert's recent deltas).
+ServerLr = float | Literal["auto", "mean", "agree"]
 # what happens to write-ahead log segments a snapshot covers: archived, or deleted
 DeltaRetention = Literal["keep", "drop"]
 

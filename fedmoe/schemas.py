@@ -144,7 +144,7 @@ class StrategyStatus(BaseModel):
 
     strategy: str = Field(description="'async' or 'fedbuff'.")
     optimizer: str = Field(description="Server optimizer: 'sgd', 'nesterov' or 'adam'.")
-    server_lr: float | str = Field(description="η as configured (a number or 'auto').")
+    server_lr: float | str = Field(description="η as configured (a number, or a rule's name).")
     momentum: float
     token_weighting: bool
     buffer_size: int | None = Field(description="K of a fedbuff buffer (None for async).")

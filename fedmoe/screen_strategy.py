@@ -32,6 +32,7 @@ from fedmoe.server_strategy import (
     Seen,
     ServerOptimizer,
     StrategyState,
+    fold_direction,
 )
 
 
@@ -68,6 +69,7 @@ class ScreenedAsyncStrategy(AsyncStrategy):
     ) -> None:
         super().__init__(optimizer=optimizer, server_lr=server_lr)
         self.screen = screen
+        self.keep = screen.keep  # --server-lr agree reads the screen's direction average
 
     @property
     def stateful(self) -> bool:
@@ -84,13 +86,13 @@ class ScreenedAsyncStrategy(AsyncStrategy):
             # θ + 0·Δ, as a worker rebuilds it from the acknowledgement (a -0.0 becomes 0.0)
             unchanged = aggregate.apply_update(params, update.delta, 0.0)
             return Outcome(unchanged, replace(state, recent=recent, verdicts=verdict), 0.0)
-        outcome = super().receive(params, update, replace(state, verdicts=()))
-        direction = outcome.state.direction
+        outcome = self.step(params, update, replace(state, verdicts=()))
+        after = replace(outcome.state, recent=recent)
         # a lone worker is never judged: its expert carries no direction (a second full-size
         # tensor in memory and in every snapshot) until another worker has uploaded
-        if direction is not None or any(w != update.worker_id for w, _, _ in state.recent):
-            direction = aggregate.direction_average(direction, update.delta, norm, self.screen.keep)
-        return replace(outcome, state=replace(outcome.state, recent=recent, direction=direction))
+        if after.direction is not None or any(w != update.worker_id for w, _, _ in state.recent):
+            after = fold_direction(after, update, norm, self.keep)
+        return replace(outcome, state=after)
 
     def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:
         """Why ``update`` is rejected, or None (also during the warm-up)."""

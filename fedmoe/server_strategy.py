@@ -20,6 +20,10 @@ from fedmoe.fields import SERVER_OPTIMIZERS, ServerLr, ServerOptimizerKind
 BUFFER, FIRST, SECOND, DIRECTION = "buffer.", "m.", "v.", "direction."
 MEMBER = "member.{:04d}."  # one buffered update, kept apart for robust aggregation
 ADAM_BETA2 = 0.99  # FedAdam's second-moment decay
+#: --server-lr agree without the update screen: the direction average remembers about
+#: this many updates (the screen's default --screen-history; with the screen, its own)
+AGREEMENT_HISTORY = 16
+FOREVER = 1 << 30  # a count of updates after which keep**count is 0.0
 Seen = tuple[str, float, bool]  # the update screen's (worker id, ‖Δ‖, accepted)
 
 
@@ -43,6 +47,7 @@ class StrategyState:
     # recent worker's latest update, and the average direction of the accepted updates
     recent: tuple[Seen, ...] = ()
     direction: AdapterState | None = None
+    folded: int = 0  # updates averaged into ``direction`` (--server-lr agree weighs them)
 
     @property
     def empty(self) -> bool:
@@ -70,6 +75,8 @@ class StrategyState:
             values |= {"verdicts": [list(v) for v in self.verdicts]}
         if self.recent:
             values |= {"recent": [list(r) for r in self.recent]}
+        if self.folded:
+            values |= {"folded": self.folded}
         return {"fedmoe_strategy_state": json.dumps(values)}
 
     @classmethod
@@ -104,6 +111,8 @@ class StrategyState:
             steps=int(values["steps"]),
             recent=tuple((str(w), float(n), bool(a)) for w, n, a in values.get("recent", ())),
             direction=parts[DIRECTION] or None,
+            # a direction kept before the count was: taken as long since warmed up
+            folded=int(values.get("folded", FOREVER if parts[DIRECTION] else 0)),
         )
 
 
@@ -116,10 +125,11 @@ class Contribution:
     decay: float  # s(τ)
     clip: float  # ‖Δ‖ bound / ‖Δ‖, or 1
     token_factor: float  # n / n̄, or 1 without token weighting
-    active_workers: int  # for --server-lr auto
+    active_workers: int  # for --server-lr auto, mean and agree
     now: float
     worker_id: str = ""  # who sent it (the update screen counts distinct workers)
     norm: float | None = None  # ‖Δ‖ as the ledger records it (None: not computed yet)
+    typical_decay: float = 1.0  # s(K − 1) for K active workers (--server-lr mean)
 
 
 @dataclass(frozen=True)
@@ -170,10 +180,22 @@ class ServerOptimizer:
 
 
 def _lr(server_lr: ServerLr, update: Contribution, contributions: int) -> float:
-    """η for a step made of ``contributions`` updates."""
+    """η for a step made of ``contributions`` updates ('agree' is ``AsyncStrategy``'s)."""
     if server_lr == "auto":
         return aggregate.auto_server_lr(update.active_workers, contributions)
+    if server_lr == "mean" and contributions == 1:
+        return aggregate.mean_server_lr(update.active_workers, update.typical_decay)
+    if server_lr in ("mean", "agree"):
+        raise ValueError(f"server lr {server_lr!r} is for the 'async' strategy only")
     return float(server_lr)
+
+
+def fold_direction(
+    state: StrategyState, update: Contribution, norm: float, keep: float
+) -> StrategyState:
+    """``state`` with the update's unit direction averaged into ``direction`` (and counted)."""
+    direction = aggregate.direction_average(state.direction, update.delta, norm, keep)
+    return replace(state, direction=direction, folded=state.folded + 1)
 
 
 class AsyncStrategy:
@@ -185,15 +207,27 @@ class AsyncStrategy:
     def __init__(self, *, optimizer: ServerOptimizer, server_lr: ServerLr = 1.0) -> None:
         self.optimizer, self.server_lr = optimizer, server_lr
         self.buffer_size: int | None = None
+        self.keep = 1.0 - 1.0 / AGREEMENT_HISTORY  # the direction average's decay
 
     @property
     def stateful(self) -> bool:
-        """Whether it keeps state between updates (only with a stateful optimizer)."""
-        return self.optimizer.stateful
+        """Whether it keeps state between updates (a stateful optimizer, or 'agree')."""
+        return self.optimizer.stateful or self.server_lr == "agree"
+
+    def lr(self, update: Contribution, state: StrategyState) -> float:
+        """η for this update: 'agree' from the agreement of the recent directions."""
+        if self.server_lr != "agree":
+            return _lr(self.server_lr, update, 1)
+        agreement = aggregate.agreement(state.direction, state.folded, self.keep)
+        return aggregate.agreement_server_lr(update.active_workers, agreement)
 
     def receive(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
         """Apply one update now."""
-        lr = _lr(self.server_lr, update, 1)
+        return self.follow(self.step(params, update, state), update)
+
+    def step(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
+        """θ + η·s(τ)·clip·Δ (through the server optimizer, if one keeps moments)."""
+        lr = self.lr(update, state)
         if not self.optimizer.stateful and self.optimizer.kind == "sgd":
             # today's rule, bit for bit: θ + w·Δ with w = η·s(τ)·clip (· token factor)
             weight = lr * update.decay * update.clip * update.token_factor
@@ -203,6 +237,14 @@ class AsyncStrategy:
             params, aggregate.scale(update.delta, coeff), lr, state
         )
         return Outcome(new, new_state, lr * coeff)
+
+    def follow(self, outcome: Outcome, update: Contribution) -> Outcome:
+        """'agree': average the update's direction in (a lone worker's expert keeps none)."""
+        state = outcome.state
+        if self.server_lr != "agree" or (state.direction is None and update.active_workers < 2):
+            return outcome
+        norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
+        return replace(outcome, state=fold_direction(state, update, norm, self.keep))
 
 
 class FedBuffStrategy:
@@ -224,6 +266,8 @@ class FedBuffStrategy:
     ) -> None:
         if buffer_size < 1:
             raise ValueError(f"buffer size must be >= 1, got {buffer_size}")
+        if server_lr in ("mean", "agree"):
+            raise ValueError(f"server lr {server_lr!r} is for the 'async' strategy only")
         if not timeout > 0:
             raise ValueError(f"buffer timeout must be > 0, got {timeout}")
         self.optimizer, self.server_lr = optimizer, server_lr

@@ -28,6 +28,23 @@ def _matrix(v: dict[str, Any]) -> str:
     return markdown_table(headers, rows)
 
 
+def _longer(v: dict[str, Any]) -> str:
+    long = v.get("longer")
+    if not long:
+        return ""
+    domains, rows = v["domains"], []
+    for arm, row in long["rows"].items():
+        worst = max(long["ratios"][arm].values())
+        losses = [_cell(row, d) for d in [*domains, None]]
+        rows.append([arm, *losses, f"{worst:.3f}", f"{row['staleness_mean']:.2f}"])
+    headers = ["arm", *domains, "mean", "worst ÷ sync", "τ"]
+    return (
+        f"**A longer budget** ({long['budget_steps']} steps per expert, "
+        f"{long['layout']} workers/shards, one seed): does a rule that gains in the short "
+        f"run still hold nearer convergence?\n\n{markdown_table(headers, rows)}\n"
+    )
+
+
 def _race(v: dict[str, Any]) -> str:
     race = v["race"]
     rows = []
@@ -93,6 +110,10 @@ validation covers every sub-topic ({p["validation"]} examples per domain). Loss:
 expert on its own domain, nats per target token. Headline rows ({", ".join(v["headline"])})
 ran {p["seeds"]} seeds at {where} (batch order, dropout): mean ± standard deviation (and
 the speedups in the race); the other rows one seed. "worst ÷ sync": the largest per-domain ratio to synchronous FedAvg (same seeds).
+Both arms are fair by construction: the same shards, seeds and batch orders, the same
+tokens per worker, every trained step in the final expert (a finished worker uploads its
+last partial window, as a worker's final upload on SIGTERM does; FedAvg's last round takes
+the workers' remaining steps), each worker's AdamW state kept across syncs in both.
 τ: mean staleness. FedBuff's `--buffer-timeout` counts wall time, so it is set out of
 reach here. {mode}, {v["seconds"]:.0f} s on a shared 2-core machine (load
 {loads(v["load_before"])} before, {loads(v["load_after"])} after; {v["threads"]} torch
@@ -100,6 +121,7 @@ thread), so figures are noisy at the second decimal.
 
 {_matrix(v)}
 
+{_longer(v)}
 **The race** (one worker in {race["per_expert"]} per expert {race["slowdown"]:.0f}x slower, IID;
 horizon {race["horizon"]:.0f} step-times = {p["rounds"]} synchronous rounds that wait for the slow
 worker): the target on each domain is {race["fraction"]:.0%} of the improvement over the base

@@ -35,7 +35,8 @@ from fedmoe.server_strategy import (
     StrategyState,
 )
 
-CONTRIBUTION_FIELDS = ("decay", "clip", "token_factor", "active_workers", "now")
+# (a record written before typical_decay was logged gets its default, 1.0)
+CONTRIBUTION_FIELDS = ("decay", "clip", "token_factor", "active_workers", "now", "typical_decay")
 
 
 def replay_description(strategy: Strategy) -> dict[str, Any]:

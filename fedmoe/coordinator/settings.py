@@ -72,8 +72,11 @@ class CoordinatorSettings(BaseSettings):
     server_lr: ServerLr = Field(
         "auto",
         description="η in θ ← θ + η·s(τ)·Δ (> 0), or 'auto': 1/K for K workers active on "
-        "the expert, 1 for a lone worker (default 0.7 with --server-optimizer nesterov, "
-        "0.01 with adam).",
+        "the expert, 1 for a lone worker; 'mean': 1/(K·s(K−1)) (at most 1), so an update "
+        "at the typical staleness K−1 moves the expert by 1/K of its delta; 'agree': 1/K + "
+        "(1 − 1/K)·c for the mean pairwise cosine c of the expert's recent deltas ('mean' "
+        "and 'agree': 'async' only; default 0.7 with --server-optimizer nesterov, 0.01 "
+        "with adam).",
     )
     strategy: StrategyKind = Field(
         "async",
@@ -328,7 +331,9 @@ class CoordinatorSettings(BaseSettings):
 
     def _check_strategy(self) -> None:
         if isinstance(self.server_lr, float) and not self.server_lr > 0:
-            raise ValueError(f"server_lr must be > 0 or 'auto', got {self.server_lr}")
+            raise ValueError(f"server_lr must be > 0 or a rule's name, got {self.server_lr}")
+        if self.server_lr in ("mean", "agree") and self.strategy != "async":
+            raise ValueError(f"server_lr {self.server_lr!r} is for strategy 'async' only")
         if self.server_optimizer == "nesterov" and self.server_momentum == 0:
             raise ValueError("server_optimizer 'nesterov' needs server_momentum > 0")
         fedbuff_only = {"buffer_size", "buffer_timeout"} & self.model_fields_set

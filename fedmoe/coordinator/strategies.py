@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor
+from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor, typical_staleness
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.replay import strategy_from
 from fedmoe.coordinator.settings import CoordinatorSettings
@@ -70,6 +70,7 @@ class StrategyBook:
         # the log record that last changed each state (0: none kept)
         self.seqs = {name: lsns[name] if not states[name].empty else 0 for name in states}
         self._lock = threading.Lock()  # guards the swap of states / seqs
+        self.decay = settings.staleness_decay()  # s(τ), for the typical staleness's decay
         for state in self.states.values():  # verdicts of a crash before they were noted
             ledger.record_verdicts(state.verdicts)
 
@@ -87,7 +88,8 @@ class StrategyBook:
     ) -> Contribution:
         """One update with the weights the settings ask for (activity from the ledger)."""
         now = time.time()
-        needs_activity = self.strategy.server_lr == "auto" or self.settings.token_weighting
+        needs_activity = self.strategy.server_lr in ("auto", "mean", "agree")
+        needs_activity = needs_activity or self.settings.token_weighting
         workers, tokens = (
             self.ledger.recent_activity(expert, now - self.settings.activity_window)
             if needs_activity
@@ -97,7 +99,9 @@ class StrategyBook:
         if self.settings.token_weighting and num_tokens > 0:
             # n / n̄ with this update in the mean: equal token counts give exactly 1
             factor = token_factor(num_tokens, (sum(tokens) + num_tokens) / (len(tokens) + 1))
+        active = len(workers | {worker_id})
         return Contribution(
+            typical_decay=self.decay(typical_staleness(active)),
             worker_id=worker_id,
             norm=norm,
             update_id=update_id,
@@ -105,7 +109,7 @@ class StrategyBook:
             decay=decay,
             clip=clip,
             token_factor=factor,
-            active_workers=len(workers | {worker_id}),
+            active_workers=active,
             now=now,
         )
 
