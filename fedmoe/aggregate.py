@@ -337,7 +337,20 @@ def coordinate_median(
 def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """⟨a, b⟩ over all tensors taken together: one BLAS dot per tensor, summed as a float
     (no float64 copies: the update screen runs it on every update)."""
-    return sum(float(torch.dot(a[key].reshape(-1), b[key].reshape(-1))) for key in a)
+    return dots(a, b)[0]
+
+
+def dots(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+    """(⟨a, b⟩, ⟨b, b⟩) in one pass over the tensors, each tensor's pair on one of two
+    threads while its ``b`` is in cache; each sum in key order, as ``dot`` would make it."""
+
+    def pair(key: str) -> tuple[float, float]:
+        x, y = a[key].reshape(-1), b[key].reshape(-1)
+        return float(torch.dot(x, y)), float(torch.dot(y, y))
+
+    keys = list(a)
+    pairs = per_tensor(pair, keys, [a[key].numel() for key in keys])
+    return sum(ab for ab, _ in pairs.values()), sum(bb for _, bb in pairs.values())
 
 
 def cosine(
@@ -345,8 +358,9 @@ def cosine(
 ) -> float:
     """cos(a, b) over all tensors taken together (0 when either is zero); ``norm_a``: ‖a‖
     when known already."""
-    norms = (global_norm(a) if norm_a is None else norm_a) * math.sqrt(max(dot(b, b), 0.0))
-    return dot(a, b) / norms if norms > 0 else 0.0
+    ab, bb = dots(a, b)
+    norms = (global_norm(a) if norm_a is None else norm_a) * math.sqrt(max(bb, 0.0))
+    return ab / norms if norms > 0 else 0.0
 
 
 def outlier_reasons(
@@ -420,5 +434,10 @@ def direction_average(
     step = (1.0 - keep) / norm if norm > 0 else 0.0
     if average is None:
         return scale(delta, step)
-    # two passes per tensor, one new tensor: it runs on every accepted update
-    return {key: (keep * average[key]).add_(delta[key], alpha=step) for key in average}
+    # two passes per tensor, one new tensor, on two threads: it runs on every accepted update
+    keys = list(average)
+    return per_tensor(
+        lambda key: (keep * average[key]).add_(delta[key], alpha=step),
+        keys,
+        [average[key].numel() for key in keys],
+    )
