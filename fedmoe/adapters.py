@@ -131,6 +131,18 @@ with warnings.catch_warnings():
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def check_layout(body: bytes, schema: AdapterSchema) -> tuple[dict[str, Any], int, list[str]]:
+    """Check untrusted safetensors bytes against ``schema`` without reading tensor data:
+    header, keys, shapes, dtypes, metadata and byte ranges (``AdapterValidationError``).
+    Returns the header, where the data starts and the tensor names in data order."""
+    header = read_header(body)
+    (header_len,) = struct.unpack("<Q", body[:8])
+    start = 8 + header_len
+    check_header(header, schema, len(body) - start)
+    _check_metadata(header.get("__metadata__"))
+    return header, start, _tiled_keys(header, len(body) - start)
+
+
 def decode_with_norm(body: bytes, schema: AdapterSchema) -> tuple[AdapterState, float]:
     """Validate untrusted safetensors bytes against ``schema``: float32 tensors and their
     global L2 norm, in as few passes over the data as the checks allow.
@@ -145,12 +157,7 @@ def decode_with_norm(body: bytes, schema: AdapterSchema) -> tuple[AdapterState, 
     to name the first bad tensor. Conversion and norms run on two threads
     (``fedmoe.parallel``).
     """
-    header = read_header(body)
-    (header_len,) = struct.unpack("<Q", body[:8])
-    start = 8 + header_len
-    check_header(header, schema, len(body) - start)
-    _check_metadata(header.get("__metadata__"))
-    keys = _tiled_keys(header, len(body) - start)
+    header, start, keys = check_layout(body, schema)
 
     def convert(key: str) -> tuple[torch.Tensor, torch.Tensor]:
         info = header[key]
