@@ -10,7 +10,9 @@ large inputs), so it is mostly done when the body is.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +20,7 @@ from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.guard import CLOSE
+from fedmoe.coordinator import phases
 
 BATCH = 1 << 20  # bytes handed to the hashing thread at a time
 _HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedmoe-body-sha256")
@@ -60,10 +63,20 @@ class StreamingSha256:
 async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     """The body and its sha256 hex digest; 413 as soon as it is known to exceed ``limit``."""
     chunks, size, sha = [], 0, StreamingSha256()
+    started = time.perf_counter()
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
         chunks.append(chunk)
         sha.feed(chunk)
-    return b"".join(chunks), await sha.hexdigest()
+    received = time.perf_counter()
+    body, digest = b"".join(chunks), await sha.hexdigest()
+    if phases.logger.isEnabledFor(logging.DEBUG):
+        phases.logger.debug(
+            "body of %d bytes: received in %.1f ms, joined and hashed %.1f ms later",
+            size,
+            1e3 * (received - started),
+            1e3 * (time.perf_counter() - received),
+        )
+    return body, digest

@@ -24,7 +24,7 @@ import torch
 from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, check_layout, decode_with_norm
 from fedmoe.aggregate import AdapterState
-from fedmoe.coordinator import errors
+from fedmoe.coordinator import errors, phases
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.replay import Head
@@ -77,6 +77,13 @@ class UpdatePath:
         Any error leaves experts, gateway, ledger and files exactly as they were
         (policy rejections are recorded in the ledger, nothing else changes).
         """
+        phases.begin()
+        try:
+            return self._submit(request)
+        finally:
+            phases.end(f"update {request.update_id}")
+
+    def _submit(self, request: UpdateRequest) -> UpdateAck:
         self._expert(request.expert)
         self.workers.check(request.worker_id, request.expert)
         replay = self._replay(request)
@@ -84,7 +91,9 @@ class UpdatePath:
             return replay
         self._check_base_version(request)
         self._check_layout(request.body)  # names, shapes, dtypes: before anything is written
+        phases.mark("checks")
         with self._expert_locks[request.expert]:
+            phases.mark("lock")
             self.workers.check(request.worker_id, request.expert)  # not forgotten meanwhile
             replay = self._replay(request)
             if replay is not None:
@@ -92,6 +101,7 @@ class UpdatePath:
             prewritten = self.journal.prewrite(request.expert, request.body)
             try:
                 delta, norm = self._decode(request.body)
+                phases.mark("decode")
                 return self._apply(request, delta, norm, prewritten)
             except BaseException:
                 self.journal.discard(request.expert, prewritten)  # refused: cut off again
@@ -184,6 +194,7 @@ class UpdatePath:
             expert.state, contribution, self.strategies.states[request.expert]
         )
         record.weight = outcome.weight
+        phases.mark("apply")
         if outcome.params is None:
             return self._buffer(record, outcome, contribution, request.body, prewritten)
         new_state = outcome.params
@@ -192,6 +203,7 @@ class UpdatePath:
         step = record.weight * norm if plain else math.inf
         bound = self._overflow_guard(expert, new_state, step, request)
         self._gateway_guard(request, new_state, bound)
+        phases.mark("guards")
         version = expert.version + 1
         new_expert = Versioned(version, new_state, bound, name=request.expert)
         record.accepted, record.expert_version = True, version
@@ -304,10 +316,13 @@ class UpdatePath:
             appended = self.journal.append_update(
                 record, contribution, applied=True, body=body, prewritten=prewritten
             )
+            phases.mark("log")
             try:
                 record.state_sha256 = digest.result() if digest is not None else None
+                phases.mark("digest")
                 record.response = record.acknowledgement()
                 self.ledger.commit_accepted(record, built_from)
+                phases.mark("ledger")
             except BaseException:
                 self.journal.undo(record.expert, appended)  # never acknowledged: not applied
                 raise
