@@ -9,6 +9,7 @@ large inputs), so it is mostly done when the body is.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -17,7 +18,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import HTTPException, Request
-from starlette.concurrency import run_in_threadpool
 
 from fedmoe.api.guard import CLOSE
 from fedmoe.coordinator import phases
@@ -53,11 +53,14 @@ class StreamingSha256:
         self._drain()
         return self._sha.hexdigest()
 
-    async def hexdigest(self) -> str:
-        """The digest of everything fed (waits for the hashing thread off the event loop)."""
+    def finish(self) -> asyncio.Future[str]:
+        """The digest of everything fed, finished on the hashing thread from now on (so the
+        caller can join the body meanwhile)."""
         if not self._threaded:  # a small body: hashed here, no thread hop
-            return self._hexdigest()
-        return await run_in_threadpool(self._hexdigest)
+            done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            done.set_result(self._hexdigest())
+            return done
+        return asyncio.wrap_future(_HASHERS.submit(self._hexdigest))
 
 
 async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
@@ -71,7 +74,9 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
         chunks.append(chunk)
         sha.feed(chunk)
     received = time.perf_counter()
-    body, digest = b"".join(chunks), await sha.hexdigest()
+    digest = sha.finish()  # the hash's tail on its thread while the body is joined here
+    body = b"".join(chunks)
+    digest_hex = await digest
     if phases.logger.isEnabledFor(logging.DEBUG):
         phases.logger.debug(
             "body of %d bytes: received in %.1f ms, joined and hashed %.1f ms later",
@@ -79,4 +84,4 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
             1e3 * (received - started),
             1e3 * (time.perf_counter() - received),
         )
-    return body, digest
+    return body, digest_hex
