@@ -84,6 +84,7 @@ class Prewritten:
     body_len: int
     lsn: int
     done: Future[None]
+    created: bool  # the segment file is new: a discard removes it
     consumed: bool = field(default=False)  # appended, or discarded
 
 
@@ -137,12 +138,12 @@ class ExpertLog:
         with no other append in between (the caller holds the expert's lock)."""
         segment = self._segment_for(lsn)
         path = self.directory / segment
-        offset = path.stat().st_size if path.exists() else 0
-        done = pool.submit(self._write_ahead, path, offset + RESERVED, body)
-        return Prewritten(segment, offset, len(body), lsn, done)
-
-    def _write_ahead(self, path: Path, position: int, body: bytes) -> None:
         created = not path.exists()
+        offset = 0 if created else path.stat().st_size
+        done = pool.submit(self._write_ahead, path, offset + RESERVED, body, created)
+        return Prewritten(segment, offset, len(body), lsn, done, created)
+
+    def _write_ahead(self, path: Path, position: int, body: bytes, created: bool) -> None:
         handle = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
         try:
             view = memoryview(body)
@@ -166,7 +167,9 @@ class ExpertLog:
         prewritten.consumed = True
         wait([prewritten.done])  # done or failed: what it left is cut off below
         path = self.directory / prewritten.segment
-        if path.exists():
+        if prewritten.created:
+            path.unlink(missing_ok=True)  # the log's files as they were
+        elif path.exists():
             os.truncate(path, prewritten.offset)
 
     def _complete(
