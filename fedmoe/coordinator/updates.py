@@ -100,7 +100,7 @@ class UpdatePath:
                 return replay
             prewritten = self.journal.prewrite(request.expert, request.body)
             try:
-                delta, norm = self._decode(request.body)
+                delta, norm = request.decoded or self._decode(request.body)
                 phases.mark("decode")
                 return self._apply(request, delta, norm, prewritten)
             except BaseException:
