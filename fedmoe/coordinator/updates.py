@@ -90,7 +90,8 @@ class UpdatePath:
         if replay is not None:
             return replay
         self._check_base_version(request)
-        self._check_layout(request.body)  # names, shapes, dtypes: before anything is written
+        if request.decoded is None:  # (the API layer's streamed decode checked it already)
+            self._check_layout(request.body)  # names, shapes, dtypes: before anything is written
         phases.mark("checks")
         with self._expert_locks[request.expert]:
             phases.mark("lock")
