@@ -86,13 +86,7 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     digest = sha.finish()  # the hash's tail on its thread while the body is joined here
     body = b"".join(chunks)
     digest_hex = await digest
-    if phases.logger.isEnabledFor(logging.DEBUG):
-        phases.logger.debug(
-            "body of %d bytes: received in %.1f ms, joined and hashed %.1f ms later",
-            size,
-            1e3 * (received - started),
-            1e3 * (time.perf_counter() - received),
-        )
+    _log_receipt(size, started, received, "received", "joined and hashed")
     return body, digest_hex
 
 
@@ -126,14 +120,21 @@ async def read_upload(request: Request, limit: int, schema: AdapterSchema) -> Up
     received = time.perf_counter()
     hashed, decoded = sha.finish(), asyncio.wrap_future(decoder.finish())
     upload = Upload(decoder.body(), await hashed, await decoded)
+    _log_receipt(length, started, received, "received and decoded", "the rest")
+    return upload
+
+
+def _log_receipt(size: int, started: float, received: float, during: str, after: str) -> None:
+    """The body's part of an update's phase timings (``fedmoe.coordinator.phases``)."""
     if phases.logger.isEnabledFor(logging.DEBUG):
         phases.logger.debug(
-            "body of %d bytes: received and decoded in %.1f ms, the rest %.1f ms later",
-            length,
+            "body of %d bytes: %s in %.1f ms, %s %.1f ms later",
+            size,
+            during,
             1e3 * (received - started),
+            after,
             1e3 * (time.perf_counter() - received),
         )
-    return upload
 
 
 def _content_length(request: Request) -> int | None:
