@@ -83,12 +83,15 @@ def _register(client: CoordinatorClient, worker_id: str, expert: str) -> int:
 
 
 def ack_latency(coordinator: str, floor: str, body: bytes, *, uploads: int) -> dict[str, Any]:
-    """Sequential uploads, coordinator then FLOOR in turn; latencies in seconds."""
+    """Sequential uploads, coordinator then FLOOR in turn, after one warm-up upload to each
+    (not counted: the first touches fresh memory and files on both sides); latencies in
+    seconds, and the machine's load around them."""
     coord_times: list[float] = []
     floor_times: list[float] = []
+    load_before = os.getloadavg()
     with CoordinatorClient(coordinator, timeout=600.0) as client, httpx.Client(timeout=600) as raw:
         version = _register(client, "ack-probe", "e0")
-        for index in range(uploads):
+        for index in range(-1, uploads):
             start = time.perf_counter()
             ack = client.upload(
                 "e0",
@@ -104,10 +107,16 @@ def ack_latency(coordinator: str, floor: str, body: bytes, *, uploads: int) -> d
             start = time.perf_counter()
             raw.post(f"{floor}/floor", content=body).raise_for_status()
             floor_times.append(time.perf_counter() - start)
+    coord_times, floor_times = coord_times[1:], floor_times[1:]  # the warm-up pair
     coord, base = percentile(coord_times, 50), percentile(floor_times, 50)
     return {
         "body_bytes": len(body),
         "uploads": uploads,
+        "warmup_uploads": 1,
+        "coordinator_ms": [1e3 * t for t in coord_times],
+        "floor_ms": [1e3 * t for t in floor_times],
+        "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
         "coordinator_p50_ms": 1e3 * coord,
         "coordinator_max_ms": 1e3 * max(coord_times),
         "floor_p50_ms": 1e3 * base,

@@ -2,8 +2,10 @@
 the exact LoRA shapes of a Qwen2.5 model (no model loaded), and the FLOOR it is compared to.
 
 Run as ``python -m benchmarks._realsize_server --size 7B --state-dir D --url-file F
-[--experts e0,e1] [--floor]``. It binds 127.0.0.1 port 0, writes ``{"url", "pid"}`` to F
-(``fedmoe.procs.start_server`` waits for it) and serves until SIGTERM.
+[--experts e0,e1] [--floor] [--log-phases]`` (``--log-phases``: each update's phase
+timings in the server's log, ``fedmoe.coordinator.phases``). It binds 127.0.0.1 port 0,
+writes ``{"url", "pid"}`` to F (``fedmoe.procs.start_server`` waits for it) and serves
+until SIGTERM.
 
 The coordinator is the product's: ``open_coordinator`` (state-dir lock, ledger, store,
 restore) with a synthetic ``InitialSource`` in place of loading the base model. The
@@ -15,6 +17,7 @@ single ``fsync``: the least any server that makes an upload durable must do.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +160,13 @@ def main() -> None:
     """Parse flags, build the app, bind port 0, write the URL file and serve until SIGTERM."""
     parser = server_parser(__doc__.splitlines()[0], experts="e0")
     parser.add_argument("--size", choices=sorted(SHAPES), default="0.5B")
+    parser.add_argument(
+        "--log-phases", action="store_true", help="Log each update's phase timings (DEBUG)."
+    )
     args = parser.parse_args()
+    if args.log_phases:
+        logging.basicConfig(level=logging.INFO)
+        logging.getLogger("fedmoe.coordinator.phases").setLevel(logging.DEBUG)
     if args.floor:
         serve(args.url_file, floor_app(args.state_dir), None)
     else:

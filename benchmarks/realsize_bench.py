@@ -59,7 +59,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(syncs=2, peer_syncs=1, ack_uploads=3, crowd_seconds=20.0, crowd_procs=3)
+QUICK = Plan(syncs=2, peer_syncs=1, ack_uploads=8, crowd_seconds=20.0, crowd_procs=3)
 
 
 def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, Any]:

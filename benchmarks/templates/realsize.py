@@ -232,12 +232,17 @@ start of a sync to the step boundary that collected it.
 
 Sequential uploads of each size's bf16 delta straight to the coordinator on loopback (no
 shaping), each followed by the same bytes to the FLOOR: the same FastAPI + uvicorn stack
-reading the body and appending it to one file with a single `fsync`. Beyond that the
-coordinator hashes the body (sha256, on a thread while the body arrives), checks it
-against the schema, converts it to float32 with its float64 norm (the finiteness check),
-computes θ + w·Δ (both on two threads), writes the log record with its header, commits the
-ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256` (beside
-the log's write and fsync) and answers JSON.
+reading the body and appending it to one file with a single `fsync`; one warm-up upload to
+each first, not counted. Beyond that the coordinator, while the body arrives, hashes it
+(sha256) and decodes it (one helper thread each: each tensor converted to float32 with its
+float64 norm, the finiteness check, once its bytes are in); then it writes the body into
+the log where its record will lie and flushes it (a helper thread) while the default
+update screen judges the upload (the sync runs before left three workers' history, so it
+takes the cosine to the expert's direction average and updates that average) and
+computes θ + w·Δ, writes the record's header in front of the body and fsyncs, commits the
+ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256`
+(BLAKE3, beside the log's fsync) and answers JSON. Per-update phase timings:
+`fedmoe.coordinator.phases` at DEBUG (`python -m benchmarks._realsize_server --log-phases`).
 
 {_ack_table(v["sizes"])}
 

@@ -1,23 +1,31 @@
-"""Reading an upload's body and hashing it while it arrives.
+"""Reading an upload's body, hashing and decoding it while it arrives.
 
 The update path needs the body's sha256 (kept with the update id in the ledger and the
 log record, so that a retry with other bytes is refused). Hashed after the last byte it
 would add a full pass over the body to every acknowledgement; here it is fed to a worker
 thread in batches while the event loop goes on receiving (``hashlib`` releases the GIL on
-large inputs), so it is mostly done when the body is.
+large inputs), so it is mostly done when the body is. ``read_upload`` also decodes the
+tensors as their bytes arrive (``fedmoe.adapter_stream``) when the request announces its
+length, so the update path finds them converted and measured.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
-from starlette.concurrency import run_in_threadpool
 
+from fedmoe.adapter_stream import Decoded, StreamingDecode
+from fedmoe.adapters import AdapterSchema
 from fedmoe.api.guard import CLOSE
+from fedmoe.coordinator import phases
 
 BATCH = 1 << 20  # bytes handed to the hashing thread at a time
 _HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedmoe-body-sha256")
@@ -52,18 +60,83 @@ class StreamingSha256:
 
     async def hexdigest(self) -> str:
         """The digest of everything fed (waits for the hashing thread off the event loop)."""
+        return await self.finish()
+
+    def finish(self) -> asyncio.Future[str]:
+        """The digest of everything fed, finished on the hashing thread from now on (so the
+        caller can join the body meanwhile)."""
         if not self._threaded:  # a small body: hashed here, no thread hop
-            return self._hexdigest()
-        return await run_in_threadpool(self._hexdigest)
+            done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            done.set_result(self._hexdigest())
+            return done
+        return asyncio.wrap_future(_HASHERS.submit(self._hexdigest))
 
 
 async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     """The body and its sha256 hex digest; 413 as soon as it is known to exceed ``limit``."""
     chunks, size, sha = [], 0, StreamingSha256()
+    started = time.perf_counter()
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
         chunks.append(chunk)
         sha.feed(chunk)
-    return b"".join(chunks), await sha.hexdigest()
+    received = time.perf_counter()
+    digest = sha.finish()  # the hash's tail on its thread while the body is joined here
+    body = b"".join(chunks)
+    digest_hex = await digest
+    _log_receipt(size, started, received, "received", "joined and hashed")
+    return body, digest_hex
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload's body as received, its sha256, and its tensors decoded on the way."""
+
+    body: bytes
+    sha256: str
+    decoded: Decoded | None  # as adapters.decode_with_norm gives them; None: not decoded
+
+
+async def read_upload(request: Request, limit: int, schema: AdapterSchema) -> Upload:
+    """``read_body``, and the tensors decoded while they arrive (when the length is known).
+
+    413 at once when the announced length exceeds ``limit``.
+    """
+    length = _content_length(request)
+    if length is None:  # chunked: no buffer to decode into
+        body, digest = await read_body(request, limit)
+        return Upload(body, digest, None)
+    if length > limit:
+        raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
+    decoder, sha = StreamingDecode(schema, length), StreamingSha256()
+    started = time.perf_counter()
+    async for chunk in request.stream():
+        if decoder.received + len(chunk) > length:  # the HTTP parser does not allow it
+            raise HTTPException(400, detail="the body is longer than its Content-Length")
+        decoder.feed(chunk)
+        sha.feed(chunk)
+    received = time.perf_counter()
+    hashed, decoded = sha.finish(), asyncio.wrap_future(decoder.finish())
+    upload = Upload(decoder.body(), await hashed, await decoded)
+    _log_receipt(length, started, received, "received and decoded", "the rest")
+    return upload
+
+
+def _log_receipt(size: int, started: float, received: float, during: str, after: str) -> None:
+    """The body's part of an update's phase timings (``fedmoe.coordinator.phases``)."""
+    if phases.logger.isEnabledFor(logging.DEBUG):
+        phases.logger.debug(
+            "body of %d bytes: %s in %.1f ms, %s %.1f ms later",
+            size,
+            during,
+            1e3 * (received - started),
+            after,
+            1e3 * (time.perf_counter() - received),
+        )
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.strategy_store import StrategyStore, describe, restore_states
 from fedmoe.coordinator.versions import Versioned
-from fedmoe.coordinator.wal import Appended, ExpertLog, LogRecord
+from fedmoe.coordinator.wal import PREWRITE_MIN, Appended, ExpertLog, LogRecord, Prewritten
 from fedmoe.server_strategy import Contribution, Strategy, StrategyState
 from fedmoe.state_digest import state_digest
 
@@ -90,8 +91,23 @@ class Journal:
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        # writes big bodies ahead of their records (one at a time per expert: its lock)
+        self._writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wal-prewrite")
 
     # --- appends (under the expert's lock) ---------------------------------------------------
+
+    def prewrite(self, name: str, body: bytes) -> Prewritten | None:
+        """Start writing the body of the expert's next record ahead of it (a big body only),
+        so that appending the record later leaves only its header to write; ``append_update``
+        with it, or ``discard``, must follow under the same hold of the expert's lock."""
+        if len(body) < PREWRITE_MIN:
+            return None
+        return self.logs[name].prewrite(self.lsns[name] + 1, body, self._writer)
+
+    def discard(self, name: str, prewritten: Prewritten | None) -> None:
+        """Cut off a written-ahead body whose update was refused (nothing if it was logged)."""
+        if prewritten is not None:
+            self.logs[name].discard(prewritten)
 
     def append_update(
         self,
@@ -100,8 +116,10 @@ class Journal:
         *,
         applied: bool,
         body: bytes,
+        prewritten: Prewritten | None = None,
     ) -> Appended:
-        """Log an accepted update (its ledger row, what replay needs, the body); fsynced."""
+        """Log an accepted update (its ledger row, what replay needs, the body); fsynced.
+        ``prewritten``: the body was written ahead (``prewrite``), only the header is left."""
         name = record.expert
         header: dict[str, Any] = {
             "lsn": self.lsns[name] + 1,
@@ -113,7 +131,7 @@ class Journal:
             "ledger": ledger_fields(record),
             "body_sha256": record.body_sha256,
         }
-        appended = self.logs[name].append(header, body)
+        appended = self.logs[name].append(header, body, prewritten)
         crashpoints.reached("after-append")
         if applied:
             assert record.expert_version is not None
@@ -236,6 +254,7 @@ class Journal:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        self._writer.shutdown()
 
     def close(self, capture: Callable[[str], Head]) -> None:
         """Stop the background thread and snapshot every expert with logged records."""

@@ -2,9 +2,11 @@
 
 An accepted update is durable when its write-ahead log record is fsynced
 (``Journal.append_update``, one fsync); its SQLite row follows without an fsync of its
-own, then the acknowledgement. The full expert is written later, in the background
-(snapshots). ``UpdatePath`` is a mixin of ``CentralCoordinator``: the attributes
-declared below are the coordinator's.
+own, then the acknowledgement. A big body is written to the log ahead of its record
+while it is decoded and applied (``Journal.prewrite``; cut off again if it is refused),
+so the fsync the acknowledgement waits for has little left to write. The full expert is
+written later, in the background (snapshots). ``UpdatePath`` is a mixin of
+``CentralCoordinator``: the attributes declared below are the coordinator's.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import AdapterSchema, decode_with_norm
+from fedmoe.adapters import AdapterSchema, check_layout, decode_with_norm
 from fedmoe.aggregate import AdapterState
-from fedmoe.coordinator import errors
+from fedmoe.coordinator import errors, phases
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.replay import Head
@@ -37,6 +39,7 @@ from fedmoe.coordinator.versions import (
     UpdateRequest,
     Versioned,
 )
+from fedmoe.coordinator.wal import Prewritten
 from fedmoe.coordinator.workers import WorkerRegistry
 from fedmoe.schemas import UpdateAck
 from fedmoe.server_strategy import AsyncStrategy, Contribution, FedBuffStrategy, Outcome
@@ -74,16 +77,36 @@ class UpdatePath:
         Any error leaves experts, gateway, ledger and files exactly as they were
         (policy rejections are recorded in the ledger, nothing else changes).
         """
+        phases.begin()
+        try:
+            return self._submit(request)
+        finally:
+            phases.end(f"update {request.update_id}")
+
+    def _submit(self, request: UpdateRequest) -> UpdateAck:
         self._expert(request.expert)
         self.workers.check(request.worker_id, request.expert)
         replay = self._replay(request)
         if replay is not None:
             return replay
         self._check_base_version(request)
-        delta, norm = self._decode(request.body)
+        if request.decoded is None:  # (the API layer's streamed decode checked it already)
+            self._check_layout(request.body)  # names, shapes, dtypes: before anything is written
+        phases.mark("checks")
         with self._expert_locks[request.expert]:
+            phases.mark("lock")
             self.workers.check(request.worker_id, request.expert)  # not forgotten meanwhile
-            return self._replay(request) or self._apply(request, delta, norm)
+            replay = self._replay(request)
+            if replay is not None:
+                return replay
+            prewritten = self.journal.prewrite(request.expert, request.body)
+            try:
+                delta, norm = request.decoded or self._decode(request.body)
+                phases.mark("decode")
+                return self._apply(request, delta, norm, prewritten)
+            except BaseException:
+                self.journal.discard(request.expert, prewritten)  # refused: cut off again
+                raise
 
     def _replay(self, request: UpdateRequest) -> UpdateAck | None:
         """The first answer to an already applied update id (only to the worker that sent it,
@@ -113,6 +136,13 @@ class UpdatePath:
                 f"num_tokens must be in 0..{MAX_NUM_TOKENS}, got {request.num_tokens}"
             )
 
+    def _check_layout(self, body: bytes) -> None:
+        """The body's safetensors header against the schema (no tensor data read)."""
+        try:
+            check_layout(body, self.schema)
+        except ValueError as error:
+            raise errors.InvalidUpdateError(str(error)) from None
+
     def _decode(self, body: bytes) -> tuple[AdapterState, float]:
         """The float32 delta and its L2 norm (the norm is the finiteness check)."""
         try:
@@ -137,7 +167,13 @@ class UpdatePath:
             dp_epsilon=request.dp_epsilon,
         )
 
-    def _apply(self, request: UpdateRequest, delta: AdapterState, norm: float) -> UpdateAck:
+    def _apply(
+        self,
+        request: UpdateRequest,
+        delta: AdapterState,
+        norm: float,
+        prewritten: Prewritten | None,
+    ) -> UpdateAck:
         expert = self.experts[request.expert]
         staleness = expert.version - request.base_version
         record = self._record(request, staleness, norm)
@@ -159,24 +195,31 @@ class UpdatePath:
             expert.state, contribution, self.strategies.states[request.expert]
         )
         record.weight = outcome.weight
+        phases.mark("apply")
         if outcome.params is None:
-            return self._buffer(record, outcome, contribution, request.body)
+            return self._buffer(record, outcome, contribution, request.body, prewritten)
         new_state = outcome.params
         # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
         plain = isinstance(strategy, AsyncStrategy) and not strategy.optimizer.stateful
         step = record.weight * norm if plain else math.inf
         bound = self._overflow_guard(expert, new_state, step, request)
         self._gateway_guard(request, new_state, bound)
+        phases.mark("guards")
         version = expert.version + 1
         new_expert = Versioned(version, new_state, bound, name=request.expert)
         record.accepted, record.expert_version = True, version
-        self._commit(record, new_expert, contribution, request.body)
+        self._commit(record, new_expert, contribution, request.body, prewritten)
         self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
         assert record.response is not None
         return record.response
 
     def _buffer(
-        self, record: UpdateRecord, outcome: Outcome, contribution: Contribution, body: bytes
+        self,
+        record: UpdateRecord,
+        outcome: Outcome,
+        contribution: Contribution,
+        body: bytes,
+        prewritten: Prewritten | None,
     ) -> UpdateAck:
         """Durably keep an update in its expert's buffer (version unchanged); the ack says so."""
         record.accepted, record.buffered, record.buffer_fill = True, True, outcome.fill
@@ -186,7 +229,9 @@ class UpdatePath:
                 raise _duplicate_id(record.update_id)
             record.gateway_version = self.gateway.version
             record.response = record.acknowledgement()
-            appended = self.journal.append_update(record, contribution, applied=False, body=body)
+            appended = self.journal.append_update(
+                record, contribution, applied=False, body=body, prewritten=prewritten
+            )
             try:
                 self.ledger.commit_buffered(record, None)
             except BaseException:
@@ -251,6 +296,7 @@ class UpdatePath:
         new_expert: Versioned,
         contribution: Contribution,
         body: bytes,
+        prewritten: Prewritten | None,
     ) -> None:
         """Log (one fsync) and commit an applied update; publish the expert and a gateway."""
         with self._commit_lock:
@@ -268,11 +314,16 @@ class UpdatePath:
             digest = (
                 self._hasher.submit(lambda: new_expert.digest) if record.staleness == 0 else None
             )
-            appended = self.journal.append_update(record, contribution, applied=True, body=body)
+            appended = self.journal.append_update(
+                record, contribution, applied=True, body=body, prewritten=prewritten
+            )
+            phases.mark("log")
             try:
                 record.state_sha256 = digest.result() if digest is not None else None
+                phases.mark("digest")
                 record.response = record.acknowledgement()
                 self.ledger.commit_accepted(record, built_from)
+                phases.mark("ledger")
             except BaseException:
                 self.journal.undo(record.expert, appended)  # never acknowledged: not applied
                 raise

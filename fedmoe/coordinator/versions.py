@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -128,6 +128,9 @@ class UpdateRequest:
     body: bytes
     dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
     sha256: str | None = None  # the body's, when the API layer hashed it while receiving
+    # the body's float32 tensors and norm as ``adapters.decode_with_norm`` gives them, when
+    # the API layer decoded them while receiving (``fedmoe.adapter_stream``)
+    decoded: tuple[AdapterState, float] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def body_sha256(self) -> str:

@@ -8,7 +8,17 @@ Records carry a log sequence number (lsn), 1, 2, 3… per expert. A record is
     b"FMW1" | u32 header length | u64 body length | u32 crc32(header) | header | body
 
 and the header holds the body's sha256, so a torn tail (a crash mid-append) is told
-from a whole record and cut off at start-up. After a snapshot covers every record of a
+from a whole record and cut off at start-up.
+
+A big body is *written ahead* (``ExpertLog.prewrite``): while the coordinator decodes and
+applies the update, a helper thread writes the body where the record's body will lie,
+after ``RESERVED`` bytes left for the prefix and the header, and flushes it to disk
+(``fdatasync``). ``append`` then writes the prefix and the header (JSON padded with
+spaces to fill the reservation, which the crc covers) into that hole and fsyncs the file:
+the record is the same format, and the fsync the acknowledgement waits for has only the
+header left to write. Until then the tail is a hole (zeros: no magic) followed by the
+body, which start-up cuts off as a torn tail like any other; an update refused meanwhile
+truncates it away at once (``discard``). After a snapshot covers every record of a
 segment, the segment is *retired*: moved to ``archive/`` (``delta_retention=keep``) or
 deleted (``drop``), each by one rename or unlink, so a crash mid-compaction leaves every
 segment either live or retired, never torn.
@@ -23,7 +33,8 @@ import os
 import struct
 import zlib
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,6 +46,8 @@ MAGIC = b"FMW1"
 PREFIX = struct.Struct("<4sIQI")
 MAX_HEADER = 1 << 20
 SEGMENT = "{:012d}.log"
+RESERVED = 4096  # bytes before a written-ahead body: the prefix and the padded header
+PREWRITE_MIN = 16 * 1024  # smaller bodies are written with their header (no thread hop)
 
 
 @dataclass(frozen=True)
@@ -62,9 +75,24 @@ class Appended:
     body_len: int
 
 
-def encode_prefix(header: dict[str, Any], body: bytes) -> bytes:
-    """The prefix and JSON header of a record whose body is ``body``."""
+@dataclass
+class Prewritten:
+    """A body being written ahead of its record (``ExpertLog.prewrite``)."""
+
+    segment: str
+    offset: int  # where the record will start; its body starts RESERVED bytes later
+    body_len: int
+    lsn: int
+    done: Future[None]
+    created: bool  # the segment file is new: a discard removes it
+    consumed: bool = field(default=False)  # appended, or discarded
+
+
+def encode_prefix(header: dict[str, Any], body: bytes, pad_to: int = 0) -> bytes:
+    """The prefix and JSON header of a record whose body is ``body`` (the header padded with
+    spaces so that both fill ``pad_to`` bytes, when it is given)."""
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * max(0, pad_to - PREFIX.size - len(raw))
     return PREFIX.pack(MAGIC, len(raw), len(body), zlib.crc32(raw)) + raw
 
 
@@ -98,11 +126,84 @@ class ExpertLog:
         live = self.directory / segment
         return live if live.exists() else self.archive / segment
 
-    def append(self, header: dict[str, Any], body: bytes) -> Appended:
-        """Append one record and fsync it; a new segment starts after ``roll()``."""
+    def _segment_for(self, lsn: int) -> str:
+        """The segment the record ``lsn`` goes to: a new one after ``roll()``."""
         if self._current is None or self._roll:
-            self._current, self._roll = SEGMENT.format(int(header["lsn"])), False
-        path = self.directory / self._current
+            self._current, self._roll = SEGMENT.format(lsn), False
+        return self._current
+
+    def prewrite(self, lsn: int, body: bytes, pool: Executor) -> Prewritten:
+        """Start writing ``body`` (on ``pool``) where the body of the next record, ``lsn``,
+        will lie, and flushing it; ``append(..., prewritten=)`` or ``discard`` must follow,
+        with no other append in between (the caller holds the expert's lock)."""
+        segment = self._segment_for(lsn)
+        path = self.directory / segment
+        created = not path.exists()
+        offset = 0 if created else path.stat().st_size
+        done = pool.submit(self._write_ahead, path, offset + RESERVED, body, created)
+        return Prewritten(segment, offset, len(body), lsn, done, created)
+
+    def _write_ahead(self, path: Path, position: int, body: bytes, created: bool) -> None:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(body)
+            if crashpoints.armed("mid-append"):  # half of the body, no header: a torn tail
+                os.pwrite(handle, view[: len(view) // 2], position)
+                crashpoints.die()
+            while view:  # pwrite may write less than asked
+                written = os.pwrite(handle, view, position)
+                view, position = view[written:], position + written
+            os.fdatasync(handle)
+        finally:
+            os.close(handle)
+        if created:
+            fsync_directory(self.directory)
+
+    def discard(self, prewritten: Prewritten) -> None:
+        """Cut a written-ahead body off again (its update was refused: never acknowledged).
+        No fsync: a crash before the next append's fsync leaves a torn tail at worst."""
+        if prewritten.consumed:
+            return
+        prewritten.consumed = True
+        wait([prewritten.done])  # done or failed: what it left is cut off below
+        path = self.directory / prewritten.segment
+        if prewritten.created:
+            path.unlink(missing_ok=True)  # the log's files as they were
+        elif path.exists():
+            os.truncate(path, prewritten.offset)
+
+    def _complete(
+        self, header: dict[str, Any], body: bytes, prewritten: Prewritten
+    ) -> Appended | None:
+        """Write the prefix and header in front of a written-ahead body and fsync; None when
+        they do not fit the reservation (the body is cut off: write the record the usual way)."""
+        assert not prewritten.consumed and int(header["lsn"]) == prewritten.lsn
+        assert len(body) == prewritten.body_len
+        prewritten.done.result()  # the write's error, if any (the caller discards)
+        prefix = encode_prefix(header, body, pad_to=RESERVED)
+        if len(prefix) > RESERVED:
+            self.discard(prewritten)
+            return None
+        prewritten.consumed = True
+        handle = os.open(self.directory / prewritten.segment, os.O_WRONLY)
+        try:
+            os.pwrite(handle, prefix, prewritten.offset)
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+        offset = prewritten.offset
+        return Appended(prewritten.segment, offset, offset + RESERVED, len(body))
+
+    def append(
+        self, header: dict[str, Any], body: bytes, prewritten: Prewritten | None = None
+    ) -> Appended:
+        """Append one record and fsync it; a new segment starts after ``roll()``. With
+        ``prewritten`` (of this ``body``) only the prefix and header are left to write."""
+        if prewritten is not None:
+            appended = self._complete(header, body, prewritten)
+            if appended is not None:
+                return appended
+        path = self.directory / self._segment_for(int(header["lsn"]))
         created = not path.exists()
         prefix = encode_prefix(header, body)
         with open(path, "ab") as handle:
@@ -117,7 +218,7 @@ class ExpertLog:
             os.fsync(handle.fileno())
         if created:
             fsync_directory(self.directory)
-        return Appended(self._current, offset, offset + len(prefix), len(body))
+        return Appended(path.name, offset, offset + len(prefix), len(body))
 
     def undo(self, appended: Appended) -> None:
         """Cut the log back to before ``appended`` (its commit failed: never acknowledged)."""

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from fedmoe.api.body import read_body
+from fedmoe.api.body import read_upload
 from fedmoe.api.deps import CoordinatorDep, PrincipalDep, ensure_may_act_as
 from fedmoe.api.schemas import (
     ID_PATTERN,
@@ -163,7 +163,8 @@ async def submit_update(
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
     ensure_may_act_as(principal, worker_id, name)
-    body, sha256 = await read_body(request, coordinator.max_body_bytes)  # hashed as it came
+    # hashed and decoded as it came
+    upload = await read_upload(request, coordinator.max_body_bytes, coordinator.schema)
     update = UpdateRequest(
         expert=name,
         worker_id=worker_id,
@@ -171,8 +172,9 @@ async def submit_update(
         base_version=base_version,
         num_tokens=num_tokens,
         train_loss=train_loss,
-        body=body,
+        body=upload.body,
         dp_epsilon=dp_epsilon,
-        sha256=sha256,
+        sha256=upload.sha256,
+        decoded=upload.decoded,
     )
     return await run_in_threadpool(coordinator.submit_update, update)

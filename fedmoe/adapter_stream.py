@@ -1,0 +1,131 @@
+"""Decoding an upload tensor by tensor while it arrives (issue 13: acknowledgement latency).
+
+``StreamingDecode`` is fed the body's chunks in order into one buffer of the announced
+size. Once the safetensors header is in, it is checked against the schema
+(``adapters.check_layout``); from then on every tensor whose bytes have all arrived is
+converted to float32 with its float64 norm on a helper thread, exactly as
+``adapters.decode_with_norm`` converts it (``tensor_with_norm``, combined in the same data
+order by ``combined_norm``). When the last byte lands little is left to convert, so the
+update path does not pay for the decode after the upload any more. ``finish()`` gives
+what ``decode_with_norm`` gives for the same bytes, or None when it cannot vouch for them
+(a bad header, non-finite values): the update path then decodes the body itself, and
+refuses it with the same message as ever.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fedmoe.adapters import (
+    MAX_HEADER_BYTES,
+    AdapterSchema,
+    AdapterValidationError,
+    check_layout,
+    combined_norm,
+    tensor_with_norm,
+)
+from fedmoe.aggregate import AdapterState
+
+BATCH = 1 << 20  # bytes of tensor data handed to the helper thread at a time
+# One thread: it converts while the event loop receives; more would only contend with it.
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-stream-decode")
+
+Converted = list[tuple[str, torch.Tensor, torch.Tensor]]
+Decoded = tuple[AdapterState, float]
+
+
+class StreamingDecode:
+    """A body of ``size`` bytes, received chunk by chunk, decoded as it comes."""
+
+    def __init__(self, schema: AdapterSchema, size: int) -> None:
+        self.schema, self.size = schema, size
+        # anonymous memory: pages are taken as bytes arrive, not when a size is announced
+        self.buffer = mmap.mmap(-1, max(1, size))
+        self._view = memoryview(self.buffer)
+        self.received = 0
+        self._layout: tuple[dict[str, Any], int, list[str]] | None = None
+        self._failed = False  # not a body this can vouch for: the update path decodes it
+        self._next = 0  # the first tensor (in data order) not yet handed to the thread
+        self._batches: list[Future[Converted]] = []
+
+    def feed(self, chunk: bytes) -> None:
+        """Copy the next chunk in; hand the tensors it completes to the helper thread."""
+        end = self.received + len(chunk)
+        if end > self.size:
+            raise ValueError(f"the body is longer than its announced {self.size} bytes")
+        self._view[self.received : end] = chunk
+        self.received = end
+        if self._failed:
+            return
+        if self._layout is None:
+            self._layout = self._read_layout()
+        if self._layout is not None:
+            self._hand_over(final=False)
+
+    def _read_layout(self) -> tuple[dict[str, Any], int, list[str]] | None:
+        """The checked header once it is all in (None before, and for a bad one)."""
+        if self.received < 8:
+            return None
+        (header_len,) = struct.unpack("<Q", self.buffer[:8])
+        if header_len > MAX_HEADER_BYTES:
+            self._failed = True
+            return None
+        if self.received < 8 + header_len:
+            return None
+        try:
+            return check_layout(bytes(self.buffer[: 8 + header_len]), self.schema, self.size)
+        except AdapterValidationError:
+            self._failed = True
+            return None
+
+    def _hand_over(self, *, final: bool) -> None:
+        """Submit the received tensors not yet submitted, once they make a batch."""
+        assert self._layout is not None
+        header, start, keys = self._layout
+        ready, size = self._next, 0
+        while ready < len(keys):
+            begin, stop = header[keys[ready]]["data_offsets"]
+            if start + stop > self.received:
+                break
+            ready, size = ready + 1, size + stop - begin
+        if ready > self._next and (final or size >= BATCH):
+            batch = keys[self._next : ready]
+            self._batches.append(_POOL.submit(self._convert, batch))
+            self._next = ready
+
+    def _convert(self, keys: list[str]) -> Converted:
+        assert self._layout is not None
+        header, start, _ = self._layout
+        return [(key, *tensor_with_norm(self.buffer, start, header[key])) for key in keys]
+
+    def body(self) -> bytes:
+        """The received bytes (one copy)."""
+        return self.buffer[: self.received]
+
+    def finish(self) -> Future[Decoded | None]:
+        """The decoded tensors and norm of the whole body (None: decode it again), done on
+        the helper thread after the batches already handed over."""
+        if self._failed or self._layout is None or self.received != self.size:
+            done: Future[Decoded | None] = Future()
+            done.set_result(None)
+            return done
+        self._hand_over(final=True)
+        return _POOL.submit(self._gather, list(self._batches))
+
+    @staticmethod
+    def _gather(batches: list[Future[Converted]]) -> Decoded | None:
+        # the pool's one thread ran every batch before this (first in, first out)
+        try:
+            converted = [item for batch in batches for item in batch.result()]
+        except Exception:  # the update path's own decode says what is wrong
+            return None
+        state = {key: tensor for key, tensor, _ in converted}
+        try:
+            return state, combined_norm(state, [norm for _, _, norm in converted])
+        except AdapterValidationError:
+            return None  # non-finite: the update path's own decode names the tensor

@@ -1,0 +1,93 @@
+"""Decoding an upload while it arrives (``fedmoe.adapter_stream``, issue 13).
+
+Fed in chunks of any size, ``StreamingDecode`` must give exactly what
+``decode_with_norm`` gives for the same bytes (every tensor bit for bit, the same norm),
+and nothing (None) for a body it cannot vouch for, so that the update path decodes it
+itself and refuses it with its usual message. Over HTTP a sized upload and a chunked one
+(no Content-Length: not decoded on the way) must be applied alike.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from fedmoe.adapter_stream import StreamingDecode
+from fedmoe.adapters import AdapterValidationError, decode_with_norm, encode_adapter, schema_of
+from tests import api_helpers as api
+
+
+def delta(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        f"layers.{i}.{part}.weight": torch.randn(shape, generator=generator) * 1e-3
+        for i in range(6)
+        for part, shape in (("lora_A", (8, 300)), ("lora_B", (300, 8)))
+    }
+
+
+def streamed(body: bytes, schema: dict[str, tuple[int, ...]], chunk: int) -> object:
+    decoder = StreamingDecode(schema, len(body))
+    for start in range(0, len(body), chunk):
+        decoder.feed(body[start : start + chunk])
+    assert decoder.body() == body
+    return decoder.finish().result(timeout=60)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("chunk", [1 << 16, 4099, 7])
+def test_streamed_decode_is_decode_with_norm_bit_for_bit(
+    dtype: torch.dtype, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fedmoe.adapter_stream.BATCH", 4096)  # many batches for small tensors
+    state = delta(1)
+    body = encode_adapter(state, dtype=dtype)
+    expected, norm = decode_with_norm(body, schema_of(state))
+    result = streamed(body, schema_of(state), chunk)
+    assert isinstance(result, tuple)
+    got, got_norm = result
+    assert list(got) == list(expected) and got_norm == norm  # same order, same float
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
+def bad_bodies() -> Iterator[tuple[str, bytes, dict[str, tuple[int, ...]]]]:
+    state = delta(2)
+    schema = schema_of(state)
+    body = encode_adapter(state, dtype=torch.bfloat16)
+    yield "wrong shape", body, {**schema, sorted(schema)[0]: (9, 9)}
+    poisoned = {key: tensor.clone() for key, tensor in state.items()}
+    poisoned[sorted(poisoned)[3]].view(-1)[5] = float("nan")
+    yield "NaN", encode_adapter(poisoned, dtype=torch.bfloat16), schema
+    yield "header too long", struct.pack("<Q", 1 << 40) + body[8:], schema
+    yield "header not JSON", body[:8] + b"{" * 40 + body[48:], schema
+
+
+@pytest.mark.parametrize("case", list(bad_bodies()), ids=lambda case: case[0])
+def test_a_body_it_cannot_vouch_for_is_left_to_the_update_paths_decode(
+    case: tuple[str, bytes, dict[str, tuple[int, ...]]],
+) -> None:
+    _, body, schema = case
+    assert streamed(body, schema, 1000) is None
+    with pytest.raises(AdapterValidationError):
+        decode_with_norm(body, schema)
+
+
+def test_sized_and_chunked_uploads_are_applied_alike(live_coordinator) -> None:
+    with live_coordinator.client() as http:
+        api.register(http, api.PY_WORKER, api.PY)
+        state = api.random_delta(api.shapes_of(http), 5)
+        body = encode_adapter(state, dtype=torch.bfloat16)
+        sized = api.upload(http, api.PY, body, api.update_headers(update_id="sized"))
+        assert sized.status_code == 200, sized.text
+
+        def pieces() -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding: chunked
+            yield from (body[i : i + 5000] for i in range(0, len(body), 5000))
+
+        headers = api.update_headers(update_id="chunked", base_version=1)
+        chunked = http.post(f"/v1/experts/{api.PY}/updates", content=pieces(), headers=headers)
+        assert chunked.status_code == 200, chunked.text
+    norm = decode_with_norm(body, {k: tuple(v.shape) for k, v in state.items()})[1]
+    assert sized.json()["update_norm"] == chunked.json()["update_norm"] == norm
