@@ -6,6 +6,7 @@ import hashlib
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from fedmoe.adapters import encode_adapter, read_header
+from fedmoe.client import CoordinatorClient
+from fedmoe.schemas import UpdateAck
 
 PY, SQL = "python_expert", "sql_expert"
 PY_WORKER, SQL_WORKER = "py-worker", "sql-worker"
@@ -52,6 +55,39 @@ def register(client: httpx.Client, worker_id: str, specialty: str) -> dict[str, 
     response = client.post("/v1/workers", json=registration_body(client, worker_id, specialty))
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def register_workers(
+    client: CoordinatorClient, workers: Iterable[str], specialty: str
+) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """Register ``workers`` for ``specialty`` through the typed client; the tensor shapes
+    and the expert's current state."""
+    schema = client.schema()
+    shapes = {k: tuple(v) for k, v in schema.tensors.items()}
+    for worker in workers:
+        client.register(
+            worker_id=worker,
+            specialty=specialty,
+            fingerprint=schema.base_model_fingerprint,
+            lora_config=schema.lora_config,
+        )
+    _, state = client.expert_adapter(specialty, shapes)
+    return shapes, state
+
+
+def upload_delta(
+    client: CoordinatorClient, expert: str, worker: str, uid: str, delta: dict, base: int
+) -> UpdateAck:
+    """Upload ``delta`` (float32) through the typed client: 8 tokens, train loss 1."""
+    return client.upload(
+        expert,
+        encode_adapter(delta),
+        worker_id=worker,
+        update_id=uid,
+        base_version=base,
+        num_tokens=8,
+        train_loss=1.0,
+    )
 
 
 def eval_report(

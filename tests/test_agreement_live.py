@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
 from fedmoe.procs import start_coordinator, stop
 from fedmoe.server_strategy import AsyncStrategy, Contribution, ServerOptimizer, StrategyState
@@ -20,16 +19,7 @@ FLAGS = ("--server-lr", "agree", "--no-screen-updates")  # the rule's own direct
 
 
 def _upload(client: CoordinatorClient, worker: str, uid: str, delta: dict, base: int) -> int:
-    ack = client.upload(
-        SQL,
-        encode_adapter(delta),
-        worker_id=worker,
-        update_id=uid,
-        base_version=base,
-        num_tokens=8,
-        train_loss=1.0,
-    )
-    return ack.version
+    return api.upload_delta(client, SQL, worker, uid, delta, base).version
 
 
 def test_kill_nine_keeps_the_agreement_state_exactly(tmp_path) -> None:
@@ -39,16 +29,7 @@ def test_kill_nine_keeps_the_agreement_state_exactly(tmp_path) -> None:
     workers = ("w1", "w2", "w3", "w1")
     try:
         with CoordinatorClient(url) as client:
-            schema = client.schema()
-            shapes = {k: tuple(v) for k, v in schema.tensors.items()}
-            for worker in workers[:3]:
-                client.register(
-                    worker_id=worker,
-                    specialty=SQL,
-                    fingerprint=schema.base_model_fingerprint,
-                    lora_config=schema.lora_config,
-                )
-            _, theta = client.expert_adapter(SQL, shapes)
+            shapes, theta = api.register_workers(client, workers[:3], SQL)
             as_lists = {k: list(s) for k, s in shapes.items()}
             common = api.random_delta(as_lists, 0)  # agreeing deltas: a shared part + noise
             deltas = [

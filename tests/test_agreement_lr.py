@@ -19,22 +19,9 @@ from fedmoe.server_strategy import (
     ServerOptimizer,
     StrategyState,
 )
+from tests.strategy_helpers import THETA, update
 
-THETA = {"w": torch.tensor([1.0, 2.0])}
 E1, E2 = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}
-
-
-def update(delta: list[float], workers: int, *, worker: str = "a") -> Contribution:
-    return Contribution(
-        update_id=f"{worker}-{delta}",
-        delta={"w": torch.tensor(delta)},
-        decay=1.0,
-        clip=1.0,
-        token_factor=1.0,
-        active_workers=workers,
-        now=0.0,
-        worker_id=worker,
-    )
 
 
 def averaged(*directions: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
@@ -80,7 +67,7 @@ def test_agreement_server_lr_is_the_sums_share_of_the_norms() -> None:
 
 def test_a_lone_worker_is_applied_plainly_and_keeps_no_direction() -> None:
     strategy = AsyncStrategy(optimizer=ServerOptimizer(), server_lr="agree")
-    outcome = strategy.receive(THETA, update([4.0, -2.0], 1), StrategyState())
+    outcome = strategy.receive(THETA, update([4.0, -2.0], workers=1, worker="a"), StrategyState())
     assert outcome.weight == 1.0 and outcome.state.empty
     assert outcome.params is not None
     assert torch.equal(outcome.params["w"], THETA["w"] + torch.tensor([4.0, -2.0]))
@@ -91,7 +78,7 @@ def test_agreeing_deltas_move_from_the_mean_towards_the_sum() -> None:
     keep = 1.0 - 1.0 / 16
     state, params, weights = StrategyState(), THETA, []
     for worker in ("a", "b", "a"):  # the same direction three times, two workers active
-        outcome = strategy.receive(params, update([3.0, 4.0], 2, worker=worker), state)
+        outcome = strategy.receive(params, update([3.0, 4.0], workers=2, worker=worker), state)
         assert outcome.params is not None
         params, state = outcome.params, outcome.state
         weights.append(outcome.weight)
@@ -109,13 +96,13 @@ def test_the_screen_shares_its_direction_with_agree() -> None:
     strategy = ScreenedAsyncStrategy(optimizer=ServerOptimizer(), screen=screen, server_lr="agree")
     state = StrategyState()
     for worker in ("a", "b", "c"):
-        outcome = strategy.receive(THETA, update([3.0, 4.0], 3, worker=worker), state)
+        outcome = strategy.receive(THETA, update([3.0, 4.0], workers=3, worker=worker), state)
         state = outcome.state
     # "a" was alone in the history: its direction was not kept; "b" and "c" were folded once
     assert state.folded == 2
     torch.testing.assert_close(state.direction["w"], (1 - 0.75**2) * torch.tensor([0.6, 0.8]))
     assert outcome.weight == pytest.approx(1 / 3)  # c needs a pair: the third saw one entry
-    fourth = strategy.receive(THETA, update([3.0, 4.0], 3, worker="a"), state)
+    fourth = strategy.receive(THETA, update([3.0, 4.0], workers=3, worker="a"), state)
     assert fourth.weight == pytest.approx(1.0)
 
 

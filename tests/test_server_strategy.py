@@ -11,27 +11,11 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.strategy_store import StrategyStore
 from fedmoe.server_strategy import (
     AsyncStrategy,
-    Contribution,
     FedBuffStrategy,
     ServerOptimizer,
     StrategyState,
 )
-
-THETA = {"w": torch.tensor([1.0, 2.0])}
-
-
-def update(
-    delta: list[float], *, uid: str = "u", decay: float = 1.0, tokens: float = 1.0, now: float = 0.0
-) -> Contribution:
-    return Contribution(
-        update_id=uid,
-        delta={"w": torch.tensor(delta)},
-        decay=decay,
-        clip=1.0,
-        token_factor=tokens,
-        active_workers=2,
-        now=now,
-    )
+from tests.strategy_helpers import THETA, update
 
 
 def test_auto_server_lr_and_token_factor() -> None:

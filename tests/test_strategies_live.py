@@ -52,16 +52,7 @@ def test_fedbuff_acknowledges_buffered_updates_and_applies_their_mean(
 
 
 def _upload(client: CoordinatorClient, worker: str, uid: str, delta: dict, base: int):
-    body = encode_adapter(delta)
-    return client.upload(
-        SQL,
-        body,
-        worker_id=worker,
-        update_id=uid,
-        base_version=base,
-        num_tokens=8,
-        train_loss=1.0,
-    )
+    return api.upload_delta(client, SQL, worker, uid, delta, base)
 
 
 def test_kill_nine_with_half_full_buffer_and_momentum_resumes_exactly(tmp_path) -> None:
@@ -71,16 +62,7 @@ def test_kill_nine_with_half_full_buffer_and_momentum_resumes_exactly(tmp_path) 
     port = int(url.rsplit(":", 1)[1])
     try:
         with CoordinatorClient(url) as client:
-            schema = client.schema()
-            shapes = {k: tuple(v) for k, v in schema.tensors.items()}
-            for worker in ("w1", "w2"):
-                client.register(
-                    worker_id=worker,
-                    specialty=SQL,
-                    fingerprint=schema.base_model_fingerprint,
-                    lora_config=schema.lora_config,
-                )
-            _, theta = client.expert_adapter(SQL, shapes)
+            shapes, theta = api.register_workers(client, ("w1", "w2"), SQL)
             as_lists = {k: list(s) for k, s in shapes.items()}
             deltas = [api.random_delta(as_lists, i) for i in range(4)]
             _upload(client, "w1", "a", deltas[0], 0)
