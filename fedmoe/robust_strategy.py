@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fedmoe import aggregate
+from fedmoe import aggregate, robust_aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.fields import RobustAggregation, ServerLr
 from fedmoe.server_strategy import (
@@ -116,7 +116,9 @@ class RobustBuffStrategy(FedBuffStrategy):
         options = self.robust
         reasons: list[str | None] = [None] * len(members)
         if options.outlier_test:
-            reasons = aggregate.outlier_reasons(members, norm_factor=options.outlier_norm_factor)
+            reasons = robust_aggregate.outlier_reasons(
+                members, norm_factor=options.outlier_norm_factor
+            )
         kept = [i for i, reason in enumerate(reasons) if reason is None]
         verdicts = [(ids[i], "rejected", r) for i, r in enumerate(reasons) if r is not None]
         chosen = [members[i] for i in kept]
@@ -127,7 +129,7 @@ class RobustBuffStrategy(FedBuffStrategy):
         trim = (count - 1) // 2  # the median: trim all but the middle one or two
         if options.aggregation == "trimmed_mean":
             trim = min(math.floor(options.trim_fraction * count), trim)
-        grad, shares = aggregate.trimmed_mean(chosen, trim)
+        grad, shares = robust_aggregate.trimmed_mean(chosen, trim)
         expected = 2 * trim / count  # the share a typical member is left out of
         threshold = expected + DOWN_WEIGHTED_SHARE * (1.0 - expected)
         name = options.aggregation.replace("_", " ")

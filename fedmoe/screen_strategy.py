@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fedmoe import aggregate
+from fedmoe import aggregate, robust_aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.fields import ServerLr
 from fedmoe.server_strategy import (
@@ -100,7 +100,7 @@ class ScreenedAsyncStrategy(AsyncStrategy):
         others = [n for w, n, ok in state.recent if ok and w != update.worker_id]
         if len(others) < self.screen.min_workers or state.direction is None:
             return None
-        return aggregate.history_reason(
+        return robust_aggregate.history_reason(
             norm,
             aggregate.cosine(update.delta, state.direction, norm),
             others,

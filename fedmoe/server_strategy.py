@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedmoe import aggregate
+from fedmoe import aggregate, robust_aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.fields import SERVER_OPTIMIZERS, ServerLr, ServerOptimizerKind
 
@@ -194,7 +194,7 @@ def fold_direction(
     state: StrategyState, update: Contribution, norm: float, keep: float
 ) -> StrategyState:
     """``state`` with the update's unit direction averaged into ``direction`` (and counted)."""
-    direction = aggregate.direction_average(state.direction, update.delta, norm, keep)
+    direction = robust_aggregate.direction_average(state.direction, update.delta, norm, keep)
     return replace(state, direction=direction, folded=state.folded + 1)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fedmoe import aggregate
+from fedmoe import aggregate, robust_aggregate
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.strategy_store import StrategyStore
 from fedmoe.screen_strategy import ScreenedAsyncStrategy, ScreenOptions
@@ -27,7 +27,7 @@ E1, E2 = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}
 def averaged(*directions: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
     average = None
     for d in directions:
-        average = aggregate.direction_average(average, d, aggregate.global_norm(d), keep)
+        average = robust_aggregate.direction_average(average, d, aggregate.global_norm(d), keep)
     assert average is not None
     return average
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmoe import aggregate
+from fedmoe import aggregate, robust_aggregate
 from fedmoe.robust_strategy import RobustBuffStrategy, RobustOptions
 from fedmoe.server_strategy import Contribution, ServerOptimizer, StrategyState
 
@@ -19,32 +19,35 @@ def _s(*values: float) -> dict[str, torch.Tensor]:
 
 def test_median_and_trimmed_mean_by_hand() -> None:
     members = [_s(1, 10), _s(2, -5), _s(3, 0), _s(100, 1)]
-    median, shares = aggregate.coordinate_median(members)
+    median, shares = robust_aggregate.coordinate_median(members)
     torch.testing.assert_close(median[KEY], torch.tensor([2.5, 0.5]))
     # coordinate 0 keeps 2 and 3, coordinate 1 keeps 0 and 1: (1, 10) is dropped in both
     assert shares == [1.0, 0.5, 0.0, 0.5]
-    odd, shares = aggregate.coordinate_median(members[:3])
+    odd, shares = robust_aggregate.coordinate_median(members[:3])
     torch.testing.assert_close(odd[KEY], torch.tensor([2.0, 0.0]))
     assert shares == [1.0, 0.5, 0.5]  # (1, 10) is the median in neither coordinate
-    trimmed, _ = aggregate.trimmed_mean([_s(v) for v in (1, 2, 3, 4, 50)], 1)
+    trimmed, _ = robust_aggregate.trimmed_mean([_s(v) for v in (1, 2, 3, 4, 50)], 1)
     torch.testing.assert_close(trimmed[KEY], torch.tensor([3.0]))
-    untrimmed, shares = aggregate.trimmed_mean(members, 0)
+    untrimmed, shares = robust_aggregate.trimmed_mean(members, 0)
     torch.testing.assert_close(untrimmed[KEY], torch.tensor([26.5, 1.5]))
     assert shares == [0.0] * 4
     with pytest.raises(ValueError, match="cannot trim 2"):
-        aggregate.trimmed_mean(members, 2)
+        robust_aggregate.trimmed_mean(members, 2)
 
 
 def test_outlier_test_rejects_scaled_and_flipped_updates() -> None:
     clean = [_s(1.0, 1.0, 0.5), _s(1.2, 0.8, 0.4), _s(0.9, 1.1, 0.6)]
-    assert aggregate.outlier_reasons(clean, norm_factor=3) == [None, None, None]
+    assert robust_aggregate.outlier_reasons(clean, norm_factor=3) == [None, None, None]
     scaled = [*clean, _s(100.0, 100.0, 50.0)]
-    reasons = aggregate.outlier_reasons(scaled, norm_factor=3)
+    reasons = robust_aggregate.outlier_reasons(scaled, norm_factor=3)
     assert reasons[:3] == [None] * 3 and reasons[3] is not None and "norm" in reasons[3]
     flipped = [*clean, _s(-1.0, -1.0, -0.5)]
-    reasons = aggregate.outlier_reasons(flipped, norm_factor=3)
+    reasons = robust_aggregate.outlier_reasons(flipped, norm_factor=3)
     assert reasons[:3] == [None] * 3 and reasons[3] is not None and "cosine" in reasons[3]
-    assert aggregate.outlier_reasons(flipped[2:], norm_factor=3) == [None, None]  # no majority
+    assert robust_aggregate.outlier_reasons(flipped[2:], norm_factor=3) == [
+        None,
+        None,
+    ]  # no majority
     assert aggregate.cosine(_s(1, 0), _s(0, 2)) == 0.0
     assert aggregate.cosine(_s(1, 1), _s(-2, -2)) == pytest.approx(-1.0)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedmoe import aggregate
+from fedmoe import robust_aggregate
 from fedmoe.coordinator.replay import replay_description, strategy_from
 from fedmoe.screen_strategy import ScreenedAsyncStrategy, ScreenOptions
 from fedmoe.server_strategy import AsyncStrategy, Contribution, ServerOptimizer, StrategyState
@@ -24,19 +24,21 @@ def _update(worker: str, delta: dict[str, torch.Tensor], index: int = 0) -> Cont
 
 def test_history_reason_by_hand() -> None:
     norms = [1.0, 2.0, 3.0]  # median 2: the bound is 3 x 2 = 6
-    assert aggregate.history_reason(5.9, 0.5, norms, norm_factor=3, min_cosine=0) is None
-    reason = aggregate.history_reason(6.5, 0.5, norms, norm_factor=3, min_cosine=0)
+    assert robust_aggregate.history_reason(5.9, 0.5, norms, norm_factor=3, min_cosine=0) is None
+    reason = robust_aggregate.history_reason(6.5, 0.5, norms, norm_factor=3, min_cosine=0)
     assert reason is not None and "norm 6.5 > 3 x the others' median 2" in reason
-    reason = aggregate.history_reason(1.0, -0.25, norms, norm_factor=3, min_cosine=0)
+    reason = robust_aggregate.history_reason(1.0, -0.25, norms, norm_factor=3, min_cosine=0)
     assert reason is not None and "cosine -0.250" in reason
-    assert aggregate.history_reason(1.0, -0.25, norms, norm_factor=3, min_cosine=-0.5) is None
-    assert aggregate.history_reason(1e9, -1.0, [], norm_factor=3, min_cosine=0) is None
+    assert (
+        robust_aggregate.history_reason(1.0, -0.25, norms, norm_factor=3, min_cosine=-0.5) is None
+    )
+    assert robust_aggregate.history_reason(1e9, -1.0, [], norm_factor=3, min_cosine=0) is None
 
 
 def test_direction_average_by_hand() -> None:
-    first = aggregate.direction_average(None, _s(3.0, 4.0), 5.0, 0.75)
+    first = robust_aggregate.direction_average(None, _s(3.0, 4.0), 5.0, 0.75)
     torch.testing.assert_close(first[KEY], torch.tensor([0.15, 0.2]))  # 0.25 x (0.6, 0.8)
-    second = aggregate.direction_average(first, _s(0.0, 2.0), 2.0, 0.75)
+    second = robust_aggregate.direction_average(first, _s(0.0, 2.0), 2.0, 0.75)
     torch.testing.assert_close(second[KEY], torch.tensor([0.1125, 0.4]))  # 0.75 x + 0.25 x (0, 1)
 
 
