@@ -77,7 +77,7 @@ def worker(
     from fedmoe.data import DataFormatError, load_examples
 
     try:  # a bad line is named at once, before torch and transformers are loaded
-        load_examples(settings.dataset)
+        examples = load_examples(settings.dataset)  # handed to the job: parsed once
     except (DataFormatError, OSError) as error:
         fail(str(error))
     import httpx
@@ -92,7 +92,7 @@ def worker(
     if threads:
         torch.set_num_threads(threads)
     try:
-        job = make_job(settings)  # several ranks under torchrun, else one process
+        job = make_job(settings, examples)  # several ranks under torchrun, else one process
         _stop_on_signals(job.request_stop)
         summary = job.run()
     except (DataFormatError, FatalSyncError, TrainingDiverged, SpeedSetupError, OSError) as error:

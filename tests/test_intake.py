@@ -132,12 +132,15 @@ def test_the_streamed_sha256_is_the_bodys() -> None:
         sha = StreamingSha256()
         for start in range(0, len(body), 65536 + 7):  # chunks of an odd size
             sha.feed(body[start : start + 65536 + 7])
-        return await sha.hexdigest()
+        return await sha.finish()
+
+    async def small() -> str:
+        sha = StreamingSha256()
+        sha.feed(b"abc")
+        return await sha.finish()
 
     assert asyncio.run(stream()) == hashlib.sha256(body).hexdigest()
-    small = StreamingSha256()
-    small.feed(b"abc")
-    assert asyncio.run(small.hexdigest()) == hashlib.sha256(b"abc").hexdigest()
+    assert asyncio.run(small()) == hashlib.sha256(b"abc").hexdigest()
 
 
 def test_an_upload_over_http_is_logged_with_its_streamed_sha256_and_refused_when_bad(

@@ -58,10 +58,6 @@ class StreamingSha256:
         self._drain()
         return self._sha.hexdigest()
 
-    async def hexdigest(self) -> str:
-        """The digest of everything fed (waits for the hashing thread off the event loop)."""
-        return await self.finish()
-
     def finish(self) -> asyncio.Future[str]:
         """The digest of everything fed, finished on the hashing thread from now on (so the
         caller can join the body meanwhile)."""

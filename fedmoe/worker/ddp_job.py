@@ -27,6 +27,7 @@ import torch.distributed as dist
 from peft import PeftModel
 
 from fedmoe.aggregate import AdapterState
+from fedmoe.data import Example
 from fedmoe.modeling import lora_parameters
 from fedmoe.schemas import SchemaInfo
 from fedmoe.worker.distributed import (
@@ -52,17 +53,18 @@ T = TypeVar("T")
 _PEER_ERRORS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
 
 
-def make_job(options: WorkerOptions) -> WorkerJob:
-    """A ``DistributedWorkerJob`` under torchrun (WORLD_SIZE > 1), else a ``WorkerJob``."""
+def make_job(options: WorkerOptions, examples: list[Example] | None = None) -> WorkerJob:
+    """A ``DistributedWorkerJob`` under torchrun (WORLD_SIZE > 1), else a ``WorkerJob``
+    (``examples``: ``options.dataset`` already loaded)."""
     if not launched_by_torchrun():
-        return WorkerJob(options)
+        return WorkerJob(options, examples=examples)
     if options.train.private:
         # Opacus' Poisson sampling and accountant assume one process holds the data
         raise SpeedSetupError(
             "DP-SGD (--dp-epsilon / --dp-noise-multiplier) runs in one process: "
             "start this worker without torchrun"
         )
-    return DistributedWorkerJob(options, init_from_env(options.device))
+    return DistributedWorkerJob(options, init_from_env(options.device), examples=examples)
 
 
 def is_peer_failure(error: BaseException) -> bool:
@@ -110,10 +112,11 @@ class DistributedWorkerJob(WorkerJob):
         *,
         client: WorkerClient | None = None,
         clock: Clock | None = None,
+        examples: list[Example] | None = None,
     ) -> None:
         if not context.is_main:
             client = _NoCoordinator()
-        super().__init__(options, client=client, clock=clock)
+        super().__init__(options, client=client, clock=clock, examples=examples)
         self.dist = context
         self.rank_pids: list[int] = []
         self.slot: TrackingSlot | None = None

@@ -64,7 +64,9 @@ class WorkerJob:
         *,
         client: WorkerClient | None = None,
         clock: Clock | None = None,
+        examples: list[Example] | None = None,
     ) -> None:
+        """``examples``: ``options.dataset`` already loaded (the CLI checks it first)."""
         self.options = options
         self.client: WorkerClient = client or CoordinatorClient(
             options.coordinator_url, token=options.auth_token, ca_cert=options.ca_cert
@@ -74,6 +76,7 @@ class WorkerJob:
         self.stats = WorkerStats(started=self.clock.now())  # train() restarts it
         self.summary: dict[str, Any] = {}
         # load_data()
+        self._loaded = examples
         self.examples: list[Example] = []
         self.eval_examples: list[Example] = []
         # load_model()
@@ -103,7 +106,7 @@ class WorkerJob:
     def load_data(self) -> None:
         """Read (and split) the datasets: a bad line stops us before anything else."""
         opts = self.options
-        self.examples = load_examples(opts.dataset)
+        self.examples = self._loaded if self._loaded is not None else load_examples(opts.dataset)
         if opts.eval_dataset:
             self.eval_examples = load_examples(opts.eval_dataset)
         elif opts.validation_fraction > 0:
