@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from fedmoe.featurizer import FeaturizerSettings
 from fedmoe.routing import Router
-from fedmoe.signature import DomainSignature, FeaturizerSettings
+from fedmoe.signature import DomainSignature
 
 FACTORS = (1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 SIZES = (30, 60, 100, 400)

@@ -37,10 +37,11 @@ from fedmoe.config import LoraSettings
 from fedmoe.data import Example, load_examples
 from fedmoe.demo_data import DOMAINS, write_demo_datasets
 from fedmoe.evaluation import validation_loss
+from fedmoe.featurizer import FeaturizerSettings, featurize, request_text
 from fedmoe.modeling import attach_lora, load_adapter_state, load_base_model
 from fedmoe.ood import DEFAULT_RANK
 from fedmoe.routing import DEFAULT_MARGIN, DEFAULT_MAX_DISTANCE, DEFAULT_OOD_FACTOR, Router
-from fedmoe.signature import DomainSignature, FeaturizerSettings, featurize, request_text
+from fedmoe.signature import DomainSignature
 from fedmoe.strategy import MERGE_METHODS, GatewayMerge
 
 CACHE = Path(tempfile.gettempdir()) / "fedmoe-routing-bench"

@@ -30,12 +30,13 @@ from fedmoe.aggregate import merge_cat
 from fedmoe.config import LoraSettings
 from fedmoe.data import parse_record
 from fedmoe.demo_data import DOMAINS, generate_domain
+from fedmoe.featurizer import FeaturizerSettings, request_text
 from fedmoe.modeling import BaseModel, initial_adapter, load_base_model
 from fedmoe.routing import Router
 from fedmoe.serve.engine import Engine, Finished, GenerationJob, Sampling
 from fedmoe.serve.models import ModelRegistry
 from fedmoe.serve.router import BaseView
-from fedmoe.signature import FeaturizerSettings, compute_signature, request_text
+from fedmoe.signature import compute_signature
 
 ANSWER_TOKENS = 64
 

@@ -9,8 +9,8 @@ from typing import Any
 from fedmoe.batching import TokenizedExample, count_trainable_tokens, tokenize_example
 from fedmoe.data import Example
 from fedmoe.evaluation import validation_loss
+from fedmoe.featurizer import request_text
 from fedmoe.routing import RouteDecision, Router
-from fedmoe.signature import request_text
 
 
 def route_examples(

@@ -58,6 +58,7 @@ from typing import Any, get_args
 
 import torch
 
+from fedmoe.featurizer import FeaturizerSettings, featurize
 from fedmoe.fields import (
     DEFAULT_ROUTER_FALLBACK,
     DEFAULT_ROUTER_MARGIN,
@@ -66,7 +67,7 @@ from fedmoe.fields import (
     RouterFallback,
 )
 from fedmoe.ood import VAR_FLOOR
-from fedmoe.signature import DomainSignature, FeaturizerSettings, SignatureError, featurize
+from fedmoe.signature import DomainSignature, SignatureError
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from fedmoe.api.server import listen_socket
 from fedmoe.client import CoordinatorClient
 from fedmoe.data import parse_record
 from fedmoe.demo_data import generate_domain
+from fedmoe.featurizer import request_text
 from fedmoe.modeling import BaseModel
 from fedmoe.serve.app import create_serve_app
 from fedmoe.serve.server import token_registry
 from fedmoe.serve.service import Service
 from fedmoe.serve.settings import ServeSettings
-from fedmoe.signature import request_text
 from fedmoe.tiny import build_tiny_tokenizer
 from fedmoe.worker.signing import share_signature
 from tests.api_helpers import random_delta, register, update_headers, upload

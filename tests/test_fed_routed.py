@@ -21,8 +21,9 @@ from fedmoe.data import load_examples, parse_record
 from fedmoe.demo_data import generate_domain, write_demo_datasets
 from fedmoe.evaluation import validation_loss
 from fedmoe.export import fetch_adapter_dir
+from fedmoe.featurizer import FeaturizerSettings
 from fedmoe.modeling import load_base_model
-from fedmoe.signature import FeaturizerSettings, compute_signature
+from fedmoe.signature import compute_signature
 from fedmoe.tiny import build_tiny_tokenizer
 from fedmoe.watch import read_snapshot, render
 from fedmoe.worker.fed_routed import RoutedEvaluation

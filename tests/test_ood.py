@@ -16,16 +16,11 @@ from safetensors.torch import save as save_safetensors
 from fedmoe.coordinator.signatures import METADATA_KEY, decode_book, encode_book
 from fedmoe.data import parse_record
 from fedmoe.demo_data import DOMAINS, generate_domain
+from fedmoe.featurizer import FeaturizerSettings, featurize, request_text
 from fedmoe.modeling import load_base_model
 from fedmoe.ood import QUANTILE_LEVELS, Subspace
 from fedmoe.routing import Router, router_from_payload
-from fedmoe.signature import (
-    DomainSignature,
-    FeaturizerSettings,
-    SignatureError,
-    featurize,
-    request_text,
-)
+from fedmoe.signature import DomainSignature, SignatureError
 
 SETTINGS = FeaturizerSettings()
 FP = "config:abc/weights:def"

@@ -13,17 +13,10 @@ import torch
 from fedmoe.config import LoraSettings
 from fedmoe.data import parse_record
 from fedmoe.demo_data import DOMAINS, generate_domain
+from fedmoe.featurizer import FEATURIZER_VERSION, FeaturizerSettings, featurize, request_text
 from fedmoe.modeling import attach_lora, load_base_model
 from fedmoe.routing import Router, router_from_payload
-from fedmoe.signature import (
-    FEATURIZER_VERSION,
-    DomainSignature,
-    FeaturizerSettings,
-    SignatureError,
-    compute_signature,
-    featurize,
-    request_text,
-)
+from fedmoe.signature import DomainSignature, SignatureError, compute_signature
 
 SETTINGS = FeaturizerSettings()
 FP = "config:abc/weights:def"

@@ -25,12 +25,13 @@ from fedmoe.cli import app
 from fedmoe.client import CoordinatorClient
 from fedmoe.config import LoraSettings
 from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
+from fedmoe.featurizer import FeaturizerSettings, featurize
 from fedmoe.modeling import load_base_model
 from fedmoe.routing import router_from_payload
 from fedmoe.serve.router import BaseView
 from fedmoe.serve.settings import ServeSettings
 from fedmoe.serve.vllm import VLLM_RANKS, export_for_vllm
-from fedmoe.signature import DomainSignature, FeaturizerSettings, featurize
+from fedmoe.signature import DomainSignature
 from tests.serve_helpers import (
     EXPERTS,
     LiveServe,

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from fedmoe.cli import app
 from fedmoe.data import load_examples, parse_record
 from fedmoe.demo_data import DOMAINS, generate_domain, write_demo_datasets
+from fedmoe.featurizer import FeaturizerSettings
 from fedmoe.modeling import load_base_model
 from fedmoe.procs import start_coordinator, start_worker, stop
-from fedmoe.signature import DomainSignature, FeaturizerSettings, compute_signature
+from fedmoe.signature import DomainSignature, compute_signature
 from tests.api_helpers import PY, PY_WORKER, SQL, SQL_WORKER, assert_error, register
 
 pytestmark = pytest.mark.heavy(11)  # run early (tests/conftest.py)

@@ -29,9 +29,10 @@ from safetensors.torch import save as save_safetensors
 
 from fedmoe.adapters import atomic_write, read_header
 from fedmoe.coordinator import errors
+from fedmoe.featurizer import FeaturizerSettings
 from fedmoe.ood import MAX_RANK
 from fedmoe.routing import DEFAULT_METHOD
-from fedmoe.signature import DomainSignature, FeaturizerSettings, SignatureError
+from fedmoe.signature import DomainSignature, SignatureError
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ class ServeRouter:
 class BaseView:
     """The served peft model seen as its base model: every row runs with ``__base__``.
 
-    ``fedmoe.signature.featurize`` disables a peft model's adapters with
+    ``fedmoe.featurizer.featurize`` disables a peft model's adapters with
     ``disable_adapter()``, which walks every LoRA layer twice per call (about 20 ms of a
     36 ms routing call on the tiny model, measured in ``benchmarks.serve_bench``). peft's
     per-row ``adapter_names=["__base__"]`` gives the same base-only forward without

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from fedmoe.client import ApiError
 from fedmoe.data import Example
-from fedmoe.signature import FeaturizerSettings, SignatureError, compute_signature
+from fedmoe.featurizer import FeaturizerSettings
+from fedmoe.signature import SignatureError, compute_signature
 
 logger = logging.getLogger(__name__)
 
