@@ -12,7 +12,8 @@ from pydantic import Field
 from typer.testing import CliRunner
 
 from fedmoe import docs
-from fedmoe.cli import app, fail
+from fedmoe.cli import app
+from fedmoe.cli_common import fail
 from fedmoe.config import LoraSettings
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.fields import ID_PATTERN, flat_fields
