@@ -7,8 +7,10 @@ reads (or, for ``forget``, changes) the coordinator's state through
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +18,26 @@ from fedmoe.cli_common import CaOpt, TokenOpt, UrlOpt, console, fail
 from fedmoe.fields import DEFAULT_COORDINATOR_URL
 from fedmoe.logs import setup_logging
 from fedmoe.views import print_status
+
+if TYPE_CHECKING:
+    from fedmoe.client import CoordinatorClient
+    from fedmoe.schemas import GatewayInfo
+
+
+@contextmanager
+def _connected(
+    url: str, token: str | None, ca_cert: Path | None, failure: str
+) -> Iterator[CoordinatorClient]:
+    """A client of the coordinator at ``url``; an HTTP or API error exits: ``failure: error``."""
+    import httpx
+
+    from fedmoe.client import ApiError, CoordinatorClient
+
+    try:
+        with CoordinatorClient(url, token=token, ca_cert=ca_cert) as client:
+            yield client
+    except (httpx.HTTPError, ApiError) as error:
+        fail(f"{failure}: {error}", code=1)
 
 
 def status(
@@ -31,9 +53,7 @@ def status(
     """Show experts, gateway and workers."""
     import time
 
-    import httpx
-
-    from fedmoe.client import ApiError, CoordinatorClient
+    from fedmoe.client import CoordinatorClient
 
     if watch:
         from fedmoe.watch import watch as watch_status
@@ -44,11 +64,9 @@ def status(
             watch_status(console, client, interval=interval, sleep=time.sleep)
         return
 
-    try:
-        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
-            data = client.status()
-    except (httpx.HTTPError, ApiError) as error:
-        fail(f"cannot read status from {coordinator_url}: {error}", code=1)
+    failure = f"cannot read status from {coordinator_url}"
+    with _connected(coordinator_url, auth_token, ca_cert, failure) as client:
+        data = client.status()
     if as_json:
         console.print_json(data.model_dump_json())
         return
@@ -63,15 +81,9 @@ def forget(
     as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False,
 ) -> None:
     """Remove a worker (admin): revoke it and rebuild its experts without its updates."""
-    import httpx
-
-    from fedmoe.client import ApiError, CoordinatorClient
-
-    try:
-        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
-            report = client.forget(worker)
-    except (httpx.HTTPError, ApiError) as error:
-        fail(f"cannot forget {worker} at {coordinator_url}: {error}", code=1)
+    failure = f"cannot forget {worker} at {coordinator_url}"
+    with _connected(coordinator_url, auth_token, ca_cert, failure) as client:
+        report = client.forget(worker)
     if as_json:
         console.print_json(report.model_dump_json())
         return
@@ -107,38 +119,36 @@ def gateway(
     """
     import tempfile
 
-    import httpx
-
-    from fedmoe.client import ApiError, CoordinatorClient
     from fedmoe.export import fetch_adapter_dir, generate, load_with_adapter
-    from fedmoe.views import print_router
 
     setup_logging("WARNING")
-    try:
-        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
-            info = client.gateway_info()
-            console.print(
-                f"gateway version {info.version}, merge method "
-                f"{info.merge_method}, rank {info.lora_rank}"
-            )
-            for name, version in info.expert_versions.items():
-                console.print(f"  {name}: version {version}, weight {info.weights[name]:.3f}")
-            print_router(console, info.router)
-            if prompt is not None and expert is None and output is None:
-                _answer(client, prompt, merged, base_model, max_new_tokens)
-                return
-            if output is None and prompt is None:
-                return
-            directory = output or Path(tempfile.mkdtemp(prefix="fedmoe-adapter-"))
-            written = fetch_adapter_dir(client, directory, expert=expert)
-    except (httpx.HTTPError, ApiError) as error:
-        fail(f"{coordinator_url}: {error}", code=1)
+    with _connected(coordinator_url, auth_token, ca_cert, coordinator_url) as client:
+        _print_gateway(client.gateway_info())
+        if prompt is not None and expert is None and output is None:
+            _answer(client, prompt, merged, base_model, max_new_tokens)
+            return
+        if output is None and prompt is None:
+            return
+        directory = output or Path(tempfile.mkdtemp(prefix="fedmoe-adapter-"))
+        written = fetch_adapter_dir(client, directory, expert=expert)
     console.print(f"wrote {written['name']} v{written['version']} as a PEFT adapter to {directory}")
     if prompt is not None:
         model, tokenizer = load_with_adapter(base_model or written["base_model"], directory)
         console.print(
             f"[bold]{prompt}[/]{generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)}"
         )
+
+
+def _print_gateway(info: GatewayInfo) -> None:
+    """The gateway's version, merge method and rank, its experts' versions, its router."""
+    from fedmoe.views import print_router
+
+    console.print(
+        f"gateway version {info.version}, merge method {info.merge_method}, rank {info.lora_rank}"
+    )
+    for name, version in info.expert_versions.items():
+        console.print(f"  {name}: version {version}, weight {info.weights[name]:.3f}")
+    print_router(console, info.router)
 
 
 def _answer(
@@ -169,17 +179,11 @@ def export_vllm_command(
     gateway: Annotated[bool, typer.Option(help="Also export the merged gateway.")] = True,
 ) -> None:
     """Write every expert (and the gateway) as PEFT adapters, the router, and a vLLM command."""
-    import httpx
-
-    from fedmoe.client import ApiError, CoordinatorClient
     from fedmoe.serve.vllm import export_for_vllm
 
     setup_logging("WARNING")
-    try:
-        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
-            manifest = export_for_vllm(client, directory, gateway=gateway)
-    except (httpx.HTTPError, ApiError) as error:
-        fail(f"{coordinator_url}: {error}", code=1)
+    with _connected(coordinator_url, auth_token, ca_cert, coordinator_url) as client:
+        manifest = export_for_vllm(client, directory, gateway=gateway)
     for name, info in manifest["adapters"].items():
         console.print(f"{name}: v{info['version']} rank {info['rank']} → {info['path']}")
     for name, why in manifest["skipped"].items():
