@@ -27,7 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 
 from fedmoe.client import ApiError
-from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.sync_seams import (
     AdapterSlot,
     Capture,
@@ -63,23 +62,10 @@ class Syncer(SyncState):
     but ``in_flight``/``poll``, so the background thread needs no locks.
     """
 
-    def __init__(
-        self,
-        client: SyncClient,
-        adapter: AdapterSlot,
-        identity: SyncIdentity,
-        *,
-        stats: WorkerStats,
-        clock: Clock,
-        sync_interval: float,
-        max_backoff: float,
-    ) -> None:
-        super().__init__(client, adapter, identity, stats=stats, clock=clock)
-        self.sync_interval, self.max_backoff = sync_interval, max_backoff
-        self.backoff = 1.0
-        self.next_sync_at = 0.0
-        self._executor: ThreadPoolExecutor | None = None
-        self._future: Future[bool] | None = None
+    # the background thread (made at the first start()) and the exchange in flight; every
+    # instance sets its own when it has one, these are the "none yet" values
+    _executor: ThreadPoolExecutor | None = None
+    _future: Future[bool] | None = None
 
     # --- one exchange and its retries ------------------------------------------------------
 

@@ -41,11 +41,13 @@ logger = logging.getLogger(__name__)
 
 
 class SyncState:
-    """Pulled expert, update in flight and windows to settle, and the steps that move them.
+    """One worker's sync state and the steps of one exchange that move it.
 
-    ``capture`` and ``finish`` run on the training thread; ``_sync_once`` (one exchange:
-    upload, acknowledge, rebuild or pull) never touches the adapter, so it may run on
-    another thread while training goes on.
+    The state: the pulled expert and its version, the update in flight, the windows to
+    settle, and when the next sync is due (``next_sync_at``, ``backoff``: ``Syncer`` keeps
+    them). ``capture`` and ``finish`` run on the training thread; ``_sync_once`` (one
+    exchange: upload, acknowledge, rebuild or pull) never touches the adapter, so it may
+    run on another thread while training goes on.
     """
 
     def __init__(
@@ -56,14 +58,19 @@ class SyncState:
         *,
         stats: WorkerStats,
         clock: Clock,
+        sync_interval: float,
+        max_backoff: float,
     ) -> None:
         self.client, self.adapter, self.identity = client, adapter, identity
         self.stats, self.clock = stats, clock
+        self.sync_interval, self.max_backoff = sync_interval, max_backoff
         self.pending: PendingUpdate | None = None
         self.unrebased: AdapterState | None = None  # acknowledged, but the pull failed
         self.base_version = 0
         self.pulled: AdapterState = {}
         self.run_id: str | None = None
+        self.backoff = 1.0
+        self.next_sync_at = 0.0
         self._settled: list[PendingUpdate] = []  # acknowledged or refused, window not settled
         self._rebase_since: AdapterState | None = None  # rebase onto ``pulled`` at finish()
         # the snapshot's buffers, allocated once (at the first pull) and reused by every
