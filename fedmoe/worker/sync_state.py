@@ -44,7 +44,7 @@ class SyncState:
     """One worker's sync state and the steps of one exchange that move it.
 
     The state: the pulled expert and its version, the update in flight, the windows to
-    settle, and when the next sync is due (``next_sync_at``, ``backoff``: ``Syncer`` keeps
+    settle, and when the next sync is due (``next_sync_at``, ``backoff``: ``Syncer`` sets
     them). ``capture`` and ``finish`` run on the training thread; ``_sync_once`` (one
     exchange: upload, acknowledge, rebuild or pull) never touches the adapter, so it may
     run on another thread while training goes on.
