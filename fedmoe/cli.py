@@ -52,11 +52,14 @@ def worker(
     log_level: LogLevelOpt = "INFO",
 ) -> None:
     """Train one expert on local data and sync it every --sync-interval seconds."""
+    from fedmoe.client import tls_context
     from fedmoe.data import DataFormatError, load_examples
 
-    try:  # a bad line is named at once, before torch and transformers are loaded
+    try:  # a bad line or CA file is named at once, before torch and transformers are loaded
         examples = load_examples(settings.dataset)  # handed to the job: parsed once
-    except (DataFormatError, OSError) as error:
+        if settings.ca_cert is not None:
+            tls_context(settings.ca_cert)
+    except (DataFormatError, OSError, ValueError) as error:
         fail(str(error))
     import httpx
     import torch

@@ -31,13 +31,23 @@ def _connected(
     """A client of the coordinator at ``url``; an HTTP or API error exits: ``failure: error``."""
     import httpx
 
-    from fedmoe.client import ApiError, CoordinatorClient
+    from fedmoe.client import ApiError
 
     try:
-        with CoordinatorClient(url, token=token, ca_cert=ca_cert) as client:
+        with client_for(url, token, ca_cert) as client:
             yield client
     except (httpx.HTTPError, ApiError) as error:
         fail(f"{failure}: {error}", code=1)
+
+
+def client_for(url: str, token: str | None, ca_cert: Path | None) -> CoordinatorClient:
+    """A client of ``url``; a bad ``--ca-cert`` exits with the client's message."""
+    from fedmoe.client import CoordinatorClient
+
+    try:
+        return CoordinatorClient(url, token=token, ca_cert=ca_cert)
+    except ValueError as error:
+        fail(str(error))
 
 
 def status(
@@ -53,14 +63,12 @@ def status(
     """Show experts, gateway and workers."""
     import time
 
-    from fedmoe.client import CoordinatorClient
-
     if watch:
         from fedmoe.watch import watch as watch_status
 
         if interval <= 0:
             fail(f"--interval must be > 0 seconds, got {interval}")
-        with CoordinatorClient(coordinator_url, token=auth_token, ca_cert=ca_cert) as client:
+        with client_for(coordinator_url, auth_token, ca_cert) as client:
             watch_status(console, client, interval=interval, sleep=time.sleep)
         return
 

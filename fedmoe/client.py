@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -63,6 +64,19 @@ class ApiError(Exception):
         return self.status_code >= 500
 
 
+def tls_context(ca_cert: Path) -> ssl.SSLContext:
+    """A TLS context that trusts ``ca_cert``; ``ValueError`` naming the file when it is
+    missing or not a PEM bundle (rather than an OS or OpenSSL traceback)."""
+    if not ca_cert.is_file():
+        raise ValueError(
+            f"CA certificate {ca_cert} does not exist or is not a file (--ca-cert / {CA_CERT_ENV})"
+        )
+    try:
+        return ssl.create_default_context(cafile=str(ca_cert))
+    except (ssl.SSLError, OSError) as error:
+        raise ValueError(f"CA certificate {ca_cert} could not be loaded: {error}") from None
+
+
 class CoordinatorClient:
     """Typed calls to one coordinator; the token defaults to ``$FEDMOE_AUTH_TOKEN``."""
 
@@ -82,7 +96,7 @@ class CoordinatorClient:
             base_url=base_url.rstrip("/"),
             headers=headers,
             timeout=timeout,
-            verify=str(ca_cert) if ca_cert else True,
+            verify=tls_context(ca_cert) if ca_cert else True,
         )
 
     def close(self) -> None:

@@ -16,8 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from fedmoe.adapters import encode_adapter
+from fedmoe.cli import app
 from fedmoe.client import ApiError, CoordinatorClient
 from fedmoe.coordinator.settings import CoordinatorSettings
 from tests.api_helpers import registration_body
@@ -301,6 +303,24 @@ def test_tls_with_the_ca_cert_works_and_without_it_fails(
         client.health()
     with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port
         httpx.get(live.url.replace("https://", "http://") + "/healthz", timeout=5)
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n"])
+def test_a_bad_ca_cert_is_named_before_any_connection(tmp_path, content, monkeypatch) -> None:
+    monkeypatch.delenv("FEDMOE_CA_CERT", raising=False)
+    cert = tmp_path / "ca.pem"
+    if content is not None:
+        cert.write_bytes(content)
+    reason = "does not exist" if content is None else "could not be loaded"
+    with pytest.raises(ValueError, match=f"CA certificate {cert} {reason}"):
+        CoordinatorClient("https://127.0.0.1:9", ca_cert=cert)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "SELECT 1;"}\n')
+    worker = ["worker", "--worker-id", "w", "--specialty", "sql_expert", "--dataset", str(data)]
+    for command in (["status"], ["status", "--watch"], ["gateway"], worker):
+        result = CliRunner().invoke(app, [*command, "--ca-cert", str(cert)])
+        assert result.exit_code == 2, result.output
+        assert reason in " ".join(result.output.split()), result.output
 
 
 # --- no unpickling anywhere in the package ---------------------------------------------------
