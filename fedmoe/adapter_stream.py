@@ -103,9 +103,10 @@ class StreamingDecode:
         header, start, _ = self._layout
         return [(key, *tensor_with_norm(self.buffer, start, header[key])) for key in keys]
 
-    def body(self) -> bytes:
-        """The received bytes (one copy)."""
-        return self.buffer[: self.received]
+    def body(self) -> memoryview:
+        """The received bytes, read only, where they were received (no copy: the view keeps
+        the buffer alive as long as anyone holds it, e.g. the log writing it)."""
+        return self._view[: self.received].toreadonly()
 
     def finish(self) -> Future[Decoded | None]:
         """The decoded tensors and norm of the whole body (None: decode it again), done on

@@ -177,3 +177,61 @@ def test_a_rejected_worker_is_recorded_and_not_counted_as_active(tmp_path) -> No
         assert coordinator.strategies.status(sql).screen_updates
     finally:
         coordinator.close()
+
+
+def _random_state(seed: int, scale: float) -> dict[str, torch.Tensor]:
+    # big enough (> fedmoe.parallel.MIN_ELEMENTS) that the pass splits over both threads
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"a.lora_A.weight": (16, 40_000), "a.lora_B.weight": (50_000, 16), "b.x": (7, 3)}
+    return {k: scale * torch.randn(s, generator=generator) for k, s in shapes.items()}
+
+
+def test_screened_step_is_the_separate_passes_bit_for_bit() -> None:
+    from fedmoe import aggregate
+
+    theta, delta, direction = (_random_state(s, 10.0**-s) for s in (1, 2, 3))
+    norm = aggregate.global_norm(delta)
+    step = robust_aggregate.screened_step(
+        theta, delta, direction, weight=0.3, norm=norm, keep=0.9375
+    )
+    assert (step.dot, step.direction_sq) == aggregate.dots(delta, direction)
+    expected = aggregate.apply_update(theta, delta, 0.3)
+    assert list(step.params) == list(expected)
+    assert all(torch.equal(step.params[k], expected[k]) for k in expected)
+    average = robust_aggregate.direction_average(direction, delta, norm, 0.9375)
+    assert list(step.direction) == list(average)
+    assert all(torch.equal(step.direction[k], average[k]) for k in average)
+
+
+def test_a_judged_update_is_applied_as_by_the_separate_steps_bit_for_bit() -> None:
+    from fedmoe import aggregate
+    from fedmoe.server_strategy import fold_direction
+
+    def honest(worker: str, index: int) -> Contribution:  # a shared direction, and noise
+        noise = _random_state(10 + index, 1e-3)
+        return _update(worker, {k: shared[k] + v for k, v in noise.items()}, index)
+
+    strategy, shared = _screened(), _random_state(2, 1e-3)
+    params, state = _random_state(1, 0.1), StrategyState()
+    for index, worker in enumerate("abc"):  # a history: the fourth update is judged
+        outcome = strategy.receive(params, honest(worker, index), state)
+        assert outcome.params is not None and outcome.weight == 0.5
+        params, state = outcome.params, outcome.state
+    update = honest("a", 3)
+    outcome = strategy.receive(params, update, state)
+    assert outcome.params is not None and outcome.state.verdicts == ()
+    # what the strategy did before the fused pass: step, then fold the direction in
+    norm = aggregate.global_norm(update.delta)
+    plain = AsyncStrategy.step(strategy, params, update, state)
+    assert plain.params is not None and outcome.weight == plain.weight
+    assert all(torch.equal(outcome.params[k], plain.params[k]) for k in params)
+    folded = fold_direction(state, update, norm, strategy.keep)
+    assert outcome.state.folded == folded.folded == state.folded + 1
+    assert outcome.state.direction is not None and folded.direction is not None
+    assert all(torch.equal(outcome.state.direction[k], folded.direction[k]) for k in params)
+    assert outcome.state.recent[-1] == ("a", norm, True)
+    # a flipped one is rejected by the cosine the same pass measured: θ and direction stay
+    flipped = _update("b", {k: -v for k, v in update.delta.items()}, 4)
+    rejected = strategy.receive(outcome.params, flipped, outcome.state)
+    assert rejected.weight == 0.0 and "cosine" in rejected.state.verdicts[0][2]
+    assert rejected.state.direction is outcome.state.direction
