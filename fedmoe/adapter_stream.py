@@ -14,6 +14,7 @@ refuses it with the same message as ever.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,13 +40,29 @@ Converted = list[tuple[str, torch.Tensor, torch.Tensor]]
 Decoded = tuple[AdapterState, float]
 
 
+def receive_buffer(size: int) -> mmap.mmap:
+    """``size`` bytes of private anonymous memory, advised into transparent huge pages.
+
+    Private, not ``mmap``'s default shared mapping (shared anonymous memory is shmem, whose
+    page faults cost more), and in 2 MiB pages where the kernel allows: a 17.6 MB body
+    then takes 9 page faults instead of about 4,300, which cost the event loop receiving
+    it about as much as copying the bytes in.
+    """
+    buffer = mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if advice is not None:
+        with contextlib.suppress(OSError):  # no THP in this kernel: 4 KiB pages as ever
+            buffer.madvise(advice)
+    return buffer
+
+
 class StreamingDecode:
     """A body of ``size`` bytes, received chunk by chunk, decoded as it comes."""
 
     def __init__(self, schema: AdapterSchema, size: int) -> None:
         self.schema, self.size = schema, size
         # anonymous memory: pages are taken as bytes arrive, not when a size is announced
-        self.buffer = mmap.mmap(-1, max(1, size))
+        self.buffer = receive_buffer(size)
         self._view = memoryview(self.buffer)
         self.received = 0
         self._layout: tuple[dict[str, Any], int, list[str]] | None = None
