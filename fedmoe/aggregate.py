@@ -61,10 +61,10 @@ def apply_update(
     """Return θ + scale·Δ for every tensor; ``params`` is left untouched."""
     keys = list(params)
     numels = [params[key].numel() for key in keys]
-    return per_tensor(lambda key: plus_scaled(params[key], delta[key], scale), keys, numels)
+    return per_tensor(lambda key: _plus_scaled(params[key], delta[key], scale), keys, numels)
 
 
-def plus_scaled(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+def _plus_scaled(theta: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
     """θ + scale·Δ, bit for bit, with one new tensor instead of two: the product (exactly Δ
     when scale is 1) is made first and θ added into it (float addition commutes exactly)."""
     if theta.dtype != torch.float32 or delta.dtype != torch.float32 or theta.shape != delta.shape:
@@ -326,10 +326,5 @@ def cosine(
     """cos(a, b) over all tensors taken together (0 when either is zero); ``norm_a``: ‖a‖
     when known already."""
     ab, bb = dots(a, b)
-    return cosine_of(ab, bb, global_norm(a) if norm_a is None else norm_a)
-
-
-def cosine_of(ab: float, bb: float, norm_a: float) -> float:
-    """cos(a, b) from ⟨a, b⟩, ⟨b, b⟩ and ‖a‖ (0 when either is zero)."""
-    norms = norm_a * math.sqrt(max(bb, 0.0))
+    norms = (global_norm(a) if norm_a is None else norm_a) * math.sqrt(max(bb, 0.0))
     return ab / norms if norms > 0 else 0.0

@@ -6,11 +6,10 @@ against the accepted history (with the direction average it keeps).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from fedmoe.aggregate import AdapterState, cosine, global_norm, plus_scaled, scale
+from fedmoe.aggregate import AdapterState, cosine, global_norm, scale
 from fedmoe.parallel import per_tensor
 
 # --- robust aggregation over a buffer (Byzantine-robust FedBuff) ------------------------------
@@ -118,66 +117,13 @@ def direction_average(
 ) -> AdapterState:
     """keep·average + (1 − keep)·Δ/‖Δ‖: an exponential average of accepted directions
     (unit vectors, so one large update does not dominate it)."""
-    step = _direction_step(norm, keep)
+    step = (1.0 - keep) / norm if norm > 0 else 0.0
     if average is None:
         return scale(delta, step)
     # two passes per tensor, one new tensor, on two threads: it runs on every accepted update
     keys = list(average)
     return per_tensor(
-        lambda key: _averaged(average[key], delta[key], keep, step),
+        lambda key: (keep * average[key]).add_(delta[key], alpha=step),
         keys,
         [average[key].numel() for key in keys],
-    )
-
-
-def _direction_step(norm: float, keep: float) -> float:
-    """The weight of Δ in the direction average: (1 − keep)/‖Δ‖ (0 for a zero Δ)."""
-    return (1.0 - keep) / norm if norm > 0 else 0.0
-
-
-def _averaged(average: torch.Tensor, delta: torch.Tensor, keep: float, step: float) -> torch.Tensor:
-    return (keep * average).add_(delta, alpha=step)
-
-
-@dataclass(frozen=True)
-class ScreenedStep:
-    """What the update screen needs of an update, and what it applies if it is accepted."""
-
-    dot: float  # ⟨Δ, d⟩, as ``aggregate.dots(Δ, d)`` sums it
-    direction_sq: float  # ⟨d, d⟩, likewise
-    params: AdapterState  # θ + w·Δ, as ``aggregate.apply_update`` makes it
-    direction: AdapterState  # ``direction_average(d, Δ, ‖Δ‖, keep)``
-
-
-def screened_step(
-    params: Mapping[str, torch.Tensor],
-    delta: Mapping[str, torch.Tensor],
-    direction: Mapping[str, torch.Tensor],
-    *,
-    weight: float,
-    norm: float,
-    keep: float,
-) -> ScreenedStep:
-    """The screen's inner products, θ + w·Δ and the next direction average, bit for bit as
-    ``aggregate.dots``, ``aggregate.apply_update`` and ``direction_average`` make them, in one
-    pass over the tensors instead of three: each tensor's Δ, d and θ are read from memory
-    once, while they are in cache (the accepted-update path is memory-bound). The verdict
-    needs the inner products, so θ' and d' are made before it: a rejected update wastes them.
-    """
-    step = _direction_step(norm, keep)
-
-    def one(key: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-        x, y = delta[key], direction[key]
-        flat_x, flat_y = x.reshape(-1), y.reshape(-1)
-        dot, sq = float(torch.dot(flat_x, flat_y)), float(torch.dot(flat_y, flat_y))
-        return dot, sq, plus_scaled(params[key], x, weight), _averaged(y, x, keep, step)
-
-    keys = list(params)
-    done = per_tensor(one, keys, [params[key].numel() for key in keys])
-    return ScreenedStep(
-        # summed in Δ's key order, as ``aggregate.dots`` sums them
-        dot=sum(done[key][0] for key in delta),
-        direction_sq=sum(done[key][1] for key in delta),
-        params={key: done[key][2] for key in keys},
-        direction={key: done[key][3] for key in direction},
     )

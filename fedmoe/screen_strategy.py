@@ -61,15 +61,6 @@ class ScreenOptions:
         return 1.0 - 1.0 / self.history
 
 
-@dataclass(frozen=True)
-class JudgedStep:
-    """An accepted update's plain step, made while it was judged."""
-
-    params: AdapterState  # θ + w·Δ
-    direction: AdapterState  # the direction average with Δ folded in
-    weight: float  # w
-
-
 class ScreenedAsyncStrategy(AsyncStrategy):
     """``AsyncStrategy`` that first screens each update (see the module docstring)."""
 
@@ -88,17 +79,13 @@ class ScreenedAsyncStrategy(AsyncStrategy):
     def receive(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
         """Reject an outlier (weight 0), else apply the update as the async rule does."""
         norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
-        reason, step = self.judge(update, norm, state, params)
+        reason = self.judge(update, norm, state)
         recent = self.seen(state.recent, update.worker_id, norm, accepted=reason is None)
         if reason is not None:
             verdict = ((update.update_id, "rejected", reason),)
             # θ + 0·Δ, as a worker rebuilds it from the acknowledgement (a -0.0 becomes 0.0)
             unchanged = aggregate.apply_update(params, update.delta, 0.0)
             return Outcome(unchanged, replace(state, recent=recent, verdicts=verdict), 0.0)
-        if step is not None:  # judged in the same pass that applied it (see ``judge``)
-            after = replace(state, verdicts=(), recent=recent, direction=step.direction)
-            after = replace(after, folded=state.folded + 1)  # as ``fold_direction`` counts
-            return Outcome(step.params, after, step.weight)
         outcome = self.step(params, update, replace(state, verdicts=()))
         after = replace(outcome.state, recent=recent)
         # a lone worker is never judged: its expert carries no direction (a second full-size
@@ -107,38 +94,15 @@ class ScreenedAsyncStrategy(AsyncStrategy):
             after = fold_direction(after, update, norm, self.keep)
         return replace(outcome, state=after)
 
-    def judge(
-        self, update: Contribution, norm: float, state: StrategyState, params: AdapterState
-    ) -> tuple[str | None, JudgedStep | None]:
-        """Why ``update`` is rejected, or None (also during the warm-up); and, when the
-        cosine was needed and the step is plain (θ + w·Δ), the step already made with it.
-
-        The norm is judged first (no pass over the tensors); then the cosine, whose inner
-        products ``robust_aggregate.screened_step`` makes in the same pass as θ + w·Δ and
-        the next direction average, the same floats as separate passes would give.
-        """
+    def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:
+        """Why ``update`` is rejected, or None (also during the warm-up)."""
         # other workers whose latest update was accepted: a rejected attacker has no vote
         others = [n for w, n, ok in state.recent if ok and w != update.worker_id]
         if len(others) < self.screen.min_workers or state.direction is None:
-            return None, None
-        reason = self._reason(norm, None, others)
-        if reason is not None:
-            return reason, None
-        if not self.plain:  # a server optimizer steps after the verdict
-            dot, squared = aggregate.dots(update.delta, state.direction)
-            return self._reason(norm, aggregate.cosine_of(dot, squared, norm), others), None
-        weight = self.plain_weight(update, state)
-        step = robust_aggregate.screened_step(
-            params, update.delta, state.direction, weight=weight, norm=norm, keep=self.keep
-        )
-        cosine = aggregate.cosine_of(step.dot, step.direction_sq, norm)
-        judged = JudgedStep(step.params, step.direction, weight)
-        return self._reason(norm, cosine, others), judged
-
-    def _reason(self, norm: float, cosine: float | None, others: list[float]) -> str | None:
+            return None
         return robust_aggregate.history_reason(
             norm,
-            cosine,
+            aggregate.cosine(update.delta, state.direction, norm),
             others,
             norm_factor=self.screen.norm_factor,
             min_cosine=self.screen.min_cosine,

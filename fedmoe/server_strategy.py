@@ -225,23 +225,12 @@ class AsyncStrategy:
         """Apply one update now."""
         return self.follow(self.step(params, update, state), update)
 
-    @property
-    def plain(self) -> bool:
-        """Whether a step is θ + w·Δ (plain SGD without momentum: no moments to keep)."""
-        return not self.optimizer.stateful and self.optimizer.kind == "sgd"
-
-    def plain_weight(
-        self, update: Contribution, state: StrategyState, lr: float | None = None
-    ) -> float:
-        """w of the plain step θ + w·Δ: η·s(τ)·clip (· token factor), today's rule bit for bit."""
-        lr = self.lr(update, state) if lr is None else lr
-        return lr * update.decay * update.clip * update.token_factor
-
     def step(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
         """θ + η·s(τ)·clip·Δ (through the server optimizer, if one keeps moments)."""
         lr = self.lr(update, state)
-        if self.plain:
-            weight = self.plain_weight(update, state, lr)
+        if not self.optimizer.stateful and self.optimizer.kind == "sgd":
+            # today's rule, bit for bit: θ + w·Δ with w = η·s(τ)·clip (· token factor)
+            weight = lr * update.decay * update.clip * update.token_factor
             return Outcome(aggregate.apply_update(params, update.delta, weight), state, weight)
         coeff = update.decay * update.clip * update.token_factor
         new, new_state = self.optimizer.step(
