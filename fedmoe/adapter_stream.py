@@ -35,6 +35,9 @@ from fedmoe.aggregate import AdapterState
 BATCH = 1 << 20  # bytes of tensor data handed to the helper thread at a time
 # One thread: it converts while the event loop receives; more would only contend with it.
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-stream-decode")
+# After the last byte the event loop and the sender are idle: the batches the helper has
+# not started yet are shared with a second thread (``finish``).
+_TAIL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-stream-decode-tail")
 
 Converted = list[tuple[str, torch.Tensor, torch.Tensor]]
 Decoded = tuple[AdapterState, float]
@@ -68,7 +71,7 @@ class StreamingDecode:
         self._layout: tuple[dict[str, Any], int, list[str]] | None = None
         self._failed = False  # not a body this can vouch for: the update path decodes it
         self._next = 0  # the first tensor (in data order) not yet handed to the thread
-        self._batches: list[Future[Converted]] = []
+        self._batches: list[tuple[list[str], Future[Converted]]] = []
 
     def feed(self, chunk: bytes) -> None:
         """Copy the next chunk in; hand the tensors it completes to the helper thread."""
@@ -112,7 +115,7 @@ class StreamingDecode:
             ready, size = ready + 1, size + stop - begin
         if ready > self._next and (final or size >= BATCH):
             batch = keys[self._next : ready]
-            self._batches.append(_POOL.submit(self._convert, batch))
+            self._batches.append((batch, _POOL.submit(self._convert, batch)))
             self._next = ready
 
     def _convert(self, keys: list[str]) -> Converted:
@@ -126,20 +129,28 @@ class StreamingDecode:
         return self._view[: self.received].toreadonly()
 
     def finish(self) -> Future[Decoded | None]:
-        """The decoded tensors and norm of the whole body (None: decode it again), done on
-        the helper thread after the batches already handed over."""
+        """The decoded tensors and norm of the whole body (None: decode it again), on a
+        second thread that converts the batches the helper has not started, newest first,
+        while the helper goes on from the oldest (the same conversion either way)."""
         if self._failed or self._layout is None or self.received != self.size:
             done: Future[Decoded | None] = Future()
             done.set_result(None)
             return done
         self._hand_over(final=True)
-        return _POOL.submit(self._gather, list(self._batches))
+        return _TAIL.submit(self._gather, list(self._batches))
 
-    @staticmethod
-    def _gather(batches: list[Future[Converted]]) -> Decoded | None:
-        # the pool's one thread ran every batch before this (first in, first out)
+    def _gather(self, batches: list[tuple[list[str], Future[Converted]]]) -> Decoded | None:
+        stolen: dict[int, Converted] = {}
         try:
-            converted = [item for batch in batches for item in batch.result()]
+            for index in reversed(range(len(batches))):
+                keys, pending = batches[index]
+                if pending.cancel():  # not started: the helper will skip it
+                    stolen[index] = self._convert(keys)
+            converted = [
+                item
+                for index, (_, pending) in enumerate(batches)
+                for item in (stolen[index] if index in stolen else pending.result())
+            ]
         except Exception:  # the update path's own decode says what is wrong
             return None
         state = {key: tensor for key, tensor, _ in converted}
