@@ -5,8 +5,11 @@ size. Once the safetensors header is in, it is checked against the schema
 (``adapters.check_layout``); from then on every tensor whose bytes have all arrived is
 converted to float32 with its float64 norm on a helper thread, exactly as
 ``adapters.decode_with_norm`` converts it (``tensor_with_norm``, combined in the same data
-order by ``combined_norm``). When the last byte lands little is left to convert, so the
-update path does not pay for the decode after the upload any more. ``finish()`` gives
+order by ``combined_norm``). On a busy machine (the sender, the event loop and the
+sha256 share the cores) the helper falls behind while the body arrives; after the last
+byte the batches it has not started are converted by a second thread, newest first, while
+it goes on from the oldest. The buffer itself is the body the update path and the log
+use (``body()``: a read-only view, not a copy). ``finish()`` gives
 what ``decode_with_norm`` gives for the same bytes, or None when it cannot vouch for them
 (a bad header, non-finite values): the update path then decodes the body itself, and
 refuses it with the same message as ever.
