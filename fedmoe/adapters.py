@@ -36,7 +36,9 @@ class AdapterValidationError(ValueError):
 
 
 AdapterSchema = dict[str, tuple[int, ...]]
-Buffer = bytes | bytearray | mmap.mmap  # what tensors are read from (never written)
+# what tensors are read from (never written): an upload's body is a read-only view of the
+# buffer it was received into (``fedmoe.adapter_stream``), not a copy
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 
 def schema_of(state: Mapping[str, torch.Tensor]) -> AdapterSchema:
@@ -66,7 +68,7 @@ def encode_adapter(
     return save_safetensors(tensors, metadata=metadata)
 
 
-def read_header(body: bytes) -> dict[str, Any]:
+def read_header(body: Buffer) -> dict[str, Any]:
     """Parse and sanity-check the safetensors header of ``body`` without loading tensors."""
     if len(body) < 8:
         raise AdapterValidationError(f"body is {len(body)} bytes: too short for safetensors")
@@ -76,7 +78,7 @@ def read_header(body: bytes) -> dict[str, Any]:
             f"safetensors header length {header_len} does not fit a body of {len(body)} bytes"
         )
     try:
-        header = json.loads(body[8 : 8 + header_len])
+        header = json.loads(bytes(body[8 : 8 + header_len]))
     except (ValueError, RecursionError) as error:  # also too deeply nested or too long ints
         raise AdapterValidationError(f"safetensors header is not JSON: {error}") from None
     if not isinstance(header, dict):
@@ -117,7 +119,7 @@ def _check_entry(key: str, info: Any, shape: tuple[int, ...], data_len: int) -> 
         raise AdapterValidationError(f"{key}: data_offsets {offsets} are invalid")
 
 
-def decode_adapter(body: bytes, schema: AdapterSchema) -> AdapterState:
+def decode_adapter(body: Buffer, schema: AdapterSchema) -> AdapterState:
     """Validate untrusted safetensors bytes against ``schema`` and return float32 tensors
     (``decode_with_norm`` without the norm)."""
     return decode_with_norm(body, schema)[0]
@@ -134,7 +136,7 @@ DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def check_layout(
-    body: bytes, schema: AdapterSchema, size: int | None = None
+    body: Buffer, schema: AdapterSchema, size: int | None = None
 ) -> tuple[dict[str, Any], int, list[str]]:
     """Check untrusted safetensors bytes against ``schema`` without reading tensor data:
     header, keys, shapes, dtypes, metadata and byte ranges (``AdapterValidationError``).
@@ -172,7 +174,7 @@ def combined_norm(state: AdapterState, norms: Sequence[torch.Tensor]) -> float:
     return norm
 
 
-def decode_with_norm(body: bytes, schema: AdapterSchema) -> tuple[AdapterState, float]:
+def decode_with_norm(body: Buffer, schema: AdapterSchema) -> tuple[AdapterState, float]:
     """Validate untrusted safetensors bytes against ``schema``: float32 tensors and their
     global L2 norm, in as few passes over the data as the checks allow.
 

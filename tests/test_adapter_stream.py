@@ -53,6 +53,34 @@ def test_streamed_decode_is_decode_with_norm_bit_for_bit(
     assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
+def test_batches_the_helper_has_not_started_are_converted_by_the_tail_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from fedmoe import adapter_stream
+
+    monkeypatch.setattr("fedmoe.adapter_stream.BATCH", 4096)
+    state = delta(3)
+    body = encode_adapter(state, dtype=torch.bfloat16)
+    expected, norm = decode_with_norm(body, schema_of(state))
+    release = threading.Event()
+    adapter_stream._POOL.submit(release.wait, 60)  # the helper is busy: nothing starts
+    decoder = StreamingDecode(schema_of(state), len(body))
+    for start in range(0, len(body), 5000):
+        decoder.feed(body[start : start + 5000])
+    finished = decoder.finish()
+    try:
+        result = finished.result(timeout=60)  # every batch converted by the tail thread
+    finally:
+        release.set()
+    assert isinstance(result, tuple)
+    assert all(pending.cancelled() for _, pending in decoder._batches)
+    got, got_norm = result
+    assert list(got) == list(expected) and got_norm == norm
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+
+
 def bad_bodies() -> Iterator[tuple[str, bytes, dict[str, tuple[int, ...]]]]:
     state = delta(2)
     schema = schema_of(state)

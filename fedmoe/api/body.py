@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from fastapi import HTTPException, Request
 
 from fedmoe.adapter_stream import Decoded, StreamingDecode
-from fedmoe.adapters import AdapterSchema
+from fedmoe.adapters import AdapterSchema, Buffer
 from fedmoe.api.guard import CLOSE
 from fedmoe.coordinator import phases
 
@@ -90,7 +90,7 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
 class Upload:
     """An upload's body as received, its sha256, and its tensors decoded on the way."""
 
-    body: bytes
+    body: Buffer  # bytes, or a read-only view of the buffer the body was decoded in
     sha256: str
     decoded: Decoded | None  # as adapters.decode_with_norm gives them; None: not decoded
 

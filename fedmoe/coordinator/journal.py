@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from fedmoe.adapters import AdapterSchema
+from fedmoe.adapters import AdapterSchema, Buffer
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import crashpoints, errors, restore
 from fedmoe.coordinator.ledger import Ledger, SnapshotRow, UpdateRecord
@@ -96,7 +96,7 @@ class Journal:
 
     # --- appends (under the expert's lock) ---------------------------------------------------
 
-    def prewrite(self, name: str, body: bytes) -> Prewritten | None:
+    def prewrite(self, name: str, body: Buffer) -> Prewritten | None:
         """Start writing the body of the expert's next record ahead of it (a big body only),
         so that appending the record later leaves only its header to write; ``append_update``
         with it, or ``discard``, must follow under the same hold of the expert's lock."""
@@ -115,7 +115,7 @@ class Journal:
         contribution: Contribution,
         *,
         applied: bool,
-        body: bytes,
+        body: Buffer,
         prewritten: Prewritten | None = None,
     ) -> Appended:
         """Log an accepted update (its ledger row, what replay needs, the body); fsynced.

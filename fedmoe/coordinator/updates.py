@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fedmoe import aggregate
-from fedmoe.adapters import AdapterSchema, check_layout, decode_with_norm
+from fedmoe.adapters import AdapterSchema, Buffer, check_layout, decode_with_norm
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import errors, phases
 from fedmoe.coordinator.journal import Journal
@@ -136,14 +136,14 @@ class UpdatePath:
                 f"num_tokens must be in 0..{MAX_NUM_TOKENS}, got {request.num_tokens}"
             )
 
-    def _check_layout(self, body: bytes) -> None:
+    def _check_layout(self, body: Buffer) -> None:
         """The body's safetensors header against the schema (no tensor data read)."""
         try:
             check_layout(body, self.schema)
         except ValueError as error:
             raise errors.InvalidUpdateError(str(error)) from None
 
-    def _decode(self, body: bytes) -> tuple[AdapterState, float]:
+    def _decode(self, body: Buffer) -> tuple[AdapterState, float]:
         """The float32 delta and its L2 norm (the norm is the finiteness check)."""
         try:
             return decode_with_norm(body, self.schema)
@@ -218,7 +218,7 @@ class UpdatePath:
         record: UpdateRecord,
         outcome: Outcome,
         contribution: Contribution,
-        body: bytes,
+        body: Buffer,
         prewritten: Prewritten | None,
     ) -> UpdateAck:
         """Durably keep an update in its expert's buffer (version unchanged); the ack says so."""
@@ -295,7 +295,7 @@ class UpdatePath:
         record: UpdateRecord,
         new_expert: Versioned,
         contribution: Contribution,
-        body: bytes,
+        body: Buffer,
         prewritten: Prewritten | None,
     ) -> None:
         """Log (one fsync) and commit an applied update; publish the expert and a gateway."""

@@ -10,7 +10,7 @@ from functools import cached_property
 from typing import Any
 
 from fedmoe import aggregate
-from fedmoe.adapters import encode_adapter, view_adapter
+from fedmoe.adapters import Buffer, encode_adapter, view_adapter
 from fedmoe.aggregate import AdapterState
 from fedmoe.state_digest import state_digest
 
@@ -125,7 +125,7 @@ class UpdateRequest:
     base_version: int
     num_tokens: int
     train_loss: float | None
-    body: bytes
+    body: Buffer  # as received: the API layer's receive buffer (read only), not a copy
     dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
     sha256: str | None = None  # the body's, when the API layer hashed it while receiving
     # the body's float32 tensors and norm as ``adapters.decode_with_norm`` gives them, when

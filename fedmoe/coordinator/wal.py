@@ -36,9 +36,12 @@ from collections.abc import Generator, Iterator
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fedmoe.coordinator import crashpoints, errors
+
+if TYPE_CHECKING:
+    from fedmoe.adapters import Buffer
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ class Prewritten:
     consumed: bool = field(default=False)  # appended, or discarded
 
 
-def encode_prefix(header: dict[str, Any], body: bytes, pad_to: int = 0) -> bytes:
+def encode_prefix(header: dict[str, Any], body: Buffer, pad_to: int = 0) -> bytes:
     """The prefix and JSON header of a record whose body is ``body`` (the header padded with
     spaces so that both fill ``pad_to`` bytes, when it is given)."""
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
@@ -132,7 +135,7 @@ class ExpertLog:
             self._current, self._roll = SEGMENT.format(lsn), False
         return self._current
 
-    def prewrite(self, lsn: int, body: bytes, pool: Executor) -> Prewritten:
+    def prewrite(self, lsn: int, body: Buffer, pool: Executor) -> Prewritten:
         """Start writing ``body`` (on ``pool``) where the body of the next record, ``lsn``,
         will lie, and flushing it; ``append(..., prewritten=)`` or ``discard`` must follow,
         with no other append in between (the caller holds the expert's lock)."""
@@ -143,7 +146,7 @@ class ExpertLog:
         done = pool.submit(self._write_ahead, path, offset + RESERVED, body, created)
         return Prewritten(segment, offset, len(body), lsn, done, created)
 
-    def _write_ahead(self, path: Path, position: int, body: bytes, created: bool) -> None:
+    def _write_ahead(self, path: Path, position: int, body: Buffer, created: bool) -> None:
         handle = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
         try:
             view = memoryview(body)
@@ -173,7 +176,7 @@ class ExpertLog:
             os.truncate(path, prewritten.offset)
 
     def _complete(
-        self, header: dict[str, Any], body: bytes, prewritten: Prewritten
+        self, header: dict[str, Any], body: Buffer, prewritten: Prewritten
     ) -> Appended | None:
         """Write the prefix and header in front of a written-ahead body and fsync; None when
         they do not fit the reservation (the body is cut off: write the record the usual way)."""
@@ -195,7 +198,7 @@ class ExpertLog:
         return Appended(prewritten.segment, offset, offset + RESERVED, len(body))
 
     def append(
-        self, header: dict[str, Any], body: bytes, prewritten: Prewritten | None = None
+        self, header: dict[str, Any], body: Buffer, prewritten: Prewritten | None = None
     ) -> Appended:
         """Append one record and fsync it; a new segment starts after ``roll()``. With
         ``prewritten`` (of this ``body``) only the prefix and header are left to write."""
