@@ -30,7 +30,8 @@ from fedmoe.adapters import AdapterSchema
 from fedmoe.client import CoordinatorClient
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.slots import TensorSlot
-from fedmoe.worker.sync import Syncer, SyncIdentity, SystemClock
+from fedmoe.worker.sync import Syncer
+from fedmoe.worker.sync_seams import SyncIdentity, SystemClock
 
 EXPERT = "e0"
 

@@ -39,7 +39,8 @@ from fedmoe.aggregate import AdapterState
 from fedmoe.client import CoordinatorClient
 from fedmoe.schemas import UpdateAck
 from fedmoe.worker.progress import WorkerStats
-from fedmoe.worker.sync import Syncer, SyncIdentity, SystemClock
+from fedmoe.worker.sync import Syncer
+from fedmoe.worker.sync_seams import SyncIdentity, SystemClock
 
 EXPERT = "e0"
 

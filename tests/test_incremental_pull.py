@@ -14,7 +14,8 @@ from fedmoe.client import CoordinatorClient
 from fedmoe.deltas import rebuild
 from fedmoe.state_digest import state_digest
 from fedmoe.worker.progress import WorkerStats
-from fedmoe.worker.sync import Syncer, SyncIdentity, SystemClock
+from fedmoe.worker.sync import Syncer
+from fedmoe.worker.sync_seams import SyncIdentity, SystemClock
 from tests.api_helpers import (
     PY,
     expert_state,

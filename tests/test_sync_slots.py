@@ -27,7 +27,8 @@ from fedmoe.state_digest import state_digest
 from fedmoe.worker.peft_slot import PeftAdapterSlot
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.slots import TensorSlot, rebase_slot, snapshot_into
-from fedmoe.worker.sync import Syncer, SyncIdentity, SystemClock
+from fedmoe.worker.sync import Syncer
+from fedmoe.worker.sync_seams import SyncIdentity, SystemClock
 
 
 def random_state(seed: int, scale: float = 1.0) -> AdapterState:

@@ -25,7 +25,8 @@ from fedmoe.state_digest import state_digest
 from fedmoe.worker.job import WorkerJob
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.progress import WorkerStats
-from fedmoe.worker.sync import FatalSyncError, Syncer, SyncIdentity, wait_for
+from fedmoe.worker.sync import Syncer
+from fedmoe.worker.sync_seams import FatalSyncError, SyncIdentity, wait_for
 
 A, B = "base_model.model.layer.lora_A.weight", "base_model.model.layer.lora_B.weight"
 INITIAL = {A: torch.tensor([[1.0, 2.0], [3.0, 4.0]]), B: torch.zeros(2, 2)}

@@ -40,7 +40,7 @@ from fedmoe.worker.distributed import (
 from fedmoe.worker.job import PeftAdapterSlot, WorkerClient, WorkerJob
 from fedmoe.worker.options import WorkerOptions
 from fedmoe.worker.speed import SpeedSetupError
-from fedmoe.worker.sync import Clock
+from fedmoe.worker.sync_seams import Clock
 
 __all__ = ["DistributedWorkerJob", "RankFailure", "make_job"]
 

@@ -35,11 +35,11 @@ from fedmoe.worker.peft_slot import PeftAdapterSlot
 from fedmoe.worker.privacy import PrivateTrainer, build_trainer
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.signing import SignatureClient, share_signature
-from fedmoe.worker.sync import (
+from fedmoe.worker.sync import Syncer
+from fedmoe.worker.sync_seams import (
     Clock,
     FatalSyncError,
     SyncClient,
-    Syncer,
     SyncIdentity,
     SystemClock,
     wait_for,

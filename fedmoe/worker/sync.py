@@ -15,8 +15,8 @@ goes on while the network works (at most one sync in flight).
 
 ``Syncer`` talks to the coordinator through ``SyncClient`` (what it uses of
 ``CoordinatorClient``), reads and writes the adapter through ``AdapterSlot`` and tells time
-through ``Clock`` (those Protocols live in ``fedmoe.worker.sync_seams`` and are re-exported
-here); tests pass in-memory fakes of all three.
+through ``Clock`` (Protocols in ``fedmoe.worker.sync_seams``); tests pass in-memory fakes
+of all three.
 """
 
 from __future__ import annotations
@@ -27,29 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 
 from fedmoe.client import ApiError
-from fedmoe.worker.sync_seams import (
-    AdapterSlot,
-    Capture,
-    Clock,
-    FatalSyncError,
-    SyncClient,
-    SyncIdentity,
-    SystemClock,
-    wait_for,
-)
+from fedmoe.worker.sync_seams import Capture, FatalSyncError
 from fedmoe.worker.sync_state import SyncState
-
-__all__ = [
-    "AdapterSlot",
-    "Capture",
-    "Clock",
-    "FatalSyncError",
-    "SyncClient",
-    "SyncIdentity",
-    "Syncer",
-    "SystemClock",
-    "wait_for",
-]
 
 logger = logging.getLogger(__name__)
 
