@@ -29,8 +29,9 @@ record: the body as received; snapshots are written in the background), *before*
 coordinator of commit {v["before"]} (a float32 snapshot of the expert and a second fsync
 for the ledger row per update; its `fedmoe` package from `git archive`), and the FLOOR
 reads the same bytes over loopback HTTP and writes them with one fsync, nothing else.
-Both coordinators hash the new expert for the acknowledgement's `state_sha256`. A shared,
-loaded machine (2 cores, other engineers' jobs): figures are noisy, compare within a row.
+Both coordinators hash the new expert for the acknowledgement's `state_sha256`. Client and
+servers share 2 cores, and the FLOOR's fsync alone varies by half from one upload to the
+next: figures are noisy, compare within a row.
 
 {markdown_table(COLUMNS, rows)}
 """

@@ -199,7 +199,7 @@ def render(v: dict[str, Any]) -> str:
 Adapters with the exact LoRA shapes of Qwen2.5-0.5B, 1.5B and 7B (r={v["rank"]} on q, k, v,
 o, gate, up and down_proj; shapes from the published configs; random values, no model)
 on a real coordinator process (`open_coordinator` with a synthetic initial adapter). A
-shared, loaded machine ({v["cpu_count"]} cores, other engineers' jobs; this run under `nice
+shared machine ({v["cpu_count"]} cores, at times other engineers' jobs; this run under `nice
 {v["niceness"]}`, load average {loads(v["load_before"])} before and
 {loads(v["load_after"])} after), so wall times are inflated by waiting for a CPU; the
 CPU column says how much of the blocked time was the training thread's own work (the
