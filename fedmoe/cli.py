@@ -59,6 +59,10 @@ def worker(
         examples = load_examples(settings.dataset)  # handed to the job: parsed once
         if settings.ca_cert is not None:
             tls_context(settings.ca_cert)
+        if summary_json is not None and not summary_json.parent.is_dir():
+            raise ValueError(
+                f"--summary-json {summary_json}: {summary_json.parent} is no directory"
+            )
     except (DataFormatError, OSError, ValueError) as error:
         fail(str(error))
     import httpx
@@ -85,7 +89,10 @@ def worker(
     except httpx.TransportError as error:
         fail(f"coordinator {settings.coordinator_url} unreachable: {error}", code=1)
     if summary_json and summary:  # ranks other than 0 have no summary
-        summary_json.write_text(json.dumps(summary, indent=2))
+        try:
+            summary_json.write_text(json.dumps(summary, indent=2))
+        except OSError as error:  # trained and uploaded; only the summary is lost
+            fail(f"cannot write --summary-json {summary_json}: {error}", code=1)
 
 
 def _stop_on_signals(stop: Any) -> None:
@@ -120,14 +127,21 @@ def demo(
         f"[bold]FedMoE demo[/]: generated Python/SQL/docs data, 3 workers for "
         f"{seconds:.0f}s, logs in {output / 'logs'}"
     )
-    run = DemoRun(
-        output=output,
-        seconds=seconds,
-        sync_interval=sync_interval,
-        base_model=base_model,
-        train_count=train_count,
-    )
-    table, summaries = run_demo(run)
+    try:
+        run = DemoRun(
+            output=output,
+            seconds=seconds,
+            sync_interval=sync_interval,
+            base_model=base_model,
+            train_count=train_count,
+        )
+        table, summaries = run_demo(run)
+    except ValueError as error:
+        fail(str(error))
+    except OSError as error:  # e.g. an --output that cannot be created
+        fail(f"demo output {output}: {error}", code=1)
+    except RuntimeError as error:  # a worker or the coordinator failed; its log is named
+        fail(str(error), code=1)
     print_loss_table(console, table)
     print_routing_accuracy(console, run.routing_accuracy)
     print_worker_summaries(console, summaries)
@@ -148,7 +162,10 @@ def export_tiny_command(
     from fedmoe.tiny import export_tiny
 
     setup_logging("WARNING")
-    export_tiny(directory)
+    try:
+        export_tiny(directory)
+    except OSError as error:  # an unwritable place, or a file where the directory goes
+        fail(f"cannot write the tiny preset to {directory}: {error}")
     console.print(
         f"wrote the tiny preset to {directory}; load it with "
         "AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained"
@@ -157,16 +174,20 @@ def export_tiny_command(
 
 def make_demo_data(
     directory: Annotated[Path, typer.Argument(help="Output directory.")],
-    train_count: Annotated[int, typer.Option(help="Training examples per domain.")] = 400,
-    validation_count: Annotated[int, typer.Option(help="Validation examples.")] = 60,
+    train_count: Annotated[int, typer.Option(min=0, help="Training examples per domain.")] = 400,
+    validation_count: Annotated[int, typer.Option(min=0, help="Validation examples.")] = 60,
     seed: Annotated[int, typer.Option(help="Generator seed.")] = 0,
 ) -> None:
     """Generate the demo's Python / SQL / docs datasets (train and validation JSONL)."""
     from fedmoe.demo_data import write_demo_datasets
 
-    for domain, (train, validation) in write_demo_datasets(
-        directory, train_count=train_count, validation_count=validation_count, seed=seed
-    ).items():
+    try:
+        written = write_demo_datasets(
+            directory, train_count=train_count, validation_count=validation_count, seed=seed
+        )
+    except OSError as error:
+        fail(f"cannot write the demo datasets to {directory}: {error}")
+    for domain, (train, validation) in written.items():
         console.print(f"{domain}: {train} {validation}")
 
 

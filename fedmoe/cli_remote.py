@@ -40,6 +40,15 @@ def _connected(
         fail(f"{failure}: {error}", code=1)
 
 
+@contextmanager
+def _writing(directory: Path) -> Iterator[None]:
+    """A local file error while writing ``directory`` exits naming it (not a traceback)."""
+    try:
+        yield
+    except OSError as error:  # unwritable, missing parent, a file where the directory goes
+        fail(f"cannot write to {directory}: {error}")
+
+
 def client_for(url: str, token: str | None, ca_cert: Path | None) -> CoordinatorClient:
     """A client of ``url``; a bad ``--ca-cert`` exits with the client's message."""
     from fedmoe.client import CoordinatorClient
@@ -138,7 +147,8 @@ def gateway(
         if output is None and prompt is None:
             return
         directory = output or Path(tempfile.mkdtemp(prefix="fedmoe-adapter-"))
-        written = fetch_adapter_dir(client, directory, expert=expert)
+        with _writing(directory):
+            written = fetch_adapter_dir(client, directory, expert=expert)
     console.print(f"wrote {written['name']} v{written['version']} as a PEFT adapter to {directory}")
     if prompt is not None:
         model, tokenizer = load_with_adapter(base_model or written["base_model"], directory)
@@ -190,7 +200,10 @@ def export_vllm_command(
     from fedmoe.serve.vllm import export_for_vllm
 
     setup_logging("WARNING")
-    with _connected(coordinator_url, auth_token, ca_cert, coordinator_url) as client:
+    with (
+        _connected(coordinator_url, auth_token, ca_cert, coordinator_url) as client,
+        _writing(directory),
+    ):
         manifest = export_for_vllm(client, directory, gateway=gateway)
     for name, info in manifest["adapters"].items():
         console.print(f"{name}: v{info['version']} rank {info['rank']} → {info['path']}")

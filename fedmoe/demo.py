@@ -50,6 +50,20 @@ class DemoRun:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     routing_accuracy: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # refused before any file is written or process started, naming the option
+        positive = {"seconds": self.seconds, "sync_interval": self.sync_interval}
+        counts = {"train_count": self.train_count, "validation_count": self.validation_count}
+        for name, value in (positive | counts).items():
+            if not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.merge_method not in MERGE_METHODS:
+            raise ValueError(
+                f"merge method must be one of {MERGE_METHODS}, got {self.merge_method!r}"
+            )
+        if self.output.exists() and not self.output.is_dir():
+            raise ValueError(f"--output {self.output} exists and is not a directory")
+
     def setup(self) -> None:
         """Generate the datasets and start the coordinator."""
         self.output.mkdir(parents=True, exist_ok=True)
