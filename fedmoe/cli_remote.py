@@ -49,6 +49,15 @@ def _writing(directory: Path) -> Iterator[None]:
         fail(f"cannot write to {directory}: {error}")
 
 
+@contextmanager
+def _base_model(name: str | None) -> Iterator[None]:
+    """A base model that cannot be loaded (a missing directory, a foreign one) exits naming it."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        fail(str(error) if name is None else f"--base-model {name}: {error}")
+
+
 def client_for(url: str, token: str | None, ca_cert: Path | None) -> CoordinatorClient:
     """A client of ``url``; a bad ``--ca-cert`` exits with the client's message."""
     from fedmoe.client import CoordinatorClient
@@ -126,13 +135,13 @@ def gateway(
     merged: Annotated[
         bool, typer.Option("--merged", help="With --prompt: the merged gateway, not routed.")
     ] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="For --prompt.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="For --prompt.")] = 64,
     base_model: Annotated[str | None, typer.Option(help="Override the base model.")] = None,
 ) -> None:
     """Print the gateway; optionally save it (or an expert) as a PEFT adapter and generate.
 
-    ``--prompt`` is routed to the expert whose domain it belongs to (``--merged``: the
-    merged gateway, the old behaviour); the expert chosen is printed.
+    --prompt is routed to the expert whose domain it belongs to (--merged: the merged
+    gateway, the old behaviour); the expert chosen is printed.
     """
     import tempfile
 
@@ -142,7 +151,8 @@ def gateway(
     with _connected(coordinator_url, auth_token, ca_cert, coordinator_url) as client:
         _print_gateway(client.gateway_info())
         if prompt is not None and expert is None and output is None:
-            _answer(client, prompt, merged, base_model, max_new_tokens)
+            with _base_model(base_model):
+                _answer(client, prompt, merged, base_model, max_new_tokens)
             return
         if output is None and prompt is None:
             return
@@ -151,7 +161,8 @@ def gateway(
             written = fetch_adapter_dir(client, directory, expert=expert)
     console.print(f"wrote {written['name']} v{written['version']} as a PEFT adapter to {directory}")
     if prompt is not None:
-        model, tokenizer = load_with_adapter(base_model or written["base_model"], directory)
+        with _base_model(base_model):
+            model, tokenizer = load_with_adapter(base_model or written["base_model"], directory)
         console.print(
             f"[bold]{prompt}[/]{generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens)}"
         )

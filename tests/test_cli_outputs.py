@@ -69,3 +69,10 @@ def test_worker_names_a_summary_path_it_could_not_write_before_training(tmp_path
     summary = tmp_path / "missing" / "summary.json"
     worker = ["worker", "--worker-id", "w", "--specialty", "sql_expert", "--dataset", str(data)]
     _refused([*worker, "--summary-json", str(summary)], "--summary-json", "is no directory")
+
+
+def test_gateway_prompt_names_a_base_model_it_cannot_load(live_coordinator, tmp_path) -> None:
+    url = ["--coordinator-url", live_coordinator.url]
+    missing = str(tmp_path / "no-model")
+    _refused(["gateway", *url, "--prompt", "hi", "--base-model", missing], "no such directory")
+    _refused(["gateway", *url, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens")
