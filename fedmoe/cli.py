@@ -82,6 +82,8 @@ def worker(
         summary = job.run()
     except (DataFormatError, FatalSyncError, TrainingDiverged, SpeedSetupError, OSError) as error:
         fail(str(error))
+    except ValueError as error:  # a setting this machine cannot honour, e.g. --device cuda
+        fail(str(error))
     except RankFailure as error:  # may quote a backend's "[file.cc:N]": not rich markup
         from rich.markup import escape
 
@@ -231,8 +233,10 @@ def serve_command(
 ) -> None:
     """Serve every expert, the gateway and fedmoe-auto (routed) over an OpenAI-compatible API."""
     given: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+    import httpx
     from pydantic import ValidationError
 
+    from fedmoe.client import ApiError
     from fedmoe.serve.server import serve
     from fedmoe.serve.settings import ServeSettings
 
@@ -241,9 +245,17 @@ def serve_command(
     try:
         serve(ServeSettings(**given))
     except ValidationError as error:
-        fail("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors()))
+        fail("; ".join(_flagged(e["loc"], str(e["msg"])) for e in error.errors()))
+    except (httpx.HTTPError, ApiError) as error:  # the coordinator to load experts from
+        fail(f"coordinator {coordinator_url}: {error}", code=1)
     except (ValueError, OSError, RuntimeError) as error:
         fail(str(error))
+
+
+def _flagged(location: tuple[int | str, ...], message: str) -> str:
+    """A settings error as the user typed it: ``--flag: message`` (the model's own: bare)."""
+    message = message.removeprefix("Value error, ")
+    return f"--{str(location[0]).replace('_', '-')}: {message}" if location else message
 
 
 app.command()(coordinator)

@@ -10,9 +10,10 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, StringConstraints
+from pydantic import AfterValidator, BaseModel, StringConstraints
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
@@ -22,6 +23,17 @@ WorkerId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 DEFAULT_COORDINATOR_URL = "http://127.0.0.1:5000"
 #: Expert names: also file names in the state directory.
 EXPERT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _existing_file(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file")
+    return path
+
+
+#: A file that must exist when given (TLS certificate and key): refused with the settings,
+#: before a state directory is made or a port bound, not by the TLS layer's bare errno.
+ExistingFile = Annotated[Path | None, AfterValidator(_existing_file)]
 
 StalenessKind = Literal["inverse", "constant", "polynomial", "hinge", "exponential"]
 MergeMethod = Literal["cat", "linear", "svd"]

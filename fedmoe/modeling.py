@@ -53,9 +53,21 @@ class BaseModel:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU."""
+    """``auto`` picks CUDA, then Apple MPS, then CPU; a device this machine lacks is a
+    ``ValueError`` naming it (not an assertion deep inside torch)."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            target = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"device {device!r}: {error}") from None
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r}: CUDA is not available to torch {torch.__version__}"
+            )
+        mps = getattr(torch.backends, "mps", None)
+        if target.type == "mps" and not (mps and mps.is_available()):
+            raise ValueError(f"device {device!r}: Apple MPS is not available on this machine")
+        return target
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():

@@ -1,13 +1,16 @@
-"""Bad places and values for what the CLI writes: one clear line, exit 2, nothing written."""
+"""Bad places and values for what the CLI writes or needs: one clear line naming it, exit 2
+(1 for an unreachable coordinator), nothing written."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fedmoe.cli import app
+from fedmoe.modeling import resolve_device
 
 runner = CliRunner()
 
@@ -76,3 +79,27 @@ def test_gateway_prompt_names_a_base_model_it_cannot_load(live_coordinator, tmp_
     missing = str(tmp_path / "no-model")
     _refused(["gateway", *url, "--prompt", "hi", "--base-model", missing], "no such directory")
     _refused(["gateway", *url, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens")
+
+
+def test_tls_files_that_do_not_exist_are_named_before_the_state_dir_is_made(tmp_path) -> None:
+    state, missing = tmp_path / "state", tmp_path / "cert.pem"
+    coordinator = ["coordinator", "--state-dir", str(state), "--port", "0"]
+    _refused([*coordinator, "--ssl-certfile", str(missing)], f"--ssl-certfile: {missing} does")
+    assert not state.exists()
+    serve = ["serve", "--adapters-dir", str(tmp_path), "--port", "0"]
+    _refused([*serve, "--ssl-keyfile", str(missing)], f"--ssl-keyfile: {missing} does not exist")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="device 'cuda:0': CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        resolve_device("gpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_serve_names_a_coordinator_it_cannot_reach() -> None:
+    result = runner.invoke(app, ["serve", "--coordinator-url", "http://127.0.0.1:9", "--port", "0"])
+    assert result.exit_code == 1, result.output
+    assert "coordinator http://127.0.0.1:9:" in " ".join(result.output.split())

@@ -24,6 +24,7 @@ from fedmoe.fields import (
     DEFAULT_SIGNATURE_MIN_COUNT,
     EXPERT_NAME,
     DeltaRetention,
+    ExistingFile,
     FlatEnvSource,
     MergeMethod,
     NormPolicy,
@@ -258,8 +259,8 @@ class CoordinatorSettings(BaseSettings):
     auth_token: SecretStr | None = Field(None, description="Shared bearer token (admin role).")
     tokens_file: Path | None = Field(None, description="JSON file of per-worker tokens.")
     insecure: bool = Field(False, description="Allow non-loopback listening without auth.")
-    ssl_certfile: Path | None = Field(None, description="TLS certificate (PEM).")
-    ssl_keyfile: Path | None = Field(None, description="TLS private key (PEM).")
+    ssl_certfile: ExistingFile = Field(None, description="TLS certificate (PEM).")
+    ssl_keyfile: ExistingFile = Field(None, description="TLS private key (PEM).")
     metrics_loopback_open: bool = Field(
         False,
         description="Serve /metrics without a token to clients on loopback (a local "

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from fedmoe.fields import ExistingFile
 from fedmoe.listening import check_listening, default_host
 
 AUTO_MODEL = "fedmoe-auto"
@@ -41,8 +42,8 @@ class ServeSettings(BaseModel):
     auth_token: SecretStr | None = Field(None, description="Shared bearer token clients send.")
     tokens_file: Path | None = Field(None, description="JSON tokens file (as the coordinator's).")
     insecure: bool = Field(False, description="Allow listening beyond loopback without auth.")
-    ssl_certfile: Path | None = Field(None, description="TLS certificate.")
-    ssl_keyfile: Path | None = Field(None, description="TLS key.")
+    ssl_certfile: ExistingFile = Field(None, description="TLS certificate.")
+    ssl_keyfile: ExistingFile = Field(None, description="TLS key.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask.")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request omits it.")
     max_batch_size: int = Field(16, ge=1, description="Most requests in one generate() call.")
