@@ -166,6 +166,8 @@ def load_examples(path: Path) -> list[Example]:
     first bad line (``file:line: reason``) or when the file holds no examples.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"training data {path} is a directory, not a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"training data file not found: {path}")
     with path.open("rb") as handle:
