@@ -16,11 +16,13 @@ runner = CliRunner()
 
 
 def _refused(args: list[str], *expected: str) -> None:
-    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+    # rich wraps to the console's width, inside paths too: compare without whitespace
+    squeezed = "".join(result.output.split())
     for text in expected:
-        assert text in result.output, result.output
+        assert "".join(text.split()) in squeezed, result.output
 
 
 @pytest.mark.parametrize(
@@ -102,4 +104,4 @@ def test_a_device_this_machine_lacks_is_named(tmp_path: Path) -> None:
 def test_serve_names_a_coordinator_it_cannot_reach() -> None:
     result = runner.invoke(app, ["serve", "--coordinator-url", "http://127.0.0.1:9", "--port", "0"])
     assert result.exit_code == 1, result.output
-    assert "coordinator http://127.0.0.1:9:" in " ".join(result.output.split())
+    assert "coordinatorhttp://127.0.0.1:9:" in "".join(result.output.split())
