@@ -19,12 +19,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-
 from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, Buffer, check_layout, decode_with_norm
 from fedmoe.aggregate import AdapterState
-from fedmoe.coordinator import errors, phases
+from fedmoe.coordinator import errors, guards, phases
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger, UpdateRecord
 from fedmoe.coordinator.replay import Head
@@ -32,9 +30,7 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.strategies import StrategyBook
 from fedmoe.coordinator.versions import (
-    GATEWAY_SAFE_BOUND,
     MAX_NUM_TOKENS,
-    SAFE_ABS_BOUND,
     LazyGateway,
     UpdateRequest,
     Versioned,
@@ -202,7 +198,9 @@ class UpdatePath:
         # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
         plain = isinstance(strategy, AsyncStrategy) and not strategy.optimizer.stateful
         step = record.weight * norm if plain else math.inf
-        bound = self._overflow_guard(expert, new_state, step, request)
+        bound = guards.new_abs_bound(
+            expert.abs_bound, step, new_state, update_id=request.update_id, expert=request.expert
+        )
         self._gateway_guard(request, new_state, bound)
         phases.mark("guards")
         version = expert.version + 1
@@ -340,21 +338,6 @@ class UpdatePath:
             self.journal.logs[name].roll()
             return head
 
-    def _overflow_guard(
-        self, expert: Versioned, new_state: AdapterState, step: float, request: UpdateRequest
-    ) -> float:
-        """A bound of max|θ| after the update; scans for Inf only where overflow is possible.
-
-        A finite delta can still overflow float32 when applied, and Inf/NaN must never be
-        stored. max|θ + w·Δ| <= max|θ| + w·‖Δ‖, so while that bound is far from the float32
-        limit the new state is finite without looking at it.
-        """
-        bound = expert.abs_bound + step
-        if bound < SAFE_ABS_BOUND:
-            return bound
-        self._check_finite(new_state, request)
-        return aggregate.max_abs(new_state)
-
     def _gateway_guard(self, request: UpdateRequest, new_state: AdapterState, bound: float) -> None:
         """Refuse an update after which the gateway merge would not be finite."""
         names = self.settings.experts
@@ -367,20 +350,7 @@ class UpdatePath:
             )
 
     def _merge_is_finite(self, states: list[AdapterState], bounds: Sequence[float]) -> bool:
-        """Whether merging ``states`` gives finite tensors; merges only near float32's limit."""
-        if max(bounds) < GATEWAY_SAFE_BOUND:
-            return True
-        merged = self.merger.merge(states, self.settings.expert_weights())
-        return all(bool(torch.isfinite(tensor).all()) for tensor in merged.values())
-
-    @staticmethod
-    def _check_finite(state: AdapterState, request: UpdateRequest) -> None:
-        for key, tensor in state.items():
-            if not torch.isfinite(tensor).all():
-                raise errors.InvalidUpdateError(
-                    f"applying update {request.update_id} would make {key} of expert "
-                    f"{request.expert} non-finite (float32 overflow); send a smaller delta"
-                )
+        return guards.merge_is_finite(self.merger, self.settings.expert_weights(), states, bounds)
 
     def _enforce_policies(self, record: UpdateRecord) -> None:
         bound = self.settings.max_staleness
