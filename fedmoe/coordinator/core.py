@@ -123,9 +123,7 @@ class CentralCoordinator(UpdatePath):
         else:
             version = row[0]
         gateway = self._gateway(version, built_from, self.experts)
-        bounds = [self.experts[name].abs_bound for name in self.settings.experts]
-        states = [self.experts[name].state for name in self.settings.experts]
-        if not self._merge_is_finite(states, bounds):
+        if not self._gateway_is_finite({}):
             raise errors.StateDirError(
                 f"the {self.merger.method} gateway of these experts would be non-finite "
                 "(float32 overflow in the merge); choose another --merge-method"

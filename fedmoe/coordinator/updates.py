@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -266,12 +266,9 @@ class UpdatePath:
     def _commit_flush(self, name: str, params: AdapterState, lr: float) -> None:
         """Durably publish an expert stepped by a timed-out buffer, as ``_commit`` does."""
         bound = aggregate.max_abs(params)
-        names, current = self.settings.experts, self.experts
-        states = [params if n == name else current[n].state for n in names]
-        bounds = [bound if n == name else current[n].abs_bound for n in names]
-        if not math.isfinite(bound) or not self._merge_is_finite(states, bounds):
+        if not math.isfinite(bound) or not self._gateway_is_finite({name: (params, bound)}):
             raise errors.InvalidUpdateError(f"the buffer of {name} would overflow float32")
-        version = current[name].version + 1
+        version = self.experts[name].version + 1
         with self._commit_lock:
             experts = {**self.experts, name: Versioned(version, params, bound, name=name)}
             built_from = self._built_from(experts)
@@ -340,16 +337,18 @@ class UpdatePath:
 
     def _gateway_guard(self, request: UpdateRequest, new_state: AdapterState, bound: float) -> None:
         """Refuse an update after which the gateway merge would not be finite."""
-        names = self.settings.experts
-        states = [new_state if n == request.expert else self.experts[n].state for n in names]
-        bounds = [bound if n == request.expert else self.experts[n].abs_bound for n in names]
-        if not self._merge_is_finite(states, bounds):
+        if not self._gateway_is_finite({request.expert: (new_state, bound)}):
             raise errors.InvalidUpdateError(
                 f"applying update {request.update_id} would make the {self.merger.method} "
                 f"gateway non-finite (float32 overflow in the merge); send a smaller delta"
             )
 
-    def _merge_is_finite(self, states: list[AdapterState], bounds: Sequence[float]) -> bool:
+    def _gateway_is_finite(self, changed: dict[str, tuple[AdapterState, float]]) -> bool:
+        """Whether the gateway of the current experts, with the ``changed`` ones replaced by
+        (state, max|θ| bound), merges to finite tensors (``guards.merge_is_finite``)."""
+        names, experts = self.settings.experts, self.experts
+        states = [changed[n][0] if n in changed else experts[n].state for n in names]
+        bounds = [changed[n][1] if n in changed else experts[n].abs_bound for n in names]
         return guards.merge_is_finite(self.merger, self.settings.expert_weights(), states, bounds)
 
     def _enforce_policies(self, record: UpdateRecord) -> None:
