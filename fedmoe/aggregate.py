@@ -199,6 +199,17 @@ def typical_staleness(active_workers: int) -> int:
     return max(1, active_workers) - 1
 
 
+def counted_staleness(staleness: int, active_workers: int, *, grace: bool) -> int:
+    """The staleness the decay sees: with ``grace``, τ − (K − 1) and at least 0.
+
+    K equally fast workers each see up to the other K − 1 updates of a round applied
+    between their pull and their upload; only staleness beyond that marks a lagging one.
+    """
+    if not grace:
+        return staleness
+    return max(0, staleness - typical_staleness(active_workers))
+
+
 def mean_server_lr(active_workers: int, typical_decay: float) -> float:
     """η = 1 / (K·s(K−1)), at most 1, with ``typical_decay`` = s(K−1).
 

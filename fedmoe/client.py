@@ -229,15 +229,25 @@ class CoordinatorClient:
         return version, decode_adapter(body or b"", schema)
 
     def expert_changes(
-        self, name: str, schema: AdapterSchema, since: int, exclude: str | None = None
+        self,
+        name: str,
+        schema: AdapterSchema,
+        since: int,
+        exclude: str | None = None,
+        *,
+        wait_for: int | None = None,
+        wait: float = 0.0,
     ) -> ExpertChanges:
-        """``GET /v1/experts/{name}/adapter?since=V``: the steps from V, or the full expert."""
+        """``GET /v1/experts/{name}/adapter?since=V``: the steps from V, or the full expert;
+        with ``wait_for``, once the expert reached that version (at most ``wait`` s later)."""
         from fedmoe.adapters import decode_adapter
         from fedmoe.deltas import ExpertChanges, decode_steps
 
-        params: dict[str, str | int] = {"since": since}
+        params: dict[str, str | int | float] = {"since": since}
         if exclude is not None:
             params["exclude"] = exclude
+        if wait_for is not None and wait > 0:
+            params |= {"wait_for": wait_for, "wait": wait}
         response = self._call("GET", f"/v1/experts/{name}/adapter", params=params)
         version = int(response.headers["X-FedMoE-Version"])
         digest = response.headers.get("X-FedMoE-State-Sha256")

@@ -95,6 +95,15 @@ class UpdateAck(BaseModel):
     # ``fedmoe.state_digest`` of the expert this update made (None from older coordinators):
     # a worker that reproduces it (pulled + weight·Δ) needs no download.
     state_sha256: str | None = None
+    active_workers: int = Field(
+        1, description="K: the workers active on the expert when this update was weighed."
+    )
+    settle_version: int | None = Field(
+        None,
+        description="The expert version that the other K − 1 active workers' updates of "
+        "this round should bring: a worker that pulls once it is reached (or its pull wait "
+        "ends) starts its next interval from the whole round.",
+    )
 
 
 class ExpertSummary(BaseModel):
@@ -137,6 +146,9 @@ class StalenessInfo(BaseModel):
     b: int | None
     server_lr: float | str
     max_staleness: int | None
+    grace: bool = Field(
+        False, description="Whether s(τ) sees only the staleness beyond the round (τ − (K−1))."
+    )
 
 
 class StrategyStatus(BaseModel):

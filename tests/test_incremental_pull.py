@@ -5,6 +5,7 @@ Syncer rebuilds the new expert from them bit for bit, checked by the state diges
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -41,10 +42,12 @@ def test_steps_since_a_version_rebuild_the_expert_bit_for_bit(live_coordinator) 
         schema = {k: tuple(v) for k, v in shapes.items()}
         _, base = client.expert_adapter(PY, schema)
         mine = _bf16(shapes, 1)
-        assert upload(http, PY, mine, update_headers("w1", 0, "mine")).status_code == 200
-        # staleness 1 (decay 1/1.1) with two active workers (server_lr auto: 1/2)
+        first = upload(http, PY, mine, update_headers("w1", 0, "mine")).json()
+        # two registered workers: K = 2, η = 1/2; the round ends at version 2
+        assert (first["weight"], first["active_workers"], first["settle_version"]) == (0.5, 2, 2)
+        # staleness 1 is within the round (τ − (K−1) = 0): no decay
         theirs = upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "theirs")).json()
-        assert theirs["weight"] == 0.5 / 1.1
+        assert theirs["weight"] == 0.5
         changes = client.expert_changes(PY, schema, since=0, exclude="mine")
         assert (changes.version, changes.delta_from) == (2, 0) and changes.steps is not None
         assert [(s.update_id, s.delta is None) for s in changes.steps] == [
@@ -141,3 +144,26 @@ def test_a_worker_rebuilds_from_the_steps_when_another_update_came_between(
         assert syncer.base_version == 2
         assert all(torch.equal(syncer.pulled[k], full[k]) for k in full)
         syncer.close()
+
+
+def test_a_pull_waits_for_the_rounds_version_or_gives_up_after_wait(live_coordinator) -> None:
+    with live_coordinator.client() as http, CoordinatorClient(live_coordinator.url) as client:
+        for worker in ("w1", "w2"):
+            register(http, worker, PY)
+        shapes = shapes_of(http)
+        schema = {k: tuple(v) for k, v in shapes.items()}
+        first = upload(http, PY, _bf16(shapes, 1), update_headers("w1", 0, "one")).json()
+        assert first["settle_version"] == 2
+        with ThreadPoolExecutor(1) as pool:
+            began = time.monotonic()
+            pull = pool.submit(client.expert_changes, PY, schema, 0, "one", wait_for=2, wait=20.0)
+            time.sleep(0.4)
+            assert not pull.done()  # w2's update of the round is not in yet
+            assert upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "two")).is_success
+            changes = pull.result(timeout=20)
+        assert changes.version == 2 and 0.4 <= time.monotonic() - began < 10
+        began = time.monotonic()
+        late = client.expert_changes(PY, schema, 2, wait_for=9, wait=0.3)  # never comes
+        assert late.version == 2 and 0.3 <= time.monotonic() - began < 5
+        bad = http.get(f"/v1/experts/{PY}/adapter", params={"wait_for": 3, "wait": 31})
+        assert bad.status_code == 422 and "wait" in bad.text

@@ -84,6 +84,8 @@ class FakeCoordinator:
         self.weight = 1.0  # server_lr · decay: what our updates are applied with
         self.wrong_digest = False  # acknowledge with a digest that matches nothing
         self.gate: threading.Event | None = None  # when set up, uploads wait for it
+        self.others = 0  # other workers' updates each acknowledgement says are due
+        self.waits: list[tuple[int | None, float]] = []  # (wait_for, wait) of each pull
 
     def schema(self) -> dict[str, Any]:
         """Base model and tensor shapes."""
@@ -108,9 +110,21 @@ class FakeCoordinator:
         return self.version, clone(self.state)
 
     def expert_changes(
-        self, name: str, schema: AdapterSchema, since: int, exclude: str | None = None
+        self,
+        name: str,
+        schema: AdapterSchema,
+        since: int,
+        exclude: str | None = None,
+        *,
+        wait_for: int | None = None,
+        wait: float = 0.0,
     ) -> ExpertChanges:
-        """The full expert (this fake keeps no steps)."""
+        """The full expert (this fake keeps no steps); the round's updates that the
+        acknowledgement announced arrive while the caller waits for them."""
+        self.waits.append((wait_for, wait))
+        if wait_for is not None:
+            for _ in range(wait_for - self.version):
+                self.push({k: torch.full_like(v, 0.125) for k, v in self.state.items()})
         version, state = self.expert_adapter(name, schema)
         return ExpertChanges(version, state_digest(state), state=state, size=4 * 4 * 2)
 
@@ -148,6 +162,8 @@ class FakeCoordinator:
                 gateway_version=self.version,
                 replayed=False,
                 state_sha256=digest,
+                active_workers=1 + self.others,
+                settle_version=self.version + self.others,
             )
         if fault == "lost_answer":
             raise httpx.ReadTimeout("timed out")
@@ -491,6 +507,28 @@ def test_training_goes_on_while_a_background_sync_is_in_flight(world) -> None:
     assert_state(adapter.tensors, plus(snapshot, 0.25))  # the in-flight step survived
     assert syncer.stats.window_tokens == 7 and syncer.stats.uploads == 1
     assert not syncer.in_flight() and coordinator.pulls == 1
+
+
+def test_a_background_sync_pulls_once_the_round_is_in_and_an_inline_one_at_once(world) -> None:
+    syncer, coordinator, adapter, _ = world
+    syncer.pull_wait, coordinator.others = 2.0, 2  # K = 3: two more updates due this round
+    adapter.train(0.5, 10, syncer.stats)
+    snapshot = adapter.state()
+    syncer.start()
+    adapter.train(0.25, 7, syncer.stats)  # trained while the sync waits for the round
+    assert wait_done(syncer) is True
+    assert coordinator.waits == [(3, 2.0)]  # our version 1 + the 2 others, at most 2 s
+    # the other two updates (0.125 each) are in the pulled expert; our progress is kept
+    assert syncer.base_version == 3
+    assert_state(adapter.tensors, plus(snapshot, 0.25 + 2 * 0.125))
+    adapter.train(0.5, 10, syncer.stats)
+    assert syncer.sync()  # inline (and the final upload): the training thread waits, so
+    assert coordinator.waits == [(3, 2.0)]  # no wait: rebuilt from the acknowledgement
+    coordinator.others, pulls = 0, coordinator.pulls  # a sole worker: nothing to wait for
+    adapter.train(0.5, 10, syncer.stats)
+    syncer.start()
+    assert wait_done(syncer) is True
+    assert coordinator.pulls == pulls and syncer.stats.skipped_pulls >= 1
 
 
 def test_background_unknown_fate_resends_the_same_id(world) -> None:

@@ -302,6 +302,7 @@ class CentralCoordinator(UpdatePath):
         staleness = self.decay.describe() | {
             "server_lr": self.settings.effective_server_lr,
             "max_staleness": self.settings.max_staleness,
+            "grace": self.settings.staleness_grace,
         }
         return StatusInfo(
             run_id=self.run_id,

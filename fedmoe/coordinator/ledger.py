@@ -82,6 +82,8 @@ class UpdateRecord:
     buffered: bool = False
     buffer_fill: int = 0
     state_sha256: str | None = None  # the new expert's digest, when its sender can use it
+    active_workers: int = 1  # K, as the update's weight counted them
+    settle_version: int | None = None  # the version the other K − 1 workers' round makes
     dp_epsilon: float | None = None  # the sender's spent ε, as reported
 
     def acknowledgement(self) -> UpdateAck:
@@ -230,9 +232,19 @@ class Ledger(Database):
     def recent_activity(
         self, expert: str, since: float, limit: int = 256
     ) -> tuple[set[str], list[int]]:
-        """The workers with accepted updates to ``expert`` since ``since`` and the updates'
-        known (> 0) token counts, over at most the ``limit`` newest rows; an update that
-        robust aggregation or the update screen rejected does not count."""
+        """The workers active on ``expert`` since ``since`` and the known (> 0) token counts
+        of their accepted updates, over at most the ``limit`` newest rows.
+
+        Active: with an accepted update to the expert since then (an update that robust
+        aggregation or the update screen rejected does not count), or registered on it
+        since then and yet to upload, so that the first round's uploads already know how
+        many workers share the expert.
+        """
+        registered = self._query(
+            "SELECT worker_id FROM workers "
+            "WHERE specialty = ? AND registered_at >= ? AND updates = 0",
+            (expert, since),
+        )
         rows = self._query(
             "SELECT worker_id, num_tokens FROM (SELECT worker_id, num_tokens, created_at "
             "FROM updates WHERE expert = ? AND accepted = 1 AND verdict IS NOT 'rejected' "
@@ -240,7 +252,8 @@ class Ledger(Database):
             "WHERE created_at >= ?",
             (expert, limit, since),
         )
-        return {w for w, _ in rows}, [n for _, n in rows if n > 0]
+        workers = {w for w, _ in rows} | {w for (w,) in registered}
+        return workers, [n for _, n in rows if n > 0]
 
     def _write_strategy(self, row: StrategyRow | None) -> None:
         if row is not None:
@@ -298,7 +311,10 @@ class Ledger(Database):
 
     def _insert_update(self, record: UpdateRecord) -> None:
         row = asdict(record)
-        del row["buffer_fill"]  # in the response; the strategy_state row has the current fill
+        # in the response: the strategy_state row has the current fill, and the workers
+        # active and the round's version are hints to the sender, not history
+        for key in ("buffer_fill", "active_workers", "settle_version"):
+            del row[key]
         row["response"] = record.response.model_dump_json() if record.response else None
         row["created_at"] = time.time()
         columns = ", ".join(row)

@@ -160,10 +160,16 @@ class CoordinatorSettings(BaseSettings):
     activity_window: float = Field(
         600.0,
         gt=0,
-        description="Seconds of uploads that count a worker as active (--server-lr auto, "
-        "token means).",
+        description="Seconds within which a worker registered or uploaded counts as active "
+        "on its expert (--server-lr auto, --staleness-grace, token means).",
     )
     staleness: StalenessKind = Field("inverse", description="The staleness decay s(τ).")
+    staleness_grace: bool = Field(
+        True,
+        description="Count an update's staleness τ only beyond the K−1 updates the other "
+        "active workers of its expert make in one sync interval: s(max(0, τ − (K−1))), so "
+        "equally fast workers' updates all count in full and only a lagging worker's decay.",
+    )
     staleness_a: float | None = Field(
         None, ge=0, description="Parameter a of s(τ) (not for 'constant')."
     )

@@ -12,7 +12,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from fedmoe.aggregate import AdapterState, auto_server_lr, token_factor, typical_staleness
+from fedmoe.aggregate import (
+    AdapterState,
+    auto_server_lr,
+    counted_staleness,
+    token_factor,
+    typical_staleness,
+)
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.replay import strategy_from
 from fedmoe.coordinator.settings import CoordinatorSettings
@@ -70,7 +76,7 @@ class StrategyBook:
         # the log record that last changed each state (0: none kept)
         self.seqs = {name: lsns[name] if not states[name].empty else 0 for name in states}
         self._lock = threading.Lock()  # guards the swap of states / seqs
-        self.decay = settings.staleness_decay()  # s(τ), for the typical staleness's decay
+        self.decay = settings.staleness_decay()  # s(τ) of the counted staleness
         for state in self.states.values():  # verdicts of a crash before they were noted
             ledger.record_verdicts(state.verdicts)
 
@@ -81,15 +87,17 @@ class StrategyBook:
         worker_id: str,
         expert: str,
         delta: AdapterState,
-        decay: float,
+        staleness: int,
         clip: float,
         num_tokens: int,
         norm: float | None = None,
     ) -> Contribution:
-        """One update with the weights the settings ask for (activity from the ledger)."""
+        """One update with the weights the settings ask for (activity from the ledger):
+        its decay s(τ) of the staleness counted for the workers active on the expert."""
         now = time.time()
+        grace = self.settings.staleness_grace
         needs_activity = self.strategy.server_lr in ("auto", "mean", "agree")
-        needs_activity = needs_activity or self.settings.token_weighting
+        needs_activity = needs_activity or self.settings.token_weighting or grace
         workers, tokens = (
             self.ledger.recent_activity(expert, now - self.settings.activity_window)
             if needs_activity
@@ -101,12 +109,14 @@ class StrategyBook:
             factor = token_factor(num_tokens, (sum(tokens) + num_tokens) / (len(tokens) + 1))
         active = len(workers | {worker_id})
         return Contribution(
-            typical_decay=self.decay(typical_staleness(active)),
+            typical_decay=self.decay(
+                counted_staleness(typical_staleness(active), active, grace=grace)
+            ),
             worker_id=worker_id,
             norm=norm,
             update_id=update_id,
             delta=delta,
-            decay=decay,
+            decay=self.decay(counted_staleness(staleness, active, grace=grace)),
             clip=clip,
             token_factor=factor,
             active_workers=active,

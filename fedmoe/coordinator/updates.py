@@ -181,7 +181,7 @@ class UpdatePath:
             worker_id=request.worker_id,
             expert=request.expert,
             delta=delta,
-            decay=self.decay(staleness),
+            staleness=staleness,
             clip=clip,
             num_tokens=request.num_tokens,
             norm=norm,
@@ -190,7 +190,7 @@ class UpdatePath:
         outcome = strategy.receive(
             expert.state, contribution, self.strategies.states[request.expert]
         )
-        record.weight = outcome.weight
+        record.weight, record.active_workers = outcome.weight, contribution.active_workers
         phases.mark("apply")
         if outcome.params is None:
             return self._buffer(record, outcome, contribution, request.body, prewritten)
@@ -206,6 +206,7 @@ class UpdatePath:
         version = expert.version + 1
         new_expert = Versioned(version, new_state, bound, name=request.expert)
         record.accepted, record.expert_version = True, version
+        record.settle_version = version + contribution.active_workers - 1
         self._commit(record, new_expert, contribution, request.body, prewritten)
         self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
         assert record.response is not None
@@ -222,6 +223,7 @@ class UpdatePath:
         """Durably keep an update in its expert's buffer (version unchanged); the ack says so."""
         record.accepted, record.buffered, record.buffer_fill = True, True, outcome.fill
         record.expert_version = self.experts[record.expert].version
+        record.settle_version = record.expert_version + 1  # the buffer's application
         with self._commit_lock:
             if self.ledger.accepted_update(record.update_id) is not None:
                 raise _duplicate_id(record.update_id)

@@ -198,6 +198,7 @@ class WorkerJob:
             clock=self.clock,
             sync_interval=opts.sync_interval,
             max_backoff=opts.max_backoff,
+            pull_wait=opts.effective_pull_wait,
         )
         self.syncer = syncer
         self._wait_for(syncer.register)

@@ -71,6 +71,14 @@ class WorkerOptions(BaseModel):
         description="background: upload and pull on a thread while training goes on; "
         "inline: the training loop waits for each sync.",
     )
+    pull_wait: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds a background sync may wait after its upload for the other "
+        "active workers' updates of the round (the acknowledgement's settle_version) "
+        "before it pulls, while training goes on; 0: pull at once. Default: a fifth of "
+        "--sync-interval.",
+    )
     auth_token: str | None = Field(None, description="Bearer token.")
     ca_cert: Path | None = Field(None, description="CA bundle to verify the coordinator's TLS.")
     signature_noise: float = Field(
@@ -107,4 +115,14 @@ class WorkerOptions(BaseModel):
                 "dp_epsilon without dp_noise_multiplier needs max_steps: the noise is "
                 "derived from the budget over the planned steps"
             )
+        if self.pull_wait is not None and self.pull_wait >= self.sync_interval:
+            raise ValueError(
+                f"pull_wait ({self.pull_wait}) must be shorter than sync_interval "
+                f"({self.sync_interval}): the next sync would wait for this one's pull"
+            )
         return self
+
+    @property
+    def effective_pull_wait(self) -> float:
+        """``pull_wait``, or a fifth of the sync interval when not given."""
+        return self.sync_interval / 5 if self.pull_wait is None else self.pull_wait

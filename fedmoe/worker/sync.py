@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 
@@ -111,7 +112,7 @@ class Syncer(SyncState):
         if self._future is not None:
             raise RuntimeError("a sync is already in flight")
         began = self.clock.now()
-        capture = self.capture()
+        capture = replace(self.capture(), pull_wait=self.pull_wait)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-sync")
         self._future = self._executor.submit(self.exchange, capture)

@@ -53,9 +53,17 @@ class SyncClient(Protocol):
         ...
 
     def expert_changes(
-        self, name: str, schema: AdapterSchema, since: int, exclude: str | None = None
+        self,
+        name: str,
+        schema: AdapterSchema,
+        since: int,
+        exclude: str | None = None,
+        *,
+        wait_for: int | None = None,
+        wait: float = 0.0,
     ) -> ExpertChanges:
-        """What changed since version ``since``: the steps from it, or the full expert."""
+        """What changed since version ``since``: the steps from it, or the full expert
+        (once the expert is at ``wait_for``, or ``wait`` seconds have passed)."""
         ...
 
     def upload(self, expert: str, body: bytes, **facts: Unpack[UploadFacts]) -> UpdateAck:
@@ -127,6 +135,9 @@ class Capture:
     loss_count: int
     train_loss: float | None
     dp_epsilon: float | None = None
+    # seconds the exchange may wait for the round's other updates before it pulls (0 when
+    # the training thread waits for the exchange: inline syncs and the final upload)
+    pull_wait: float = 0.0
 
 
 def wait_for(

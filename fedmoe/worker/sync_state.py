@@ -60,10 +60,12 @@ class SyncState:
         clock: Clock,
         sync_interval: float,
         max_backoff: float,
+        pull_wait: float = 0.0,
     ) -> None:
         self.client, self.adapter, self.identity = client, adapter, identity
         self.stats, self.clock = stats, clock
         self.sync_interval, self.max_backoff = sync_interval, max_backoff
+        self.pull_wait = pull_wait  # for background exchanges (``Syncer.start``)
         self.pending: PendingUpdate | None = None
         self.unrebased: AdapterState | None = None  # acknowledged, but the pull failed
         self.base_version = 0
@@ -175,7 +177,9 @@ class SyncState:
         self.pending, self.unrebased = None, pending.snapshot
         self._settled.append(pending)
         self._report(ack, pending)
-        if not self._reproduce(ack, pending) and not self._pull_changes(ack, pending):
+        wait = capture.pull_wait if _others_due(ack) else 0.0
+        reproduced = not wait and self._reproduce(ack, pending)
+        if not reproduced and not self._pull_changes(ack, pending, wait=wait):
             self._fetch(since=pending.snapshot)
         self.unrebased = None
 
@@ -193,12 +197,18 @@ class SyncState:
         self._adopt(ack.version, newest, since=pending.snapshot)
         return True
 
-    def _pull_changes(self, ack: UpdateAck, pending: PendingUpdate) -> bool:
-        """Other updates came in too: download only the steps since our pull (or the full
-        expert, when the coordinator says that is smaller), rebuild and check the digest."""
+    def _pull_changes(self, ack: UpdateAck, pending: PendingUpdate, *, wait: float) -> bool:
+        """Other updates came in too (or are due within ``wait`` s: the coordinator answers
+        once they are in): download only the steps since our pull (or the full expert,
+        when the coordinator says that is smaller), rebuild and check the digest."""
         shapes = self.identity.tensor_shapes
         changes = self.client.expert_changes(
-            self.identity.specialty, shapes, since=self.base_version, exclude=pending.update_id
+            self.identity.specialty,
+            shapes,
+            since=self.base_version,
+            exclude=pending.update_id,
+            wait_for=ack.settle_version if wait else None,
+            wait=wait,
         )
         self.stats.bytes_down += changes.size
         if changes.steps is None:
@@ -287,3 +297,12 @@ class SyncState:
             ack.weight,
             ack.gateway_version,
         )
+
+
+def _others_due(ack: UpdateAck) -> bool:
+    """Whether the coordinator expects other workers' updates in this round (K > 1).
+
+    Pulling once they are in, instead of at once, starts the next interval from the whole
+    round, as a synchronous FedAvg round would, while training goes on meanwhile.
+    """
+    return ack.settle_version is not None and ack.settle_version > ack.version

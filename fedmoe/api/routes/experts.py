@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -18,9 +20,12 @@ from fedmoe.api.schemas import (
     UpdateAck,
     error_responses,
 )
+from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.versions import MAX_DP_EPSILON, MAX_NUM_TOKENS, UpdateRequest
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
+
+MAX_PULL_WAIT = 30.0  # seconds a download may wait for a version (under the client timeout)
 
 SAFETENSORS = "application/octet-stream"
 BINARY_SCHEMA = {"type": "string", "format": "binary"}
@@ -115,9 +120,25 @@ async def download_expert(
             "listed in the steps without its tensors.",
         ),
     ] = None,
+    wait_for: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=SQLITE_MAX_INT,
+            description="Answer once the expert has reached this version (an upload's "
+            "settle_version), or when ``wait`` runs out, whichever comes first.",
+        ),
+    ] = None,
+    wait: Annotated[
+        float,
+        Query(ge=0, le=MAX_PULL_WAIT, description="Most seconds to wait for ``wait_for``."),
+    ] = 0.0,
 ) -> Response:
     """The expert's adapter as safetensors, with ``X-FedMoE-Version`` and ``ETag``; with
-    ``since``, possibly only the steps from that version (``X-FedMoE-Delta-From``)."""
+    ``since``, possibly only the steps from that version (``X-FedMoE-Delta-From``); with
+    ``wait_for``, once that version is reached or ``wait`` seconds have passed."""
+    if wait_for is not None and wait > 0:
+        await _until_version(coordinator, name, wait_for, wait)
     if since is None:
         version, payload, etag = await run_in_threadpool(coordinator.expert_payload, name)
         return adapter_response(version, payload, etag, if_none_match)
@@ -178,3 +199,20 @@ async def submit_update(
         decoded=upload.decoded,
     )
     return await run_in_threadpool(coordinator.submit_update, update)
+
+
+async def _until_version(
+    coordinator: CentralCoordinator, name: str, version: int, seconds: float
+) -> None:
+    """Sleep until expert ``name`` is at ``version`` or later, at most ``seconds``.
+
+    The version is a field in memory, so polling it costs nothing; the period grows from
+    5 to 50 ms so that many waiting workers cost the event loop little.
+    """
+    deadline, period = time.monotonic() + seconds, 0.005
+    while (expert := coordinator.experts.get(name)) is not None and expert.version < version:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(period, left))
+        period = min(period * 2, 0.05)
