@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from benchmarks.common import Evaluator, mean
-from benchmarks.simulation import Coordinator, run_async, run_sync
+from benchmarks.simulation import Coordinator, run_async, run_sync, worker_side
 from fedmoe.aggregate import AdapterState
 from fedmoe.demo_data import DOMAINS
 
@@ -98,7 +98,8 @@ class Race:
                 observe=trace,
             )
         else:
-            coordinator = Coordinator(self.runner.bench, **settings)
+            options, pull_wait = worker_side(settings)
+            coordinator = Coordinator(self.runner.bench, **options)
             run_async(
                 self.runner.bench,
                 coordinator,
@@ -107,6 +108,7 @@ class Race:
                 cost=unit,
                 finished=finished,
                 observe=trace,
+                pull_wait=pull_wait,
             )
             coordinator.close()
         self.runner.bench.occupant = None

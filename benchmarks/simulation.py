@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,6 +39,7 @@ from fedmoe.coordinator.versions import UpdateRequest
 from fedmoe.demo_data import DOMAINS
 from fedmoe.modeling import adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedmoe.schemas import UpdateAck
+from fedmoe.worker.options import default_pull_wait
 from fedmoe.worker.trainer import LocalTrainer, StepResult
 
 # --- workers on a shared model ---------------------------------------------------------------
@@ -63,6 +64,9 @@ class SimWorker:
     window_losses: list[float] = field(default_factory=list)
     blocked: bool = False
     done: bool = False
+    # an acknowledged upload whose pull waits for the round: (settle version, wall-clock
+    # deadline, the snapshot it rebases from)
+    settling: tuple[int, float, AdapterState] | None = None
     staleness: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
 
@@ -232,6 +236,12 @@ def stop_rule(*, horizon: float | None, budget: int | None) -> Callable[[SimWork
     return finished
 
 
+def worker_side(settings: dict[str, Any]) -> tuple[dict[str, Any], float | None]:
+    """An arm's settings split into the coordinator's and the workers' ``pull_wait``."""
+    options = dict(settings)
+    return options, options.pop("pull_wait", None)
+
+
 def run_async(
     bench: Workbench,
     coordinator: Coordinator,
@@ -241,15 +251,19 @@ def run_async(
     cost: StepCost,
     finished: Callable[[SimWorker], bool],
     observe: Observer | None = None,
+    pull_wait: float | None = None,
 ) -> None:
     """FedMoE's asynchronous protocol on virtual clocks (conservative event ordering).
 
     A worker trains until its clock passes its next sync time, then blocks with an
     upload stamped at that time. An upload is applied only once every worker that is
     still training has a clock at or past its stamp, so uploads reach the coordinator
-    in virtual-time order. The worker then pulls the newest expert and rebases onto it
-    (with no upload latency, rebasing is the same as continuing from the new expert).
+    in virtual-time order. The worker then pulls the newest expert and rebases onto it,
+    at once or, as a background sync does, once the acknowledgement's ``settle_version``
+    is reached or ``pull_wait`` (virtual time; default the worker's, a fifth of the
+    interval) has passed, training meanwhile.
     """
+    wait = default_pull_wait(sync_interval) if pull_wait is None else pull_wait
     for worker in workers:
         coordinator.register(worker)
         bench.set_state(worker, worker.pulled)
@@ -257,24 +271,21 @@ def run_async(
     pending: list[tuple[float, int, SimWorker]] = []
     sequence = 0
     while True:
-        frontier = min((w.clock for w in workers if not w.blocked and not w.done), default=math.inf)
+        frontier = min((w.clock for w in workers if _training(w)), default=math.inf)
         pending.sort(key=lambda item: item[:2])
         while pending and pending[0][0] <= frontier:
             stamp, _, worker = pending.pop(0)
-            snapshot = bench.state_of(worker)
-            delta = {key: snapshot[key] - worker.pulled[key] for key in snapshot}
-            ack = coordinator.upload(worker, delta)
-            worker.staleness.append(ack.staleness)
-            worker.weights.append(ack.weight)
-            worker.window_tokens, worker.window_losses = 0, []
-            worker.base_version, worker.pulled = coordinator.pull(worker.expert)
-            bench.set_state(worker, worker.pulled)
-            worker.blocked = False
+            _upload(bench, coordinator, worker, stamp, wait)
             worker.next_sync = stamp + sync_interval
             if observe:
                 observe(stamp, coordinator.experts())
-        active = [w for w in workers if not w.blocked and not w.done]
+        for worker in workers:
+            if worker.settling is not None:
+                _settle_if_due(bench, coordinator, worker, frontier)
+        active = [w for w in workers if _training(w)]
         if not active:
+            if any(w.settling for w in workers):
+                continue  # the last waits end now: nobody trains on
             return
         worker = min(active, key=lambda w: w.clock)
         result, seconds = bench.step(worker)
@@ -284,6 +295,47 @@ def run_async(
             worker.blocked = True
             pending.append((worker.clock, sequence, worker))
             sequence += 1
+
+
+def _training(worker: SimWorker) -> bool:
+    """Steps on: not blocked on an upload, not done, and not past a pull it waits for."""
+    waiting = worker.settling is not None and worker.clock >= worker.settling[1]
+    return not worker.blocked and not worker.done and not waiting
+
+
+def _upload(
+    bench: Workbench, coordinator: Coordinator, worker: SimWorker, stamp: float, wait: float
+) -> None:
+    """Send the worker's delta; pull now, or note the round it waits for (``settling``)."""
+    snapshot = bench.state_of(worker)
+    delta = {key: snapshot[key] - worker.pulled[key] for key in snapshot}
+    ack = coordinator.upload(worker, delta)
+    worker.staleness.append(ack.staleness)
+    worker.weights.append(ack.weight)
+    worker.window_tokens, worker.window_losses = 0, []
+    worker.blocked = False
+    others_due = ack.settle_version is not None and ack.settle_version > ack.version
+    if others_due and wait > 0 and not worker.done:
+        worker.settling = (ack.settle_version or 0, stamp + wait, snapshot)
+    else:
+        worker.settling = (0, -math.inf, snapshot)
+        _settle_if_due(bench, coordinator, worker, stamp)
+
+
+def _settle_if_due(
+    bench: Workbench, coordinator: Coordinator, worker: SimWorker, frontier: float
+) -> None:
+    """Pull and rebase (local ← newest + (local − snapshot)) once the round is in or the
+    wait is over (every upload stamped before then has been applied)."""
+    assert worker.settling is not None
+    version, deadline, snapshot = worker.settling
+    if coordinator.core.experts[worker.expert].version < version and frontier < deadline:
+        return
+    worker.settling = None
+    worker.base_version, newest = coordinator.pull(worker.expert)
+    current = bench.state_of(worker)
+    bench.set_state(worker, {k: newest[k] + (current[k] - snapshot[k]) for k in newest})
+    worker.pulled = newest
 
 
 def run_sync(

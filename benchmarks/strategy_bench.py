@@ -29,26 +29,38 @@ from benchmarks._race import Race
 from benchmarks._subtopics import SPLITS, coverage, split, subtopics
 from benchmarks.common import Evaluator, demo_domains, mean, parser, setup_torch, target_tokens
 from benchmarks.report import publish
-from benchmarks.simulation import Coordinator, Workbench, run_async, run_sync, stop_rule
+from benchmarks.simulation import (
+    Coordinator,
+    Workbench,
+    run_async,
+    run_sync,
+    stop_rule,
+    worker_side,
+)
 from fedmoe.config import LoraSettings, TrainSettings
 from fedmoe.demo_data import DOMAINS
 
 TITLE = "Server strategies: 1-8 workers per expert, IID and non-IID (issue 12)"
 SYNC = "sync FedAvg"
 BEFORE = "async, η 1 (before)"
-DEFAULT = "async, η auto (default)"
+AT_ONCE = "async, η auto, pull at once (before settling)"
+DEFAULT = "async, η auto, settled pull (default)"
 MEAN = "async, η mean"
-AGREE = "async, η agree"
+AGREE = "async, η agree, settled pull"
 NO_TIMEOUT = 1e9  # the buffer timeout is wall time; virtual-time runs must not hit it
-#: label -> coordinator settings (None: synchronous FedAvg rounds, not the coordinator)
+# the rule before settled pulls: every τ decays, and a worker pulls right after its upload
+AT_ONCE_SETTINGS = {"staleness_grace": False, "pull_wait": 0.0}
+#: label -> coordinator settings and the workers' "pull_wait" (None: synchronous FedAvg
+#: rounds, not the coordinator); pull_wait not given: the worker's default
 STRATEGIES: dict[str, dict[str, Any] | None] = {
     SYNC: None,
-    BEFORE: {"server_lr": 1.0},
+    BEFORE: {"server_lr": 1.0} | AT_ONCE_SETTINGS,
+    AT_ONCE: {"server_lr": "auto"} | AT_ONCE_SETTINGS,
     DEFAULT: {"server_lr": "auto"},
-    MEAN: {"server_lr": "mean"},
     AGREE: {"server_lr": "agree"},
 }
 FULL_ONLY: dict[str, dict[str, Any] | None] = {
+    MEAN: {"server_lr": "mean"},
     "fedbuff K=2, η auto": {
         "strategy": "fedbuff",
         "buffer_size": 2,
@@ -71,10 +83,10 @@ STALENESS: dict[str, dict[str, Any]] = {
         "a": 0.5,
     },
 }
-HEADLINE = (SYNC, DEFAULT)  # the rows run with every seed
+HEADLINE = (SYNC, AT_ONCE, DEFAULT)  # the rows run with every seed
 STALENESS_LAYOUT = (4, "non-iid")
 # the longer budget: is a rule that wins the short run still sound nearer convergence?
-LONGER_LAYOUT, LONGER_ARMS = (2, "iid"), (SYNC, DEFAULT, MEAN, AGREE)
+LONGER_LAYOUT, LONGER_ARMS = (2, "iid"), (SYNC, AT_ONCE, DEFAULT, AGREE)
 PRESETS = {
     # quick: the headline rows get their seeds in every layout with several workers
     "quick": {
@@ -134,7 +146,8 @@ class Matrix:
                 self.bench, workers, steps_per_round=interval, cost=unit, finished=finished
             )
         else:
-            coordinator = Coordinator(self.bench, **settings)
+            options, pull_wait = worker_side(settings)
+            coordinator = Coordinator(self.bench, **options)
             run_async(
                 self.bench,
                 coordinator,
@@ -142,6 +155,7 @@ class Matrix:
                 sync_interval=interval,
                 cost=unit,
                 finished=finished,
+                pull_wait=pull_wait,
             )
             experts = [dict(e) for e in coordinator.experts()]
             coordinator.close()

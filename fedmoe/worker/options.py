@@ -21,9 +21,14 @@ from fedmoe.fields import (
     WorkerId,
 )
 
-__all__ = ["UPLOAD_DTYPES", "SyncMode", "WorkerOptions"]
+__all__ = ["UPLOAD_DTYPES", "SyncMode", "WorkerOptions", "default_pull_wait"]
 
 SyncMode = Literal["background", "inline"]
+
+
+def default_pull_wait(sync_interval: float) -> float:
+    """``--pull-wait`` when not given: a fifth of the sync interval."""
+    return sync_interval / 5
 
 
 class WorkerOptions(BaseModel):
@@ -125,4 +130,4 @@ class WorkerOptions(BaseModel):
     @property
     def effective_pull_wait(self) -> float:
         """``pull_wait``, or a fifth of the sync interval when not given."""
-        return self.sync_interval / 5 if self.pull_wait is None else self.pull_wait
+        return default_pull_wait(self.sync_interval) if self.pull_wait is None else self.pull_wait
