@@ -50,6 +50,8 @@ DpAccountant = Literal["rdp", "prv"]
 #: from them and the staleness decay at their typical staleness) or "agree" (η from them
 #: and the agreement of the expert's recent deltas).
 ServerLr = float | Literal["auto", "mean", "agree"]
+#: Most seconds a download waits for the version a worker's round will make (``wait``).
+MAX_PULL_WAIT = 10.0
 # what happens to write-ahead log segments a snapshot covers: archived, or deleted
 DeltaRetention = Literal["keep", "drop"]
 

@@ -97,10 +97,19 @@ def test_served_schema_is_the_fuzzed_one(fuzzed) -> None:
 @schema.parametrize()
 @FUZZ_SETTINGS
 def test_no_server_errors(case, fuzzed) -> None:
+    _short_waits(case)
     case.call_and_validate(base_url=fuzzed.url)
     deeper = _deeper(case, fuzzed)
     if deeper is not None:
         deeper.call_and_validate(base_url=fuzzed.url)
+
+
+def _short_waits(case) -> None:
+    """A download may wait up to 10 s for a version (``wait``): shortened to keep the run
+    brief (tests/test_incremental_pull.py checks the wait itself)."""
+    wait = (case.query or {}).get("wait")
+    if isinstance(wait, (int, float)) and not isinstance(wait, bool) and 0.2 < wait <= 10:
+        case.query["wait"] = 0.2
 
 
 def _deeper(case, fuzzed):

@@ -156,7 +156,7 @@ def test_a_pull_waits_for_the_rounds_version_or_gives_up_after_wait(live_coordin
         assert first["settle_version"] == 2
         with ThreadPoolExecutor(1) as pool:
             began = time.monotonic()
-            pull = pool.submit(client.expert_changes, PY, schema, 0, "one", wait_for=2, wait=20.0)
+            pull = pool.submit(client.expert_changes, PY, schema, 0, "one", wait_for=2, wait=9.0)
             time.sleep(0.4)
             assert not pull.done()  # w2's update of the round is not in yet
             assert upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "two")).is_success
@@ -165,5 +165,5 @@ def test_a_pull_waits_for_the_rounds_version_or_gives_up_after_wait(live_coordin
         began = time.monotonic()
         late = client.expert_changes(PY, schema, 2, wait_for=9, wait=0.3)  # never comes
         assert late.version == 2 and 0.3 <= time.monotonic() - began < 5
-        bad = http.get(f"/v1/experts/{PY}/adapter", params={"wait_for": 3, "wait": 31})
+        bad = http.get(f"/v1/experts/{PY}/adapter", params={"wait_for": 3, "wait": 10.5})
         assert bad.status_code == 422 and "wait" in bad.text

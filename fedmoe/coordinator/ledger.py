@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     strategy TEXT NOT NULL, has_state INTEGER NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS updates_accepted_id ON updates(update_id) WHERE accepted = 1;
 CREATE INDEX IF NOT EXISTS workers_last_seen ON workers(last_seen);
+CREATE INDEX IF NOT EXISTS workers_joined ON workers(specialty, registered_at);
 """
 # Columns added after the first release: ledgers written before them get them on open.
 ADDED_COLUMNS = {

@@ -15,6 +15,7 @@ from fedmoe.config import TrainSettings
 from fedmoe.fields import (
     DEFAULT_COORDINATOR_URL,
     DEVICE_PATTERN,
+    MAX_PULL_WAIT,
     UPLOAD_DTYPES,
     Flag,
     UploadDtype,
@@ -27,8 +28,9 @@ SyncMode = Literal["background", "inline"]
 
 
 def default_pull_wait(sync_interval: float) -> float:
-    """``--pull-wait`` when not given: a fifth of the sync interval."""
-    return sync_interval / 5
+    """``--pull-wait`` when not given: a fifth of the sync interval, at most the most a
+    download waits (``MAX_PULL_WAIT``)."""
+    return min(sync_interval / 5, MAX_PULL_WAIT)
 
 
 class WorkerOptions(BaseModel):
@@ -79,10 +81,11 @@ class WorkerOptions(BaseModel):
     pull_wait: float | None = Field(
         None,
         ge=0,
+        le=MAX_PULL_WAIT,
         description="Seconds a background sync may wait after its upload for the other "
         "active workers' updates of the round (the acknowledgement's settle_version) "
         "before it pulls, while training goes on; 0: pull at once. Default: a fifth of "
-        "--sync-interval.",
+        f"--sync-interval, at most {MAX_PULL_WAIT:g}.",
     )
     auth_token: str | None = Field(None, description="Bearer token.")
     ca_cert: Path | None = Field(None, description="CA bundle to verify the coordinator's TLS.")

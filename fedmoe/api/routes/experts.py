@@ -22,10 +22,9 @@ from fedmoe.api.schemas import (
 )
 from fedmoe.coordinator.core import CentralCoordinator
 from fedmoe.coordinator.versions import MAX_DP_EPSILON, MAX_NUM_TOKENS, UpdateRequest
+from fedmoe.fields import MAX_PULL_WAIT
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
-
-MAX_PULL_WAIT = 30.0  # seconds a download may wait for a version (under the client timeout)
 
 SAFETENSORS = "application/octet-stream"
 BINARY_SCHEMA = {"type": "string", "format": "binary"}
