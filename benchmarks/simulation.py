@@ -204,6 +204,7 @@ class Coordinator:
                 update_id=f"{worker.name}:{uuid.uuid4().hex}",
                 base_version=worker.base_version,
                 num_tokens=worker.window_tokens,
+                final=worker.done,  # a finished worker's last upload, as on SIGTERM
                 train_loss=sum(losses) / len(losses) if losses else None,
                 body=encode_adapter(delta),
             )

@@ -46,9 +46,10 @@ class _UploadFacts(TypedDict):
 class UploadFacts(_UploadFacts, total=False):
     """What an upload says about its delta (the ``X-FedMoE-*`` headers), as the keyword
     arguments of ``upload``; ``dp_epsilon``, the spent ε of a worker training with
-    DP-SGD, may be left out."""
+    DP-SGD, and ``final``, a stopping worker's last upload, may be left out."""
 
     dp_epsilon: float | None
+    final: bool
 
 
 class ApiError(Exception):
@@ -275,6 +276,8 @@ class CoordinatorClient:
             headers["X-FedMoE-Train-Loss"] = repr(float(train_loss))
         if dp_epsilon is not None:
             headers["X-FedMoE-DP-Epsilon"] = repr(float(dp_epsilon))
+        if facts.get("final"):
+            headers["X-FedMoE-Final"] = "true"
         answer = self._call("POST", f"/v1/experts/{expert}/updates", content=body, headers=headers)
         return UpdateAck.model_validate(answer.json())
 

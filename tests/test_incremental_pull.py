@@ -167,3 +167,19 @@ def test_a_pull_waits_for_the_rounds_version_or_gives_up_after_wait(live_coordin
         assert late.version == 2 and 0.3 <= time.monotonic() - began < 5
         bad = http.get(f"/v1/experts/{PY}/adapter", params={"wait_for": 3, "wait": 10.5})
         assert bad.status_code == 422 and "wait" in bad.text
+
+
+def test_a_worker_that_said_its_last_upload_no_longer_counts_as_active(live_coordinator) -> None:
+    with live_coordinator.client() as http:
+        for worker in ("w1", "w2"):
+            register(http, worker, PY)
+        shapes = shapes_of(http)
+        first = upload(http, PY, _bf16(shapes, 1), update_headers("w1", 0, "a")).json()
+        assert (first["active_workers"], first["weight"]) == (2, 0.5)
+        leaving = update_headers("w2", 1, "b") | {"X-FedMoE-Final": "true"}
+        assert upload(http, PY, _bf16(shapes, 2), leaving).json()["active_workers"] == 2
+        alone = upload(http, PY, _bf16(shapes, 3), update_headers("w1", 2, "c")).json()
+        # w2 stopped: w1 is the expert's only worker (η = 1, nobody else's update is due)
+        assert (alone["active_workers"], alone["weight"], alone["settle_version"]) == (1, 1.0, 3)
+        back = upload(http, PY, _bf16(shapes, 4), update_headers("w2", 3, "d")).json()
+        assert back["active_workers"] == 2  # w2 is back: it counts again

@@ -86,6 +86,7 @@ class FakeCoordinator:
         self.gate: threading.Event | None = None  # when set up, uploads wait for it
         self.others = 0  # other workers' updates each acknowledgement says are due
         self.waits: list[tuple[int | None, float]] = []  # (wait_for, wait) of each pull
+        self.finals: list[bool] = []  # whether each upload attempt said it was the last
 
     def schema(self) -> dict[str, Any]:
         """Base model and tensor shapes."""
@@ -132,8 +133,11 @@ class FakeCoordinator:
         """Another worker's update moves the expert."""
         self.state, self.version = apply_update(self.state, delta, 1.0), self.version + 1
 
-    def upload(self, expert: str, body: bytes, *, worker_id: str, update_id: str, **_: Any):
+    def upload(
+        self, expert: str, body: bytes, *, worker_id: str, update_id: str, **facts: Any
+    ) -> UpdateAck:
         """Apply Δ once per update id; a fault may refuse the connection or lose the answer."""
+        self.finals.append(bool(facts.get("final")))
         if self.gate is not None:
             assert self.gate.wait(10), "the test never opened the gate"
         fault = self.faults.pop(0) if self.faults else None
@@ -380,6 +384,7 @@ def test_flush_retries_with_the_clock_until_acknowledged(world) -> None:
     syncer.flush(attempts=5)
     assert not syncer.has_unsent() and coordinator.version == 1
     assert clock.now() - before == 2.0 + 4.0  # the doubled backoffs, on the fake clock
+    assert coordinator.finals == [True, True, True]  # each attempt says it is the last
 
 
 def test_wait_for_retries_unavailability_but_not_refusals() -> None:

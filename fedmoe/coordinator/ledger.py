@@ -51,6 +51,7 @@ ADDED_COLUMNS = {
         "state_sha256": "TEXT",
         "verdict": "TEXT",  # robust aggregation: rejected / down-weighted (reason in reason)
         "dp_epsilon": "REAL",  # the sender's spent ε (example-level DP), as it reported
+        "final": "INTEGER NOT NULL DEFAULT 0",  # the sender's last upload before it stopped
     },
     "workers": {"dp_epsilon": "REAL"},
 }
@@ -86,6 +87,7 @@ class UpdateRecord:
     active_workers: int = 1  # K, as the update's weight counted them
     settle_version: int | None = None  # the version the other K − 1 workers' round makes
     dp_epsilon: float | None = None  # the sender's spent ε, as reported
+    final: bool = False  # the sender said it was its last upload (it is stopping)
 
     def acknowledgement(self) -> UpdateAck:
         """The answer to the worker that sent this (accepted) update: every field the
@@ -237,9 +239,9 @@ class Ledger(Database):
         of their accepted updates, over at most the ``limit`` newest rows.
 
         Active: with an accepted update to the expert since then (an update that robust
-        aggregation or the update screen rejected does not count), or registered on it
-        since then and yet to upload, so that the first round's uploads already know how
-        many workers share the expert.
+        aggregation or the update screen rejected does not count) and not stopped since (its
+        newest one is not ``final``), or registered on it since then and yet to upload, so
+        that the first round's uploads already know how many workers share the expert.
         """
         registered = self._query(
             "SELECT worker_id FROM workers "
@@ -247,14 +249,17 @@ class Ledger(Database):
             (expert, since),
         )
         rows = self._query(
-            "SELECT worker_id, num_tokens FROM (SELECT worker_id, num_tokens, created_at "
-            "FROM updates WHERE expert = ? AND accepted = 1 AND verdict IS NOT 'rejected' "
-            "ORDER BY seq DESC LIMIT ?) "
+            "SELECT worker_id, num_tokens, final FROM (SELECT worker_id, num_tokens, final, "
+            "created_at FROM updates WHERE expert = ? AND accepted = 1 "
+            "AND verdict IS NOT 'rejected' ORDER BY seq DESC LIMIT ?) "
             "WHERE created_at >= ?",
             (expert, limit, since),
         )
-        workers = {w for w, _ in rows} | {w for (w,) in registered}
-        return workers, [n for _, n in rows if n > 0]
+        newest: dict[str, bool] = {}  # worker -> whether its newest update was its last
+        for worker, _, final in rows:
+            newest.setdefault(worker, bool(final))
+        workers = {w for w, final in newest.items() if not final} | {w for (w,) in registered}
+        return workers, [n for _, n, _ in rows if n > 0]
 
     def _write_strategy(self, row: StrategyRow | None) -> None:
         if row is not None:

@@ -161,6 +161,7 @@ class UpdatePath:
             accepted=False,
             body_sha256=request.body_sha256,
             dp_epsilon=request.dp_epsilon,
+            final=request.final,
         )
 
     def _apply(

@@ -127,6 +127,7 @@ class UpdateRequest:
     train_loss: float | None
     body: Buffer  # as received: the API layer's receive buffer (read only), not a copy
     dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
+    final: bool = False  # the sender's last upload: it is stopping (no longer active)
     sha256: str | None = None  # the body's, when the API layer hashed it while receiving
     # the body's float32 tensors and norm as ``adapters.decode_with_norm`` gives them, when
     # the API layer decoded them while receiving (``fedmoe.adapter_stream``)

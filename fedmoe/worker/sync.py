@@ -151,7 +151,9 @@ class Syncer(SyncState):
                 self._executor = None
 
     def flush(self, *, attempts: int) -> None:
-        """Final upload, inline: at most ``attempts`` syncs (with backoff) until nothing is left."""
+        """Final upload, inline: at most ``attempts`` syncs (with backoff) until nothing is
+        left; each says it is the last (the coordinator stops counting this worker active)."""
+        self.leaving = True
         for _ in range(attempts):
             if not self.has_unsent():
                 return

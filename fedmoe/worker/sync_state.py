@@ -66,6 +66,7 @@ class SyncState:
         self.stats, self.clock = stats, clock
         self.sync_interval, self.max_backoff = sync_interval, max_backoff
         self.pull_wait = pull_wait  # for background exchanges (``Syncer.start``)
+        self.leaving = False  # the final upload: the coordinator stops counting us active
         self.pending: PendingUpdate | None = None
         self.unrebased: AdapterState | None = None  # acknowledged, but the pull failed
         self.base_version = 0
@@ -243,6 +244,7 @@ class SyncState:
             num_tokens=pending.tokens,
             train_loss=pending.train_loss,
             dp_epsilon=pending.dp_epsilon,
+            final=self.leaving,
         )
 
     def _make_pending(self, local: AdapterState, capture: Capture) -> PendingUpdate:

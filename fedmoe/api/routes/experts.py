@@ -180,6 +180,14 @@ async def submit_update(
             description="The worker's spent ε (example-level DP-SGD), recorded in the ledger.",
         ),
     ] = None,
+    final: Annotated[
+        bool,
+        Header(
+            alias="X-FedMoE-Final",
+            description="The worker's last upload before it stops: from then on it no "
+            "longer counts as active on the expert (K of --server-lr auto).",
+        ),
+    ] = False,
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
     ensure_may_act_as(principal, worker_id, name)
@@ -194,6 +202,7 @@ async def submit_update(
         train_loss=train_loss,
         body=upload.body,
         dp_epsilon=dp_epsilon,
+        final=final,
         sha256=upload.sha256,
         decoded=upload.decoded,
     )
