@@ -536,6 +536,23 @@ def test_a_background_sync_pulls_once_the_round_is_in_and_an_inline_one_at_once(
     assert coordinator.pulls == pulls and syncer.stats.skipped_pulls >= 1
 
 
+def test_a_round_clock_puts_every_sync_on_its_boundaries(world) -> None:
+    syncer, _, adapter, clock = world
+    phase = [3.0]  # seconds on the shared clock; rounds of sync_interval = 10 s
+    syncer.round_phase = lambda: phase[0]
+    syncer.schedule_first()
+    assert syncer.next_sync_at == clock.now() + 7.0  # the next boundary
+    phase[0] = 18.0
+    syncer.schedule_first()  # 2 s to the boundary: too short a first window, the one after
+    assert syncer.next_sync_at == clock.now() + 12.0
+    adapter.train(0.5, 10, syncer.stats)
+    phase[0] = 30.4  # the sync ends 0.4 s into the round
+    assert syncer.sync()
+    assert syncer.next_sync_at == pytest.approx(clock.now() + 9.6)
+    syncer.round_phase = None  # no shared clock: one interval after the sync
+    assert syncer.sync() and syncer.next_sync_at == clock.now() + 10.0
+
+
 def test_background_unknown_fate_resends_the_same_id(world) -> None:
     syncer, coordinator, adapter, clock = world
     adapter.train(0.5, 10, syncer.stats)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+import time
 from typing import Any, Protocol
 
 import torch
@@ -199,6 +200,7 @@ class WorkerJob:
             sync_interval=opts.sync_interval,
             max_backoff=opts.max_backoff,
             pull_wait=opts.effective_pull_wait,
+            round_phase=time.time if opts.align_syncs else None,
         )
         self.syncer = syncer
         self._wait_for(syncer.register)

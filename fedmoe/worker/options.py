@@ -78,6 +78,13 @@ class WorkerOptions(BaseModel):
         description="background: upload and pull on a thread while training goes on; "
         "inline: the training loop waits for each sync.",
     )
+    align_syncs: bool = Field(
+        True,
+        description="Sync at the boundaries of a clock all workers share (wall-clock time "
+        "in steps of --sync-interval; keep the machines' clocks in step, e.g. with NTP), so "
+        "the workers of an expert upload together and each pull brings the whole round; "
+        "off: one interval after the last sync.",
+    )
     pull_wait: float | None = Field(
         None,
         ge=0,

@@ -69,7 +69,7 @@ class Syncer(SyncState):
             self._schedule_retry(f"coordinator error ({error})")
             return False
         self.backoff = 1.0
-        self.next_sync_at = self.clock.now() + self.sync_interval
+        self.next_sync_at = self.clock.now() + self._until_next_round()
         return True
 
     def _schedule_retry(self, reason: str) -> None:
@@ -85,8 +85,19 @@ class Syncer(SyncState):
         return self._future is None and self.clock.now() >= self.next_sync_at
 
     def schedule_first(self) -> None:
-        """The first sync comes one interval after training starts."""
-        self.next_sync_at = self.clock.now() + self.sync_interval
+        """The first sync comes one interval after training starts or, with a round clock,
+        at the first round boundary at least half an interval away."""
+        wait = self._until_next_round()
+        if wait < self.sync_interval / 2:
+            wait += self.sync_interval
+        self.next_sync_at = self.clock.now() + wait
+
+    def _until_next_round(self) -> float:
+        """Seconds to the next sync: one interval, or to the next boundary of the round
+        clock (``round_phase``), where every worker with the same interval syncs."""
+        if self.round_phase is None:
+            return self.sync_interval
+        return self.sync_interval - self.round_phase() % self.sync_interval
 
     def has_unsent(self) -> bool:
         """Anything trained, in flight or acknowledged-but-not-rebased is left."""

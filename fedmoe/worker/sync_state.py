@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 
 from fedmoe.adapters import decode_adapter, encode_adapter
 from fedmoe.aggregate import AdapterState, apply_update
@@ -61,11 +62,15 @@ class SyncState:
         sync_interval: float,
         max_backoff: float,
         pull_wait: float = 0.0,
+        round_phase: Callable[[], float] | None = None,
     ) -> None:
         self.client, self.adapter, self.identity = client, adapter, identity
         self.stats, self.clock = stats, clock
         self.sync_interval, self.max_backoff = sync_interval, max_backoff
         self.pull_wait = pull_wait  # for background exchanges (``Syncer.start``)
+        # seconds into the current round of a clock the workers share (None: each worker
+        # syncs one interval after its last sync); see ``Syncer.schedule_first``
+        self.round_phase = round_phase
         self.leaving = False  # the final upload: the coordinator stops counting us active
         self.pending: PendingUpdate | None = None
         self.unrebased: AdapterState | None = None  # acknowledged, but the pull failed
