@@ -523,6 +523,7 @@ def test_a_background_sync_pulls_once_the_round_is_in_and_an_inline_one_at_once(
     adapter.train(0.25, 7, syncer.stats)  # trained while the sync waits for the round
     assert wait_done(syncer) is True
     assert coordinator.waits == [(3, 2.0)]  # our version 1 + the 2 others, at most 2 s
+    assert (syncer.stats.settled_pulls, syncer.stats.partial_rounds) == (1, 0)
     # the other two updates (0.125 each) are in the pulled expert; our progress is kept
     assert syncer.base_version == 3
     assert_state(adapter.tensors, plus(snapshot, 0.25 + 2 * 0.125))

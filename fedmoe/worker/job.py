@@ -367,6 +367,8 @@ class WorkerJob:
             "bytes_up_per_sync": stats.bytes_up / max(syncs, 1),
             "bytes_down_per_sync": stats.bytes_down / max(syncs, 1),
             "skipped_pulls": stats.skipped_pulls,
+            "settled_pulls": stats.settled_pulls,
+            "partial_rounds": stats.partial_rounds,
             "sync_mode": self.options.sync_mode,
             "expert_version": self.syncer.base_version if self.syncer else None,
             "unsent_tokens": stats.window_tokens,

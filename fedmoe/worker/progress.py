@@ -40,6 +40,8 @@ class WorkerStats:
     skipped_pulls: int = 0  # new experts rebuilt from the acknowledgement, digest checked
     digest_mismatches: int = 0  # rebuilt expert differed: pulled instead
     incremental_pulls: int = 0  # new experts rebuilt from the steps since our pull
+    settled_pulls: int = 0  # pulls that waited for the round and got all of it
+    partial_rounds: int = 0  # pulls whose wait ran out before the round's updates were in
     uploads: int = 0
     failed_syncs: int = 0
     last_staleness: int | None = None

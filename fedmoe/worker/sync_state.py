@@ -217,6 +217,10 @@ class SyncState:
             wait=wait,
         )
         self.stats.bytes_down += changes.size
+        if wait:
+            settled = ack.settle_version is not None and changes.version >= ack.settle_version
+            self.stats.settled_pulls += settled
+            self.stats.partial_rounds += not settled
         if changes.steps is None:
             assert changes.state is not None, "a full answer has the state"
             self.stats.full_pulls += 1
