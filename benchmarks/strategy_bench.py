@@ -43,7 +43,7 @@ from fedmoe.demo_data import DOMAINS
 TITLE = "Server strategies: 1-8 workers per expert, IID and non-IID (issue 12)"
 SYNC = "sync FedAvg"
 BEFORE = "async, η 1 (before)"
-AT_ONCE = "async, η auto, pull at once (before settling)"
+AT_ONCE = "async, η auto, unsettled (pull at once, every τ decays)"
 DEFAULT = "async, η auto, settled pull (default)"
 MEAN = "async, η mean"
 AGREE = "async, η agree, settled pull"

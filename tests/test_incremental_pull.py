@@ -178,8 +178,11 @@ def test_a_worker_that_said_its_last_upload_no_longer_counts_as_active(live_coor
         assert (first["active_workers"], first["weight"]) == (2, 0.5)
         leaving = update_headers("w2", 1, "b") | {"X-FedMoE-Final": "true"}
         assert upload(http, PY, _bf16(shapes, 2), leaving).json()["active_workers"] == 2
-        alone = upload(http, PY, _bf16(shapes, 3), update_headers("w1", 2, "c")).json()
+        # an update from before w2's last one (version 2) shares its round: w2 still counts
+        same_round = upload(http, PY, _bf16(shapes, 5), update_headers("w1", 1, "e")).json()
+        assert same_round["active_workers"] == 2
+        alone = upload(http, PY, _bf16(shapes, 3), update_headers("w1", 3, "c")).json()
         # w2 stopped: w1 is the expert's only worker (η = 1, nobody else's update is due)
-        assert (alone["active_workers"], alone["weight"], alone["settle_version"]) == (1, 1.0, 3)
-        back = upload(http, PY, _bf16(shapes, 4), update_headers("w2", 3, "d")).json()
+        assert (alone["active_workers"], alone["weight"], alone["settle_version"]) == (1, 1.0, 4)
+        back = upload(http, PY, _bf16(shapes, 4), update_headers("w2", 4, "d")).json()
         assert back["active_workers"] == 2  # w2 is back: it counts again

@@ -233,15 +233,17 @@ class Ledger(Database):
         return {row[0]: StrategyRow(*row) for row in rows}
 
     def recent_activity(
-        self, expert: str, since: float, limit: int = 256
+        self, expert: str, since: float, limit: int = 256, *, seen_from: int | None = None
     ) -> tuple[set[str], list[int]]:
         """The workers active on ``expert`` since ``since`` and the known (> 0) token counts
         of their accepted updates, over at most the ``limit`` newest rows.
 
         Active: with an accepted update to the expert since then (an update that robust
-        aggregation or the update screen rejected does not count) and not stopped since (its
-        newest one is not ``final``), or registered on it since then and yet to upload, so
-        that the first round's uploads already know how many workers share the expert.
+        aggregation or the update screen rejected does not count) and not stopped (its
+        newest one is not ``final``, or came after version ``seen_from``: an update made
+        from that version shares the round of that last upload), or registered on it since
+        then and yet to upload, so that the first round's uploads already know how many
+        workers share the expert.
         """
         registered = self._query(
             "SELECT worker_id FROM workers "
@@ -249,17 +251,19 @@ class Ledger(Database):
             (expert, since),
         )
         rows = self._query(
-            "SELECT worker_id, num_tokens, final FROM (SELECT worker_id, num_tokens, final, "
-            "created_at FROM updates WHERE expert = ? AND accepted = 1 "
+            "SELECT worker_id, num_tokens, final, expert_version FROM (SELECT worker_id, "
+            "num_tokens, final, expert_version, created_at FROM updates WHERE expert = ? "
+            "AND accepted = 1 "
             "AND verdict IS NOT 'rejected' ORDER BY seq DESC LIMIT ?) "
             "WHERE created_at >= ?",
             (expert, limit, since),
         )
-        newest: dict[str, bool] = {}  # worker -> whether its newest update was its last
-        for worker, _, final in rows:
-            newest.setdefault(worker, bool(final))
-        workers = {w for w, final in newest.items() if not final} | {w for (w,) in registered}
-        return workers, [n for _, n, _ in rows if n > 0]
+        gone: dict[str, bool] = {}  # worker -> whether its newest update said goodbye
+        for worker, _, final, version in rows:
+            seen = seen_from is None or (version is not None and version <= seen_from)
+            gone.setdefault(worker, bool(final) and seen)
+        workers = {w for w, left in gone.items() if not left} | {w for (w,) in registered}
+        return workers, [n for _, n, _, _ in rows if n > 0]
 
     def _write_strategy(self, row: StrategyRow | None) -> None:
         if row is not None:

@@ -87,19 +87,23 @@ class StrategyBook:
         worker_id: str,
         expert: str,
         delta: AdapterState,
+        base_version: int,
         staleness: int,
         clip: float,
         num_tokens: int,
         norm: float | None = None,
     ) -> Contribution:
         """One update with the weights the settings ask for (activity from the ledger):
-        its decay s(τ) of the staleness counted for the workers active on the expert."""
+        its decay s(τ) of the staleness counted for the workers active on the expert
+        (a worker that stopped after ``base_version`` still counts: same round)."""
         now = time.time()
         grace = self.settings.staleness_grace
         needs_activity = self.strategy.server_lr in ("auto", "mean", "agree")
         needs_activity = needs_activity or self.settings.token_weighting or grace
         workers, tokens = (
-            self.ledger.recent_activity(expert, now - self.settings.activity_window)
+            self.ledger.recent_activity(
+                expert, now - self.settings.activity_window, seen_from=base_version
+            )
             if needs_activity
             else (set(), [])
         )

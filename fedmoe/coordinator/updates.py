@@ -182,6 +182,7 @@ class UpdatePath:
             worker_id=request.worker_id,
             expert=request.expert,
             delta=delta,
+            base_version=request.base_version,
             staleness=staleness,
             clip=clip,
             num_tokens=request.num_tokens,
