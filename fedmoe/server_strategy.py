@@ -130,6 +130,9 @@ class Contribution:
     worker_id: str = ""  # who sent it (the update screen counts distinct workers)
     norm: float | None = None  # ‖Δ‖ as the ledger records it (None: not computed yet)
     typical_decay: float = 1.0  # s(K − 1) for K active workers (--server-lr mean)
+    # the other active workers' updates of this round still to come (not in the log: it
+    # only tells the sender which version to pull, ``UpdateAck.settle_version``)
+    round_left: int = 0
 
 
 @dataclass(frozen=True)

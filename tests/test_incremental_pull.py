@@ -186,3 +186,18 @@ def test_a_worker_that_said_its_last_upload_no_longer_counts_as_active(live_coor
         assert (alone["active_workers"], alone["weight"], alone["settle_version"]) == (1, 1.0, 4)
         back = upload(http, PY, _bf16(shapes, 4), update_headers("w2", 4, "d")).json()
         assert back["active_workers"] == 2  # w2 is back: it counts again
+
+
+def test_the_round_settles_at_the_version_its_last_update_makes(live_coordinator) -> None:
+    with live_coordinator.client() as http:
+        for worker in ("w1", "w2", "w3"):
+            register(http, worker, PY)
+        shapes = shapes_of(http)
+        settles = [
+            upload(http, PY, _bf16(shapes, i), update_headers(w, 0, f"r1-{w}")).json()
+            for i, w in enumerate(("w2", "w1", "w3"))
+        ]
+        # all three pulled version 0: the round is in at version 3, whoever came first
+        assert [(a["version"], a["settle_version"]) for a in settles] == [(1, 3), (2, 3), (3, 3)]
+        nxt = upload(http, PY, _bf16(shapes, 7), update_headers("w1", 3, "r2-w1")).json()
+        assert (nxt["version"], nxt["settle_version"]) == (4, 6)  # the next round: 2 to come

@@ -173,7 +173,7 @@ def test_a_rejected_worker_is_recorded_and_not_counted_as_active(tmp_path) -> No
         assert ack.weight == 0.0 and ack.version == 3  # a new version, θ unchanged
         (row,) = [r for r in coordinator.ledger.updates(limit=10) if r.worker_id == "c"]
         assert row.verdict == "rejected" and row.reason is not None and "norm" in row.reason
-        assert coordinator.ledger.recent_activity(sql, 0.0)[0] == {"a", "b"}
+        assert coordinator.ledger.recent_activity(sql, 0.0).workers == {"a", "b"}
         assert coordinator.strategies.status(sql).screen_updates
     finally:
         coordinator.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,21 @@ class UpdateRecord:
         assert self.expert_version is not None and self.gateway_version is not None
         shared = {key: value for key, value in vars(self).items() if key in UpdateAck.model_fields}
         return UpdateAck(**shared, version=self.expert_version, replayed=False)
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Who is active on an expert (``Ledger.recent_activity``) and what they sent."""
+
+    workers: frozenset[str] = frozenset()
+    tokens: tuple[int, ...] = ()  # the known (> 0) token counts of their recent updates
+    newest: dict[str, int] = field(default_factory=dict)  # the version each newest made
+
+    def yet_to_send(self, since_version: int, *, besides: str) -> int:
+        """Active workers other than ``besides`` with no update applied after
+        ``since_version``: the updates of the round that starts there still to come."""
+        others = self.workers - {besides}
+        return sum(1 for w in others if self.newest.get(w, -1) <= since_version)
 
 
 @dataclass(frozen=True)
@@ -234,9 +249,10 @@ class Ledger(Database):
 
     def recent_activity(
         self, expert: str, since: float, limit: int = 256, *, seen_from: int | None = None
-    ) -> tuple[set[str], list[int]]:
-        """The workers active on ``expert`` since ``since`` and the known (> 0) token counts
-        of their accepted updates, over at most the ``limit`` newest rows.
+    ) -> Activity:
+        """The workers active on ``expert`` since ``since``, the known (> 0) token counts
+        of their accepted updates and the version each one's newest update made, over at
+        most the ``limit`` newest rows.
 
         Active: with an accepted update to the expert since then (an update that robust
         aggregation or the update screen rejected does not count) and not stopped (its
@@ -259,11 +275,14 @@ class Ledger(Database):
             (expert, limit, since),
         )
         gone: dict[str, bool] = {}  # worker -> whether its newest update said goodbye
+        newest: dict[str, int] = {}
         for worker, _, final, version in rows:
             seen = seen_from is None or (version is not None and version <= seen_from)
             gone.setdefault(worker, bool(final) and seen)
+            newest.setdefault(worker, -1 if version is None else version)
         workers = {w for w, left in gone.items() if not left} | {w for (w,) in registered}
-        return workers, [n for _, n, _, _ in rows if n > 0]
+        tokens = [n for _, n, _, _ in rows if n > 0]
+        return Activity(frozenset(workers), tuple(tokens), newest)
 
     def _write_strategy(self, row: StrategyRow | None) -> None:
         if row is not None:

@@ -19,7 +19,7 @@ from fedmoe.aggregate import (
     token_factor,
     typical_staleness,
 )
-from fedmoe.coordinator.ledger import Ledger
+from fedmoe.coordinator.ledger import Activity, Ledger
 from fedmoe.coordinator.replay import strategy_from
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.robust_strategy import RobustOptions
@@ -100,18 +100,19 @@ class StrategyBook:
         grace = self.settings.staleness_grace
         needs_activity = self.strategy.server_lr in ("auto", "mean", "agree")
         needs_activity = needs_activity or self.settings.token_weighting or grace
-        workers, tokens = (
+        activity = (
             self.ledger.recent_activity(
                 expert, now - self.settings.activity_window, seen_from=base_version
             )
             if needs_activity
-            else (set(), [])
+            else Activity()
         )
         factor = 1.0
         if self.settings.token_weighting and num_tokens > 0:
             # n / n̄ with this update in the mean: equal token counts give exactly 1
+            tokens = activity.tokens
             factor = token_factor(num_tokens, (sum(tokens) + num_tokens) / (len(tokens) + 1))
-        active = len(workers | {worker_id})
+        active = len(activity.workers | {worker_id})
         return Contribution(
             typical_decay=self.decay(
                 counted_staleness(typical_staleness(active), active, grace=grace)
@@ -125,6 +126,7 @@ class StrategyBook:
             token_factor=factor,
             active_workers=active,
             now=now,
+            round_left=activity.yet_to_send(base_version, besides=worker_id),
         )
 
     def flush_lr(self, expert: str, contributions: int) -> float:
@@ -133,8 +135,8 @@ class StrategyBook:
         if server_lr != "auto":
             return float(server_lr)
         since = time.time() - self.settings.activity_window
-        workers, _ = self.ledger.recent_activity(expert, since)
-        return auto_server_lr(len(workers), contributions)
+        activity = self.ledger.recent_activity(expert, since)
+        return auto_server_lr(len(activity.workers), contributions)
 
     def publish(self, expert: str, state: StrategyState, lsn: int) -> None:
         """Make a committed state current (``lsn``: the log record that made it)."""

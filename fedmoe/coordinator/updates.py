@@ -208,7 +208,7 @@ class UpdatePath:
         version = expert.version + 1
         new_expert = Versioned(version, new_state, bound, name=request.expert)
         record.accepted, record.expert_version = True, version
-        record.settle_version = version + contribution.active_workers - 1
+        record.settle_version = version + contribution.round_left
         self._commit(record, new_expert, contribution, request.body, prewritten)
         self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
         assert record.response is not None
