@@ -12,6 +12,7 @@ Every arm trains on the same number of target tokens per domain.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from benchmarks.common import (
     DEMO_SYNC_INTERVAL,
@@ -25,7 +26,15 @@ from benchmarks.common import (
     target_tokens,
 )
 from benchmarks.report import publish
-from benchmarks.simulation import Coordinator, SimWorker, Workbench, run_async, run_sync, stop_rule
+from benchmarks.simulation import (
+    Coordinator,
+    SimWorker,
+    Workbench,
+    run_async,
+    run_sync,
+    stop_rule,
+    worker_side,
+)
 from fedmoe import aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.config import LoraSettings, TrainSettings
@@ -36,6 +45,8 @@ TIME_SCALE = 0.25  # the demo's 10 s sync interval, scaled like benchmarks.async
 SYNC_INTERVAL = DEMO_SYNC_INTERVAL * TIME_SCALE
 NOMINAL_STEP = 0.05  # virtual seconds per step (≈ the tiny preset's step here), for determinism
 TIE = 0.02  # nats: merge methods closer than this are called a tie
+# the rule before issue 12: every update at weight s(τ) (η 1), pulled right after the upload
+BEFORE = {"server_lr": 1.0, "staleness_grace": False, "pull_wait": 0.0}
 
 
 def loss_row(name: str, losses: dict[str, float]) -> dict[str, object]:
@@ -53,14 +64,27 @@ def make_workers(bench: Workbench, domains: dict, per_expert: int, prefix: str) 
 
 
 def fedmoe_async(
-    bench: Workbench, domains: dict, per_expert: int, budget: int, cost, server_lr: float = 1.0
+    bench: Workbench,
+    domains: dict,
+    per_expert: int,
+    budget: int,
+    cost,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[list[AdapterState], list[SimWorker]]:
-    """FedMoE: asynchronous uploads through the real coordinator (default s(τ), inverse)."""
-    coordinator = Coordinator(bench, server_lr=server_lr)
-    workers = make_workers(bench, domains, per_expert, f"async{per_expert}-lr{server_lr:g}")
+    """FedMoE: asynchronous uploads through the real coordinator, with its defaults or the
+    ``settings`` given (and the workers' ``pull_wait``, ``simulation.worker_side``)."""
+    options, pull_wait = worker_side(settings or {})
+    coordinator = Coordinator(bench, **options)
+    workers = make_workers(bench, domains, per_expert, f"async{per_expert}-{len(options)}")
     finished = stop_rule(horizon=None, budget=budget // per_expert)
     run_async(
-        bench, coordinator, workers, sync_interval=SYNC_INTERVAL, cost=cost, finished=finished
+        bench,
+        coordinator,
+        workers,
+        sync_interval=SYNC_INTERVAL,
+        cost=cost,
+        finished=finished,
+        pull_wait=pull_wait,
     )
     experts = [dict(e) for e in coordinator.experts()]
     coordinator.close()
@@ -168,7 +192,7 @@ def main() -> None:
         finished=stop_rule(horizon=None, budget=budget // per_expert),
     )
     async1, workers1 = fedmoe_async(bench, domains, 1, budget, cost)
-    damped, _ = fedmoe_async(bench, domains, per_expert, budget, cost, 1.0 / per_expert)
+    before, _ = fedmoe_async(bench, domains, per_expert, budget, cost, BEFORE)
     central, central_tokens = centralised(bench, domains, budget * len(DOMAINS))
 
     rows = [loss_row("base model", evaluator.base)]
@@ -176,12 +200,12 @@ def main() -> None:
         f"FedMoE async, {per_expert} workers/expert",
         f"sync FedAvg, {per_expert} workers/expert",
     )
-    damped_label = f"{main_label}, server_lr 1/{per_expert}"
+    before_label = f"{main_label}, before issue 12 (η 1, pull at once)"
     arms = {
         main_label: async2,
         sync_label: sync2,
         "FedMoE, 1 worker/expert (demo layout)": async1,
-        damped_label: damped,
+        before_label: before,
     }
     gateways, diagonals = {}, {}
     for label, experts in arms.items():

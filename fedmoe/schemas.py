@@ -100,9 +100,10 @@ class UpdateAck(BaseModel):
     )
     settle_version: int | None = Field(
         None,
-        description="The expert version that the other K − 1 active workers' updates of "
-        "this round should bring: a worker that pulls once it is reached (or its pull wait "
-        "ends) starts its next interval from the whole round.",
+        description="The expert version at which this update's round is in: this "
+        "version plus the other active workers with no update since its base version. A "
+        "worker that pulls once it is reached (or its pull wait ends) starts its next "
+        "interval from the whole round.",
     )
 
 

@@ -63,25 +63,25 @@ def _comparisons(v: dict[str, Any]) -> str:
         f"their own domain async {fmt(a)} vs sync {fmt(y)} ({better} better by "
         f"{v['sync_async_gap']:.3f} nats; one worker with all the data: "
         f"{fmt(figures[one]['experts'])}); gateway (cat) async {fmt(ga)} vs sync {fmt(gs)}. At "
-        "equal tokens only the update rule differs: async applies each worker's delta with "
-        "weight s(τ) ≈ 1 (server_lr 1, the default before issue 12; the default is now "
-        "`--server-lr auto`, measured in the server strategies section), so an expert moves "
-        "by about the sum of its workers' "
-        "deltas where FedAvg moves by their average, and the worker that uploads first "
-        "continues without its peer's delta until its next sync. (Wall-time effects are "
-        "`benchmarks.async_bench`'s subject.)"
+        "equal tokens only the update rule differs. FedMoE's default (`--server-lr auto`, "
+        "`--staleness-grace`, settled pulls: README, *Update rule*) moves an expert by the "
+        "mean of its workers' deltas and starts each worker's next interval from the whole "
+        "round, as FedAvg does, without a barrier; the rule before issue 12 (η 1, pulling "
+        "right after the upload) moved it by about their sum, and the worker that uploaded "
+        "first went on without its peer's delta until its next sync. (Wall-time effects are "
+        "`benchmarks.async_bench`'s subject; more layouts in the server strategies section.)"
     )
     return " ".join(parts)
 
 
 def _server_lr(v: dict[str, Any]) -> str:
-    main, sync, _, damped = v["arms"]
+    main, sync, _, before = v["arms"]
     listing = "; ".join(
         f"{label}: experts {fmt(v['figures'][label]['experts'])}, gateway (cat) "
         f"{fmt(v['figures'][label]['gateway_cat'])}"
-        for label in (main, damped, sync)
+        for label in (main, before, sync)
     )
-    return f"\n\n**`--server-lr` with several workers per expert** (means over domains): {listing}."
+    return f"\n\n**The rule before and now, several workers per expert** (means over domains): {listing}."
 
 
 def render(v: dict[str, Any]) -> str:

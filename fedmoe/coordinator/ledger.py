@@ -85,7 +85,7 @@ class UpdateRecord:
     buffer_fill: int = 0
     state_sha256: str | None = None  # the new expert's digest, when its sender can use it
     active_workers: int = 1  # K, as the update's weight counted them
-    settle_version: int | None = None  # the version the other K − 1 workers' round makes
+    settle_version: int | None = None  # the version at which this update's round is in
     dp_epsilon: float | None = None  # the sender's spent ε, as reported
     final: bool = False  # the sender said it was its last upload (it is stopping)
 

@@ -9,6 +9,12 @@ acknowledgement (weight, version, ``state_sha256``). When other updates came in 
 asks for the steps since its pull (``fedmoe.deltas``, the coordinator may answer with the
 full expert instead), rebuilds and checks the digest; a mismatch means a full pull.
 
+A settled pull: when the acknowledgement says the other workers of the expert have yet to
+send this round's updates (``settle_version`` above ``version``), a background exchange
+asks for the steps once the expert reaches that version (at most ``pull_wait`` seconds),
+so the next interval starts from the whole round, as after a synchronous FedAvg round,
+while training goes on meanwhile.
+
 :class:`SyncState` holds what a sync changes (the pulled expert and its version, the update
 in flight, the windows to settle) and the steps that change it; when and on which thread
 they run, and what a failed exchange means for the next one, is ``fedmoe.worker.sync``'s
