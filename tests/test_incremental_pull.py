@@ -201,3 +201,53 @@ def test_the_round_settles_at_the_version_its_last_update_makes(live_coordinator
         assert [(a["version"], a["settle_version"]) for a in settles] == [(1, 3), (2, 3), (3, 3)]
         nxt = upload(http, PY, _bf16(shapes, 7), update_headers("w1", 3, "r2-w1")).json()
         assert (nxt["version"], nxt["settle_version"]) == (4, 6)  # the next round: 2 to come
+
+
+def test_two_background_workers_both_start_the_next_round_from_the_whole_round(
+    live_coordinator,
+) -> None:
+    with (
+        CoordinatorClient(live_coordinator.url) as one,
+        CoordinatorClient(live_coordinator.url) as two,
+    ):
+        schema = one.schema()
+        shapes = {k: tuple(v) for k, v in schema.tensors.items()}
+        syncers, holders = [], []
+        for name, client in (("w1", one), ("w2", two)):
+            identity = SyncIdentity(
+                name, PY, schema.base_model_fingerprint, schema.lora_config, shapes, torch.bfloat16
+            )
+            holder = Holder()
+            syncer = Syncer(
+                client,
+                holder,
+                identity,
+                stats=WorkerStats(),
+                clock=SystemClock(),
+                sync_interval=10.0,
+                max_backoff=1.0,
+                pull_wait=8.0,
+            )
+            syncer.register()
+            syncers.append(syncer)
+            holders.append(holder)
+        for index, (syncer, holder) in enumerate(zip(syncers, holders)):
+            syncer.pull_and_reset()
+            holder.load({k: v + 0.01 * (index + 1) for k, v in holder.tensors.items()})
+        syncers[0].start()  # uploads, then waits for w2's update of the round
+        time.sleep(0.5)
+        assert syncers[0].in_flight() and syncers[0].poll() is None
+        syncers[1].start()  # the round's last update: pulls at once
+        for syncer in syncers:
+            syncer.wait()
+        with live_coordinator.client() as http:
+            full = expert_state(http, PY)
+        for syncer, holder in zip(syncers, holders):
+            assert syncer.base_version == 2  # both: the expert with both updates in
+            assert all(torch.equal(syncer.pulled[k], full[k]) for k in full)
+            # the adapter too, up to the bfloat16 rounding of its delta (carried forward)
+            assert all(torch.allclose(holder.tensors[k], full[k], atol=1e-3) for k in full)
+        assert [s.stats.settled_pulls for s in syncers] == [1, 0]
+        assert syncers[0].stats.partial_rounds == 0
+        for syncer in syncers:
+            syncer.close()
