@@ -162,7 +162,6 @@ class Coordinator:
         *,
         staleness: str = "inverse",
         a: float | None = None,
-        server_lr: float | str = 1.0,
         **strategy: object,
     ):
         settings = CoordinatorSettings(
@@ -174,8 +173,8 @@ class Coordinator:
             lora_target_modules=list(bench.lora.target_modules),
             staleness=staleness,
             staleness_a=a,
-            server_lr=server_lr,
-            **strategy,  # --strategy, --buffer-size, --server-optimizer, ... (strategy_bench)
+            # --server-lr, --strategy, --buffer-size, ...; what is not given: the defaults
+            **strategy,
         )
         key = settings.model_dump_json(include={"base_model", "lora"})
         if key not in Coordinator._facts:
