@@ -34,12 +34,17 @@ def _bf16(shapes: dict[str, list[int]], seed: int) -> bytes:
     return encode_adapter(random_delta(shapes, seed), dtype=torch.bfloat16)
 
 
+def _join(http, *workers: str) -> tuple[dict[str, list[int]], dict[str, tuple[int, ...]]]:
+    """Register ``workers`` for the Python expert; its tensor shapes as JSON and as tuples."""
+    for worker in workers:
+        register(http, worker, PY)
+    shapes = shapes_of(http)
+    return shapes, {k: tuple(v) for k, v in shapes.items()}
+
+
 def test_steps_since_a_version_rebuild_the_expert_bit_for_bit(live_coordinator) -> None:
     with live_coordinator.client() as http, CoordinatorClient(live_coordinator.url) as client:
-        for worker in ("w1", "w2"):
-            register(http, worker, PY)
-        shapes = shapes_of(http)
-        schema = {k: tuple(v) for k, v in shapes.items()}
+        shapes, schema = _join(http, "w1", "w2")
         _, base = client.expert_adapter(PY, schema)
         mine = _bf16(shapes, 1)
         first = upload(http, PY, mine, update_headers("w1", 0, "mine")).json()
@@ -148,10 +153,7 @@ def test_a_worker_rebuilds_from_the_steps_when_another_update_came_between(
 
 def test_a_pull_waits_for_the_rounds_version_or_gives_up_after_wait(live_coordinator) -> None:
     with live_coordinator.client() as http, CoordinatorClient(live_coordinator.url) as client:
-        for worker in ("w1", "w2"):
-            register(http, worker, PY)
-        shapes = shapes_of(http)
-        schema = {k: tuple(v) for k, v in shapes.items()}
+        shapes, schema = _join(http, "w1", "w2")
         first = upload(http, PY, _bf16(shapes, 1), update_headers("w1", 0, "one")).json()
         assert first["settle_version"] == 2
         with ThreadPoolExecutor(1) as pool:
@@ -171,9 +173,7 @@ def test_a_pull_waits_for_the_rounds_version_or_gives_up_after_wait(live_coordin
 
 def test_a_worker_that_said_its_last_upload_no_longer_counts_as_active(live_coordinator) -> None:
     with live_coordinator.client() as http:
-        for worker in ("w1", "w2"):
-            register(http, worker, PY)
-        shapes = shapes_of(http)
+        shapes, _ = _join(http, "w1", "w2")
         first = upload(http, PY, _bf16(shapes, 1), update_headers("w1", 0, "a")).json()
         assert (first["active_workers"], first["weight"]) == (2, 0.5)
         leaving = update_headers("w2", 1, "b") | {"X-FedMoE-Final": "true"}
@@ -190,9 +190,7 @@ def test_a_worker_that_said_its_last_upload_no_longer_counts_as_active(live_coor
 
 def test_the_round_settles_at_the_version_its_last_update_makes(live_coordinator) -> None:
     with live_coordinator.client() as http:
-        for worker in ("w1", "w2", "w3"):
-            register(http, worker, PY)
-        shapes = shapes_of(http)
+        shapes, _ = _join(http, "w1", "w2", "w3")
         settles = [
             upload(http, PY, _bf16(shapes, i), update_headers(w, 0, f"r1-{w}")).json()
             for i, w in enumerate(("w2", "w1", "w3"))
