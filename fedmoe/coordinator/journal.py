@@ -29,7 +29,8 @@ from typing import Any
 from fedmoe.adapters import AdapterSchema, Buffer
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import crashpoints, errors, restore
-from fedmoe.coordinator.ledger import Ledger, SnapshotRow, UpdateRecord
+from fedmoe.coordinator.ledger import Ledger
+from fedmoe.coordinator.ledger_rows import SnapshotRow, UpdateRecord
 from fedmoe.coordinator.replay import (
     Head,
     contribution_fields,

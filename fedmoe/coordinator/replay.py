@@ -20,7 +20,7 @@ from typing import Any
 from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, decode_adapter
 from fedmoe.aggregate import AdapterState
-from fedmoe.coordinator.ledger import UpdateRecord
+from fedmoe.coordinator.ledger_rows import UpdateRecord
 from fedmoe.coordinator.rebuilt import decode_rebuilt
 from fedmoe.coordinator.versions import Versioned
 from fedmoe.coordinator.wal import ExpertLog, LogRecord

@@ -19,7 +19,8 @@ from fedmoe.aggregate import (
     token_factor,
     typical_staleness,
 )
-from fedmoe.coordinator.ledger import Activity, Ledger
+from fedmoe.coordinator.ledger import Ledger
+from fedmoe.coordinator.ledger_rows import Activity
 from fedmoe.coordinator.replay import strategy_from
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.robust_strategy import RobustOptions

@@ -19,7 +19,8 @@ from safetensors.torch import save
 
 from fedmoe.adapters import atomic_write, prune_versions
 from fedmoe.coordinator import errors
-from fedmoe.coordinator.ledger import Ledger, StrategyRow
+from fedmoe.coordinator.ledger import Ledger
+from fedmoe.coordinator.ledger_rows import StrategyRow
 from fedmoe.coordinator.replay import replay_description
 from fedmoe.server_strategy import Strategy, StrategyState
 

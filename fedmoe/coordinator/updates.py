@@ -24,7 +24,8 @@ from fedmoe.adapters import AdapterSchema, Buffer, check_layout, decode_with_nor
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import errors, guards, phases
 from fedmoe.coordinator.journal import Journal
-from fedmoe.coordinator.ledger import Ledger, UpdateRecord
+from fedmoe.coordinator.ledger import Ledger
+from fedmoe.coordinator.ledger_rows import UpdateRecord
 from fedmoe.coordinator.replay import Head
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.store import AdapterStore
