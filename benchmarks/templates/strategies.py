@@ -114,6 +114,10 @@ Both arms are fair by construction: the same shards, seeds and batch orders, the
 tokens per worker, every trained step in the final expert (a finished worker uploads its
 last partial window, as a worker's final upload on SIGTERM does; FedAvg's last round takes
 the workers' remaining steps), each worker's AdamW state kept across syncs in both.
+Asynchronous workers sync every {p["interval"]} steps of their own clock (all start
+together, as `--align-syncs` has them) and pull as a background sync does: once the
+acknowledgement's `settle_version` is in, or after the pull wait (a fifth of the interval),
+training meanwhile; the "pull at once" arms pull right after the upload.
 τ: mean staleness. FedBuff's `--buffer-timeout` counts wall time, so it is set out of
 reach here. {mode}, {v["seconds"]:.0f} s on a shared 2-core machine (load
 {loads(v["load_before"])} before, {loads(v["load_after"])} after; {v["threads"]} torch
