@@ -120,6 +120,7 @@ class DistributedWorkerJob(WorkerJob):
         self.dist = context
         self.rank_pids: list[int] = []
         self.slot: TrackingSlot | None = None
+        self.trained_together = False  # training ended on every rank without a failure
 
     # --- setup: rank 0 asks, everyone hears ---------------------------------------------------
 
@@ -202,6 +203,7 @@ class DistributedWorkerJob(WorkerJob):
                 super().train()
             else:
                 self._follow()
+            self.trained_together = True
         except Exception as error:
             if not is_peer_failure(error):
                 raise
@@ -224,10 +226,19 @@ class DistributedWorkerJob(WorkerJob):
     # --- cleanup ---------------------------------------------------------------------------
 
     def cleanup(self, *, final_attempts: int = 5) -> dict[str, Any]:
-        """Rank 0: the final upload, evaluation and summary; others have nothing to do."""
-        if self.dist.is_main:
-            return super().cleanup(final_attempts=final_attempts)
-        self.summary = {}
+        """Rank 0: the final upload, evaluation and summary; the others wait for it when
+        every rank is still there, so that none leaves the process group (and tears down
+        its threads) while rank 0 still works."""
+        if not self.trained_together:  # a rank failed: rank 0 uploads what it has, alone
+            if self.dist.is_main:
+                return super().cleanup(final_attempts=final_attempts)
+            self.summary = {}
+            return self.summary
+        finish = super().cleanup
+        summary = self._together(
+            "finishing", lambda: finish(final_attempts=final_attempts) if self.dist.is_main else {}
+        )
+        self.summary = summary or {}
         return self.summary
 
     def _summary(self) -> dict[str, Any]:
