@@ -318,20 +318,26 @@ def _upload(
     if others_due and wait > 0 and not worker.done:
         worker.settling = (ack.settle_version or 0, stamp + wait, snapshot)
     else:
-        worker.settling = (0, -math.inf, snapshot)
-        _settle_if_due(bench, coordinator, worker, stamp)
+        _rebase_onto_newest(bench, coordinator, worker, snapshot)
 
 
 def _settle_if_due(
     bench: Workbench, coordinator: Coordinator, worker: SimWorker, frontier: float
 ) -> None:
-    """Pull and rebase (local ← newest + (local − snapshot)) once the round is in or the
-    wait is over (every upload stamped before then has been applied)."""
+    """Pull and rebase once the round is in or the wait is over (every upload stamped
+    before then has been applied)."""
     assert worker.settling is not None
     version, deadline, snapshot = worker.settling
     if coordinator.core.experts[worker.expert].version < version and frontier < deadline:
         return
     worker.settling = None
+    _rebase_onto_newest(bench, coordinator, worker, snapshot)
+
+
+def _rebase_onto_newest(
+    bench: Workbench, coordinator: Coordinator, worker: SimWorker, snapshot: AdapterState
+) -> None:
+    """Pull the expert and rebase the worker onto it: local ← newest + (local − snapshot)."""
     worker.base_version, newest = coordinator.pull(worker.expert)
     current = bench.state_of(worker)
     bench.set_state(worker, {k: newest[k] + (current[k] - snapshot[k]) for k in newest})

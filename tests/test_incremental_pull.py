@@ -116,25 +116,35 @@ class Holder:
         self.tensors = {k: v.clone() for k, v in state.items()}
 
 
+def _live_syncer(
+    client: CoordinatorClient, name: str, *, sync_interval: float, pull_wait: float = 0.0
+) -> tuple[Syncer, Holder]:
+    """A real ``Syncer`` for worker ``name`` of the Python expert over ``client``, training
+    a ``Holder`` (bfloat16 uploads, the system clock)."""
+    schema = client.schema()
+    shapes = {k: tuple(v) for k, v in schema.tensors.items()}
+    identity = SyncIdentity(
+        name, PY, schema.base_model_fingerprint, schema.lora_config, shapes, torch.bfloat16
+    )
+    holder = Holder()
+    syncer = Syncer(
+        client,
+        holder,
+        identity,
+        stats=WorkerStats(),
+        clock=SystemClock(),
+        sync_interval=sync_interval,
+        max_backoff=1.0,
+        pull_wait=pull_wait,
+    )
+    return syncer, holder
+
+
 def test_a_worker_rebuilds_from_the_steps_when_another_update_came_between(
     live_coordinator,
 ) -> None:
     with live_coordinator.client() as http, CoordinatorClient(live_coordinator.url) as client:
-        schema = client.schema()
-        shapes = {k: tuple(v) for k, v in schema.tensors.items()}
-        identity = SyncIdentity(
-            "w1", PY, schema.base_model_fingerprint, schema.lora_config, shapes, torch.bfloat16
-        )
-        adapter = Holder()
-        syncer = Syncer(
-            client,
-            adapter,
-            identity,
-            stats=WorkerStats(),
-            clock=SystemClock(),
-            sync_interval=1.0,
-            max_backoff=1.0,
-        )
+        syncer, adapter = _live_syncer(client, "w1", sync_interval=1.0)
         syncer.register()
         syncer.pull_and_reset()
         register(http, "w2", PY)
@@ -208,24 +218,9 @@ def test_two_background_workers_both_start_the_next_round_from_the_whole_round(
         CoordinatorClient(live_coordinator.url) as one,
         CoordinatorClient(live_coordinator.url) as two,
     ):
-        schema = one.schema()
-        shapes = {k: tuple(v) for k, v in schema.tensors.items()}
         syncers, holders = [], []
         for name, client in (("w1", one), ("w2", two)):
-            identity = SyncIdentity(
-                name, PY, schema.base_model_fingerprint, schema.lora_config, shapes, torch.bfloat16
-            )
-            holder = Holder()
-            syncer = Syncer(
-                client,
-                holder,
-                identity,
-                stats=WorkerStats(),
-                clock=SystemClock(),
-                sync_interval=10.0,
-                max_backoff=1.0,
-                pull_wait=8.0,
-            )
+            syncer, holder = _live_syncer(client, name, sync_interval=10.0, pull_wait=8.0)
             syncer.register()
             syncers.append(syncer)
             holders.append(holder)
