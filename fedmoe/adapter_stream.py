@@ -1,18 +1,21 @@
-"""Decoding an upload tensor by tensor while it arrives (issue 13: acknowledgement latency).
+"""Receiving an upload into one buffer, and decoding it on two threads once it is in
+(issue 13: acknowledgement latency).
 
-``StreamingDecode`` is fed the body's chunks in order into one buffer of the announced
-size. Once the safetensors header is in, it is checked against the schema
-(``adapters.check_layout``); from then on every tensor whose bytes have all arrived is
-converted to float32 with its float64 norm on a helper thread, exactly as
-``adapters.decode_with_norm`` converts it (``tensor_with_norm``, combined in the same data
-order by ``combined_norm``). On a busy machine (the sender, the event loop and the
-sha256 share the cores) the helper falls behind while the body arrives; after the last
-byte the batches it has not started are converted by a second thread, newest first, while
-it goes on from the oldest. The buffer itself is the body the update path and the log
-use (``body()``: a read-only view, not a copy). ``finish()`` gives
-what ``decode_with_norm`` gives for the same bytes, or None when it cannot vouch for them
-(a bad header, non-finite values): the update path then decodes the body itself, and
-refuses it with the same message as ever.
+``UploadBuffer`` is fed the body's chunks in order into one buffer of the announced size.
+Once the safetensors header is in, it is checked against the schema
+(``adapters.check_layout``). After the last byte, ``finish()`` converts every tensor to
+float32 with its float64 norm exactly as ``adapters.decode_with_norm`` converts it
+(``tensor_with_norm``, combined in the same data order by ``combined_norm``), in batches
+shared by two threads: a helper takes them from the oldest, a second thread from the
+newest. The update path asks for the result only once it has started writing the body to
+its log, so the conversion runs beside that write and its ``fdatasync``. (Converting each
+tensor while the bytes still arrived was measured slower: on loopback the sender, the event
+loop and the sha256 already keep two cores busy, and on a slow link the log's flush hides
+the conversion just as well.) The buffer itself is the body the update path and the log
+use (``body()``: a read-only view, not a copy). ``finish()`` gives what
+``decode_with_norm`` gives for the same bytes, or None when it cannot vouch for them
+(non-finite values): the update path then decodes the body itself, and refuses it with
+the same message as ever.
 """
 
 from __future__ import annotations
@@ -35,12 +38,10 @@ from fedmoe.adapters import (
 )
 from fedmoe.aggregate import AdapterState
 
-BATCH = 1 << 20  # bytes of tensor data handed to the helper thread at a time
-# One thread: it converts while the event loop receives; more would only contend with it.
-_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-stream-decode")
-# After the last byte the event loop and the sender are idle: the batches the helper has
-# not started yet are shared with a second thread (``finish``).
-_TAIL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-stream-decode-tail")
+BATCH = 1 << 20  # bytes of tensor data converted as one task
+# Two threads convert a body's batches, from either end (``finish``).
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-upload-decode")
+_TAIL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmoe-upload-decode-tail")
 
 Converted = list[tuple[str, torch.Tensor, torch.Tensor]]
 Decoded = tuple[AdapterState, float]
@@ -62,8 +63,8 @@ def receive_buffer(size: int) -> mmap.mmap:
     return buffer
 
 
-class StreamingDecode:
-    """A body of ``size`` bytes, received chunk by chunk, decoded as it comes."""
+class UploadBuffer:
+    """A body of ``size`` bytes, received chunk by chunk, decoded once it is all in."""
 
     def __init__(self, schema: AdapterSchema, size: int) -> None:
         self.schema, self.size = schema, size
@@ -73,22 +74,17 @@ class StreamingDecode:
         self.received = 0
         self._layout: tuple[dict[str, Any], int, list[str]] | None = None
         self._failed = False  # not a body this can vouch for: the update path decodes it
-        self._next = 0  # the first tensor (in data order) not yet handed to the thread
         self._batches: list[tuple[list[str], Future[Converted]]] = []
 
     def feed(self, chunk: bytes) -> None:
-        """Copy the next chunk in; hand the tensors it completes to the helper thread."""
+        """Copy the next chunk in (and check the header once it is all in)."""
         end = self.received + len(chunk)
         if end > self.size:
             raise ValueError(f"the body is longer than its announced {self.size} bytes")
         self._view[self.received : end] = chunk
         self.received = end
-        if self._failed:
-            return
-        if self._layout is None:
+        if self._layout is None and not self._failed:
             self._layout = self._read_layout()
-        if self._layout is not None:
-            self._hand_over(final=False)
 
     def _read_layout(self) -> tuple[dict[str, Any], int, list[str]] | None:
         """The checked header once it is all in (None before, and for a bad one)."""
@@ -106,25 +102,30 @@ class StreamingDecode:
             self._failed = True
             return None
 
-    def _hand_over(self, *, final: bool) -> None:
-        """Submit the received tensors not yet submitted, once they make a batch."""
+    def _split(self) -> list[list[str]]:
+        """The tensor names in data order, cut into batches of about ``BATCH`` bytes."""
         assert self._layout is not None
-        header, start, keys = self._layout
-        ready, size = self._next, 0
-        while ready < len(keys):
-            begin, stop = header[keys[ready]]["data_offsets"]
-            if start + stop > self.received:
-                break
-            ready, size = ready + 1, size + stop - begin
-        if ready > self._next and (final or size >= BATCH):
-            batch = keys[self._next : ready]
-            self._batches.append((batch, _POOL.submit(self._convert, batch)))
-            self._next = ready
+        header, _, keys = self._layout
+        batches: list[list[str]] = [[]]
+        size = 0
+        for key in keys:
+            if size >= BATCH:
+                batches.append([])
+                size = 0
+            begin, stop = header[key]["data_offsets"]
+            batches[-1].append(key)
+            size += stop - begin
+        return [batch for batch in batches if batch]
 
     def _convert(self, keys: list[str]) -> Converted:
         assert self._layout is not None
         header, start, _ = self._layout
         return [(key, *tensor_with_norm(self.buffer, start, header[key])) for key in keys]
+
+    @property
+    def vouches_for_layout(self) -> bool:
+        """Whether the whole body is in and its header passed ``check_layout``."""
+        return not self._failed and self._layout is not None and self.received == self.size
 
     def body(self) -> memoryview:
         """The received bytes, read only, where they were received (no copy: the view keeps
@@ -132,14 +133,14 @@ class StreamingDecode:
         return self._view[: self.received].toreadonly()
 
     def finish(self) -> Future[Decoded | None]:
-        """The decoded tensors and norm of the whole body (None: decode it again), on a
-        second thread that converts the batches the helper has not started, newest first,
-        while the helper goes on from the oldest (the same conversion either way)."""
-        if self._failed or self._layout is None or self.received != self.size:
+        """The decoded tensors and norm of the whole body (None: decode it again): the
+        helper converts the batches from the oldest, a second thread those it has not
+        started from the newest (the same conversion either way)."""
+        if not self.vouches_for_layout:
             done: Future[Decoded | None] = Future()
             done.set_result(None)
             return done
-        self._hand_over(final=True)
+        self._batches = [(batch, _POOL.submit(self._convert, batch)) for batch in self._split()]
         return _TAIL.submit(self._gather, list(self._batches))
 
     def _gather(self, batches: list[tuple[list[str], Future[Converted]]]) -> Decoded | None:

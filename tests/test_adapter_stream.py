@@ -1,6 +1,6 @@
-"""Decoding an upload while it arrives (``fedmoe.adapter_stream``, issue 13).
+"""Receiving an upload and decoding it on two threads (``fedmoe.adapter_stream``, issue 13).
 
-Fed in chunks of any size, ``StreamingDecode`` must give exactly what
+Fed in chunks of any size, ``UploadBuffer`` must give exactly what
 ``decode_with_norm`` gives for the same bytes (every tensor bit for bit, the same norm),
 and nothing (None) for a body it cannot vouch for, so that the update path decodes it
 itself and refuses it with its usual message. Over HTTP a sized upload and a chunked one
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fedmoe.adapter_stream import StreamingDecode
+from fedmoe.adapter_stream import UploadBuffer
 from fedmoe.adapters import AdapterValidationError, decode_with_norm, encode_adapter, schema_of
 from tests import api_helpers as api
 
@@ -30,7 +30,7 @@ def delta(seed: int) -> dict[str, torch.Tensor]:
 
 
 def streamed(body: bytes, schema: dict[str, tuple[int, ...]], chunk: int) -> object:
-    decoder = StreamingDecode(schema, len(body))
+    decoder = UploadBuffer(schema, len(body))
     for start in range(0, len(body), chunk):
         decoder.feed(body[start : start + chunk])
     assert decoder.body() == body
@@ -39,7 +39,7 @@ def streamed(body: bytes, schema: dict[str, tuple[int, ...]], chunk: int) -> obj
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("chunk", [1 << 16, 4099, 7])
-def test_streamed_decode_is_decode_with_norm_bit_for_bit(
+def test_buffered_decode_is_decode_with_norm_bit_for_bit(
     dtype: torch.dtype, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("fedmoe.adapter_stream.BATCH", 4096)  # many batches for small tensors
@@ -66,7 +66,7 @@ def test_batches_the_helper_has_not_started_are_converted_by_the_tail_alike(
     expected, norm = decode_with_norm(body, schema_of(state))
     release = threading.Event()
     adapter_stream._POOL.submit(release.wait, 60)  # the helper is busy: nothing starts
-    decoder = StreamingDecode(schema_of(state), len(body))
+    decoder = UploadBuffer(schema_of(state), len(body))
     for start in range(0, len(body), 5000):
         decoder.feed(body[start : start + 5000])
     finished = decoder.finish()

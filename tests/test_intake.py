@@ -10,7 +10,6 @@ checks it against, and a bad body must leave everything as it was (real HTTP).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
@@ -128,19 +127,13 @@ def test_apply_update_is_theta_plus_w_delta_bit_for_bit(scale: float) -> None:
 def test_the_streamed_sha256_is_the_bodys() -> None:
     body = torch.randint(0, 256, (5 * BATCH + 12345,), dtype=torch.uint8).numpy().tobytes()
 
-    async def stream() -> str:
-        sha = StreamingSha256()
-        for start in range(0, len(body), 65536 + 7):  # chunks of an odd size
-            sha.feed(body[start : start + 65536 + 7])
-        return await sha.finish()
-
-    async def small() -> str:
-        sha = StreamingSha256()
-        sha.feed(b"abc")
-        return await sha.finish()
-
-    assert asyncio.run(stream()) == hashlib.sha256(body).hexdigest()
-    assert asyncio.run(small()) == hashlib.sha256(b"abc").hexdigest()
+    sha = StreamingSha256()
+    for start in range(0, len(body), 65536 + 7):  # chunks of an odd size
+        sha.feed(body[start : start + 65536 + 7])
+    assert sha.finish().result(timeout=60) == hashlib.sha256(body).hexdigest()
+    small = StreamingSha256()
+    small.feed(b"abc")
+    assert small.finish().result(timeout=60) == hashlib.sha256(b"abc").hexdigest()
 
 
 def test_an_upload_over_http_is_logged_with_its_streamed_sha256_and_refused_when_bad(

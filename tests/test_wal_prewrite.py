@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,58 @@ def test_the_update_path_writes_ahead_refuses_cleanly_and_replays_bit_for_bit(
         assert reopened.experts[SQL].digest == acks[-1].state_sha256  # bit for bit
     finally:
         reopened.close()
+
+
+def test_the_log_write_starts_before_the_api_layers_hash_and_decode_are_done(
+    tmp_path: Path,
+) -> None:
+    """The API layer hands the body's sha256 and decode over unfinished: the body must be
+    on its way to the log before the update path waits for them (so the fsync runs beside
+    the decode's tail), and a decode that cannot vouch for the values (None) still ends in
+    the update path's own refusal, the log as it was."""
+    coordinator = open_coordinator(_settings(tmp_path))
+    register_in_process(coordinator, "w", SQL)
+    segments = tmp_path / "wal" / SQL
+    generator = torch.Generator().manual_seed(4)
+    delta = {k: torch.randn(s, generator=generator) * 1e-2 for k, s in coordinator.schema.items()}
+    payload = encode_adapter(delta, dtype=torch.bfloat16)
+
+    def pending(update_id: str, body: bytes) -> tuple[UpdateRequest, Future[Any], Future[Any]]:
+        hashing, decoding = Future[str](), Future[Any]()
+        version = coordinator.experts[SQL].version
+        request = UpdateRequest(
+            SQL, "w", update_id, version, 1, 1.0, body, hashing=hashing, decoding=decoding
+        )
+        return request, hashing, decoding
+
+    def in_log(body: bytes) -> bool:
+        return any(body in path.read_bytes() for path in segments.glob("*.log"))
+
+    try:
+        request, hashing, decoding = pending("u1", payload)
+        submitted = POOL.submit(coordinator.submit_update, request)
+        deadline = time.monotonic() + 30
+        while not in_log(payload) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert in_log(payload) and not submitted.done()  # written ahead, waiting to decode
+        hashing.set_result("f" * 64)
+        decoding.set_result(decode_with_norm(payload, coordinator.schema))
+        ack = submitted.result(timeout=60)
+        accepted = coordinator.ledger.accepted_update("u1")
+        assert ack.version == 1 and accepted is not None and accepted.body_sha256 == "f" * 64
+        before = {path.name: path.read_bytes() for path in segments.glob("*.log")}
+        nan = encode_adapter(
+            {k: torch.full(s, float("nan")) for k, s in coordinator.schema.items()}
+        )
+        request, hashing, decoding = pending("bad", nan)
+        hashing.set_result("e" * 64)
+        decoding.set_result(None)  # the decoder could not vouch for the values
+        with pytest.raises(InvalidUpdateError, match="NaN or Inf"):
+            coordinator.submit_update(request)
+        assert {path.name: path.read_bytes() for path in segments.glob("*.log")} == before
+        assert coordinator.experts[SQL].version == 1
+    finally:
+        coordinator.close()
 
 
 def test_the_norm_is_exact_past_float32_squares_and_refuses_non_finite_values() -> None:

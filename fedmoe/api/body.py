@@ -4,25 +4,26 @@ The update path needs the body's sha256 (kept with the update id in the ledger a
 log record, so that a retry with other bytes is refused). Hashed after the last byte it
 would add a full pass over the body to every acknowledgement; here it is fed to a worker
 thread in batches while the event loop goes on receiving (``hashlib`` releases the GIL on
-large inputs), so it is mostly done when the body is. ``read_upload`` also decodes the
-tensors as their bytes arrive (``fedmoe.adapter_stream``) when the request announces its
-length, so the update path finds them converted and measured.
+large inputs), so it is mostly done when the body is. ``read_upload`` also receives a body
+that announces its length into one buffer and starts decoding its tensors once it is in
+(``fedmoe.adapter_stream``). Neither is awaited here: the update path gets both as
+futures and asks for them only when it needs them, so that its log write (the fsync the
+acknowledgement waits for) starts while their last batches are still being worked on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 
-from fedmoe.adapter_stream import Decoded, StreamingDecode
+from fedmoe.adapter_stream import Decoded, UploadBuffer
 from fedmoe.adapters import AdapterSchema, Buffer
 from fedmoe.api.guard import CLOSE
 from fedmoe.coordinator import phases
@@ -58,18 +59,19 @@ class StreamingSha256:
         self._drain()
         return self._sha.hexdigest()
 
-    def finish(self) -> asyncio.Future[str]:
+    def finish(self) -> Future[str]:
         """The digest of everything fed, finished on the hashing thread from now on (so the
-        caller can join the body meanwhile)."""
+        caller can go on meanwhile)."""
         if not self._threaded:  # a small body: hashed here, no thread hop
-            done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            done: Future[str] = Future()
             done.set_result(self._hexdigest())
             return done
-        return asyncio.wrap_future(_HASHERS.submit(self._hexdigest))
+        return _HASHERS.submit(self._hexdigest)
 
 
-async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
-    """The body and its sha256 hex digest; 413 as soon as it is known to exceed ``limit``."""
+async def read_body(request: Request, limit: int) -> tuple[bytes, Future[str]]:
+    """The body and its sha256 hex digest (being finished); 413 as soon as it is known to
+    exceed ``limit``."""
     chunks, size, sha = [], 0, StreamingSha256()
     started = time.perf_counter()
     async for chunk in request.stream():
@@ -81,24 +83,26 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     received = time.perf_counter()
     digest = sha.finish()  # the hash's tail on its thread while the body is joined here
     body = b"".join(chunks)
-    digest_hex = await digest
-    _log_receipt(size, started, received, "received", "joined and hashed")
-    return body, digest_hex
+    _log_receipt(size, started, received, "received", "joined")
+    return body, digest
 
 
 @dataclass(frozen=True)
 class Upload:
-    """An upload's body as received, its sha256, and its tensors decoded on the way."""
+    """An upload's body as received, its sha256 and its decoded tensors (both possibly
+    still being finished on their threads)."""
 
     body: Buffer  # bytes, or a read-only view of the buffer the body was decoded in
-    sha256: str
-    decoded: Decoded | None  # as adapters.decode_with_norm gives them; None: not decoded
+    hashing: Future[str]
+    # as adapters.decode_with_norm gives them, or None when the decoder could not vouch for
+    # the values; ``decoding`` is None when it could not vouch for the layout either
+    decoding: Future[Decoded | None] | None
 
 
 async def read_upload(request: Request, limit: int, schema: AdapterSchema) -> Upload:
-    """``read_body``, and the tensors decoded while they arrive (when the length is known).
+    """``read_body``, and the tensors' decode started (when the length is known).
 
-    413 at once when the announced length exceeds ``limit``.
+    Returns once the last byte is in. 413 at once when the announced length exceeds ``limit``.
     """
     length = _content_length(request)
     if length is None:  # chunked: no buffer to decode into
@@ -106,7 +110,7 @@ async def read_upload(request: Request, limit: int, schema: AdapterSchema) -> Up
         return Upload(body, digest, None)
     if length > limit:
         raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
-    decoder, sha = StreamingDecode(schema, length), StreamingSha256()
+    decoder, sha = UploadBuffer(schema, length), StreamingSha256()
     started = time.perf_counter()
     async for chunk in request.stream():
         if decoder.received + len(chunk) > length:  # the HTTP parser does not allow it
@@ -114,9 +118,9 @@ async def read_upload(request: Request, limit: int, schema: AdapterSchema) -> Up
         decoder.feed(chunk)
         sha.feed(chunk)
     received = time.perf_counter()
-    hashed, decoded = sha.finish(), asyncio.wrap_future(decoder.finish())
-    upload = Upload(decoder.body(), await hashed, await decoded)
-    _log_receipt(length, started, received, "received and decoded", "the rest")
+    decoding = decoder.finish() if decoder.vouches_for_layout else None
+    upload = Upload(decoder.body(), sha.finish(), decoding)
+    _log_receipt(length, started, received, "received", "handed over")
     return upload
 
 

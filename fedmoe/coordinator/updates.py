@@ -87,7 +87,7 @@ class UpdatePath:
         if replay is not None:
             return replay
         self._check_base_version(request)
-        if request.decoded is None:  # (the API layer's streamed decode checked it already)
+        if request.decoding is None:  # (else the API layer's streamed decode checked it)
             self._check_layout(request.body)  # names, shapes, dtypes: before anything is written
         phases.mark("checks")
         with self._expert_locks[request.expert]:
@@ -96,9 +96,10 @@ class UpdatePath:
             replay = self._replay(request)
             if replay is not None:
                 return replay
+            # the body goes to the log (a helper thread) while its decode is finished
             prewritten = self.journal.prewrite(request.expert, request.body)
             try:
-                delta, norm = request.decoded or self._decode(request.body)
+                delta, norm = request.decoded() or self._decode(request.body)
                 phases.mark("decode")
                 return self._apply(request, delta, norm, prewritten)
             except BaseException:

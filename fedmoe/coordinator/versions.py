@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmoe import aggregate
 from fedmoe.adapters import Buffer, encode_adapter, view_adapter
 from fedmoe.aggregate import AdapterState
 from fedmoe.state_digest import state_digest
+
+if TYPE_CHECKING:
+    from fedmoe.adapter_stream import Decoded
 
 # The ledger sums token counts in SQLite INTEGERs (signed 64-bit); a trillion tokens per
 # update is far beyond any sync interval yet leaves room for millions of updates in a sum.
@@ -128,12 +132,20 @@ class UpdateRequest:
     body: Buffer  # as received: the API layer's receive buffer (read only), not a copy
     dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
     final: bool = False  # the sender's last upload: it is stopping (no longer active)
-    sha256: str | None = None  # the body's, when the API layer hashed it while receiving
-    # the body's float32 tensors and norm as ``adapters.decode_with_norm`` gives them, when
-    # the API layer decoded them while receiving (``fedmoe.adapter_stream``)
-    decoded: tuple[AdapterState, float] | None = field(default=None, repr=False, compare=False)
+    # What the API layer computes from the body as it arrives, handed over unfinished (the
+    # update path asks for each only when it needs it, so its log write starts meanwhile):
+    # the body's sha256, and its float32 tensors and norm as ``adapters.decode_with_norm``
+    # gives them (result None: decode again; ``decoding`` None: the layout is unchecked).
+    hashing: Future[str] | None = field(default=None, repr=False, compare=False)
+    decoding: Future[Decoded | None] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def body_sha256(self) -> str:
         """The digest kept with the update id: a reused id with another body is refused."""
-        return self.sha256 or hashlib.sha256(self.body).hexdigest()
+        if self.hashing is not None:
+            return self.hashing.result()
+        return hashlib.sha256(self.body).hexdigest()
+
+    def decoded(self) -> Decoded | None:
+        """The tensors and norm the API layer decoded (waiting for them), or None."""
+        return self.decoding.result() if self.decoding is not None else None

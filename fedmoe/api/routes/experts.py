@@ -191,7 +191,7 @@ async def submit_update(
 ) -> UpdateAck:
     """Apply a delta (safetensors with the adapter's exact keys and shapes) to an expert."""
     ensure_may_act_as(principal, worker_id, name)
-    # hashed and decoded as it came
+    # hashed and decoded as it comes: the update path waits for what is left when it must
     upload = await read_upload(request, coordinator.max_body_bytes, coordinator.schema)
     update = UpdateRequest(
         expert=name,
@@ -203,8 +203,8 @@ async def submit_update(
         body=upload.body,
         dp_epsilon=dp_epsilon,
         final=final,
-        sha256=upload.sha256,
-        decoded=upload.decoded,
+        hashing=upload.hashing,
+        decoding=upload.decoding,
     )
     return await run_in_threadpool(coordinator.submit_update, update)
 
