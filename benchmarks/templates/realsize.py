@@ -234,14 +234,14 @@ Sequential uploads of each size's bf16 delta straight to the coordinator on loop
 shaping), each followed by the same bytes to the FLOOR: the same FastAPI + uvicorn stack
 reading the body and appending it to one file with a single `fsync`; one warm-up upload to
 each first, not counted. Beyond that the coordinator, while the body arrives, hashes it
-(sha256) and decodes it (one helper thread each: each tensor converted to float32 with its
-float64 norm, the finiteness check, once its bytes are in; after the last byte the batches
-the decoding thread has not started are shared with a second thread); the body it keeps is
-the buffer it was received into (private memory in huge pages where the kernel allows), not
-a copy. Then it writes the body into the log where its record will lie and flushes it (a helper thread) while the default
-update screen judges the upload (the sync runs before left three workers' history, so it
-takes the cosine to the expert's direction average and updates that average) and
-computes θ + w·Δ, writes the record's header in front of the body and fsyncs, commits the
+(sha256, a helper thread) and receives it into one buffer (private memory in huge pages
+where the kernel allows), which it keeps as the body, not a copy. After the last byte it
+takes the expert's lock and writes the body into the log where its record will lie and
+flushes it (a helper thread) while two threads convert the tensors to float32 with their
+float64 norm (the finiteness check) and the default update screen judges the upload (the
+sync runs before left three workers' history, so it takes the cosine to the expert's
+direction average and updates that average) and computes θ + w·Δ; then it writes the
+record's header in front of the body and fsyncs, commits the
 ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256`
 (BLAKE3, beside the log's fsync) and answers JSON. Per-update phase timings:
 `fedmoe.coordinator.phases` at DEBUG (`python -m benchmarks._realsize_server --log-phases`).
