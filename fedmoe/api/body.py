@@ -1,4 +1,4 @@
-"""Reading an upload's body, hashing and decoding it while it arrives.
+"""Reading an upload's body: hashing it while it arrives, decoding it once it is in.
 
 The update path needs the body's sha256 (kept with the update id in the ledger and the
 log record, so that a retry with other bytes is refused). Hashed after the last byte it
