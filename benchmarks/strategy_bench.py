@@ -263,6 +263,12 @@ def main() -> None:
     options.add_argument("--budget-steps", type=int, help="Override the preset's token budget.")
     options.add_argument("--seeds", type=int, help="Seeds of the headline rows (preset: 3).")
     options.add_argument("--rounds", type=int, help="Synchronous rounds of the race's horizon.")
+    options.add_argument(
+        "--all-arms",
+        action="store_true",
+        help="With --quick: also the arms only the full preset runs (η mean, FedBuff, the "
+        "server optimizers), one seed each.",
+    )
     args = options.parse_args()
     setup_torch()
     started, load = time.monotonic(), list(os.getloadavg())
@@ -277,7 +283,7 @@ def main() -> None:
     tokens_per_step = train.batch_size * mean([target_tokens(domains[d].train) for d in DOMAINS])
     budget = int(preset["budget_steps"] * tokens_per_step)
     runner = Matrix(bench, evaluator, domains, budget)
-    strategies = STRATEGIES | ({} if args.quick else FULL_ONLY)
+    strategies = STRATEGIES | ({} if args.quick and not args.all_arms else FULL_ONLY)
     layouts = [(1, "iid")] + [(k, how) for k in (2, 4, 8) for how in SPLITS]
     matrix: dict[str, dict[str, Any]] = {}
     for per_expert, how in layouts:
@@ -297,6 +303,7 @@ def main() -> None:
     values = {
         "preset": preset,
         "quick": args.quick,
+        "all_arms": bool(args.all_arms or not args.quick),
         "budget": budget,
         "tokens_per_step": tokens_per_step,
         "batch_size": train.batch_size,

@@ -95,6 +95,8 @@ def render(v: dict[str, Any]) -> str:
     """The section body."""
     p, race, g = v["preset"], v["race"], v["goals"]
     mode = "A `--quick` run" if v["quick"] else "A full run"
+    if v["quick"] and v.get("all_arms"):
+        mode += " with the full preset's arms (`--all-arms`)"
     where = ", ".join(p["seeded"]) + " workers/shards" if p.get("seeded") else "every layout"
     return f"""
 **Method.** `benchmarks.simulation` in one process: real `LocalTrainer` steps of the `tiny`
