@@ -87,7 +87,7 @@ class UpdatePath:
         if replay is not None:
             return replay
         self._check_base_version(request)
-        if request.decoding is None:  # (else the API layer's streamed decode checked it)
+        if request.decoding is None:  # (else the API layer's upload buffer checked it)
             self._check_layout(request.body)  # names, shapes, dtypes: before anything is written
         phases.mark("checks")
         with self._expert_locks[request.expert]:

@@ -132,7 +132,7 @@ class UpdateRequest:
     body: Buffer  # as received: the API layer's receive buffer (read only), not a copy
     dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
     final: bool = False  # the sender's last upload: it is stopping (no longer active)
-    # What the API layer computes from the body as it arrives, handed over unfinished (the
+    # What the API layer computes from the body as it comes in, handed over unfinished (the
     # update path asks for each only when it needs it, so its log write starts meanwhile):
     # the body's sha256, and its float32 tensors and norm as ``adapters.decode_with_norm``
     # gives them (result None: decode again; ``decoding`` None: the layout is unchecked).
