@@ -66,18 +66,21 @@ def _interleaved(steps: dict[str, Callable[[], Any]], repeat: int) -> dict[str, 
 # ``submit_update``.
 TIMED = {
     ("coordinator", "_decode"): "decode + validate (bf16 → f32, float64 norm = NaN/Inf check)",
-    ("coordinator", "_apply"): "weight s(τ), apply θ + w·Δ (a new float32 expert in memory)",
     (
         "coordinator",
-        "_overflow_guard",
-    ): "overflow guard (isfinite scan only near the float32 limit)",
+        "_apply",
+    ): "weight s(τ), apply θ + w·Δ (a new float32 expert in memory), max|θ| bound",
+    (
+        "coordinator",
+        "_gateway_guard",
+    ): "gateway overflow guard (a merge scan only near the float32 limit)",
     ("journal", "append_update"): "log record: header + body as received, write + one fsync",
     (
         "coordinator",
         "_commit",
     ): "commit: gateway version, ledger row (SQLite, no fsync of its own), state digest wait",
 }
-CHILDREN_OF_APPLY = ("_overflow_guard", "_commit")
+CHILDREN_OF_APPLY = ("_gateway_guard", "_commit")
 CHILDREN_OF_COMMIT = ("append_update",)
 TOTAL = "TOTAL submit_update"
 CHECKS = "replay + base-version checks (ledger lookup)"

@@ -153,11 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the acknowledgement latency section (new vs before vs FLOOR)",
     )
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the per-update cost section (sequential and throughput vs FLOOR, phases, "
+        "gateway, memory)",
+    )
     add_output_flags(parser)
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="fedmoe-coordinator-bench-") as tmp:
         root = Path(tmp)
+        if args.speed_only:
+            title = "Coordinator: per-update cost vs the FLOOR, memory"
+            publish("coordinator-speed", title, speed_values(root, plan), args)
+            return 0
         seconds, rounds = (3.0, 2) if args.quick else (10.0, 3)
         values = _ack_latency.measure(root / "ack", seconds=seconds, rounds=rounds)
         title = "Coordinator: acknowledgement latency, write-ahead log vs before vs FLOOR"
