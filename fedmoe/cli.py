@@ -69,6 +69,7 @@ def worker(
     import torch
 
     from fedmoe.worker.ddp_job import RankFailure, make_job
+    from fedmoe.worker.distributed import launched_by_torchrun, leave_process
     from fedmoe.worker.job import FatalSyncError
     from fedmoe.worker.speed import SpeedSetupError
     from fedmoe.worker.trainer import TrainingDiverged
@@ -95,6 +96,8 @@ def worker(
             summary_json.write_text(json.dumps(summary, indent=2))
         except OSError as error:  # trained and uploaded; only the summary is lost
             fail(f"cannot write --summary-json {summary_json}: {error}", code=1)
+    if launched_by_torchrun():  # done: skip the teardown that can abort a gloo rank
+        leave_process(0)
 
 
 def _stop_on_signals(stop: Any) -> None:

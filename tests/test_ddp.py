@@ -151,3 +151,26 @@ def test_killing_a_rank_stops_the_job_with_a_final_upload(tmp_path, coordinator)
     workers = _worker_status(coordinator)
     assert [w for w in workers if w.startswith("ddp-k")] == ["ddp-k"]  # one for both ranks
     assert workers["ddp-k"].tokens == _expected_tokens(dataset, 4, steps)
+
+
+def test_a_finished_rank_leaves_with_its_logs_and_output_but_without_the_teardown(
+    tmp_path: Path,
+) -> None:
+    # the teardown (atexit handlers, finalization) is what can abort a gloo rank after a
+    # clean run; what the rank wrote must still be out
+    log = tmp_path / "rank.log"
+    script = (
+        "import atexit, logging, sys\n"
+        "from fedmoe.worker.distributed import leave_process\n"
+        f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "logging.getLogger('rank').info('uploaded')\n"
+        "sys.stdout.write('summary printed')\n"  # no newline: still in the buffer
+        "leave_process(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "summary printed"  # flushed; the atexit handler never ran
+    assert "uploaded" in log.read_text()

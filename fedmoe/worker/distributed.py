@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -147,3 +148,18 @@ def shutdown() -> None:
             dist.destroy_process_group()
     except Exception as error:  # a dead peer can make teardown fail: nothing left to do
         logger.debug("process group teardown: %s", error)
+
+
+def leave_process(code: int = 0) -> NoReturn:
+    """End a rank whose job is done (process group left, files written) at once.
+
+    The interpreter's own teardown can abort a gloo rank after a clean run: C++ objects
+    still alive then (e.g. the gradient reducer's finished work, holding tensors) are
+    destroyed while Python is being finalized, and the process dies with SIGABRT
+    ("terminate called without an active exception"; pytorch/pytorch#179291), which
+    torchrun reports as the job failing. Logs and standard streams are flushed first.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
