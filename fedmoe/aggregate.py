@@ -151,12 +151,29 @@ def merge_svd(
     """Re-factorise Σ_k w_k·B_k·A_k at ``rank`` by truncated SVD (the best rank-r fit)."""
     merged: AdapterState = {}
     for key_a, key_b in lora_pairs(states[0]):
-        product = sum(w * (s[key_b].double() @ s[key_a].double()) for w, s in zip(weights, states))
-        u, sigma, vh = torch.linalg.svd(product, full_matrices=False)
+        stacked_b = torch.cat([w * s[key_b].double() for w, s in zip(weights, states)], dim=1)
+        stacked_a = torch.cat([s[key_a].double() for s in states], dim=0)
+        u, sigma, vh = _svd_of_product(stacked_b, stacked_a, rank)
         root = sigma[:rank].sqrt()
         merged[key_b] = (u[:, :rank] * root).float().contiguous()
         merged[key_a] = (root[:, None] * vh[:rank]).float().contiguous()
     return merged
+
+
+def _svd_of_product(
+    b: torch.Tensor, a: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of B·A (B: out×k, A: k×in) through QR of the factors when k is small:
+    B·A = Q_b·(R_b·R_aᵀ)·Q_aᵀ, so only the k×k core is decomposed. At real sizes (out and in
+    in the thousands, k = experts × r) that is hundreds of times faster than decomposing
+    the out×in product, with the same singular values and subspaces."""
+    inner = b.shape[1]
+    if not rank <= inner <= min(b.shape[0], a.shape[1]):
+        return torch.linalg.svd(b @ a, full_matrices=False)
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.T)
+    u, sigma, vh = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ u, sigma, vh @ q_a.T
 
 
 # --- server strategies: learning rate, token weights, buffers, server optimizers ------------

@@ -104,6 +104,20 @@ def test_svd_merge_is_best_rank_r_fit() -> None:
     assert (exact[KEY_B] @ exact[KEY_A] - target).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("rank", [2, 4])
+def test_svd_merge_of_thin_factors_is_the_products_truncated_svd(rank: int) -> None:
+    # 3 experts of rank 4 on a 40x30 layer: the 12 stacked factors go through QR
+    experts = [random_expert(seed, dim_in=30, dim_out=40) for seed in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    merged = aggregate.merge_svd(experts, weights, rank=rank)
+    assert merged[KEY_A].shape == (rank, 30) and merged[KEY_B].shape == (40, rank)
+    target = sum(w * (e[KEY_B].double() @ e[KEY_A].double()) for w, e in zip(weights, experts))
+    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
+    best = (u[:, :rank] * sigma[:rank]) @ vh[:rank]
+    product = merged[KEY_B].double() @ merged[KEY_A].double()
+    assert (product - best).abs().max() < 1e-5 * float(sigma[0])
+
+
 def test_gateway_merge_keeps_peft_scaling_for_cat() -> None:
     lora = LoraSettings(rank=4, alpha=8.0)
     cat = GatewayMerge(method="cat", lora=lora)
