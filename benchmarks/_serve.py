@@ -50,9 +50,11 @@ def serve(url_file: Path, floor: FastAPI | None, coordinator: CentralCoordinator
     from fedmoe.api.app import create_app
     from fedmoe.api.server import listen_socket, write_url_file
     from fedmoe.coordinator.auth import TokenRegistry
+    from fedmoe.parallel import one_thread_per_kernel
 
     if floor is None:
         assert coordinator is not None, "serve a FLOOR app or a coordinator"
+        one_thread_per_kernel()  # as ``fedmoe coordinator`` runs
         app = create_app(coordinator, TokenRegistry({}))
     else:
         app = floor

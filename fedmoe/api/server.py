@@ -12,7 +12,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import torch
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -21,6 +20,7 @@ from fedmoe.api.guard import header_timeout_protocol
 from fedmoe.coordinator.auth import TokenRegistry
 from fedmoe.coordinator.bootstrap import open_coordinator
 from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.parallel import one_thread_per_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +29,7 @@ def serve(settings: CoordinatorSettings) -> None:
     """Open (or resume) the state dir and serve the API until SIGINT/SIGTERM."""
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     registry = TokenRegistry.from_sources(token, settings.tokens_file)
-    # The coordinator's tensor work is elementwise and small; a full thread pool per
-    # request would only contend with workers sharing the machine.
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    one_thread_per_kernel()  # its tensor work is split over threads by fedmoe.parallel
     listener = listen_socket(settings.host, settings.port)  # a busy port touches no state
     coordinator = open_coordinator(settings)
     app = create_app(coordinator, registry)
