@@ -15,7 +15,8 @@ It measures, per size (LoRA r=16 on q,k,v,o,gate,up,down, random values, no mode
    against the FLOOR: the same bytes over the same HTTP stack and one ``fsync``;
 
 and then, at 0.5B size, the coordinator's memory with 3 and 30 experts, and 30 workers
-pushing paced updates with no lost update (``benchmarks._realsize_coordinator``). The
+pushing paced updates with no lost update (``benchmarks._realsize_coordinator``); and per
+size, the time to merge three experts into the gateway (``benchmarks._realsize_merge``). The
 process exits 1 when an acknowledged update is missing from the ledger. The coordinator's
 write path is changing (a write-ahead log, issue 13 part 3): rerun after it lands.
 """
@@ -33,6 +34,7 @@ from typing import Any
 
 from benchmarks import _realsize_coordinator as coord
 from benchmarks._harness import proc_memory, progress
+from benchmarks._realsize_merge import merge_times
 from benchmarks._realsize_server import RANK, SHAPES, parameters
 from benchmarks._realsize_sync import Peer, sync_run
 from benchmarks.common import parser, setup_torch
@@ -57,10 +59,19 @@ class Plan:
     crowd_seconds: float = 60.0
     crowd_interval: float = 10.0  # each crowd worker uploads once per this many seconds
     crowd_procs: int = 6  # load-generator processes the crowd's threads are spread over
+    merge_reference: tuple[str, ...] = ("0.5B", "1.5B")  # sizes whose layer-0 svd merge is
+    # also timed the textbook way (7B's full products would take minutes)
 
 
 FULL = Plan()
-QUICK = Plan(syncs=2, peer_syncs=1, ack_uploads=16, crowd_seconds=20.0, crowd_procs=3)
+QUICK = Plan(
+    syncs=2,
+    peer_syncs=1,
+    ack_uploads=16,
+    crowd_seconds=20.0,
+    crowd_procs=3,
+    merge_reference=("0.5B",),
+)
 
 
 def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, Any]:
@@ -115,6 +126,10 @@ def measure(root: Path, plan: Plan) -> dict[str, Any]:
         interval=plan.crowd_interval,
         procs=plan.crowd_procs,
     )
+    merges = []
+    for size in SHAPES:
+        progress(f"{size}: gateway merges of three experts")
+        merges.append(merge_times(size, reference=size in plan.merge_reference))
     return {
         "plan": asdict(plan),
         "rank": RANK,
@@ -127,6 +142,7 @@ def measure(root: Path, plan: Plan) -> dict[str, Any]:
         "sizes": sizes,
         "memory": memory,
         "crowd": crowd,
+        "merges": merges,
     }
 
 

@@ -104,6 +104,50 @@ def _memory_table(memory: list[dict[str, Any]]) -> str:
     return column_table(columns, memory)
 
 
+def _merge_section(merges: list[dict[str, Any]] | None) -> str:
+    """The gateway merge times (absent from runs before they were measured)."""
+    if not merges:
+        return ""
+    methods = list(merges[0]["seconds"])
+    columns: list[Column] = [
+        ("adapter", lambda m: m["model"]),
+        ("experts", lambda m: m["experts"]),
+        *[(f"{name} s", lambda m, n=name: f"{m['seconds'][n]:.2f}") for name in methods],
+    ]
+    rows = [m for m in merges if "layer0_svd" in m]
+    reference = [
+        [
+            m["model"],
+            m["layer0_svd"]["pairs"],
+            f"{m['layer0_svd']['factored_seconds']:.3f}",
+            f"{m['layer0_svd']['product_seconds']:.2f}",
+            f"{m['layer0_svd']['product_seconds'] / m['layer0_svd']['factored_seconds']:.0f}x",
+            f"{m['layer0_svd']['max_abs_difference']:.1e}",
+        ]
+        for m in rows
+    ]
+    headers = [
+        "adapter",
+        "pairs",
+        "factored s",
+        "full product s",
+        "speed-up",
+        "products apart (relative)",
+    ]
+    return f"""### The gateway, merged on request
+
+`GatewayMerge.merge` (what a download of the gateway runs first) over {merges[0]["experts"]}
+experts of each size, float32, in the benchmark's process. The `svd` merge refactorises
+Σ_k w_k·B_k·A_k at rank r through QR of the stacked factors and the SVD of their small core;
+on layer 0 it is timed against the SVD of each full out×in product (the same best rank-r
+fit; the last column compares the two merged products):
+
+{column_table(columns, merges)}
+
+{markdown_table(headers, reference)}
+"""
+
+
 def _crowd_table(c: dict[str, Any]) -> str:
     row = [
         f"{c['workers']} on {c['experts']} experts",
@@ -245,6 +289,9 @@ record's header in front of the body and fsyncs, commits the
 ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256`
 (BLAKE3, beside the log's fsync) and answers JSON. Per-update phase timings:
 `fedmoe.coordinator.phases` at DEBUG (`python -m benchmarks._realsize_server --log-phases`).
+Uploads alternate one by one here; the `ack-latency` section (`coordinator_bench`) measures
+each server in blocks of 10 s instead, with a sole worker: read both, the FLOOR's own time
+moves by half between runs on this machine.
 
 {_ack_table(v["sizes"])}
 
@@ -255,6 +302,7 @@ merged gateway, which is built only on request (`--eager-gateway` off, the defau
 
 {_memory_table(v["memory"])}
 
+{_merge_section(v.get("merges"))}
 ### 30 workers, 0.5B-sized adapters
 
 {crowd["workers"]} workers in {crowd["procs"]} `benchmarks._load` processes, each uploading a
