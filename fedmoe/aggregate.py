@@ -169,7 +169,8 @@ def _svd_of_product(
     the out×in product, with the same singular values and subspaces."""
     inner = b.shape[1]
     if not rank <= inner <= min(b.shape[0], a.shape[1]):
-        return torch.linalg.svd(b @ a, full_matrices=False)
+        u, sigma, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        return u, sigma, vh
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
     u, sigma, vh = torch.linalg.svd(r_b @ r_a.T)
