@@ -29,9 +29,9 @@ def serve(settings: CoordinatorSettings) -> None:
     """Open (or resume) the state dir and serve the API until SIGINT/SIGTERM."""
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     registry = TokenRegistry.from_sources(token, settings.tokens_file)
-    one_thread_per_kernel()  # its tensor work is split over threads by fedmoe.parallel
     listener = listen_socket(settings.host, settings.port)  # a busy port touches no state
-    coordinator = open_coordinator(settings)
+    coordinator = open_coordinator(settings)  # (a base model's facts: every thread)
+    one_thread_per_kernel()  # serving: its tensor work is split over threads by fedmoe.parallel
     app = create_app(coordinator, registry)
     scheme = "https" if settings.ssl_certfile else "http"
     port = listener.getsockname()[1]  # the port it got, when asked for port 0
