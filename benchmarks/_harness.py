@@ -188,6 +188,12 @@ def proc_memory(pid: int) -> dict[str, float]:
     return values
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 _T0 = time.monotonic()
 
 

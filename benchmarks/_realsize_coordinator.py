@@ -25,7 +25,7 @@ import httpx
 import torch
 
 from benchmarks._concurrency import verify
-from benchmarks._harness import percentile, proc_memory, progress, run_load
+from benchmarks._harness import percentile, proc_cpu_seconds, proc_memory, progress, run_load
 from benchmarks._realsize_server import SHAPES, lora_shapes
 from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
@@ -82,16 +82,23 @@ def _register(client: CoordinatorClient, worker_id: str, expert: str) -> int:
     return ack.expert_version
 
 
-def ack_latency(coordinator: str, floor: str, body: bytes, *, uploads: int) -> dict[str, Any]:
+def ack_latency(
+    coordinator: Running, floor: Running, body: bytes, *, uploads: int
+) -> dict[str, Any]:
     """Sequential uploads, coordinator then FLOOR in turn, after one warm-up upload to each
     (not counted: the first touches fresh memory and files on both sides); latencies in
-    seconds, and the machine's load around them."""
+    seconds, each server process's CPU time per upload, and the machine's load around them."""
     coord_times: list[float] = []
     floor_times: list[float] = []
-    load_before = os.getloadavg()
-    with CoordinatorClient(coordinator, timeout=600.0) as client, httpx.Client(timeout=600) as raw:
+    load_before, cpu_before = os.getloadavg(), (0.0, 0.0)
+    with (
+        CoordinatorClient(coordinator.url, timeout=600.0) as client,
+        httpx.Client(timeout=600) as raw,
+    ):
         version = _register(client, "ack-probe", "e0")
         for index in range(-1, uploads):
+            if index == 0:  # after the warm-up pair
+                cpu_before = proc_cpu_seconds(coordinator.pid), proc_cpu_seconds(floor.pid)
             start = time.perf_counter()
             ack = client.upload(
                 "e0",
@@ -105,8 +112,9 @@ def ack_latency(coordinator: str, floor: str, body: bytes, *, uploads: int) -> d
             coord_times.append(time.perf_counter() - start)
             version = ack.version
             start = time.perf_counter()
-            raw.post(f"{floor}/floor", content=body).raise_for_status()
+            raw.post(f"{floor.url}/floor", content=body).raise_for_status()
             floor_times.append(time.perf_counter() - start)
+    cpu = [proc_cpu_seconds(coordinator.pid), proc_cpu_seconds(floor.pid)]
     coord_times, floor_times = coord_times[1:], floor_times[1:]  # the warm-up pair
     coord, base = percentile(coord_times, 50), percentile(floor_times, 50)
     return {
@@ -115,6 +123,8 @@ def ack_latency(coordinator: str, floor: str, body: bytes, *, uploads: int) -> d
         "warmup_uploads": 1,
         "coordinator_ms": [1e3 * t for t in coord_times],
         "floor_ms": [1e3 * t for t in floor_times],
+        "coordinator_cpu_ms_per_upload": 1e3 * (cpu[0] - cpu_before[0]) / uploads,
+        "floor_cpu_ms_per_upload": 1e3 * (cpu[1] - cpu_before[1]) / uploads,
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
         "coordinator_p50_ms": 1e3 * coord,

@@ -74,7 +74,7 @@ QUICK = Plan(
 )
 
 
-def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, Any]:
+def size_values(root: Path, size: str, floor: coord.Running, plan: Plan) -> dict[str, Any]:
     """Sync through the shaped link (sole worker, then with a peer), then acknowledgement
     latency, on one fresh coordinator."""
     model = SHAPES[size]
@@ -95,7 +95,7 @@ def size_values(root: Path, size: str, floor_url: str, plan: Plan) -> dict[str, 
                     peer=peer,
                 )
         progress(f"{size}: {plan.ack_uploads} acknowledgements vs the FLOOR")
-        ack = coord.ack_latency(server.url, floor_url, body, uploads=plan.ack_uploads)
+        ack = coord.ack_latency(server, floor, body, uploads=plan.ack_uploads)
         peak = proc_memory(server.pid)["VmHWM"]
     return {
         "size": size,
@@ -115,7 +115,7 @@ def measure(root: Path, plan: Plan) -> dict[str, Any]:
     """Every part of the benchmark; the section's values."""
     load_before, started = list(os.getloadavg()), time.monotonic()
     with coord.realsize_server(root / "floor", floor=True) as floor:
-        sizes = [size_values(root, size, floor.url, plan) for size in SHAPES]
+        sizes = [size_values(root, size, floor, plan) for size in SHAPES]
     body = coord.delta_body("0.5B")
     memory = [coord.memory(root / f"memory-{n}", n, body) for n in plan.memory_experts]
     crowd = coord.crowd(

@@ -89,9 +89,19 @@ def _ack_table(sizes: list[dict[str, Any]]) -> str:
         ("coordinator ack p50 ms", lambda s: ms(s["ack"]["coordinator_p50_ms"])),
         ("FLOOR p50 ms", lambda s: ms(s["ack"]["floor_p50_ms"])),
         ("coordinator / FLOOR", lambda s: f"{s['ack']['ratio']:.2f}x"),
+        ("CPU ms / upload, coordinator / FLOOR", _cpu_cell),
         ("coordinator peak RSS MiB", lambda s: f"{s['coordinator_peak_rss_mib']:,.0f}"),
     ]
     return column_table(columns, sizes)
+
+
+def _cpu_cell(size: dict[str, Any]) -> str:
+    """Both server processes' CPU time per upload (not measured before this column)."""
+    ack = size["ack"]
+    if "coordinator_cpu_ms_per_upload" not in ack:
+        return "–"
+    coordinator, floor = ack["coordinator_cpu_ms_per_upload"], ack["floor_cpu_ms_per_upload"]
+    return f"{coordinator:.0f} / {floor:.0f}"
 
 
 def _memory_table(memory: list[dict[str, Any]]) -> str:
@@ -289,7 +299,9 @@ record's header in front of the body and fsyncs, commits the
 ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256`
 (BLAKE3, beside the log's fsync) and answers JSON. Per-update phase timings:
 `fedmoe.coordinator.phases` at DEBUG (`python -m benchmarks._realsize_server --log-phases`).
-Uploads alternate one by one here; the `ack-latency` section (`coordinator_bench`) measures
+The CPU column is each server process's CPU time (all threads, user + system) over the
+uploads, per upload: what the coordinator validates, applies and hashes beyond the FLOOR's
+receive and write, on cores the client shares. Uploads alternate one by one here; the `ack-latency` section (`coordinator_bench`) measures
 each server in blocks of 10 s instead, with a sole worker: read both, the FLOOR's own time
 moves by half between runs on this machine.
 
