@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,12 +24,21 @@ import pytest
 import torch
 from blake3 import blake3
 
+from fedmoe.adapter_stream import receive_buffer
 from fedmoe.adapters import AdapterValidationError, decode_with_norm, encode_adapter
 from fedmoe.coordinator.bootstrap import open_coordinator, register_in_process
 from fedmoe.coordinator.errors import InvalidUpdateError
 from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.coordinator.versions import UpdateRequest
-from fedmoe.coordinator.wal import PREFIX, PREWRITE_MIN, RESERVED, ExpertLog
+from fedmoe.coordinator.wal import (
+    ALIGN,
+    PREFIX,
+    PREWRITE_MIN,
+    RESERVED,
+    Appended,
+    ExpertLog,
+    _write_direct,
+)
 from fedmoe.state_digest import state_digest
 
 SQL = "sql_expert"
@@ -48,38 +58,42 @@ def body_of(seed: int, size: int = 3 * PREWRITE_MIN) -> bytes:
     )
 
 
-def two_records(directory: Path) -> tuple[ExpertLog, bytes]:
-    """A log holding one plain record and one written ahead; the segment's bytes."""
+def two_records(directory: Path) -> tuple[ExpertLog, bytes, Appended]:
+    """A log holding one plain record and one written ahead; the segment's bytes and where
+    the second record went."""
     log = ExpertLog(directory, keep=False)
     log.append(header(1), b"small")
     body = body_of(2)
     appended = log.append(header(2), body, log.prewrite(2, body, POOL))
-    assert appended.body_offset == appended.offset + RESERVED and appended.body_len == len(body)
+    # the body starts aligned (for direct I/O), at least RESERVED bytes after its record
+    assert appended.body_offset % ALIGN == 0 and appended.body_len == len(body)
+    assert RESERVED <= appended.body_offset - appended.offset < RESERVED + ALIGN
     assert log.read_body(appended.segment, appended.body_offset, appended.body_len) == body
-    return log, (directory / log.segments()[0]).read_bytes()
+    return log, (directory / log.segments()[0]).read_bytes(), appended
 
 
 def test_a_written_ahead_record_reads_back_as_one_appended_whole(tmp_path: Path) -> None:
-    log, _ = two_records(tmp_path / "x")
+    log, _, _ = two_records(tmp_path / "x")
     records = list(ExpertLog(tmp_path / "x", keep=False).records())
     assert [(r.lsn, r.body) for r in records] == [(1, b"small"), (2, body_of(2))]
     assert records[1].header == header(2)  # the padding is JSON whitespace
     # a header too big for the reservation: the record is written the usual way
     body = body_of(3)
-    big = header(3, note="n" * RESERVED)
+    big = header(3, note="n" * (RESERVED + ALIGN))
     appended = log.append(big, body, log.prewrite(3, body, POOL))
     assert appended.body_offset - appended.offset > RESERVED
     assert [r.header for r in ExpertLog(tmp_path / "x", keep=False).records()][-1] == big
 
 
-def crash_states(whole: bytes, start: int, body: bytes) -> dict[str, bytes]:
-    """What a crash can leave of a written-ahead record that starts at ``start``."""
-    hole = bytes(RESERVED)  # a hole in the file reads as zeros
+def crash_states(whole: bytes, appended: Appended, body: bytes) -> dict[str, bytes]:
+    """What a crash can leave of the written-ahead record ``appended``."""
+    start, reserved = appended.offset, appended.body_offset - appended.offset
+    hole = bytes(reserved)  # a hole in the file reads as zeros
     record = whole[start:]
     return {
         "half the body, no header": whole[:start] + hole + body[: len(body) // 2],
         "the body, no header": whole[:start] + hole + body,
-        "the header, half the body": whole[:start] + record[: RESERVED + len(body) // 2],
+        "the header, half the body": whole[:start] + record[: reserved + len(body) // 2],
         "the prefix, not all the header": whole[:start] + record[: PREFIX.size + 7],
     }
 
@@ -96,13 +110,13 @@ def crash_states(whole: bytes, start: int, body: bytes) -> dict[str, bytes]:
 def test_a_crash_at_each_point_of_a_written_ahead_record_leaves_a_cut_torn_tail(
     tmp_path: Path, state: str
 ) -> None:
-    _, whole = two_records(tmp_path / "x")
-    start = len(whole) - RESERVED - len(body_of(2))
+    _, whole, appended = two_records(tmp_path / "x")
+    start = appended.offset
     shutil.rmtree(tmp_path / "x")
     log = ExpertLog(tmp_path / "y", keep=False)
     log.append(header(1), b"small")
     segment = tmp_path / "y" / log.segments()[0]
-    segment.write_bytes(crash_states(whole, start, body_of(2))[state])
+    segment.write_bytes(crash_states(whole, appended, body_of(2))[state])
     reopened = ExpertLog(tmp_path / "y", keep=False)
     assert [r.lsn for r in reopened.records()] == [1]  # the unacknowledged record is gone
     assert segment.read_bytes() == whole[:start]
@@ -112,7 +126,7 @@ def test_a_crash_at_each_point_of_a_written_ahead_record_leaves_a_cut_torn_tail(
 
 
 def test_a_discarded_body_leaves_the_log_as_it_was(tmp_path: Path) -> None:
-    log, whole = two_records(tmp_path / "x")
+    log, whole, _ = two_records(tmp_path / "x")
     log.discard(log.prewrite(3, body_of(5), POOL))
     assert (tmp_path / "x" / log.segments()[0]).read_bytes() == whole
     log.roll()  # a new segment, then refused: no new file
@@ -121,6 +135,32 @@ def test_a_discarded_body_leaves_the_log_as_it_was(tmp_path: Path) -> None:
     body = body_of(7)
     log.append(header(3), body, log.prewrite(3, body, POOL))
     assert [r.lsn for r in ExpertLog(tmp_path / "x", keep=False).records()] == [1, 2, 3]
+
+
+def _direct_io_allowed(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0)))
+    except OSError:
+        return False
+    return hasattr(os, "O_DIRECT")
+
+
+def test_whole_blocks_of_an_aligned_body_go_by_direct_io_the_rest_is_left(tmp_path: Path) -> None:
+    path = tmp_path / "segment.log"
+    if not _direct_io_allowed(path):
+        pytest.skip("this file system refuses direct I/O")
+    payload = body_of(8, size=3 * ALIGN + 100)
+    received = receive_buffer(len(payload))  # page-aligned, as an upload is received
+    received[:] = payload
+    view = memoryview(received)
+    rest, position = _write_direct(path, view, ALIGN)
+    assert (len(rest), position) == (100, 4 * ALIGN)  # the tail is left to a buffered write
+    assert path.read_bytes()[ALIGN:] == payload[: 3 * ALIGN]
+    # unaligned memory, position or size: nothing written, all of it left
+    assert _write_direct(path, view[1:], ALIGN)[0].nbytes == len(payload) - 1
+    assert _write_direct(path, view, ALIGN + 512)[1] == ALIGN + 512
+    assert _write_direct(path, view[:100], 0)[0].nbytes == 100
+    assert path.stat().st_size == 4 * ALIGN
 
 
 def _settings(state_dir: Path) -> CoordinatorSettings:
