@@ -10,7 +10,7 @@ shared by two threads: a helper takes them from the oldest, a second thread from
 newest. The update path asks for the result only once it has started writing the body to
 its log, so the conversion runs beside that write and its ``fdatasync``. (Converting each
 tensor while the bytes still arrived was measured slower: on loopback the sender, the event
-loop and the sha256 already keep two cores busy, and on a slow link the log's flush hides
+loop and the body's hash already keep two cores busy, and on a slow link the log's flush hides
 the conversion just as well.) The buffer itself is the body the update path and the log
 use (``body()``: a read-only view, not a copy). ``finish()`` gives what
 ``decode_with_norm`` gives for the same bytes, or None when it cannot vouch for them

@@ -238,7 +238,12 @@ class LedgerRow(BaseModel):
     gateway_version: int | None
     response: str | None = Field(description="The acknowledgement as sent (JSON), if accepted.")
     created_at: float
-    body_sha256: str | None = Field(description="SHA-256 of the uploaded body.")
+    body_blake3: str | None = Field(
+        None, description="BLAKE3 of the uploaded body, as b3sum prints it."
+    )
+    body_sha256: str | None = Field(
+        None, description="SHA-256 of the uploaded body (rows written before body_blake3)."
+    )
     buffered: bool = Field(False, description="Held in a fedbuff buffer when acknowledged.")
     verdict: str | None = Field(
         None, description="Robust aggregation: 'rejected' or 'down-weighted' (see reason)."

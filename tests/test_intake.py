@@ -3,20 +3,20 @@
 ``decode_with_norm`` (which ``decode_adapter`` is, without the norm) must give the
 safetensors library's values as float32 and the norm ``global_norm`` gives, and refuse a
 bad body naming its problem; ``apply_update`` (one allocation, two
-threads for big states) must be θ + w·Δ bit for bit; the body's sha256, computed while it
+threads for big states) must be θ + w·Δ bit for bit; the body's digest, computed while it
 arrives, must be the body's, in the ledger and in the fsynced log record that recovery
 checks it against, and a bad body must leave everything as it was (real HTTP).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
 
 import pytest
 import torch
+from blake3 import blake3
 from safetensors.torch import load as load_safetensors
 
 import fedmoe.api.body
@@ -28,7 +28,7 @@ from fedmoe.adapters import (
     schema_of,
 )
 from fedmoe.aggregate import apply_update, global_norm
-from fedmoe.api.body import BATCH, StreamingSha256
+from fedmoe.api.body import BATCH, StreamingDigest
 from fedmoe.coordinator.wal import ExpertLog
 from fedmoe.parallel import MIN_ELEMENTS
 from tests import api_helpers as api
@@ -124,19 +124,21 @@ def test_apply_update_is_theta_plus_w_delta_bit_for_bit(scale: float) -> None:
         assert torch.equal(update[key], kept[key]), "Δ was modified"
 
 
-def test_the_streamed_sha256_is_the_bodys() -> None:
+def test_the_streamed_digest_is_the_bodys_blake3() -> None:
     body = torch.randint(0, 256, (5 * BATCH + 12345,), dtype=torch.uint8).numpy().tobytes()
 
-    sha = StreamingSha256()
+    streamed = StreamingDigest()
     for start in range(0, len(body), 65536 + 7):  # chunks of an odd size
-        sha.feed(body[start : start + 65536 + 7])
-    assert sha.finish().result(timeout=60) == hashlib.sha256(body).hexdigest()
-    small = StreamingSha256()
+        streamed.feed(body[start : start + 65536 + 7])
+    assert streamed.finish().result(timeout=60) == blake3(body).hexdigest()
+    small = StreamingDigest()
     small.feed(b"abc")
-    assert small.finish().result(timeout=60) == hashlib.sha256(b"abc").hexdigest()
+    # b3sum's published test vector for "abc"
+    expected = "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+    assert small.finish().result(timeout=60) == expected
 
 
-def test_an_upload_over_http_is_logged_with_its_streamed_sha256_and_refused_when_bad(
+def test_an_upload_over_http_is_logged_with_its_streamed_digest_and_refused_when_bad(
     live_coordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(fedmoe.api.body, "BATCH", 512)  # the tiny body goes through the thread
@@ -149,13 +151,16 @@ def test_an_upload_over_http_is_logged_with_its_streamed_sha256_and_refused_when
         headers = api.update_headers(update_id="streamed")
         first = api.upload(http, api.PY, body, headers)
         assert first.status_code == 200, first.text
-        digest = hashlib.sha256(body).hexdigest()
+        digest = blake3(body).hexdigest()
         row = live_coordinator.coordinator.ledger.accepted_update("streamed")
-        assert row is not None and row.body_sha256 == digest
-        # the fsynced record is whole: its body and the sha256 recovery checks it against
+        assert row is not None and (row.body_blake3, row.body_sha256) == (digest, None)
+        ledger = http.get("/v1/ledger").json()
+        listed = [r for r in ledger if r["update_id"] == "streamed"]
+        assert [(r["body_blake3"], r["body_sha256"]) for r in listed] == [(digest, None)]
+        # the fsynced record is whole: its body and the digest recovery checks it against
         log = ExpertLog(live_coordinator.state_dir / "wal" / api.PY, keep=True)
         (record,) = [r for r in log.records(repair=False) if r.header["kind"] == "update"]
-        assert (record.body, record.header["body_sha256"]) == (body, digest)
+        assert (record.body, record.header["body_blake3"]) == (body, digest)
         expected = apply_update(
             initial, decode_adapter(body, schema_of(initial)), first.json()["weight"]
         )

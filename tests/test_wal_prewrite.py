@@ -46,7 +46,7 @@ POOL = ThreadPoolExecutor(max_workers=1)
 
 
 def header(lsn: int, **extra: Any) -> dict[str, Any]:
-    return {"lsn": lsn, "kind": "update", "body_sha256": None, **extra}
+    return {"lsn": lsn, "kind": "update", "body_blake3": None, **extra}
 
 
 def body_of(seed: int, size: int = 3 * PREWRITE_MIN) -> bytes:
@@ -249,7 +249,7 @@ def test_the_log_write_starts_before_the_api_layers_hash_and_decode_are_done(
         decoding.set_result(decode_with_norm(payload, coordinator.schema))
         ack = submitted.result(timeout=60)
         accepted = coordinator.ledger.accepted_update("u1")
-        assert ack.version == 1 and accepted is not None and accepted.body_sha256 == "f" * 64
+        assert ack.version == 1 and accepted is not None and accepted.body_blake3 == "f" * 64
         before = {path.name: path.read_bytes() for path in segments.glob("*.log")}
         nan = encode_adapter(
             {k: torch.full(s, float("nan")) for k, s in coordinator.schema.items()}

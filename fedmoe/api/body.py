@@ -1,19 +1,19 @@
 """Reading an upload's body: hashing it while it arrives, decoding it once it is in.
 
-The update path needs the body's sha256 (kept with the update id in the ledger and the
-log record, so that a retry with other bytes is refused). Hashed after the last byte it
-would add a full pass over the body to every acknowledgement; here it is fed to a worker
-thread in batches while the event loop goes on receiving (``hashlib`` releases the GIL on
-large inputs), so it is mostly done when the body is. ``read_upload`` also receives a body
-that announces its length into one buffer and starts decoding its tensors once it is in
-(``fedmoe.adapter_stream``). Neither is awaited here: the update path gets both as
-futures and asks for them only when it needs them, so that its log write (the fsync the
-acknowledgement waits for) starts while their last batches are still being worked on.
+The update path needs the body's digest (``fedmoe.coordinator.body_digest``: kept with the
+update id in the ledger and the log record, so that a retry with other bytes is refused).
+Hashed after the last byte it would add a full pass over the body to every
+acknowledgement; here it is fed to a worker thread in batches while the event loop goes on
+receiving (BLAKE3 releases the GIL on large inputs), so it is mostly done when the body
+is. ``read_upload`` also receives a body that announces its length into one buffer and
+starts decoding its tensors once it is in (``fedmoe.adapter_stream``). Neither is awaited
+here: the update path gets both as futures and asks for them only when it needs them, so
+that its log write (the fsync the acknowledgement waits for) starts while their last
+batches are still being worked on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -27,16 +27,18 @@ from fedmoe.adapter_stream import Decoded, UploadBuffer
 from fedmoe.adapters import AdapterSchema, Buffer
 from fedmoe.api.guard import CLOSE
 from fedmoe.coordinator import phases
+from fedmoe.coordinator.body_digest import new_hasher
 
 BATCH = 1 << 20  # bytes handed to the hashing thread at a time
-_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedmoe-body-sha256")
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedmoe-body-digest")
 
 
-class StreamingSha256:
-    """A sha256 fed chunk by chunk from the event loop, computed on a worker thread, in order."""
+class StreamingDigest:
+    """The body's digest fed chunk by chunk from the event loop, computed on a worker
+    thread, in order."""
 
     def __init__(self) -> None:
-        self._sha = hashlib.sha256()
+        self._hasher = new_hasher()
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._lock = threading.Lock()  # one drain at a time: chunks hashed in arrival order
@@ -53,11 +55,11 @@ class StreamingSha256:
     def _drain(self) -> None:
         with self._lock:
             while self._queue:
-                self._sha.update(self._queue.popleft())
+                self._hasher.update(self._queue.popleft())
 
     def _hexdigest(self) -> str:
         self._drain()
-        return self._sha.hexdigest()
+        return self._hasher.hexdigest()
 
     def finish(self) -> Future[str]:
         """The digest of everything fed, finished on the hashing thread from now on (so the
@@ -70,18 +72,18 @@ class StreamingSha256:
 
 
 async def read_body(request: Request, limit: int) -> tuple[bytes, Future[str]]:
-    """The body and its sha256 hex digest (being finished); 413 as soon as it is known to
+    """The body and its hex digest (being finished); 413 as soon as it is known to
     exceed ``limit``."""
-    chunks, size, sha = [], 0, StreamingSha256()
+    chunks, size, hasher = [], 0, StreamingDigest()
     started = time.perf_counter()
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
         chunks.append(chunk)
-        sha.feed(chunk)
+        hasher.feed(chunk)
     received = time.perf_counter()
-    digest = sha.finish()  # the hash's tail on its thread while the body is joined here
+    digest = hasher.finish()  # the hash's tail on its thread while the body is joined here
     body = b"".join(chunks)
     _log_receipt(size, started, received, "received", "joined")
     return body, digest
@@ -89,7 +91,7 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, Future[str]]:
 
 @dataclass(frozen=True)
 class Upload:
-    """An upload's body as received, its sha256 and its decoded tensors (both possibly
+    """An upload's body as received, its digest and its decoded tensors (both possibly
     still being finished on their threads)."""
 
     body: Buffer  # bytes, or a read-only view of the buffer the body was decoded in
@@ -110,16 +112,16 @@ async def read_upload(request: Request, limit: int, schema: AdapterSchema) -> Up
         return Upload(body, digest, None)
     if length > limit:
         raise HTTPException(413, detail=f"body exceeds the {limit}-byte limit", headers=CLOSE)
-    decoder, sha = UploadBuffer(schema, length), StreamingSha256()
+    decoder, hasher = UploadBuffer(schema, length), StreamingDigest()
     started = time.perf_counter()
     async for chunk in request.stream():
         if decoder.received + len(chunk) > length:  # the HTTP parser does not allow it
             raise HTTPException(400, detail="the body is longer than its Content-Length")
         decoder.feed(chunk)
-        sha.feed(chunk)
+        hasher.feed(chunk)
     received = time.perf_counter()
     decoding = decoder.finish() if decoder.vouches_for_layout else None
-    upload = Upload(decoder.body(), sha.finish(), decoding)
+    upload = Upload(decoder.body(), hasher.finish(), decoding)
     _log_receipt(length, started, received, "received", "handed over")
     return upload
 

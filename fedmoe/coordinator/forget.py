@@ -19,7 +19,6 @@ the coordinator right after that record is fsynced with the crash point
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from fedmoe import aggregate
-from fedmoe.coordinator import crashpoints, errors
+from fedmoe.coordinator import body_digest, crashpoints, errors
 from fedmoe.coordinator.forget_book import ForgetBook
 from fedmoe.coordinator.purge import purge_archive
 from fedmoe.coordinator.rebuilt import encode_rebuilt
@@ -243,7 +242,7 @@ class Forgetter:
             "worker_id": worker_id,
             "forgotten": sorted(self._revoked),
             "removed": entry.update_ids,
-            "body_sha256": hashlib.sha256(body).hexdigest(),
+            body_digest.KEY: body_digest.body_digest(body),
         }
 
 

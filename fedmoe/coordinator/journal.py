@@ -28,7 +28,7 @@ from typing import Any
 
 from fedmoe.adapters import AdapterSchema, Buffer
 from fedmoe.aggregate import AdapterState
-from fedmoe.coordinator import crashpoints, errors, restore
+from fedmoe.coordinator import body_digest, crashpoints, errors, restore
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.ledger_rows import SnapshotRow, UpdateRecord
 from fedmoe.coordinator.replay import (
@@ -130,7 +130,7 @@ class Journal:
             "strategy": self._description,
             "contribution": contribution_fields(contribution),
             "ledger": ledger_fields(record),
-            "body_sha256": record.body_sha256,
+            body_digest.KEY: record.body_blake3,
         }
         appended = self.logs[name].append(header, body, prewritten)
         crashpoints.reached("after-append")

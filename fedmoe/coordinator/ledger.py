@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS updates (
     weight REAL NOT NULL, update_norm REAL NOT NULL, clipped INTEGER NOT NULL,
     train_loss REAL, num_tokens INTEGER NOT NULL, accepted INTEGER NOT NULL, reason TEXT,
     expert_version INTEGER, gateway_version INTEGER, response TEXT, created_at REAL NOT NULL,
-    body_sha256 TEXT);
+    body_sha256 TEXT, body_blake3 TEXT);
 CREATE TABLE IF NOT EXISTS strategy_state (
     expert TEXT PRIMARY KEY, seq INTEGER NOT NULL, strategy TEXT NOT NULL,
     buffer_fill INTEGER NOT NULL, steps INTEGER NOT NULL);
@@ -53,7 +53,8 @@ CREATE INDEX IF NOT EXISTS workers_joined ON workers(specialty, registered_at);
 # Columns added after the first release: ledgers written before them get them on open.
 ADDED_COLUMNS = {
     "updates": {
-        "body_sha256": "TEXT",
+        "body_sha256": "TEXT",  # rows written before body_blake3
+        "body_blake3": "TEXT",
         "buffered": "INTEGER NOT NULL DEFAULT 0",
         "state_sha256": "TEXT",
         "verdict": "TEXT",  # robust aggregation: rejected / down-weighted (reason in reason)
@@ -156,14 +157,15 @@ class Ledger(Database):
     def accepted_update(self, update_id: str) -> AcceptedUpdate | None:
         """Who sent an accepted update id and the answer they got, for idempotent retries."""
         rows = self._query(
-            "SELECT worker_id, expert, response, body_sha256 FROM updates "
+            "SELECT worker_id, expert, response, body_blake3, body_sha256 FROM updates "
             "WHERE update_id = ? AND accepted = 1",
             (update_id,),
         )
         if not rows:
             return None
-        worker_id, expert, response, digest = rows[0]
-        return AcceptedUpdate(worker_id, expert, UpdateAck.model_validate_json(response), digest)
+        worker_id, expert, response, blake3, sha256 = rows[0]
+        ack = UpdateAck.model_validate_json(response)
+        return AcceptedUpdate(worker_id, expert, ack, blake3, sha256)
 
     def strategy_rows(self) -> dict[str, StrategyRow]:
         """Each expert's current strategy state row."""

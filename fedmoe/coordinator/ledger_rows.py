@@ -28,7 +28,8 @@ class UpdateRecord:
     expert_version: int | None = None
     gateway_version: int | None = None
     response: UpdateAck | None = None
-    body_sha256: str | None = None
+    body_blake3: str | None = None  # ``body_digest``
+    body_sha256: str | None = None  # rows logged before BLAKE3 (replay reads them back)
     buffered: bool = False
     buffer_fill: int = 0
     state_sha256: str | None = None  # the new expert's digest, when its sender can use it
@@ -90,4 +91,5 @@ class AcceptedUpdate:
     worker_id: str
     expert: str
     response: UpdateAck
-    body_sha256: str | None
+    body_blake3: str | None
+    body_sha256: str | None  # rows written before BLAKE3

@@ -6,7 +6,7 @@ hold the removed worker's uploads as received. Nothing needs them any more: reco
 starts from a snapshot, and a later rebuild skips every forgotten worker's records
 without reading their bodies. Each archived segment holding such a body is rewritten
 without it: the record stays (its header, the ledger row: ids, norm, loss, token count,
-the body's sha256, marked ``purged``) with an empty body, so the lsn sequence is whole.
+the body's digest, marked ``purged``) with an empty body, so the lsn sequence is whole.
 The bodies of earlier ``forget`` records (full expert states that included the worker)
 go too. A segment is rewritten to a temp file, fsynced and renamed over the old one: a
 crash leaves it either whole or purged, and purging again is a no-op.
@@ -18,12 +18,12 @@ rebuild is settled at the next start-up), and other workers' deltas.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
 
+from fedmoe.coordinator import body_digest
 from fedmoe.coordinator.wal import (
     ExpertLog,
     LogRecord,
@@ -34,7 +34,7 @@ from fedmoe.coordinator.wal import (
 
 logger = logging.getLogger(__name__)
 
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+EMPTY_DIGEST = body_digest.body_digest(b"")
 
 
 def purgeable(record: LogRecord, forgotten: Collection[str], before_lsn: int) -> bool:
@@ -74,7 +74,8 @@ def _purge_segment(path: Path, forgotten: Collection[str], before_lsn: int) -> i
         for record in records:
             header, body = record.header, record.body
             if purgeable(record, forgotten, before_lsn):
-                header = header | {"purged": True, "body_sha256": EMPTY_SHA256}
+                kept = {k: v for k, v in header.items() if k != body_digest.LEGACY_KEY}
+                header = kept | {"purged": True, body_digest.KEY: EMPTY_DIGEST}
                 body, removed = b"", removed + 1
             handle.write(encode_prefix(header, body) + body)
         handle.flush()

@@ -17,12 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, Buffer, check_layout, decode_with_norm
 from fedmoe.aggregate import AdapterState
-from fedmoe.coordinator import errors, guards, phases
+from fedmoe.coordinator import body_digest, errors, guards, phases
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger
 from fedmoe.coordinator.ledger_rows import UpdateRecord
@@ -114,10 +115,10 @@ class UpdatePath:
             return None
         if (first.worker_id, first.expert) != (request.worker_id, request.expert):
             raise _duplicate_id(request.update_id)
-        if first.body_sha256 is not None and first.body_sha256 != request.body_sha256:
+        if not body_digest.matches(asdict(first), request.body, request.body_blake3):
             raise errors.DuplicateUpdateIdError(
                 f"update id {request.update_id!r} was already applied with a different body "
-                f"(sha256 {first.body_sha256[:16]}…, this one {request.body_sha256[:16]}…); "
+                f"(BLAKE3 {request.body_blake3[:16]}… differs from the first one's); "
                 "a retry must resend the same bytes, a new update needs a new id"
             )
         return first.response.model_copy(update={"replayed": True})
@@ -161,7 +162,7 @@ class UpdatePath:
             train_loss=request.train_loss,
             num_tokens=request.num_tokens,
             accepted=False,
-            body_sha256=request.body_sha256,
+            body_blake3=request.body_blake3,
             dp_epsilon=request.dp_epsilon,
             final=request.final,
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from fedmoe import aggregate
 from fedmoe.adapters import Buffer, encode_adapter, view_adapter
 from fedmoe.aggregate import AdapterState
+from fedmoe.coordinator.body_digest import body_digest
 from fedmoe.state_digest import state_digest
 
 if TYPE_CHECKING:
@@ -133,18 +133,19 @@ class UpdateRequest:
     dp_epsilon: float | None = None  # privacy the sender reports spent (example-level DP)
     final: bool = False  # the sender's last upload: it is stopping (no longer active)
     # What the API layer computes from the body as it comes in, handed over unfinished (the
-    # update path asks for each only when it needs it, so its log write starts meanwhile):
-    # the body's sha256, and its float32 tensors and norm as ``adapters.decode_with_norm``
-    # gives them (result None: decode again; ``decoding`` None: the layout is unchecked).
+    # update path asks for each only when it needs it, so its log write starts meanwhile): the
+    # body's digest (``body_digest``), and its float32 tensors and norm as
+    # ``adapters.decode_with_norm`` gives them (result None: decode again; ``decoding`` None:
+    # the layout is unchecked).
     hashing: Future[str] | None = field(default=None, repr=False, compare=False)
     decoding: Future[Decoded | None] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
-    def body_sha256(self) -> str:
+    def body_blake3(self) -> str:
         """The digest kept with the update id: a reused id with another body is refused."""
         if self.hashing is not None:
             return self.hashing.result()
-        return hashlib.sha256(self.body).hexdigest()
+        return body_digest(self.body)
 
     def decoded(self) -> Decoded | None:
         """The tensors and norm the API layer decoded (waiting for them), or None."""

@@ -7,8 +7,8 @@ Records carry a log sequence number (lsn), 1, 2, 3… per expert. A record is
 
     b"FMW1" | u32 header length | u64 body length | u32 crc32(header) | header | body
 
-and the header holds the body's sha256, so a torn tail (a crash mid-append) is told
-from a whole record and cut off at start-up.
+and the header holds the body's digest (``body_digest``), so a torn tail (a crash
+mid-append) is told from a whole record and cut off at start-up.
 
 A big body is *written ahead* (``ExpertLog.prewrite``): while the coordinator decodes and
 applies the update, a helper thread writes the body where the record's body will lie,
@@ -29,7 +29,6 @@ segment either live or retired, never torn.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy
 
-from fedmoe.coordinator import crashpoints, errors
+from fedmoe.coordinator import body_digest, crashpoints, errors
 
 if TYPE_CHECKING:
     from fedmoe.adapters import Buffer
@@ -351,8 +350,7 @@ def _read_record(handle: BinaryIO, segment: str) -> LogRecord | None:
     body = handle.read(body_len)
     if len(body) < body_len:
         return None
-    digest = header.get("body_sha256")
-    if digest is not None and hashlib.sha256(body).hexdigest() != digest:
+    if not body_digest.matches(header, body):
         return None
     return LogRecord(header, body, segment, offset)
 
