@@ -288,7 +288,7 @@ Sequential uploads of each size's bf16 delta straight to the coordinator on loop
 shaping), each followed by the same bytes to the FLOOR: the same FastAPI + uvicorn stack
 reading the body and appending it to one file with a single `fsync`; one warm-up upload to
 each first, not counted. Beyond that the coordinator, while the body arrives, hashes it
-(sha256, a helper thread) and receives it into one buffer (private memory in huge pages
+(BLAKE3, a helper thread) and receives it into one buffer (private memory in huge pages
 where the kernel allows), which it keeps as the body, not a copy. After the last byte it
 takes the expert's lock and writes the body into the log where its record will lie and
 flushes it (a helper thread) while two threads convert the tensors to float32 with their
