@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,7 @@ class _Guard:
         if self.done:
             return await self._receive()
         try:
-            message = await asyncio.wait_for(self._receive(), self.timeout)
+            message = await _receive_within(self._receive, self.timeout)
         except TimeoutError:
             detail = f"the request body stalled: nothing arrived for {self.timeout:g}s"
             raise HTTPException(408, detail=detail, headers=CLOSE) from None
@@ -84,6 +85,24 @@ class _Guard:
             await send(message)
 
         return guarded
+
+
+if sys.version_info >= (3, 11):
+
+    async def _receive_within(receive: Receive, seconds: float) -> Message:
+        """``receive()``, or TimeoutError after ``seconds``. ``asyncio.timeout`` arms a timer;
+        ``wait_for`` also wraps each call in a new task, 20 µs more per body chunk here."""
+        async with asyncio.timeout(seconds):
+            return await receive()
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _receive_within(receive: Receive, seconds: float) -> Message:
+        """``receive()``, or TimeoutError after ``seconds`` (asyncio's own before 3.11)."""
+        try:
+            return await asyncio.wait_for(receive(), seconds)
+        except asyncio.TimeoutError:
+            raise TimeoutError from None
 
 
 async def _refuse(send: Send, status: int, code: str, detail: str) -> None:
