@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from typing import Any
 
 from fedmoe import aggregate
@@ -115,7 +114,8 @@ class UpdatePath:
             return None
         if (first.worker_id, first.expert) != (request.worker_id, request.expert):
             raise _duplicate_id(request.update_id)
-        if not body_digest.matches(asdict(first), request.body, request.body_blake3):
+        kept = {body_digest.KEY: first.body_blake3, body_digest.LEGACY_KEY: first.body_sha256}
+        if not body_digest.matches(kept, request.body, request.body_blake3):
             raise errors.DuplicateUpdateIdError(
                 f"update id {request.update_id!r} was already applied with a different body "
                 f"(BLAKE3 {request.body_blake3[:16]}… differs from the first one's); "
