@@ -554,6 +554,38 @@ def test_a_round_clock_puts_every_sync_on_its_boundaries(world) -> None:
     assert syncer.sync() and syncer.next_sync_at == clock.now() + 10.0
 
 
+def test_without_a_round_clock_syncs_keep_one_interval_however_long_each_takes(world) -> None:
+    syncer, coordinator, adapter, clock = world
+    syncer.schedule_first()
+    assert syncer.next_sync_at == clock.now() + 10.0
+    real_upload = coordinator.upload
+
+    def slow_upload(*args: Any, **kwargs: Any) -> UpdateAck:
+        clock.advance(3.0)  # a big adapter on a slow link
+        return real_upload(*args, **kwargs)
+
+    coordinator.upload = slow_upload  # type: ignore[method-assign]
+    dues, starts = [], []
+    for _ in range(4):
+        dues.append(syncer.next_sync_at)
+        while not syncer.due():  # training steps of 0.4 s until the sync is due
+            adapter.train(0.1, 10, syncer.stats)
+            clock.advance(0.4)
+        starts.append(clock.now())
+        syncer.start()
+        assert wait_done(syncer) is True
+    # each sync is due one interval after the one before (not 13 s: the 3 s exchange does
+    # not stretch the period) and starts at the first step boundary from then
+    assert [round(b - a, 6) for a, b in zip(dues, dues[1:])] == [10.0, 10.0, 10.0]
+    assert all(0 <= start - due < 0.4 for due, start in zip(dues, starts))
+    # a sync an interval or more late starts the cadence anew (no burst to catch up)
+    clock.advance(25.0)
+    adapter.train(0.1, 10, syncer.stats)
+    late = clock.now()
+    syncer.start()
+    assert wait_done(syncer) is True and syncer.next_sync_at == late + 10.0
+
+
 def test_background_unknown_fate_resends_the_same_id(world) -> None:
     syncer, coordinator, adapter, clock = world
     adapter.train(0.5, 10, syncer.stats)

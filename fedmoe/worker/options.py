@@ -83,7 +83,8 @@ class WorkerOptions(BaseModel):
         description="Sync at the boundaries of a clock all workers share (wall-clock time "
         "in steps of --sync-interval; keep the machines' clocks in step, e.g. with NTP), so "
         "the workers of an expert upload together and each pull brings the whole round; "
-        "off: one interval after the last sync.",
+        "off: every --sync-interval seconds on the worker's own clock, however long each "
+        "sync takes.",
     )
     pull_wait: float | None = Field(
         None,

@@ -69,7 +69,7 @@ class Syncer(SyncState):
             self._schedule_retry(f"coordinator error ({error})")
             return False
         self.backoff = 1.0
-        self.next_sync_at = self.clock.now() + self._until_next_round()
+        self.next_sync_at = self._next_after(capture)
         return True
 
     def _schedule_retry(self, reason: str) -> None:
@@ -91,6 +91,17 @@ class Syncer(SyncState):
         if wait < self.sync_interval / 2:
             wait += self.sync_interval
         self.next_sync_at = self.clock.now() + wait
+
+    def _next_after(self, capture: Capture) -> float:
+        """When the sync after ``capture``'s is due: at the next boundary of the round clock
+        or, without one, one interval after this one was due, so that an exchange that
+        takes seconds (a 7B adapter on a 1 Gbit/s link) does not stretch the period. A sync
+        taken early (an inline sync) or an interval or more late starts the cadence anew."""
+        if self.round_phase is not None:
+            return self.clock.now() + self._until_next_round()
+        due, taken = capture.due_at, capture.taken_at
+        on_schedule = due <= taken < due + self.sync_interval
+        return (due if on_schedule else taken) + self.sync_interval
 
     def _until_next_round(self) -> float:
         """Seconds to the next sync: one interval, or to the next boundary of the round

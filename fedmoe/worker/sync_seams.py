@@ -138,6 +138,8 @@ class Capture:
     # seconds the exchange may wait for the round's other updates before it pulls (0 when
     # the training thread waits for the exchange: inline syncs and the final upload)
     pull_wait: float = 0.0
+    taken_at: float = 0.0  # the clock when the training thread captured it
+    due_at: float = 0.0  # when the schedule said this sync was due
 
 
 def wait_for(

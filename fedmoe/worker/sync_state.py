@@ -75,7 +75,7 @@ class SyncState:
         self.sync_interval, self.max_backoff = sync_interval, max_backoff
         self.pull_wait = pull_wait  # for background exchanges (``Syncer.start``)
         # seconds into the current round of a clock the workers share (None: each worker
-        # syncs one interval after its last sync); see ``Syncer.schedule_first``
+        # syncs on its own cadence of one interval); see ``Syncer.schedule_first``
         self.round_phase = round_phase
         self.leaving = False  # the final upload: the coordinator stops counting us active
         self.pending: PendingUpdate | None = None
@@ -155,6 +155,8 @@ class SyncState:
             loss_count=len(stats.window_losses),
             train_loss=stats.window_loss(),
             dp_epsilon=stats.dp_epsilon,
+            taken_at=self.clock.now(),
+            due_at=self.next_sync_at,
         )
 
     def finish(self) -> None:
