@@ -11,9 +11,12 @@ every sync carries a real delta. Blocked time is ``WorkerStats.blocked_seconds``
 training thread spends in ``start`` (the snapshot) and at the step boundary that collects
 the result (the rebase), i.e. everything the training loop waits for.
 
-With a ``Peer``, a second worker uploads to the same expert (straight to the coordinator,
-from its own thread) halfway between the syncs, so the worker's update is never the only
-change since its pull and it must download the new expert: the bytes of the general case.
+The worker schedules its syncs as ``fedmoe worker`` does by default: on the boundaries of
+the wall clock in steps of the interval (``--align-syncs``), with a fifth of the interval
+to wait for the round's other updates before it pulls (``--pull-wait``). With a ``Peer``, a
+second worker uploads to the same expert (straight to the coordinator, from its own
+thread) halfway between those boundaries, so the worker's update is never the only change
+since its pull and it must download the peer's step: the bytes of the general case.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from benchmarks.shaped_link import ShapedLink
 from fedmoe.adapters import AdapterSchema
 from fedmoe.client import CoordinatorClient
+from fedmoe.worker.options import default_pull_wait
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.slots import TensorSlot
 from fedmoe.worker.sync import Syncer
@@ -37,15 +41,16 @@ EXPERT = "e0"
 
 
 class Peer:
-    """Another worker on the same expert: one bf16 upload per interval on its own thread."""
+    """Another worker on the same expert: one bf16 upload per interval on its own thread,
+    halfway between the boundaries of the wall clock the worker syncs on."""
 
-    def __init__(self, url: str, body: bytes, interval: float) -> None:
+    def __init__(self, url: str, body: bytes, interval: float, expert: str = EXPERT) -> None:
         self.client = CoordinatorClient(url, timeout=600.0)
-        self.body, self.interval = body, interval
+        self.body, self.interval, self.expert = body, interval, expert
         schema = self.client.schema()
         self.version = self.client.register(
             worker_id="peer",
-            specialty=EXPERT,
+            specialty=expert,
             fingerprint=schema.base_model_fingerprint,
             lora_config=schema.lora_config,
         ).expert_version
@@ -54,14 +59,15 @@ class Peer:
         self._thread = threading.Thread(target=self._run, name="peer", daemon=True)
 
     def start(self) -> None:
-        """Begin uploading (the first one half an interval from now)."""
+        """Begin uploading (the first one at the next half-way point of the wall clock)."""
         self._thread.start()
 
     def _run(self) -> None:
-        next_at = time.monotonic() + self.interval / 2
+        half_way = (self.interval / 2 - time.time() % self.interval) % self.interval
+        next_at = time.monotonic() + half_way
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             ack = self.client.upload(
-                EXPERT,
+                self.expert,
                 self.body,
                 worker_id="peer",
                 update_id=f"peer-{self.uploads}",
@@ -88,6 +94,7 @@ def sync_run(
     interval: float,
     step: float,
     peer: Peer | None = None,
+    expert: str = EXPERT,
 ) -> dict[str, Any]:
     """Train with fixed-time steps until ``syncs`` background syncs are done; the figures."""
     client = CoordinatorClient(link.url, timeout=600.0)
@@ -95,12 +102,12 @@ def sync_run(
     shapes: AdapterSchema = {key: tuple(shape) for key, shape in schema.tensors.items()}
     lora = schema.lora_config.model_dump()
     identity = SyncIdentity(
-        worker_id, EXPERT, schema.base_model_fingerprint, lora, shapes, torch.bfloat16
+        worker_id, expert, schema.base_model_fingerprint, lora, shapes, torch.bfloat16
     )
     stats, adapter, clock = WorkerStats(), TensorSlot(), SystemClock()
     syncer = Syncer(
         client, adapter, identity, stats=stats, clock=clock, sync_interval=interval,
-        max_backoff=5.0,
+        max_backoff=5.0, pull_wait=default_pull_wait(interval), round_phase=time.time,
     )  # fmt: skip
     try:
         syncer.register()

@@ -267,11 +267,13 @@ run took {v.get("elapsed_seconds", 0) / 60:.1f} minutes.
 
 The worker's real `Syncer` (background mode, bf16 uploads) and `CoordinatorClient`, through
 `benchmarks.shaped_link` ({8 * link["rate_bytes"] / 1e9:g} Gbit/s each way by token bucket,
-{1e3 * link["rtt_seconds"]:g} ms round trip) to the coordinator: first as the expert's sole
-worker, then with a peer that uploads to the same expert (straight to the coordinator)
-halfway between its syncs, so that every sync must also bring the peer's update down.
-A training step sleeps {plan["step"]:g} s (the accelerator's share) and then moves every
-tensor; a sync is due every {plan["interval"]:g} s. Wire bytes are what crossed the link
+{1e3 * link["rtt_seconds"]:g} ms round trip) to the coordinator: first as the sole worker
+of one expert, then on another expert with a peer that uploads to it (straight to the
+coordinator) halfway between its syncs, so that every sync must also bring the peer's
+update down. A training step sleeps {plan["step"]:g} s (the accelerator's share) and then
+moves every tensor; a sync is due every {plan["interval"]:g} s on the boundaries of the wall
+clock, with a fifth of that to wait for the round's other update before the pull, as
+`fedmoe worker` does by default (`--align-syncs`, `--pull-wait`). Wire bytes are what crossed the link
 (HTTP headers and the acknowledgement's JSON included). Blocked = `WorkerStats.blocked_seconds`:
 the snapshot when a sync starts (a copy into buffers allocated once, at start-up) and the
 rebase at the step that collects it ((local − snapshot) + newest, in place, tensor by
@@ -293,7 +295,7 @@ where the kernel allows), which it keeps as the body, not a copy. After the last
 takes the expert's lock and writes the body into the log where its record will lie and
 flushes it (a helper thread) while two threads convert the tensors to float32 with their
 float64 norm (the finiteness check) and the default update screen judges the upload (the
-sync runs before left three workers' history, so it takes the cosine to the expert's
+sync runs before left two workers' history, so it takes the cosine to the expert's
 direction average and updates that average) and computes θ + w·Δ; then it writes the
 record's header in front of the body and fsyncs, commits the
 ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256`
