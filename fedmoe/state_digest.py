@@ -2,13 +2,17 @@
 
 The coordinator puts it in an update's acknowledgement (the field keeps its first name,
 ``state_sha256``); a worker that reproduced the new expert locally (pulled + weight·Δ)
-compares digests instead of downloading the expert. It is BLAKE3 (the ``blake3`` package,
-bindings of the reference Rust crate) over each tensor's name, shape and the BLAKE3 of its
-float32 bytes, in sorted key order, so two states have the same digest only if they are
-equal bit for bit (up to hash collisions). The coordinator computes it for every
-staleness-0 acknowledgement over the whole float32 expert: BLAKE3 does that several times
-faster than SHA-256, and hashing tensor by tensor lets the work split over two threads
-(``fedmoe.parallel``). It guards against a wrong reproduction, not an attacker.
+compares digests instead of downloading the expert. It guards against a wrong
+reproduction, not an attacker (the acknowledgement comes over the authenticated
+connection it protects), so it is XXH3-128 (the ``xxhash`` package, bindings of the
+reference C library): each tensor's float32 bytes hashed, then one hash over every
+tensor's name, shape and hash in sorted key order. Two states have the same digest only if
+they are equal bit for bit, up to an accidental 128-bit collision. The coordinator
+computes it for every staleness-0 acknowledgement over the whole float32 expert, on the
+path the acknowledgement waits for: for a 0.5B-sized expert (35 MB, 336 tensors) it took
+7-10 ms as BLAKE3 on two threads (issue 13); as XXH3 about 3 ms on one (the ``xxhash``
+binding keeps the GIL, so a second thread would only wait for it). A worker of an older
+version (BLAKE3, 64 hex digits) sees a mismatch and pulls in full: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -16,28 +20,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from blake3 import blake3
-
-from fedmoe.parallel import per_tensor
+import xxhash
 
 
 def tensor_digest(tensor: torch.Tensor) -> bytes:
-    """BLAKE3 of a tensor's values as float32 bytes (C order)."""
-    values = tensor.detach().to("cpu", torch.float32).contiguous()
-    digest = blake3()
-    if values.numel():
-        digest.update(values.view(torch.uint8).numpy().data)
-    return digest.digest()
+    """XXH3-128 of a tensor's values as float32 bytes (C order)."""
+    cpu_float32 = tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+    values = tensor if cpu_float32 else tensor.detach().to("cpu", torch.float32)
+    # the coordinator's tensors are contiguous float32 already: no copy, one view
+    values = values.detach().contiguous()
+    return xxhash.xxh3_128_digest(values.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """Hex BLAKE3 of every tensor's name, shape and ``tensor_digest`` (sorted by name)."""
-    keys = sorted(state)
-    parts = per_tensor(
-        lambda key: tensor_digest(state[key]), keys, [state[k].numel() for k in keys]
+    """Hex XXH3-128 of every tensor's name, shape and ``tensor_digest`` (sorted by name)."""
+    listing = b"".join(
+        f"{key}:{tuple(state[key].shape)};".encode() + tensor_digest(state[key])
+        for key in sorted(state)
     )
-    digest = blake3()
-    for key in keys:
-        digest.update(f"{key}:{tuple(state[key].shape)};".encode())
-        digest.update(parts[key])
-    return digest.hexdigest()
+    return xxhash.xxh3_128_hexdigest(listing)

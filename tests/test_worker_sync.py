@@ -8,6 +8,7 @@ so every expected state below is compared with ``torch.equal``.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -576,7 +577,7 @@ def test_without_a_round_clock_syncs_keep_one_interval_however_long_each_takes(w
         assert wait_done(syncer) is True
     # each sync is due one interval after the one before (not 13 s: the 3 s exchange does
     # not stretch the period) and starts at the first step boundary from then
-    assert [round(b - a, 6) for a, b in zip(dues, dues[1:])] == [10.0, 10.0, 10.0]
+    assert [round(b - a, 6) for a, b in itertools.pairwise(dues)] == [10.0, 10.0, 10.0]
     assert all(0 <= start - due < 0.4 for due, start in zip(dues, starts))
     # a sync an interval or more late starts the cadence anew (no burst to catch up)
     clock.advance(25.0)

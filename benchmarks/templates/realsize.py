@@ -299,7 +299,7 @@ sync runs before left two workers' history, so it takes the cosine to the expert
 direction average and updates that average) and computes θ + w·Δ; then it writes the
 record's header in front of the body and fsyncs, commits the
 ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256`
-(BLAKE3, beside the log's fsync) and answers JSON. Per-update phase timings:
+(XXH3-128, beside the log's fsync) and answers JSON. Per-update phase timings:
 `fedmoe.coordinator.phases` at DEBUG (`python -m benchmarks._realsize_server --log-phases`).
 The CPU column is each server process's CPU time (all threads, user + system) over the
 uploads, per upload: what the coordinator validates, applies and hashes beyond the FLOOR's
