@@ -25,11 +25,10 @@ import xxhash
 
 def tensor_digest(tensor: torch.Tensor) -> bytes:
     """XXH3-128 of a tensor's values as float32 bytes (C order)."""
-    cpu_float32 = tensor.dtype == torch.float32 and tensor.device.type == "cpu"
-    values = tensor if cpu_float32 else tensor.detach().to("cpu", torch.float32)
-    # the coordinator's tensors are contiguous float32 already: no copy, one view
-    values = values.detach().contiguous()
-    return xxhash.xxh3_128_digest(values.reshape(-1).view(torch.uint8).numpy().data)
+    values = tensor.detach()
+    if values.dtype != torch.float32 or values.device.type != "cpu":  # e.g. a worker's GPU
+        values = values.to("cpu", torch.float32)
+    return xxhash.xxh3_128_digest(values.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
