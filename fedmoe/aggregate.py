@@ -265,6 +265,26 @@ def token_factor(num_tokens: int, mean_tokens: float) -> float:
     return num_tokens / mean_tokens
 
 
+def round_weights(
+    applied: Sequence[float], tokens: Sequence[int], gains: Sequence[float]
+) -> list[float]:
+    """The weights a round's updates end with: the total they were applied with, shared
+    in proportion to n_i·g_i (each one's token count times its s(τ)·clip).
+
+    K equally fast workers applied at 1/K each end with n_i/N, the weights of a FedAvg
+    round; with a token count unknown (≤ 0) the shares follow the gains alone.
+    """
+    if not len(applied) == len(tokens) == len(gains):
+        raise ValueError("a round needs as many token counts and gains as applied weights")
+    counted = all(n > 0 for n in tokens)
+    shares = [n * g for n, g in zip(tokens, gains, strict=True)] if counted else list(gains)
+    mass = sum(shares)
+    if not mass > 0:
+        return list(applied)
+    total = sum(applied)
+    return [total * share / mass for share in shares]
+
+
 def accumulate(
     buffer: Mapping[str, torch.Tensor] | None, delta: Mapping[str, torch.Tensor], coeff: float
 ) -> AdapterState:

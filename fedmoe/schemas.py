@@ -169,6 +169,10 @@ class StrategyStatus(BaseModel):
     robust_aggregation: str = Field("none", description="'none', 'median' or 'trimmed_mean'.")
     outlier_test: bool = False
     screen_updates: bool = False  # 'async' with the update screen (ledger verdicts)
+    fedavg_rounds: bool = False  # 'async': a complete round ends with FedAvg's token weights
+    round_fill: int = Field(
+        0, description="Updates of the open round (--fedavg-rounds) until its last one."
+    )
     last_verdicts: list[list[str]] = Field(
         default_factory=list,
         description="[update id, 'rejected' or 'down-weighted', reason] of the last buffer "

@@ -65,9 +65,14 @@ class ScreenedAsyncStrategy(AsyncStrategy):
     """``AsyncStrategy`` that first screens each update (see the module docstring)."""
 
     def __init__(
-        self, *, optimizer: ServerOptimizer, screen: ScreenOptions, server_lr: ServerLr = 1.0
+        self,
+        *,
+        optimizer: ServerOptimizer,
+        screen: ScreenOptions,
+        server_lr: ServerLr = 1.0,
+        rounds: bool = False,
     ) -> None:
-        super().__init__(optimizer=optimizer, server_lr=server_lr)
+        super().__init__(optimizer=optimizer, server_lr=server_lr, rounds=rounds)
         self.screen = screen
         self.keep = screen.keep  # --server-lr agree reads the screen's direction average
 

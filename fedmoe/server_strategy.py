@@ -8,141 +8,40 @@ state. Nothing here touches files or the ledger; the coordinator makes the state
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import torch
-
-from fedmoe import aggregate, robust_aggregate
+from fedmoe import aggregate, fedavg_round, robust_aggregate
 from fedmoe.aggregate import AdapterState
 from fedmoe.fields import SERVER_OPTIMIZERS, ServerLr, ServerOptimizerKind
+from fedmoe.strategy_state import (
+    FOREVER,
+    Contribution,
+    Outcome,
+    RoundClose,
+    RoundMember,
+    Seen,
+    StrategyState,
+)
 
-BUFFER, FIRST, SECOND, DIRECTION = "buffer.", "m.", "v.", "direction."
-MEMBER = "member.{:04d}."  # one buffered update, kept apart for robust aggregation
+__all__ = [
+    "FOREVER",
+    "AsyncStrategy",
+    "Contribution",
+    "FedBuffStrategy",
+    "Outcome",
+    "RoundClose",
+    "RoundMember",
+    "Seen",
+    "ServerOptimizer",
+    "Strategy",
+    "StrategyState",
+    "fold_direction",
+]
+
 ADAM_BETA2 = 0.99  # FedAdam's second-moment decay
 #: --server-lr agree without the update screen: the direction average remembers about
 #: this many updates (the screen's default --screen-history; with the screen, its own)
 AGREEMENT_HISTORY = 16
-FOREVER = 1 << 30  # a count of updates after which keep**count is 0.0
-Seen = tuple[str, float, bool]  # the update screen's (worker id, ‖Δ‖, accepted)
-
-
-@dataclass(frozen=True)
-class StrategyState:
-    """What a strategy keeps for one expert: a FedBuff buffer and server optimizer moments."""
-
-    buffer: AdapterState | None = None  # Σ c_i·Δ_i of the buffered updates
-    mass: float = 0.0  # Σ of their token factors: the buffer's mean is buffer / mass
-    update_ids: tuple[str, ...] = ()
-    opened_at: float | None = None  # wall time of the buffer's first update
-    first: AdapterState | None = None  # momentum velocity, or Adam's m
-    second: AdapterState | None = None  # Adam's v
-    steps: int = 0
-    # robust aggregation: each buffered s(τ)·clip·Δ apart, with its token factor
-    members: tuple[AdapterState, ...] = ()
-    member_weights: tuple[float, ...] = ()
-    # what robust aggregation decided at the last application: (update id, verdict, reason)
-    verdicts: tuple[tuple[str, str, str], ...] = ()
-    # the update screen (``fedmoe.screen_strategy``): (worker id, ‖Δ‖, accepted) of each
-    # recent worker's latest update, and the average direction of the accepted updates
-    recent: tuple[Seen, ...] = ()
-    direction: AdapterState | None = None
-    folded: int = 0  # updates averaged into ``direction`` (--server-lr agree weighs them)
-
-    @property
-    def empty(self) -> bool:
-        """Whether there is nothing to keep (today's rule keeps nothing)."""
-        screened = bool(self.recent) or self.direction is not None
-        return self.buffer is None and self.first is None and self.steps == 0 and not screened
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """All tensors under prefixed PEFT names, for one safetensors file."""
-        out: dict[str, torch.Tensor] = {}
-        parts = (BUFFER, self.buffer), (FIRST, self.first), (SECOND, self.second)
-        for prefix, state in (*parts, (DIRECTION, self.direction)):
-            out.update({prefix + key: value.contiguous() for key, value in (state or {}).items()})
-        for index, member in enumerate(self.members):
-            prefix = MEMBER.format(index)
-            out.update({prefix + key: value.contiguous() for key, value in member.items()})
-        return out
-
-    def scalars(self) -> dict[str, str]:
-        """The scalars as safetensors metadata (JSON floats round-trip exactly)."""
-        values = {"mass": self.mass, "update_ids": list(self.update_ids)}
-        values |= {"opened_at": self.opened_at, "steps": self.steps}
-        if self.members or self.verdicts:
-            values |= {"member_weights": list(self.member_weights)}
-            values |= {"verdicts": [list(v) for v in self.verdicts]}
-        if self.recent:
-            values |= {"recent": [list(r) for r in self.recent]}
-        if self.folded:
-            values |= {"folded": self.folded}
-        return {"fedmoe_strategy_state": json.dumps(values)}
-
-    @classmethod
-    def from_parts(
-        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-    ) -> StrategyState:
-        """The inverse of ``tensors`` and ``scalars``."""
-        values = json.loads(metadata["fedmoe_strategy_state"])
-        parts = {
-            prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            for prefix in (BUFFER, FIRST, SECOND, DIRECTION)
-        }
-        weights = tuple(float(w) for w in values.get("member_weights", ()))
-        members = tuple(
-            {
-                k[len(MEMBER.format(i)) :]: v
-                for k, v in tensors.items()
-                if k.startswith(MEMBER.format(i))
-            }
-            for i in range(len(weights))
-        )
-        return cls(
-            members=members,
-            member_weights=weights,
-            verdicts=tuple((str(a), str(b), str(c)) for a, b, c in values.get("verdicts", ())),
-            buffer=parts[BUFFER] or None,
-            mass=float(values["mass"]),
-            update_ids=tuple(values["update_ids"]),
-            opened_at=values["opened_at"],
-            first=parts[FIRST] or None,
-            second=parts[SECOND] or None,
-            steps=int(values["steps"]),
-            recent=tuple((str(w), float(n), bool(a)) for w, n, a in values.get("recent", ())),
-            direction=parts[DIRECTION] or None,
-            # a direction kept before the count was: taken as long since warmed up
-            folded=int(values.get("folded", FOREVER if parts[DIRECTION] else 0)),
-        )
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """One update as a strategy sees it: the delta and what weighs it."""
-
-    update_id: str
-    delta: AdapterState
-    decay: float  # s(τ)
-    clip: float  # ‖Δ‖ bound / ‖Δ‖, or 1
-    token_factor: float  # n / n̄, or 1 without token weighting
-    active_workers: int  # for --server-lr auto, mean and agree
-    now: float
-    worker_id: str = ""  # who sent it (the update screen counts distinct workers)
-    norm: float | None = None  # ‖Δ‖ as the ledger records it (None: not computed yet)
-    typical_decay: float = 1.0  # s(K − 1) for K active workers (--server-lr mean)
-    # the other active workers' updates of this round still to come (not in the log: it
-    # only tells the sender which version to pull, ``UpdateAck.settle_version``)
-    round_left: int = 0
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of an update: new parameters (None: buffered) and the new state."""
-
-    params: AdapterState | None
-    state: StrategyState
-    weight: float  # the update's effective weight in the step (or in the buffer)
-    fill: int = 0  # updates left in the buffer
 
 
 class ServerOptimizer:
@@ -207,15 +106,19 @@ class AsyncStrategy:
 
     name = "async"
 
-    def __init__(self, *, optimizer: ServerOptimizer, server_lr: ServerLr = 1.0) -> None:
-        self.optimizer, self.server_lr = optimizer, server_lr
+    def __init__(
+        self, *, optimizer: ServerOptimizer, server_lr: ServerLr = 1.0, rounds: bool = False
+    ) -> None:
+        if rounds and optimizer.stateful:
+            raise ValueError("FedAvg rounds need the plain rule: no server optimizer state")
+        self.optimizer, self.server_lr, self.rounds = optimizer, server_lr, rounds
         self.buffer_size: int | None = None
         self.keep = 1.0 - 1.0 / AGREEMENT_HISTORY  # the direction average's decay
 
     @property
     def stateful(self) -> bool:
-        """Whether it keeps state between updates (a stateful optimizer, or 'agree')."""
-        return self.optimizer.stateful or self.server_lr == "agree"
+        """Whether it keeps state between updates (a stateful optimizer, 'agree', rounds)."""
+        return self.optimizer.stateful or self.server_lr == "agree" or self.rounds
 
     def lr(self, update: Contribution, state: StrategyState) -> float:
         """η for this update: 'agree' from the agreement of the recent directions."""
@@ -234,6 +137,8 @@ class AsyncStrategy:
         if not self.optimizer.stateful and self.optimizer.kind == "sgd":
             # today's rule, bit for bit: θ + w·Δ with w = η·s(τ)·clip (· token factor)
             weight = lr * update.decay * update.clip * update.token_factor
+            if self.rounds:
+                return fedavg_round.receive(params, update, state, weight)
             return Outcome(aggregate.apply_update(params, update.delta, weight), state, weight)
         coeff = update.decay * update.clip * update.token_factor
         new, new_state = self.optimizer.step(

@@ -14,6 +14,7 @@ from fedmoe.adapters import encode_adapter
 from fedmoe.client import CoordinatorClient
 from fedmoe.deltas import rebuild
 from fedmoe.state_digest import state_digest
+from fedmoe.strategy_state import RoundClose
 from fedmoe.worker.progress import WorkerStats
 from fedmoe.worker.sync import Syncer
 from fedmoe.worker.sync_seams import SyncIdentity, SystemClock
@@ -50,9 +51,11 @@ def test_steps_since_a_version_rebuild_the_expert_bit_for_bit(live_coordinator) 
         first = upload(http, PY, mine, update_headers("w1", 0, "mine")).json()
         # two registered workers: K = 2, η = 1/2; the round ends at version 2
         assert (first["weight"], first["active_workers"], first["settle_version"]) == (0.5, 2, 2)
-        # staleness 1 is within the round (τ − (K−1) = 0): no decay
-        theirs = upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "theirs")).json()
-        assert theirs["weight"] == 0.5
+        # staleness 1 is within the round (τ − (K−1) = 0): no decay; it completes the
+        # round, which ends with FedAvg's token weights: 10 and 30 tokens, 1/4 and 3/4
+        more = {"X-FedMoE-Num-Tokens": "30"}
+        theirs = upload(http, PY, _bf16(shapes, 2), update_headers("w2", 0, "theirs", **more))
+        assert theirs.json()["weight"] == 0.75
         changes = client.expert_changes(PY, schema, since=0, exclude="mine")
         assert (changes.version, changes.delta_from) == (2, 0) and changes.steps is not None
         assert [(s.update_id, s.delta is None) for s in changes.steps] == [
@@ -61,7 +64,9 @@ def test_steps_since_a_version_rebuild_the_expert_bit_for_bit(live_coordinator) 
         ]
         assert changes.size < len(mine) * 1.2  # one bfloat16 body, not the float32 expert
         own = {"mine": client_delta(mine, schema)}
-        rebuilt = rebuild(base, changes.steps, own)
+        # "theirs" completed the round: the expert is v0 + the round's mean, made anew
+        assert changes.steps[1].close == RoundClose(base=0, earlier=(("mine", 0.25),))
+        rebuilt = rebuild(base, changes.steps, own, since=0)
         full = expert_state(http, PY)
         assert all(torch.equal(rebuilt[k], full[k]) for k in full)
         assert state_digest(rebuilt) == changes.digest

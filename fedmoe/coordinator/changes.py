@@ -4,7 +4,8 @@ The steps come from the write-ahead log (``Journal.recent``: the newest applied 
 with where their bodies lie). The answer is the full expert instead when V is older than
 what the index still covers, when the strategy is not the plain rule θ + w·Δ (a server
 optimizer or a FedBuff buffer does not step by the uploads' deltas), or when the steps
-would be as big as the float32 expert.
+would be as big as the float32 expert, or when a step closed a FedAvg round that began
+before V.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ def steps_since(
     entries = [e for e in list(journal.recent[name]) if since < e.version <= expert.version]
     if [e.version for e in entries] != list(range(since + 1, expert.version + 1)):
         return None  # older than the index, or a flush in between
+    if any(e.close is not None and e.close.base < since for e in entries):
+        return None  # a FedAvg round that started before ``since``: we lack its start
     sent = [e for e in entries if e.update_id != exclude]
     if sum(e.body_len for e in sent) >= len(expert.payload):
         return None  # the steps would be bigger than the expert itself
     try:
         steps = [
-            (e.update_id, e.weight, e.version, _body(journal, name, e, exclude)) for e in entries
+            (e.update_id, e.weight, e.version, _body(journal, name, e, exclude), e.close)
+            for e in entries
         ]
     except OSError as error:  # a segment dropped meanwhile (delta_retention=drop)
         logger.info("steps of %s since v%d unavailable (%s): full answer", name, since, error)

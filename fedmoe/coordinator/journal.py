@@ -44,7 +44,7 @@ from fedmoe.coordinator.store import AdapterStore
 from fedmoe.coordinator.strategy_store import StrategyStore, describe, restore_states
 from fedmoe.coordinator.versions import Versioned
 from fedmoe.coordinator.wal import PREWRITE_MIN, Appended, ExpertLog, LogRecord, Prewritten
-from fedmoe.server_strategy import Contribution, Strategy, StrategyState
+from fedmoe.server_strategy import Contribution, RoundClose, Strategy, StrategyState
 from fedmoe.state_digest import state_digest
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class LogEntry:
     segment: str
     body_offset: int
     body_len: int
+    close: RoundClose | None = None  # how it closed a FedAvg round
 
 
 class Journal:
@@ -118,9 +119,11 @@ class Journal:
         applied: bool,
         body: Buffer,
         prewritten: Prewritten | None = None,
+        close: RoundClose | None = None,
     ) -> Appended:
         """Log an accepted update (its ledger row, what replay needs, the body); fsynced.
-        ``prewritten``: the body was written ahead (``prewrite``), only the header is left."""
+        ``prewritten``: the body was written ahead (``prewrite``), only the header is left;
+        ``close``: how it closed a FedAvg round (replay recomputes it)."""
         name = record.expert
         header: dict[str, Any] = {
             "lsn": self.lsns[name] + 1,
@@ -144,6 +147,7 @@ class Journal:
                 appended.segment,
                 appended.body_offset,
                 appended.body_len,
+                close,
             )
             self.recent[name].append(entry)
         return appended

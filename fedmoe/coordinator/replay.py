@@ -35,8 +35,20 @@ from fedmoe.server_strategy import (
     StrategyState,
 )
 
-# (a record written before typical_decay was logged gets its default, 1.0)
-CONTRIBUTION_FIELDS = ("decay", "clip", "token_factor", "active_workers", "now", "typical_decay")
+# (a record written before a field was logged gets its default: typical_decay 1.0, and
+# round_left 0, which no round waits on, so such a record replays as it was applied)
+CONTRIBUTION_FIELDS = (
+    "decay",
+    "clip",
+    "token_factor",
+    "active_workers",
+    "now",
+    "typical_decay",
+    "round_left",
+    "base_version",
+    "staleness",
+    "num_tokens",
+)
 
 
 def replay_description(strategy: Strategy) -> dict[str, Any]:
@@ -55,6 +67,8 @@ def replay_description(strategy: Strategy) -> dict[str, Any]:
         description["robust"] = asdict(strategy.robust)
     if isinstance(strategy, ScreenedAsyncStrategy):
         description["screen"] = asdict(strategy.screen)
+    if isinstance(strategy, AsyncStrategy) and strategy.rounds:
+        description["rounds"] = True
     return description
 
 
@@ -78,13 +92,15 @@ def strategy_from(description: dict[str, Any]) -> Strategy:
             buffer_size=description["buffer_size"],
             timeout=description["timeout"],
         )
+    rounds = bool(description.get("rounds", False))  # absent: written before rounds were
     if description.get("screen") is not None:
         return ScreenedAsyncStrategy(
             optimizer=optimizer,
             screen=ScreenOptions(**description["screen"]),
             server_lr=description["server_lr"],
+            rounds=rounds,
         )
-    return AsyncStrategy(optimizer=optimizer, server_lr=description["server_lr"])
+    return AsyncStrategy(optimizer=optimizer, server_lr=description["server_lr"], rounds=rounds)
 
 
 def contribution_fields(contribution: Contribution) -> dict[str, Any]:

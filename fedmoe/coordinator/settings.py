@@ -152,6 +152,14 @@ class CoordinatorSettings(BaseSettings):
         description="Workers other than the sender the history must hold before the screen "
         "judges (until then: accepted).",
     )
+    fedavg_rounds: bool = Field(
+        True,
+        description="'async' without a server optimizer: when the last of the update's "
+        "round arrives (every active worker's update made from one version), share the "
+        "weight the round's updates were applied with among them in proportion to their "
+        "token counts (X-FedMoE-Num-Tokens) times s(τ)·clip, as a FedAvg round weights its "
+        "workers; the earlier updates' corrections ride on the closing version.",
+    )
     token_weighting: bool = Field(
         False,
         description="Weight each update by its token count (X-FedMoE-Num-Tokens) relative "
@@ -343,6 +351,13 @@ class CoordinatorSettings(BaseSettings):
             raise ValueError(f"server_lr {self.server_lr!r} is for strategy 'async' only")
         if self.server_optimizer == "nesterov" and self.server_momentum == 0:
             raise ValueError("server_optimizer 'nesterov' needs server_momentum > 0")
+        explicit = "fedavg_rounds" in self.model_fields_set
+        if explicit and self.fedavg_rounds and not self.rounds_apply:
+            raise ValueError(
+                "fedavg_rounds needs strategy 'async' and server_optimizer 'sgd' without "
+                "momentum (it shares out applied weights; a buffer or optimizer state does "
+                "not step by them): set fedavg_rounds false"
+            )
         fedbuff_only = {"buffer_size", "buffer_timeout"} & self.model_fields_set
         if fedbuff_only and self.strategy != "fedbuff":
             raise ValueError(f"{sorted(fedbuff_only)} have no effect without strategy 'fedbuff'")
@@ -373,6 +388,13 @@ class CoordinatorSettings(BaseSettings):
         if "server_lr" in self.model_fields_set:
             return self.server_lr
         return DEFAULT_SERVER_LR[self.server_optimizer]
+
+    @property
+    def rounds_apply(self) -> bool:
+        """Whether --fedavg-rounds takes effect: 'async' with the plain rule (no server
+        optimizer state), where every update moves the expert by weight·Δ."""
+        plain = self.server_optimizer == "sgd" and self.effective_server_momentum == 0
+        return self.fedavg_rounds and self.strategy == "async" and plain
 
     @property
     def effective_server_momentum(self) -> float:

@@ -26,7 +26,7 @@ from fedmoe.coordinator.settings import CoordinatorSettings
 from fedmoe.robust_strategy import RobustOptions
 from fedmoe.schemas import StrategyStatus
 from fedmoe.screen_strategy import ScreenedAsyncStrategy, ScreenOptions
-from fedmoe.server_strategy import Contribution, Strategy, StrategyState
+from fedmoe.server_strategy import AsyncStrategy, Contribution, Strategy, StrategyState
 
 
 def build_strategy(settings: CoordinatorSettings) -> Strategy:
@@ -41,6 +41,8 @@ def build_strategy(settings: CoordinatorSettings) -> Strategy:
         "buffer_size": settings.buffer_size,
         "timeout": settings.buffer_timeout,
     }
+    if settings.rounds_apply:
+        description["rounds"] = True
     robust = RobustOptions(
         aggregation=settings.robust_aggregation,
         trim_fraction=settings.trim_fraction,
@@ -101,6 +103,7 @@ class StrategyBook:
         grace = self.settings.staleness_grace
         needs_activity = self.strategy.server_lr in ("auto", "mean", "agree")
         needs_activity = needs_activity or self.settings.token_weighting or grace
+        needs_activity = needs_activity or self.strategy.stateful  # rounds: who is yet to send
         activity = (
             self.ledger.recent_activity(
                 expert, now - self.settings.activity_window, seen_from=base_version
@@ -128,6 +131,9 @@ class StrategyBook:
             active_workers=active,
             now=now,
             round_left=activity.yet_to_send(base_version, besides=worker_id),
+            base_version=base_version,
+            staleness=staleness,
+            num_tokens=num_tokens,
         )
 
     def flush_lr(self, expert: str, contributions: int) -> float:
@@ -168,5 +174,7 @@ class StrategyBook:
             robust_aggregation=self.settings.robust_aggregation,
             outlier_test=self.settings.outlier_test,
             screen_updates=isinstance(strategy, ScreenedAsyncStrategy),
+            fedavg_rounds=isinstance(strategy, AsyncStrategy) and strategy.rounds,
+            round_fill=len(state.round_members),
             last_verdicts=[list(v) for v in state.verdicts],
         )

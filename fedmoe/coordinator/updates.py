@@ -39,7 +39,13 @@ from fedmoe.coordinator.versions import (
 from fedmoe.coordinator.wal import Prewritten
 from fedmoe.coordinator.workers import WorkerRegistry
 from fedmoe.schemas import UpdateAck
-from fedmoe.server_strategy import AsyncStrategy, Contribution, FedBuffStrategy, Outcome
+from fedmoe.server_strategy import (
+    AsyncStrategy,
+    Contribution,
+    FedBuffStrategy,
+    Outcome,
+    RoundClose,
+)
 from fedmoe.strategy import GatewayMerge, StalenessDecay
 
 logger = logging.getLogger(__name__)
@@ -202,7 +208,7 @@ class UpdatePath:
         new_state = outcome.params
         # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
         plain = isinstance(strategy, AsyncStrategy) and not strategy.optimizer.stateful
-        step = record.weight * norm if plain else math.inf
+        step = record.weight * norm if plain and outcome.close is None else math.inf
         bound = guards.new_abs_bound(
             expert.abs_bound, step, new_state, update_id=request.update_id, expert=request.expert
         )
@@ -212,7 +218,7 @@ class UpdatePath:
         new_expert = Versioned(version, new_state, bound, name=request.expert)
         record.accepted, record.expert_version = True, version
         record.settle_version = version + contribution.round_left
-        self._commit(record, new_expert, contribution, request.body, prewritten)
+        self._commit(record, new_expert, contribution, request.body, prewritten, outcome.close)
         self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
         assert record.response is not None
         return record.response
@@ -299,8 +305,10 @@ class UpdatePath:
         contribution: Contribution,
         body: Buffer,
         prewritten: Prewritten | None,
+        close: RoundClose | None = None,
     ) -> None:
-        """Log (one fsync) and commit an applied update; publish the expert and a gateway."""
+        """Log (one fsync) and commit an applied update; publish the expert and a gateway.
+        ``close``: how it closed a FedAvg round (for incremental pulls)."""
         with self._commit_lock:
             if self.ledger.accepted_update(record.update_id) is not None:
                 # the same id raced in for another expert and committed first
@@ -317,7 +325,7 @@ class UpdatePath:
                 self._hasher.submit(lambda: new_expert.digest) if record.staleness == 0 else None
             )
             appended = self.journal.append_update(
-                record, contribution, applied=True, body=body, prewritten=prewritten
+                record, contribution, applied=True, body=body, prewritten=prewritten, close=close
             )
             phases.mark("log")
             try:

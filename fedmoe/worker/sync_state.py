@@ -235,7 +235,7 @@ class SyncState:
             self._adopt(changes.version, changes.state, since=pending.snapshot)
             return True
         own = {pending.update_id: decode_adapter(pending.body, shapes)}
-        newest = rebuild(self.pulled, changes.steps, own)
+        newest = rebuild(self.pulled, changes.steps, own, self.base_version)
         if not self._digest_matches(newest, changes.digest, changes.version):
             return False
         self.stats.incremental_pulls += 1
