@@ -44,7 +44,8 @@ TITLE = "Server strategies: 1-8 workers per expert, IID and non-IID (issue 12)"
 SYNC = "sync FedAvg"
 BEFORE = "async, η 1 (before)"
 AT_ONCE = "async, η auto, unsettled (pull at once, every τ decays)"
-DEFAULT = "async, η auto, settled pull (default)"
+DEFAULT = "async, η auto, settled pull, FedAvg rounds (default)"
+NO_ROUNDS = "async, η auto, settled pull, no rounds"
 MEAN = "async, η mean"
 AGREE = "async, η agree, settled pull"
 NO_TIMEOUT = 1e9  # the buffer timeout is wall time; virtual-time runs must not hit it
@@ -57,6 +58,7 @@ STRATEGIES: dict[str, dict[str, Any] | None] = {
     BEFORE: {"server_lr": 1.0} | AT_ONCE_SETTINGS,
     AT_ONCE: {"server_lr": "auto"} | AT_ONCE_SETTINGS,
     DEFAULT: {"server_lr": "auto"},
+    NO_ROUNDS: {"server_lr": "auto", "fedavg_rounds": False},
     AGREE: {"server_lr": "agree"},
 }
 FULL_ONLY: dict[str, dict[str, Any] | None] = {
@@ -86,7 +88,7 @@ STALENESS: dict[str, dict[str, Any]] = {
 HEADLINE = (SYNC, AT_ONCE, DEFAULT)  # the rows run with every seed
 STALENESS_LAYOUT = (4, "non-iid")
 # the longer budget: is a rule that wins the short run still sound nearer convergence?
-LONGER_LAYOUT, LONGER_ARMS = (2, "iid"), (SYNC, AT_ONCE, DEFAULT, AGREE)
+LONGER_LAYOUT, LONGER_ARMS = (2, "iid"), (SYNC, AT_ONCE, DEFAULT, NO_ROUNDS, AGREE)
 PRESETS = {
     # quick: the headline rows get their seeds in every layout with several workers
     "quick": {

@@ -134,6 +134,8 @@ class AsyncStrategy:
     def step(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
         """θ + η·s(τ)·clip·Δ (through the server optimizer, if one keeps moments)."""
         lr = self.lr(update, state)
+        if not self.rounds:  # a round left open by a run with rounds: not waited for
+            state = fedavg_round.ended(state)
         if not self.optimizer.stateful and self.optimizer.kind == "sgd":
             # today's rule, bit for bit: θ + w·Δ with w = η·s(τ)·clip (· token factor)
             weight = lr * update.decay * update.clip * update.token_factor

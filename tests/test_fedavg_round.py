@@ -97,6 +97,10 @@ def test_without_rounds_or_for_a_lone_worker_nothing_is_kept() -> None:
     assert outcome.state == StrategyState() and outcome.weight == 1.0
     with pytest.raises(ValueError, match="plain rule"):
         AsyncStrategy(optimizer=ServerOptimizer(kind="adam"), rounds=True)
+    # a round left open by a run with rounds is not waited for by one without them
+    opened = _rounds().receive(THETA, update, StrategyState()).state
+    assert opened.round_base == 0
+    assert plain.receive(THETA, update, opened).state == StrategyState()
 
 
 def test_an_open_round_survives_its_safetensors_form_exactly() -> None:

@@ -154,11 +154,11 @@ class CoordinatorSettings(BaseSettings):
     )
     fedavg_rounds: bool = Field(
         True,
-        description="'async' without a server optimizer: when the last of the update's "
-        "round arrives (every active worker's update made from one version), share the "
-        "weight the round's updates were applied with among them in proportion to their "
-        "token counts (X-FedMoE-Num-Tokens) times s(τ)·clip, as a FedAvg round weights its "
-        "workers; the earlier updates' corrections ride on the closing version.",
+        description="'async' without a server optimizer: the update that completes a round "
+        "(every active worker's update made from one version, nothing else applied since) "
+        "makes the expert anew from that version, the round's deltas weighted by token "
+        "count (X-FedMoE-Num-Tokens) x s(τ)·clip and sharing the total weight they were "
+        "applied with: equally fast workers end each round as a synchronous FedAvg round.",
     )
     token_weighting: bool = Field(
         False,
