@@ -46,7 +46,7 @@ SYNC_INTERVAL = DEMO_SYNC_INTERVAL * TIME_SCALE
 NOMINAL_STEP = 0.05  # virtual seconds per step (≈ the tiny preset's step here), for determinism
 TIE = 0.02  # nats: merge methods closer than this are called a tie
 # the rule before issue 12: every update at weight s(τ) (η 1), pulled right after the upload
-BEFORE = {"server_lr": 1.0, "staleness_grace": False, "pull_wait": 0.0}
+BEFORE = {"server_lr": 1.0, "staleness_grace": False, "pull_wait": 0.0, "fedavg_rounds": False}
 
 
 def loss_row(name: str, losses: dict[str, float]) -> dict[str, object]:

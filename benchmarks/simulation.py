@@ -220,6 +220,8 @@ class Coordinator:
 
 # --- the virtual-clock simulator -------------------------------------------------------------
 
+CLOCK_SLACK = 1e-9  # virtual seconds: far below any step cost, far above float rounding
+
 Observer = Callable[[float, list[AdapterState]], None]  # (virtual time, experts from then on)
 # (worker, step, measured seconds) -> the step's virtual seconds before the worker's slowdown
 StepCost = Callable[[SimWorker, StepResult, float], float]
@@ -291,7 +293,8 @@ def run_async(
         result, seconds = bench.step(worker)
         worker.clock += cost(worker, result, seconds) * worker.slowdown
         worker.done = finished(worker)
-        if worker.done or worker.clock >= worker.next_sync:
+        # summed step costs (0.05 s fifty times) round: due within that rounding
+        if worker.done or worker.clock >= worker.next_sync - CLOCK_SLACK:
             worker.blocked = True
             pending.append((worker.clock, sequence, worker))
             sequence += 1

@@ -55,7 +55,7 @@ AT_ONCE_SETTINGS = {"staleness_grace": False, "pull_wait": 0.0}
 #: rounds, not the coordinator); pull_wait not given: the worker's default
 STRATEGIES: dict[str, dict[str, Any] | None] = {
     SYNC: None,
-    BEFORE: {"server_lr": 1.0} | AT_ONCE_SETTINGS,
+    BEFORE: {"server_lr": 1.0, "fedavg_rounds": False} | AT_ONCE_SETTINGS,
     AT_ONCE: {"server_lr": "auto"} | AT_ONCE_SETTINGS,
     DEFAULT: {"server_lr": "auto"},
     NO_ROUNDS: {"server_lr": "auto", "fedavg_rounds": False},
