@@ -79,15 +79,18 @@ def status(
     interval: Annotated[float, typer.Option(help="Seconds between --watch refreshes.")] = 3.0,
 ) -> None:
     """Show experts, gateway and workers."""
-    import time
 
     if watch:
+        from fedmoe.watch import pause_until_interrupted
         from fedmoe.watch import watch as watch_status
 
         if interval <= 0:
             fail(f"--interval must be > 0 seconds, got {interval}")
-        with client_for(coordinator_url, auth_token, ca_cert) as client:
-            watch_status(console, client, interval=interval, sleep=time.sleep)
+        with (
+            client_for(coordinator_url, auth_token, ca_cert) as client,
+            pause_until_interrupted() as pause,
+        ):
+            watch_status(console, client, interval=interval, sleep=pause)
         return
 
     failure = f"cannot read status from {coordinator_url}"

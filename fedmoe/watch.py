@@ -9,8 +9,11 @@ seconds until Ctrl-C.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,3 +204,27 @@ def watch(
                 sleep(interval)
         except KeyboardInterrupt:
             pass
+
+
+@contextmanager
+def pause_until_interrupted() -> Iterator[Callable[[float], None]]:
+    """A ``sleep`` for ``watch`` that Ctrl-C ends at the next pause (KeyboardInterrupt
+    there) instead of wherever the program is: an interrupt inside an HTTP request can
+    leave the client's connection pool locked, and closing it then hangs. A second Ctrl-C
+    interrupts at once. Main thread only (it sets the SIGINT handler, restored after)."""
+    stop = threading.Event()
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # asked twice: do not wait for the request in flight
+        stop.set()
+
+    def pause(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield pause
+    finally:
+        signal.signal(signal.SIGINT, previous)

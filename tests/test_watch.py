@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 from rich.console import Console
 
 from fedmoe.client import CoordinatorClient
-from fedmoe.watch import read_snapshot, render, watch
+from fedmoe.watch import pause_until_interrupted, read_snapshot, render, watch
 from tests.api_helpers import (
     PY,
     PY_WORKER,
@@ -103,3 +104,20 @@ def test_status_watch_command_exits_cleanly_on_ctrl_c(live_coordinator) -> None:
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert PY in output and "2.500" in output and PY_WORKER in output, output
+
+
+def test_ctrl_c_ends_the_watch_at_its_next_pause_and_twice_at_once() -> None:
+    """The first SIGINT only stops the loop at its pause (never inside a request), a
+    second one interrupts at once, and the previous handler is back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    with pause_until_interrupted() as pause:
+        pause(0.01)  # no interrupt: a plain pause
+        os.kill(os.getpid(), signal.SIGINT)  # delivered here, between two statements
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            pause(30.0)
+        assert time.monotonic() - started < 5.0
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second one: raised where it lands
+            time.sleep(5.0)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -58,15 +58,17 @@ def _comparisons(v: dict[str, Any]) -> str:
     a, y = figures[main]["experts"], figures[sync]["experts"]
     ga, gs = figures[main]["gateway_cat"], figures[sync]["gateway_cat"]
     better = "sync FedAvg" if y < a else "FedMoE async"
+    gap = v["sync_async_gap"]
+    verdict = "the same losses" if a == y else f"{better} better by {gap:.3f} nats"
     parts.append(
         f"\n\n**Sync vs async at equal tokens** ({v['per_expert']} workers/expert): experts on "
-        f"their own domain async {fmt(a)} vs sync {fmt(y)} ({better} better by "
-        f"{v['sync_async_gap']:.3f} nats; one worker with all the data: "
-        f"{fmt(figures[one]['experts'])}); gateway (cat) async {fmt(ga)} vs sync {fmt(gs)}. At "
-        "equal tokens only the update rule differs. FedMoE's default (`--server-lr auto`, "
-        "`--staleness-grace`, settled pulls: README, *Update rule*) moves an expert by the "
-        "mean of its workers' deltas and starts each worker's next interval from the whole "
-        "round, as FedAvg does, without a barrier; the rule before issue 12 (η 1, pulling "
+        f"their own domain async {fmt(a)} vs sync {fmt(y)} ({verdict}; one worker with all "
+        f"the data: {fmt(figures[one]['experts'])}); gateway (cat) async {fmt(ga)} vs sync "
+        f"{fmt(gs)}. At equal tokens only the update rule differs. FedMoE's default "
+        "(`--server-lr auto`, `--staleness-grace`, settled pulls and FedAvg rounds: README, "
+        "*Update rule*) moves an expert by each update at once, starts each worker's next "
+        "interval from the whole round and ends the round with FedAvg's token weights, "
+        "without a barrier; the rule before issue 12 (η 1, pulling "
         "right after the upload) moved it by about their sum, and the worker that uploaded "
         "first went on without its peer's delta until its next sync. (Wall-time effects are "
         "`benchmarks.async_bench`'s subject; more layouts in the server strategies section.)"

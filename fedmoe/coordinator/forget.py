@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from fedmoe import aggregate
+from fedmoe import aggregate, fedavg_round
 from fedmoe.coordinator import body_digest, crashpoints, errors
 from fedmoe.coordinator.forget_book import ForgetBook
 from fedmoe.coordinator.purge import purge_archive
@@ -196,7 +196,8 @@ class Forgetter:
         """Log the rebuilt state as the next version (one fsync), commit, publish; the entry
         and its pending ``forgets`` row."""
         coordinator, journal = self.coordinator, self.coordinator.journal
-        params, state = head.expert.state, head.state
+        # the rebuild is a version of its own: a FedAvg round open in the replay cannot close
+        params, state = head.expert.state, fedavg_round.ended(head.state)
         old = coordinator.experts[name]
         lsn, version = journal.lsns[name] + 1, old.version + 1
         bound = aggregate.max_abs(params)
