@@ -2,7 +2,8 @@
 
 A log record holds everything the live apply used that is not the expert itself: the
 body as received, the contribution's scalars (staleness decay, clip, token factor,
-active workers, the clock), the learning rate of a timed flush, and the full
+active workers, the clock, and for FedAvg rounds its base version, staleness, tokens and
+the round's updates still to come), the learning rate of a timed flush, and the full
 description of the strategy that applied it. Replay rebuilds that strategy and calls
 ``receive`` / ``apply`` exactly as the live path did: the float32 result is bit for bit
 the one the coordinator acknowledged, whatever the settings are now.
