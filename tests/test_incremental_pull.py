@@ -247,5 +247,10 @@ def test_two_background_workers_both_start_the_next_round_from_the_whole_round(
             assert all(torch.allclose(holder.tensors[k], full[k], atol=1e-3) for k in full)
         assert [s.stats.settled_pulls for s in syncers] == [1, 0]
         assert syncers[0].stats.partial_rounds == 0
+        # w1 rebuilt the round's close (FedAvg rounds) from the steps, w2 its own last step
+        assert [(s.stats.incremental_pulls, s.stats.digest_mismatches) for s in syncers] == [
+            (1, 0),
+            (1, 0),
+        ]
         for syncer in syncers:
             syncer.close()
