@@ -191,3 +191,46 @@ def test_fedavg_rounds_set_where_they_cannot_apply_are_refused() -> None:
     for bad in ({"strategy": "fedbuff"}, {"server_optimizer": "nesterov"}):
         with pytest.raises(ValueError, match="fedavg_rounds needs"):
             CoordinatorSettings(fedavg_rounds=True, **bad)
+
+
+@pytest.mark.heavy(3)
+def test_an_open_round_restored_from_its_snapshot_closes_exactly(
+    live_coordinator_factory,
+) -> None:
+    """A snapshot taken while a round is open holds it (the expert at its start, its
+    delta): reopened from that snapshot alone, the round's last update closes it as
+    FedAvg would."""
+    import time
+
+    from fedmoe.adapters import decode_adapter, encode_adapter
+    from tests import api_helpers as api
+
+    expert = "sql_expert"
+    live = live_coordinator_factory(snapshot_every_updates=1)
+    with live.client() as http:
+        for worker in ("w1", "w2"):
+            api.register(http, worker, expert)
+        shapes = api.shapes_of(http)
+        theta = api.expert_state(http, expert)
+        bodies = [encode_adapter(api.random_delta(shapes, seed)) for seed in (5, 6)]
+        first = api.update_headers("w1", 0, "a") | {"X-FedMoE-Num-Tokens": "30"}
+        assert api.upload(http, expert, bodies[0], first).json()["settle_version"] == 2
+    journal = live.coordinator.journal
+    deadline = time.monotonic() + 60
+    while journal.snapshot_lsns[expert] < 1:  # the background snapshot of version 1
+        assert time.monotonic() < deadline, "no snapshot was written"
+        time.sleep(0.05)
+    live.stop()
+    reopened = live_coordinator_factory(live.state_dir, snapshot_every_updates=1)
+    # recovery starts from the snapshot of record 1, and no record follows it to replay
+    assert reopened.coordinator.journal.snapshot_lsns[expert] == 1
+    assert reopened.coordinator.journal.lsns[expert] == 1
+    assert reopened.coordinator.strategies.states[expert].round_members[0][:2] == ("a", 30)
+    with reopened.client() as http:
+        second = api.update_headers("w2", 0, "b") | {"X-FedMoE-Num-Tokens": "10"}
+        ack = api.upload(http, expert, bodies[1], second).json()
+        assert (ack["version"], ack["weight"]) == (2, 0.25)
+        after = api.expert_state(http, expert)
+    deltas = [decode_adapter(body, {k: tuple(s) for k, s in shapes.items()}) for body in bodies]
+    fedavg = aggregate.apply_update(theta, aggregate.weighted_average(deltas, [0.75, 0.25]), 1.0)
+    assert all(torch.equal(after[key], fedavg[key]) for key in fedavg)
