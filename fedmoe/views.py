@@ -9,7 +9,22 @@ from typing import Any
 from rich.console import Console
 from rich.table import Column, Table
 
-from fedmoe.schemas import StatusInfo
+from fedmoe.schemas import StatusInfo, StrategyStatus
+
+
+def strategy_summary(strategy: StrategyStatus | None) -> str:
+    """One cell: the rule, η, and what it holds now (a FedBuff buffer, an open round)."""
+    if strategy is None:
+        return ""
+    lr = strategy.server_lr
+    parts = [strategy.strategy, f"η {lr:g}" if isinstance(lr, float) else f"η {lr}"]
+    if strategy.optimizer != "sgd" or strategy.momentum:
+        parts.append(f"{strategy.optimizer} {strategy.momentum:g}")
+    if strategy.buffer_size is not None:
+        parts.append(f"buffer {strategy.buffer_fill}/{strategy.buffer_size}")
+    if strategy.round_fill:
+        parts.append(f"round: {strategy.round_fill} in")
+    return " ".join(parts)
 
 
 def print_status(console: Console, data: StatusInfo) -> None:
@@ -21,6 +36,7 @@ def print_status(console: Console, data: StatusInfo) -> None:
         "version",
         "applied",
         "rejected",
+        Column("strategy", overflow="fold"),
         Column("workers", overflow="fold"),
         title="experts",
     )
@@ -30,6 +46,7 @@ def print_status(console: Console, data: StatusInfo) -> None:
             str(e.version),
             str(e.updates_applied),
             str(e.updates_rejected),
+            strategy_summary(e.strategy),
             ", ".join(e.workers),
         )
     console.print(experts)

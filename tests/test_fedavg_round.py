@@ -234,3 +234,30 @@ def test_an_open_round_restored_from_its_snapshot_closes_exactly(
     deltas = [decode_adapter(body, {k: tuple(s) for k, s in shapes.items()}) for body in bodies]
     fedavg = aggregate.apply_update(theta, aggregate.weighted_average(deltas, [0.75, 0.25]), 1.0)
     assert all(torch.equal(after[key], fedavg[key]) for key in fedavg)
+
+
+def test_fedmoe_status_shows_the_strategy_and_an_open_round(live_coordinator) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from fedmoe.adapters import encode_adapter
+    from tests import api_helpers as api
+
+    with live_coordinator.client() as http:
+        for worker in ("w1", "w2"):
+            api.register(http, worker, "docs_expert")
+        body = encode_adapter(api.random_delta(api.shapes_of(http), 1))
+        api.upload(http, "docs_expert", body, api.update_headers("w1", 0, "a"))
+    command = [sys.executable, "-m", "fedmoe", "status", "--coordinator-url"]
+    shown = subprocess.run(
+        [*command, live_coordinator.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    ).stdout
+    (line,) = [row for row in shown.splitlines() if "docs_expert" in row and "round" in row]
+    assert "async η auto round: 1 in" in line, shown
+    assert shown.count("async η auto") == 3, shown  # every expert; the others hold nothing
