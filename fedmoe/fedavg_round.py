@@ -37,13 +37,12 @@ def receive(
     if _continues(update, state):
         if update.round_left == 0:
             return _close(update, state, member)
-        joined = _join(state, member, update.delta)
-        return Outcome(aggregate.apply_update(params, update.delta, weight), joined, weight)
-    state = ended(state)
-    if update.staleness == 0 and update.round_left > 0:
-        opened = replace(state, round_base=update.base_version, round_params=params)
-        joined = _join(opened, member, update.delta)
-        return Outcome(aggregate.apply_update(params, update.delta, weight), joined, weight)
+        state = _join(state, member, update.delta)
+    else:
+        state = ended(state)
+        if update.staleness == 0 and update.round_left > 0:  # it opens a round
+            opened = replace(state, round_base=update.base_version, round_params=params)
+            state = _join(opened, member, update.delta)
     return Outcome(aggregate.apply_update(params, update.delta, weight), state, weight)
 
 

@@ -5,13 +5,23 @@ open round's state through its safetensors form."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from fedmoe import aggregate
+from fedmoe.adapters import decode_adapter, encode_adapter
+from fedmoe.client import CoordinatorClient
+from fedmoe.coordinator.settings import CoordinatorSettings
+from fedmoe.deltas import decode_steps, encode_steps, rebuild
+from fedmoe.procs import start_coordinator, stop
 from fedmoe.server_strategy import AsyncStrategy, ServerOptimizer
 from fedmoe.strategy_state import Contribution, RoundClose, StrategyState
+from tests import api_helpers as api
 
 THETA = {"w": torch.tensor([1.0, 2.0, -3.0])}
 
@@ -120,10 +130,6 @@ def test_a_round_half_done_at_kill_nine_closes_exactly_after_restart(tmp_path) -
     """Over real HTTP: the first update of a round is acknowledged, the coordinator is
     killed, and after the restart the second one closes the round as FedAvg would, bit for
     bit (the incremental rebuild of a close: ``test_incremental_pull``)."""
-    from fedmoe.adapters import decode_adapter, encode_adapter
-    from fedmoe.client import CoordinatorClient
-    from fedmoe.procs import start_coordinator, stop
-    from tests import api_helpers as api
 
     state, log, expert = tmp_path / "state", tmp_path / "coordinator.log", "sql_expert"
     coordinator, url = start_coordinator(state, log)
@@ -161,8 +167,6 @@ def test_a_round_half_done_at_kill_nine_closes_exactly_after_restart(tmp_path) -
 
 
 def test_steps_that_close_a_round_are_checked_and_rebuilt() -> None:
-    from fedmoe.adapters import encode_adapter
-    from fedmoe.deltas import decode_steps, encode_steps, rebuild
 
     schema = {"w": (3,)}
     first, second = {"w": torch.tensor([0.5, 0.0, 1.0])}, {"w": torch.tensor([1.0, 2.0, 0.0])}
@@ -184,7 +188,6 @@ def test_steps_that_close_a_round_are_checked_and_rebuilt() -> None:
 
 
 def test_fedavg_rounds_set_where_they_cannot_apply_are_refused() -> None:
-    from fedmoe.coordinator.settings import CoordinatorSettings
 
     assert CoordinatorSettings().rounds_apply  # the default
     assert not CoordinatorSettings(strategy="fedbuff").rounds_apply
@@ -200,10 +203,6 @@ def test_an_open_round_restored_from_its_snapshot_closes_exactly(
     """A snapshot taken while a round is open holds it (the expert at its start, its
     delta): reopened from that snapshot alone, the round's last update closes it as
     FedAvg would."""
-    import time
-
-    from fedmoe.adapters import decode_adapter, encode_adapter
-    from tests import api_helpers as api
 
     expert = "sql_expert"
     live = live_coordinator_factory(snapshot_every_updates=1)
@@ -237,12 +236,6 @@ def test_an_open_round_restored_from_its_snapshot_closes_exactly(
 
 
 def test_fedmoe_status_shows_the_strategy_and_an_open_round(live_coordinator) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from fedmoe.adapters import encode_adapter
-    from tests import api_helpers as api
 
     with live_coordinator.client() as http:
         for worker in ("w1", "w2"):

@@ -103,7 +103,8 @@ class StrategyBook:
         grace = self.settings.staleness_grace
         needs_activity = self.strategy.server_lr in ("auto", "mean", "agree")
         needs_activity = needs_activity or self.settings.token_weighting or grace
-        needs_activity = needs_activity or self.strategy.stateful  # rounds: who is yet to send
+        rounds = isinstance(self.strategy, AsyncStrategy) and self.strategy.rounds
+        needs_activity = needs_activity or rounds  # a round closes when nobody is yet to send
         activity = (
             self.ledger.recent_activity(
                 expert, now - self.settings.activity_window, seen_from=base_version
