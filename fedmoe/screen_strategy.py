@@ -32,7 +32,7 @@ from fedmoe.server_strategy import (
     Seen,
     ServerOptimizer,
     StrategyState,
-    fold_direction,
+    folding,
 )
 
 
@@ -81,8 +81,9 @@ class ScreenedAsyncStrategy(AsyncStrategy):
         """It keeps the accepted history between updates."""
         return True
 
-    def receive(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
-        """Reject an outlier (weight 0), else apply the update as the async rule does."""
+    def begin(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
+        """Reject an outlier (weight 0), else apply the update as the async rule does (its
+        direction averaged in by ``Outcome.later``: only the next update is judged by it)."""
         norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
         reason = self.judge(update, norm, state)
         recent = self.seen(state.recent, update.worker_id, norm, accepted=reason is None)
@@ -92,12 +93,12 @@ class ScreenedAsyncStrategy(AsyncStrategy):
             unchanged = aggregate.apply_update(params, update.delta, 0.0)
             return Outcome(unchanged, replace(state, recent=recent, verdicts=verdict), 0.0)
         outcome = self.step(params, update, replace(state, verdicts=()))
-        after = replace(outcome.state, recent=recent)
+        outcome = replace(outcome, state=replace(outcome.state, recent=recent))
         # a lone worker is never judged: its expert carries no direction (a second full-size
         # tensor in memory and in every snapshot) until another worker has uploaded
-        if after.direction is not None or any(w != update.worker_id for w, _, _ in state.recent):
-            after = fold_direction(after, update, norm, self.keep)
-        return replace(outcome, state=after)
+        if state.direction is not None or any(w != update.worker_id for w, _, _ in state.recent):
+            outcome = replace(outcome, later=folding(update, norm, self.keep))
+        return outcome
 
     def judge(self, update: Contribution, norm: float, state: StrategyState) -> str | None:
         """Why ``update`` is rejected, or None (also during the warm-up)."""

@@ -8,6 +8,7 @@ state. Nothing here touches files or the ledger; the coordinator makes the state
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from fedmoe import aggregate, fedavg_round, robust_aggregate
@@ -100,6 +101,13 @@ def fold_direction(
     return replace(state, direction=direction, folded=state.folded + 1)
 
 
+def folding(
+    update: Contribution, norm: float, keep: float
+) -> Callable[[StrategyState], StrategyState]:
+    """``fold_direction`` of ``update``, to be done later (``Outcome.later``)."""
+    return lambda state: fold_direction(state, update, norm, keep)
+
+
 class AsyncStrategy:
     """FedMoE's rule: θ ← θ + η·s(τ)·clip·Δ for every update at once (with an optional
     server optimizer over s(τ)·clip·Δ as the pseudo-gradient)."""
@@ -128,7 +136,12 @@ class AsyncStrategy:
         return aggregate.agreement_server_lr(update.active_workers, agreement)
 
     def receive(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
-        """Apply one update now."""
+        """Apply one update now, its state complete (``begin(...).settled()``)."""
+        return self.begin(params, update, state).settled()
+
+    def begin(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
+        """Apply one update now; what only the next update needs (the direction average of
+        'agree') is left in ``Outcome.later``, so that the acknowledgement need not wait."""
         return self.follow(self.step(params, update, state), update)
 
     def step(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
@@ -154,7 +167,7 @@ class AsyncStrategy:
         if self.server_lr != "agree" or (state.direction is None and update.active_workers < 2):
             return outcome
         norm = aggregate.global_norm(update.delta) if update.norm is None else update.norm
-        return replace(outcome, state=fold_direction(state, update, norm, self.keep))
+        return replace(outcome, later=folding(update, norm, self.keep))
 
 
 class FedBuffStrategy:
@@ -201,6 +214,10 @@ class FedBuffStrategy:
         lr = _lr(self.server_lr, update, len(state.update_ids))
         new, new_state = self.apply(params, state, lr)
         return Outcome(new, new_state, lr * coeff / state.mass)
+
+    def begin(self, params: AdapterState, update: Contribution, state: StrategyState) -> Outcome:
+        """``receive``: a buffer leaves no work for later."""
+        return self.receive(params, update, state)
 
     def due(self, state: StrategyState, now: float) -> bool:
         """Whether a non-empty buffer has waited ``timeout`` seconds."""

@@ -7,7 +7,8 @@ open FedAvg round), stored as one safetensors file of prefixed PEFT names plus J
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -176,3 +177,14 @@ class Outcome:
     weight: float  # the update's effective weight in the step (or in the buffer)
     fill: int = 0  # updates left in the buffer
     close: RoundClose | None = None  # the update closed a FedAvg round
+    # state work the acknowledgement need not wait for (averaging the update's direction
+    # in): the complete state is ``later(state)``, which ``settled()`` computes
+    later: Callable[[StrategyState], StrategyState] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def settled(self) -> Outcome:
+        """This outcome with its ``later`` work done (its state complete)."""
+        if self.later is None:
+            return self
+        return replace(self, state=self.later(self.state), later=None)

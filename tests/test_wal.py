@@ -169,7 +169,7 @@ def test_replay_after_a_crash_is_bit_for_bit(tmp_path: Path, extra: dict[str, An
     if "screen_history" in extra:  # replayed through rejections and acceptances
         assert {a.weight == 0.0 for a in acks} == {True, False}, acks
     before = coordinator.experts[SQL]
-    buffered = coordinator.strategies.states[SQL]
+    buffered = coordinator.strategy_state(SQL)
     coordinator.close(snapshot=False)  # what kill -9 leaves: the log past the last snapshot
     reopened = open_coordinator(_settings(tmp_path, **extra))
     try:

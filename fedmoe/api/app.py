@@ -39,6 +39,7 @@ STATUS_OF: dict[type[Exception], tuple[int, str]] = {
     errors.DuplicateUpdateIdError: (409, "duplicate_update_id"),
     errors.ForbiddenError: (403, "forbidden"),
     errors.TooManyWorkersError: (429, "too_many_workers"),
+    errors.ExpertUnavailableError: (503, "expert_unavailable"),
     InvalidSignatureError: (422, "invalid_signature"),
     NoSignatureError: (404, "no_signature"),
     forget.UnknownPartyError: (404, "unknown_worker"),

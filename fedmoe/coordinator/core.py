@@ -78,6 +78,9 @@ class CentralCoordinator(UpdatePath):
         self._expert_locks = {name: threading.Lock() for name in settings.experts}
         self._commit_lock = threading.Lock()
         self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-digest")
+        # strategy state work an acknowledgement need not wait for (``UpdatePath._settle``)
+        self._settler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="strategy-settle")
+        self._unsettled: dict[str, str] = {}
         self.workers = WorkerRegistry(
             ledger, max_workers=settings.max_workers, worker_ttl=settings.worker_ttl
         )
@@ -140,6 +143,7 @@ class CentralCoordinator(UpdatePath):
         self._closing.set()
         if self._timer is not None:
             self._timer.join(timeout=30)  # a flush in progress finishes before the ledger closes
+        self._settler.shutdown()  # the last updates' strategy states, before any snapshot
         if snapshot:
             self.journal.close(self.capture)  # a clean stop leaves nothing to replay
         else:

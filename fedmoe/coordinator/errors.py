@@ -43,3 +43,7 @@ class StateDirError(CoordinatorError):
 
 class TooManyWorkersError(CoordinatorError):
     """The coordinator already has ``max_workers`` registered workers (HTTP 429)."""
+
+
+class ExpertUnavailableError(CoordinatorError):
+    """The expert takes no updates until the coordinator restarts (HTTP 503)."""

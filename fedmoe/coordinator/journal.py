@@ -266,7 +266,10 @@ class Journal:
         self.stop()
         for name in self.logs:
             if self.lsns[name] > self.snapshot_lsns[name]:
-                self.snapshot(name, capture(name))
+                try:
+                    self.snapshot(name, capture(name))
+                except Exception:  # the next start replays the log past the last snapshot
+                    logger.exception("could not write the snapshot of %s", name)
 
     # --- recovery ----------------------------------------------------------------------------
 

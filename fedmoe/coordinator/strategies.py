@@ -157,6 +157,12 @@ class StrategyBook:
         # from the state, which keeps the verdicts
         self.ledger.record_verdicts(state.verdicts)
 
+    def settle(self, expert: str, state: StrategyState) -> None:
+        """Make current the complete state of the update ``publish`` made current (its
+        ``Outcome.later`` work done; the same log record, its verdicts noted already)."""
+        with self._lock:
+            self.states = {**self.states, expert: state}
+
     def status(self, expert: str) -> StrategyStatus:
         """The expert's strategy and its state, for ``/v1/status``."""
         state, strategy = self.states[expert], self.strategy

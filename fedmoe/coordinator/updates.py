@@ -45,10 +45,12 @@ from fedmoe.server_strategy import (
     FedBuffStrategy,
     Outcome,
     RoundClose,
+    StrategyState,
 )
 from fedmoe.strategy import GatewayMerge, StalenessDecay
 
 logger = logging.getLogger(__name__)
+Settle = Callable[[], None]  # an applied update's strategy state, finished and published
 
 
 class UpdatePath:
@@ -68,6 +70,8 @@ class UpdatePath:
     _expert_locks: dict[str, threading.Lock]
     _commit_lock: threading.Lock
     _hasher: ThreadPoolExecutor
+    _settler: ThreadPoolExecutor
+    _unsettled: dict[str, str]  # experts whose strategy state could not be finished: why
     _closing: threading.Event
     _expert: Callable[[str], Versioned]
     _built_from: Callable[[dict[str, Versioned] | None], dict[str, Any]]
@@ -96,21 +100,62 @@ class UpdatePath:
         if request.decoding is None:  # (else the API layer's upload buffer checked it)
             self._check_layout(request.body)  # names, shapes, dtypes: before anything is written
         phases.mark("checks")
-        with self._expert_locks[request.expert]:
+        lock = self._expert_locks[request.expert]
+        lock.acquire()
+        try:
             phases.mark("lock")
-            self.workers.check(request.worker_id, request.expert)  # not forgotten meanwhile
-            replay = self._replay(request)
-            if replay is not None:
-                return replay
-            # the body goes to the log (a helper thread) while its decode is finished
-            prewritten = self.journal.prewrite(request.expert, request.body)
+            ack, later = self._submit_locked(request)
+        except BaseException:
+            lock.release()
+            raise
+        if later is None:
+            lock.release()
+        else:  # acknowledged now; the expert's next update waits for the rest
             try:
-                delta, norm = request.decoded() or self._decode(request.body)
-                phases.mark("decode")
-                return self._apply(request, delta, norm, prewritten)
-            except BaseException:
-                self.journal.discard(request.expert, prewritten)  # refused: cut off again
-                raise
+                self._settler.submit(self._settle, request.expert, later, lock)
+            except RuntimeError:  # shutting down: no thread to hand it to
+                self._settle(request.expert, later, lock)
+        return ack
+
+    def _submit_locked(self, request: UpdateRequest) -> tuple[UpdateAck, Settle | None]:
+        """The update under its expert's lock: the acknowledgement, and the strategy state
+        work left for after it (``_settle``), if any."""
+        self._check_available(request.expert)
+        self.workers.check(request.worker_id, request.expert)  # not forgotten meanwhile
+        replay = self._replay(request)
+        if replay is not None:
+            return replay, None
+        # the body goes to the log (a helper thread) while its decode is finished
+        prewritten = self.journal.prewrite(request.expert, request.body)
+        try:
+            delta, norm = request.decoded() or self._decode(request.body)
+            phases.mark("decode")
+            return self._apply(request, delta, norm, prewritten)
+        except BaseException:
+            self.journal.discard(request.expert, prewritten)  # refused: cut off again
+            raise
+
+    def _settle(self, expert: str, later: Settle, lock: threading.Lock) -> None:
+        """Finish an acknowledged update's strategy state, then release its expert's lock.
+
+        Should that fail (say, out of memory), the live state no longer matches what
+        replaying the log computes: the expert refuses updates until a restart replays it.
+        """
+        try:
+            later()
+        except BaseException as error:
+            logger.exception("could not finish the strategy state of %s", expert)
+            self._unsettled[expert] = f"{type(error).__name__}: {error}"
+        finally:
+            lock.release()
+
+    def _check_available(self, expert: str) -> None:
+        if expert in self._unsettled:
+            raise errors.ExpertUnavailableError(
+                f"expert {expert} takes no updates: its strategy state could not be finished "
+                f"after an acknowledged update ({self._unsettled[expert]}); restart the "
+                "coordinator, which recomputes it from the write-ahead log"
+            )
 
     def _replay(self, request: UpdateRequest) -> UpdateAck | None:
         """The first answer to an already applied update id (only to the worker that sent it,
@@ -179,7 +224,7 @@ class UpdatePath:
         delta: AdapterState,
         norm: float,
         prewritten: Prewritten | None,
-    ) -> UpdateAck:
+    ) -> tuple[UpdateAck, Settle | None]:
         expert = self.experts[request.expert]
         staleness = expert.version - request.base_version
         record = self._record(request, staleness, norm)
@@ -198,13 +243,11 @@ class UpdatePath:
             norm=norm,
         )
         strategy = self.strategies.strategy
-        outcome = strategy.receive(
-            expert.state, contribution, self.strategies.states[request.expert]
-        )
+        outcome = strategy.begin(expert.state, contribution, self.strategies.states[request.expert])
         record.weight, record.active_workers = outcome.weight, contribution.active_workers
         phases.mark("apply")
         if outcome.params is None:
-            return self._buffer(record, outcome, contribution, request.body, prewritten)
+            return self._buffer(record, outcome, contribution, request.body, prewritten), None
         new_state = outcome.params
         # θ + w·Δ moves by at most w·‖Δ‖; an optimizer's step has no such bound: scan it
         plain = isinstance(strategy, AsyncStrategy) and not strategy.optimizer.stateful
@@ -219,9 +262,13 @@ class UpdatePath:
         record.accepted, record.expert_version = True, version
         record.settle_version = version + contribution.round_left
         self._commit(record, new_expert, contribution, request.body, prewritten, outcome.close)
-        self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
         assert record.response is not None
-        return record.response
+        self.strategies.publish(request.expert, outcome.state, self.journal.lsns[request.expert])
+        if outcome.later is None:
+            return record.response, None
+        return record.response, lambda: self.strategies.settle(
+            request.expert, outcome.settled().state
+        )
 
     def _buffer(
         self,
@@ -342,10 +389,16 @@ class UpdatePath:
             if self.settings.eager_gateway:  # else merged only when downloaded
                 self.store.save_gateway_later(gateway)
 
+    def strategy_state(self, name: str) -> StrategyState:
+        """The expert's strategy state once its last update's work is done (waits for it)."""
+        with self._expert_locks[name]:
+            return self.strategies.states[name]
+
     def capture(self, name: str) -> Head:
         """The expert's state, strategy state and lsn, taken together under its lock; the
         log rolls to a new segment so that a snapshot of this head can retire the old one."""
         with self._expert_locks[name]:
+            self._check_available(name)  # an unfinished state is not kept: replay remakes it
             head = Head(self.experts[name], self.strategies.states[name], self.journal.lsns[name])
             self.journal.logs[name].roll()
             return head
