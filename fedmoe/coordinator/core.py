@@ -17,6 +17,7 @@ from fedmoe.config import LoraSettings
 from fedmoe.coordinator import changes, errors, restore
 from fedmoe.coordinator.base_facts import BaseFacts
 from fedmoe.coordinator.evaluations import EvaluationLog
+from fedmoe.coordinator.flush import BufferTimer
 from fedmoe.coordinator.forget import Forgetter
 from fedmoe.coordinator.journal import Journal
 from fedmoe.coordinator.ledger import Ledger
@@ -97,15 +98,11 @@ class CentralCoordinator(UpdatePath):
         self.initial = initial  # what `fedmoe forget` rebuilds an expert from
         self.forgetting = Forgetter(self)  # removed workers (after recovery: it reads lsns)
         self.journal.start(self.capture)  # background snapshots
-        self._closing = threading.Event()
-        self._timer: threading.Thread | None = None
+        self.buffer_timer: BufferTimer | None = None
         if isinstance(self.strategies.strategy, FedBuffStrategy):
             # applies a buffer that waited --buffer-timeout even if no upload comes after it
-            period = min(5.0, settings.buffer_timeout / 4)
-            self._timer = threading.Thread(
-                target=self._flush_loop, args=(period,), name="buffer-timer", daemon=True
-            )
-            self._timer.start()
+            self.buffer_timer = BufferTimer(self, self.strategies.strategy)
+            self.buffer_timer.start()
         self.evaluations = EvaluationLog(ledger.path)  # federated evaluation reports
         self.signatures = SignatureBook(
             settings.state_dir,
@@ -140,9 +137,8 @@ class CentralCoordinator(UpdatePath):
 
         ``snapshot=False`` leaves the state dir as a crash would (tests of recovery).
         """
-        self._closing.set()
-        if self._timer is not None:
-            self._timer.join(timeout=30)  # a flush in progress finishes before the ledger closes
+        if self.buffer_timer is not None:
+            self.buffer_timer.close()  # a flush in progress finishes before the ledger closes
         self._settler.shutdown()  # the last updates' strategy states, before any snapshot
         if snapshot:
             self.journal.close(self.capture)  # a clean stop leaves nothing to replay

@@ -14,12 +14,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fedmoe import aggregate
 from fedmoe.adapters import AdapterSchema, Buffer, check_layout, decode_with_norm
 from fedmoe.aggregate import AdapterState
 from fedmoe.coordinator import body_digest, errors, guards, phases
@@ -42,7 +40,6 @@ from fedmoe.schemas import UpdateAck
 from fedmoe.server_strategy import (
     AsyncStrategy,
     Contribution,
-    FedBuffStrategy,
     Outcome,
     RoundClose,
     StrategyState,
@@ -72,7 +69,6 @@ class UpdatePath:
     _hasher: ThreadPoolExecutor
     _settler: ThreadPoolExecutor
     _unsettled: dict[str, str]  # experts whose strategy state could not be finished: why
-    _closing: threading.Event
     _expert: Callable[[str], Versioned]
     _built_from: Callable[[dict[str, Versioned] | None], dict[str, Any]]
     _gateway: Callable[[int, dict[str, Any], dict[str, Versioned]], LazyGateway]
@@ -298,52 +294,6 @@ class UpdatePath:
             self.journal.committed(record.expert)
         self.strategies.publish(record.expert, outcome.state, self.journal.lsns[record.expert])
         return record.response
-
-    def _flush_loop(self, period: float) -> None:
-        while not self._closing.wait(period):
-            try:
-                self.flush_due_buffers()
-            except Exception:  # e.g. a full disk: the buffer stays, the next tick retries
-                logger.exception("could not apply a timed-out buffer")
-
-    def flush_due_buffers(self) -> list[str]:
-        """Apply every FedBuff buffer that has waited --buffer-timeout; the experts flushed."""
-        strategy = self.strategies.strategy
-        flushed: list[str] = []
-        if not isinstance(strategy, FedBuffStrategy):
-            return flushed
-        for name in self.settings.experts:
-            with self._expert_locks[name]:
-                state = self.strategies.states[name]
-                if strategy.due(state, time.time()) and not self._closing.is_set():
-                    lr = self.strategies.flush_lr(name, len(state.update_ids))
-                    params, emptied = strategy.apply(self.experts[name].state, state, lr)
-                    self._commit_flush(name, params, lr)
-                    self.strategies.publish(name, emptied, self.journal.lsns[name])
-                    flushed.append(name)
-        return flushed
-
-    def _commit_flush(self, name: str, params: AdapterState, lr: float) -> None:
-        """Durably publish an expert stepped by a timed-out buffer, as ``_commit`` does."""
-        bound = aggregate.max_abs(params)
-        if not math.isfinite(bound) or not self._gateway_is_finite({name: (params, bound)}):
-            raise errors.InvalidUpdateError(f"the buffer of {name} would overflow float32")
-        version = self.experts[name].version + 1
-        with self._commit_lock:
-            experts = {**self.experts, name: Versioned(version, params, bound, name=name)}
-            built_from = self._built_from(experts)
-            gateway = self._gateway(self.gateway.version + 1, built_from, experts)
-            appended = self.journal.append_flush(name, version, lr)
-            try:
-                self.ledger.commit_flush(name, version, gateway.version, built_from)
-            except BaseException:
-                self.journal.undo(name, appended)
-                raise
-            self.journal.committed(name)
-            self.experts, self.gateway = experts, gateway
-            if self.settings.eager_gateway:
-                self.store.save_gateway_later(gateway)
-        logger.info("applied the timed-out buffer of %s: version %d", name, version)
 
     def _commit(
         self,
