@@ -32,6 +32,10 @@ from fedmoe.client import CoordinatorClient
 from fedmoe.procs import start_server, stop
 
 ROOT = Path(__file__).resolve().parent.parent
+# seconds between timed uploads, off the clock: each one finds both servers idle (the
+# coordinator finishes an update's strategy state after acknowledging it), as syncs
+# seconds apart do, so neither server's leftover work lands in the other's timing
+PAUSE = 0.2
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,10 @@ def _register(client: CoordinatorClient, worker_id: str, expert: str) -> int:
 def ack_latency(
     coordinator: Running, floor: Running, body: bytes, *, uploads: int
 ) -> dict[str, Any]:
-    """Sequential uploads, coordinator then FLOOR in turn, after one warm-up upload to each
-    (not counted: the first touches fresh memory and files on both sides); latencies in
-    seconds, each server process's CPU time per upload, and the machine's load around them."""
+    """Sequential uploads, coordinator then FLOOR in turn (``PAUSE`` apart), after one
+    warm-up upload to each (not counted: the first touches fresh memory and files on both
+    sides); latencies in seconds, each server process's CPU time per upload, and the
+    machine's load around them."""
     coord_times: list[float] = []
     floor_times: list[float] = []
     load_before, cpu_before = os.getloadavg(), (0.0, 0.0)
@@ -99,6 +104,7 @@ def ack_latency(
         for index in range(-1, uploads):
             if index == 0:  # after the warm-up pair
                 cpu_before = proc_cpu_seconds(coordinator.pid), proc_cpu_seconds(floor.pid)
+            time.sleep(PAUSE)
             start = time.perf_counter()
             ack = client.upload(
                 "e0",
@@ -111,6 +117,7 @@ def ack_latency(
             )
             coord_times.append(time.perf_counter() - start)
             version = ack.version
+            time.sleep(PAUSE)
             start = time.perf_counter()
             raw.post(f"{floor.url}/floor", content=body).raise_for_status()
             floor_times.append(time.perf_counter() - start)

@@ -289,17 +289,20 @@ start of a sync to the step boundary that collected it.
 Sequential uploads of each size's bf16 delta straight to the coordinator on loopback (no
 shaping), each followed by the same bytes to the FLOOR: the same FastAPI + uvicorn stack
 reading the body and appending it to one file with a single `fsync`; one warm-up upload to
-each first, not counted. Beyond that the coordinator, while the body arrives, hashes it
+each first, not counted; 0.2 s between uploads, off the clock, so that each finds both
+servers idle. Beyond that the coordinator, while the body arrives, hashes it
 (BLAKE3, a helper thread) and receives it into one buffer (private memory in huge pages
 where the kernel allows), which it keeps as the body, not a copy. After the last byte it
 takes the expert's lock and writes the body into the log where its record will lie and
 flushes it (a helper thread) while two threads convert the tensors to float32 with their
 float64 norm (the finiteness check) and the default update screen judges the upload (the
-sync runs before left two workers' history, so it takes the cosine to the expert's
-direction average and updates that average) and computes θ + w·Δ; then it writes the
-record's header in front of the body and fsyncs, commits the
-ledger row (SQLite, no fsync of its own), hashes the new expert for `state_sha256`
-(XXH3-128, beside the log's fsync) and answers JSON. Per-update phase timings:
+sync runs before left two workers' history) and computes θ + w·Δ (the peer counts as
+active, so each upload opens a FedAvg round that the next one ends: the expert before it
+and the delta are kept meanwhile); then it writes the record's header in front of the body
+and fsyncs, commits the ledger row (SQLite, no fsync of its own), hashes the new expert
+for `state_sha256` (XXH3-128, beside the log's fsync) and answers JSON. The screen's
+direction average takes the new direction after the answer (the next upload waits for
+it). Per-update phase timings:
 `fedmoe.coordinator.phases` at DEBUG (`python -m benchmarks._realsize_server --log-phases`).
 The CPU column is each server process's CPU time (all threads, user + system) over the
 uploads, per upload: what the coordinator validates, applies and hashes beyond the FLOOR's
