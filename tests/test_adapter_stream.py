@@ -4,7 +4,8 @@ Fed in chunks of any size, ``UploadBuffer`` must give exactly what
 ``decode_with_norm`` gives for the same bytes (every tensor bit for bit, the same norm),
 and nothing (None) for a body it cannot vouch for, so that the update path decodes it
 itself and refuses it with its usual message. Over HTTP a sized upload and a chunked one
-(no Content-Length: not decoded on the way) must be applied alike.
+(no Content-Length: not decoded on the way) must be applied alike. A receive buffer is
+used again for the next body of its size only once nothing refers to it any more.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fedmoe.adapter_stream import UploadBuffer
+from fedmoe.adapter_stream import ReceivePool, UploadBuffer
 from fedmoe.adapters import AdapterValidationError, decode_with_norm, encode_adapter, schema_of
 from tests import api_helpers as api
 
@@ -119,3 +120,44 @@ def test_sized_and_chunked_uploads_are_applied_alike(live_coordinator) -> None:
         assert chunked.status_code == 200, chunked.text
     norm = decode_with_norm(body, {k: tuple(v.shape) for k, v in state.items()})[1]
     assert sized.json()["update_norm"] == chunked.json()["update_norm"] == norm
+
+
+def test_a_receive_buffer_is_taken_again_only_once_nothing_refers_to_it() -> None:
+    pool = ReceivePool(keep=2)
+    first = pool.take(64)
+    assert pool.take(64) is not first  # in use: a new one
+    view = memoryview(first)
+    first_id = id(first)
+    del first
+    assert id(pool.take(64)) != first_id  # a view still reads it
+    view.release()
+    del view
+    again = pool.take(64)
+    assert id(again) == first_id  # nothing refers to it: taken again
+    assert pool.take(32) is not again and len(pool.take(32)) == 32  # sizes are not mixed
+
+
+def test_a_reused_buffer_never_changes_what_an_earlier_upload_decoded() -> None:
+    # float32 bodies decode to tensors that may read the receive buffer itself (no copy):
+    # the next upload of the same size must not be received into it while they live
+    schema = schema_of(delta(0))
+    bodies = [encode_adapter(delta(seed), dtype=torch.float32) for seed in (1, 2, 3)]
+    kept = []
+    for body in bodies:
+        decoder = UploadBuffer(schema, len(body))
+        decoder.feed(body)
+        decoded = decoder.finish().result(timeout=60)
+        assert decoded is not None
+        kept.append(decoded[0])
+        del decoder, decoded
+    for state, seed in zip(kept, (1, 2, 3), strict=True):
+        expected = decode_with_norm(encode_adapter(delta(seed), dtype=torch.float32), schema)[0]
+        assert all(torch.equal(state[key], expected[key]) for key in expected)
+    buffers = set()
+    for body in bodies[:2]:  # nothing kept now: the same buffer serves both
+        decoder = UploadBuffer(schema, len(body))
+        decoder.feed(body)
+        buffers.add(id(decoder.buffer))
+        del decoder
+    kept.clear()
+    assert len(buffers) == 1
