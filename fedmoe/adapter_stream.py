@@ -79,8 +79,8 @@ class ReceivePool:
     def __init__(self, *, keep: int = 4) -> None:
         self.keep = keep  # buffers kept, idle or in use
         self._lock = threading.Lock()
-        # what ``_idle`` counts for a buffer nobody else holds (the interpreter's own
-        # references while it looks), measured the way ``_idle`` measures
+        # what ``_refcounts`` reads for a buffer nobody else holds (the interpreter's own
+        # references while it looks), read once the same way on a probe buffer
         self._buffers = [receive_buffer(1)]
         self._alone = self._refcounts()[0][1]
         self._buffers = []
